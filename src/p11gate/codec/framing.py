@@ -1,0 +1,69 @@
+"""Frames (SPEC §2): 12-byte header (call code, options length, body length), options,
+body. :class:`FrameReader` reassembles frames from arbitrary stream chunks."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+from .errors import ProtocolError
+
+HEADER = struct.Struct(">III")
+HEADER_SIZE = HEADER.size
+#: default bound on one frame's options + body; the protocol itself has none
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+MAX_OPTIONS = 4096
+
+
+def build_frame(code: int, body: bytes, options: bytes = b"") -> bytes:
+    return HEADER.pack(code, len(options), len(body)) + options + body
+
+
+class Frame:
+    __slots__ = ("body", "code", "options")
+
+    def __init__(self, code: int, options: bytes, body: bytes) -> None:
+        self.code = code
+        self.options = options
+        self.body = body
+
+
+class FrameReader:
+    """Incremental frame parser. ``feed`` returns the frames completed by a chunk.
+
+    Sizes are checked from the header before anything is buffered, so a hostile length
+    costs a closed connection, not memory.
+    """
+
+    __slots__ = ("_buf", "_need", "max_frame")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self.max_frame = max_frame
+
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> Iterator[Frame]:
+        buf = self._buf
+        buf += data
+        pos = 0
+        end = len(buf)
+        try:
+            while end - pos >= HEADER_SIZE:
+                code, olen, blen = HEADER.unpack_from(buf, pos)
+                if olen > MAX_OPTIONS or blen > self.max_frame:
+                    raise ProtocolError(f"frame too large (options {olen}, body {blen})")
+                if code == 0:
+                    raise ProtocolError("call code 0")
+                total = HEADER_SIZE + olen + blen
+                if end - pos < total:
+                    break
+                start = pos + HEADER_SIZE
+                yield Frame(
+                    code, bytes(buf[start : start + olen]), bytes(buf[start + olen : pos + total])
+                )
+                pos += total
+        finally:
+            if pos:
+                del buf[:pos]
