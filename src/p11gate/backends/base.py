@@ -1,0 +1,55 @@
+"""The one interface every back end implements.
+
+It is PKCS#11 shaped, with the codec's plain values: ``call(call_id, args)`` takes the
+arguments of the RPC request for that call id (see ``codec.calls``: ``u`` → int, ``ay`` →
+bytes/Null/None, ``fy`` → capacity int, ``aA`` → list[Attribute], ``M`` → Mechanism, …) and
+returns the reply values, exactly as an RPC server would put them on the wire:
+
+* output buffers (``ay``/``au``) are ``bytes``/``list`` when filled, ``Null(n)`` for a
+  size query (capacity 0) *and* for CKR_BUFFER_TOO_SMALL (carried as data, SPEC §3.4);
+* C_GetAttributeValue returns ``[attributes, rv]`` for CKR_OK, ATTRIBUTE_SENSITIVE,
+  ATTRIBUTE_TYPE_INVALID and BUFFER_TOO_SMALL;
+* C_DeriveKey2 returns ``[rv, ParamUpdate, handle]`` (or ``[rv, ParamUpdate]`` for
+  CKR_BUFFER_TOO_SMALL);
+* any other CK_RV raises :class:`p11gate.errors.Pkcs11Error`; a dead, hung or restarting
+  back end raises :class:`p11gate.errors.BackendUnavailable`.
+
+Handles are the back end's own; the frontend maps them. C_Initialize/C_Finalize are the
+back end's business (done in ``start``/``stop``), never forwarded from clients.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+class Backend(ABC):
+    name: str
+    #: incremented every time the back end (re)starts; handles from an older
+    #: generation are dead
+    generation: int = 0
+    #: called (no arguments) after a restart, so owners can re-establish state
+    on_restart: Callable[[], Awaitable[None]] | None = None
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load/initialize the module; raise on failure."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Finalize and release everything."""
+
+    @abstractmethod
+    async def call(self, call_id: int, args: list[Any]) -> list[Any]:
+        """Perform one PKCS#11 call (see module docstring)."""
+
+    @property
+    @abstractmethod
+    def up(self) -> bool:
+        """True while calls can be made."""
+
+    def describe(self) -> dict[str, Any]:
+        """Status for `p11gate status` and logs."""
+        return {"name": self.name, "up": self.up, "generation": self.generation}

@@ -1,0 +1,190 @@
+"""Configuration: a TOML file validated into typed objects.
+
+Errors name the file, the key and what to do, e.g.::
+
+    p11gate.toml: token[0].backend: no backend named 'sofhsm' (defined: softhsm)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_SOCKET = "/run/p11gate/p11gate.sock"
+DEFAULT_STATE_DIR = "/var/lib/p11gate"
+
+
+class ConfigError(Exception):
+    """Bad configuration; the message is meant for the operator."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    #: listen addresses, p11-kit style: "unix:path=/abs/path"
+    listen: list[str] = Field(default_factory=lambda: [f"unix:path={DEFAULT_SOCKET}"])
+    #: where p11gate keeps its state (demo token, registry)
+    state_dir: str = DEFAULT_STATE_DIR
+    #: largest frame (options + body) accepted from a client, bytes
+    max_frame: int = Field(default=16 * 1024 * 1024, ge=4096, le=1 << 30)
+    #: largest output buffer a client may ask the backend to fill, bytes
+    max_buffer: int = Field(default=16 * 1024 * 1024, ge=1024, le=1 << 30)
+    #: permissions of the unix socket file
+    socket_mode: int = 0o660
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    #: use uvloop when it is installed (lower latency)
+    uvloop: bool = True
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("listen")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if not a.startswith("unix:path=/"):
+                raise ValueError(
+                    f"{a!r}: only 'unix:path=/absolute/path' listeners are supported"
+                )
+        return v
+
+
+class BackendConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    #: path of the vendor PKCS#11 module
+    module: str
+    #: "process": load the module in a supervised `p11gate worker` process;
+    #: "none": load it into the gateway and call it from a thread pool
+    isolation: Literal["process", "none"] = "process"
+    #: a command that replaces `p11gate worker` (must speak p11-kit RPC on stdin/stdout),
+    #: e.g. ["p11-kit", "remote", "/usr/lib/softhsm/libsofthsm2.so"]
+    worker_command: list[str] | None = None
+    #: deadline of one call into the module, seconds; past it the worker is killed
+    call_timeout: float = Field(default=30.0, gt=0)
+    #: threads calling into the module (in the worker, or in-process)
+    threads: int = Field(default=4, ge=1, le=256)
+    #: string passed as pReserved of C_Initialize (p11-kit's x-init-reserved)
+    init_reserved: str | None = None
+    #: extra environment for the worker (e.g. SOFTHSM2_CONF)
+    env: dict[str, str] = Field(default_factory=dict)
+    #: seconds between restart attempts of a dead worker
+    restart_delay: float = Field(default=0.5, ge=0)
+
+    @field_validator("module")
+    @classmethod
+    def _module_exists(cls, v: str) -> str:
+        if not os.path.isabs(v):
+            raise ValueError(f"{v!r}: give the absolute path of the module")
+        if not os.path.exists(v):
+            raise ValueError(f"{v!r} does not exist: install the vendor module or fix the path")
+        return v
+
+
+class TokenSelect(_Strict):
+    label: str | None = None
+    serial: str | None = None
+    slot_index: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TokenSelect:
+        given = [k for k in ("label", "serial", "slot_index") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of label, serial or slot_index")
+        return self
+
+
+class TokenConfig(_Strict):
+    #: the label clients see (≤ 32 bytes)
+    name: str = Field(min_length=1, max_length=32)
+    backend: str
+    select: TokenSelect = Field(default_factory=lambda: TokenSelect(slot_index=0))
+    #: client-visible slot id; derived from the name when not given (stable across restarts)
+    slot_id: int | None = Field(default=None, ge=1, le=0x7FFFFFFF)
+    #: PIN handling: the client's PIN goes to the backend
+    pin_mode: Literal["passthrough"] = "passthrough"
+
+    @property
+    def virtual_slot_id(self) -> int:
+        if self.slot_id is not None:
+            return self.slot_id
+        return stable_slot_id(self.name)
+
+
+def stable_slot_id(name: str) -> int:
+    """A slot id derived from the token name: the same on every restart and every node."""
+    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big") & 0x7FFFFFFF
+    return h or 1
+
+
+class Config(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    backend: Annotated[list[BackendConfig], Field(min_length=1)]
+    token: Annotated[list[TokenConfig], Field(min_length=1)]
+    #: the file this came from, for messages
+    source: str = "<config>"
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        names = [b.name for b in self.backend]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"backend names must be unique: {sorted(dup)}")
+        for i, t in enumerate(self.token):
+            if t.backend not in names:
+                raise ValueError(
+                    f"token[{i}].backend: no backend named {t.backend!r} (defined: "
+                    f"{', '.join(names)})"
+                )
+        tnames = [t.name for t in self.token]
+        if len(set(tnames)) != len(tnames):
+            raise ValueError("token names must be unique")
+        ids = [t.virtual_slot_id for t in self.token]
+        if len(set(ids)) != len(ids):
+            raise ValueError("two tokens have the same slot id: set slot_id on one of them")
+        return self
+
+    def backend_named(self, name: str) -> BackendConfig:
+        return next(b for b in self.backend if b.name == name)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return parse_config(raw, str(p))
+
+
+def parse_config(raw: dict[str, object], source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate({**raw, "source": source})
+    except ValidationError as e:
+        raise ConfigError(_explain(source, e)) from None
+
+
+def _explain(source: str, e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(
+            f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]
+        ).replace(".[", "[")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the configuration reference in README)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{source}: {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
