@@ -6,8 +6,15 @@ No I/O happens here; the frontend, the worker and the RPC client backend all use
 from .calls import CALLS, CALLS_BY_NAME, HANDSHAKE, Call
 from .errors import ArgumentError, CodecError, ProtocolError
 from .framing import Frame, FrameReader, build_frame
-from .message import ReplyError, decode_reply, decode_request, encode_error, encode_reply, encode_request
-from .tables import MAX_VERSION, V025, V026, V0241, Dialect, dialect_for_version
+from .message import (
+    ReplyError,
+    decode_reply,
+    decode_request,
+    encode_error,
+    encode_reply,
+    encode_request,
+)
+from .tables import MAX_VERSION, V0241, V025, V026, Dialect, dialect_for_version
 from .values import (
     Attribute,
     AttrRequest,
@@ -22,9 +29,9 @@ __all__ = [
     "CALLS_BY_NAME",
     "HANDSHAKE",
     "MAX_VERSION",
+    "V0241",
     "V025",
     "V026",
-    "V0241",
     "ArgumentError",
     "AttrRequest",
     "Attribute",

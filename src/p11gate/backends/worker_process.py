@@ -1,0 +1,179 @@
+"""The `process` isolation mode: the vendor module runs in a supervised worker process.
+
+The gateway talks p11-kit RPC to the worker over a socketpair (the worker's stdin and
+stdout). Every call has a deadline; a worker that misses it is killed. A dead worker
+is restarted after ``restart_delay``; calls made while it is down fail at once with
+CKR_DEVICE_ERROR, and everything bound to the old instance (sessions, handles, login)
+is invalidated through ``generation``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from ..config import BackendConfig
+from ..errors import BackendUnavailable
+from .base import Backend
+from .rpc_client import RpcChannel, RpcClientProtocol
+
+log = logging.getLogger("p11gate.backend")
+
+#: how long a fresh worker may take to answer the version byte and C_Initialize
+START_TIMEOUT = 30.0
+MAX_RESTART_DELAY = 5.0
+
+
+class WorkerBackend(Backend):
+    def __init__(self, cfg: BackendConfig) -> None:
+        self.name = cfg.name
+        self.cfg = cfg
+        self._chan: RpcChannel | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._up = False
+        self._stopping = False
+        self._restart_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self.restarts = 0
+        self.last_error = ""
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def command(self) -> list[str]:
+        if self.cfg.worker_command:
+            return list(self.cfg.worker_command)
+        cmd = [sys.executable, "-m", "p11gate.cli", "worker", self.cfg.module,
+               "--threads", str(self.cfg.threads)]
+        if self.cfg.init_reserved is not None:
+            cmd += ["--init-reserved", self.cfg.init_reserved]
+        return cmd
+
+    async def start(self) -> None:
+        await self._spawn()
+
+    async def _spawn(self) -> None:
+        loop = asyncio.get_running_loop()
+        parent, child = socket.socketpair()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.command(),
+                stdin=child.fileno(),
+                stdout=child.fileno(),
+                env={**os.environ, **self.cfg.env},
+                # its own process group: a terminal's ^C goes to the gateway, which
+                # then stops workers in order
+                start_new_session=True,
+            )
+        except OSError as e:
+            parent.close()
+            raise BackendUnavailable(f"cannot start worker {self.command()[0]}: {e}") from e
+        finally:
+            child.close()
+        self._proc = proc
+        try:
+            _, proto = await loop.create_connection(RpcClientProtocol, sock=parent)
+            await proto.handshake(START_TIMEOUT)
+            chan = RpcChannel(proto, self.cfg.call_timeout)
+            await asyncio.wait_for(chan.initialize(self.cfg.init_reserved), START_TIMEOUT)
+        except BaseException as e:
+            self._kill(proc)
+            raise BackendUnavailable(f"worker for {self.name} failed to start: {e!r}") from e
+        self._chan = chan
+        self.generation += 1
+        self._up = True
+        log.info("backend up", extra={"backend": self.name, "pid": proc.pid,
+                                      "generation": self.generation,
+                                      "dialect": chan.dialect.name})
+        self._watch_task = asyncio.create_task(self._watch(proto, proc))
+
+    async def _watch(self, proto: RpcClientProtocol, proc: asyncio.subprocess.Process) -> None:
+        await asyncio.wait(
+            [asyncio.ensure_future(proto.closed), asyncio.ensure_future(proc.wait())],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if proc is self._proc:
+            self._down(proto.close_reason or f"worker exited ({proc.returncode})")
+
+    def _down(self, reason: str) -> None:
+        if not self._up:
+            return
+        self._up = False
+        self.last_error = reason
+        chan, self._chan = self._chan, None
+        if chan is not None:
+            chan.proto.close()
+        if self._proc is not None:
+            self._kill(self._proc)
+        log.warning("backend down", extra={"backend": self.name, "reason": reason})
+        if not self._stopping and (self._restart_task is None or self._restart_task.done()):
+            self._restart_task = asyncio.create_task(self._restart())
+
+    async def _restart(self) -> None:
+        delay = self.cfg.restart_delay
+        while not self._stopping:
+            await asyncio.sleep(delay)
+            try:
+                await self._spawn()
+            except BackendUnavailable as e:
+                self.last_error = str(e)
+                log.warning("backend restart failed", extra={"backend": self.name,
+                                                              "reason": str(e)})
+                delay = min(max(delay * 2, 0.1), MAX_RESTART_DELAY)
+                continue
+            self.restarts += 1
+            if self.on_restart is not None:
+                try:
+                    await self.on_restart()
+                except Exception:
+                    log.exception("after-restart hook failed", extra={"backend": self.name})
+            return
+
+    @staticmethod
+    def _kill(proc: asyncio.subprocess.Process) -> None:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+
+    async def call(self, call_id: int, args: list[Any]) -> list[Any]:
+        chan = self._chan
+        if chan is None:
+            raise BackendUnavailable(f"backend {self.name} is restarting")
+        try:
+            return await chan.call(call_id, args)
+        except TimeoutError:
+            self._down(f"call {call_id} missed its {self.cfg.call_timeout}s deadline")
+            raise BackendUnavailable("deadline exceeded") from None
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+        self._up = False
+        chan, self._chan = self._chan, None
+        if chan is not None:
+            chan.proto.close()
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            try:
+                await asyncio.wait_for(proc.wait(), 3.0)
+            except TimeoutError:
+                self._kill(proc)
+                await proc.wait()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "isolation": "process", "pid": self.pid,
+                "restarts": self.restarts, "last_error": self.last_error}

@@ -1,0 +1,65 @@
+"""`p11gate serve`: load the configuration, start the gateway, run until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from . import logs
+from .config import Config, ConfigError, load_config, parse_config
+from .frontend.server import Gateway
+
+log = logging.getLogger("p11gate")
+
+
+def _load(config_path: str | None, state_dir: str | None, listen: str | None) -> Config:
+    if config_path is not None:
+        cfg = load_config(config_path)
+    else:
+        from .demo import default_state_dir, demo_config
+
+        raw = demo_config(Path(state_dir) if state_dir else default_state_dir())
+        cfg = parse_config(raw, "<demo>")
+    if listen is not None:
+        server = cfg.server.model_copy(update={"listen": [listen]})
+        cfg = cfg.model_copy(update={"server": server})
+    return cfg
+
+
+async def _serve(cfg: Config, demo: bool) -> int:
+    gw = Gateway(cfg)
+    await gw.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    address = cfg.server.listen[0]
+    # the line clients export, as `p11-kit server` prints it
+    print(f"P11_KIT_SERVER_ADDRESS={address}; export P11_KIT_SERVER_ADDRESS;", flush=True)
+    if demo:
+        print(f"# demo token {cfg.token[0].name!r}, user PIN 1234 (SoftHSMv2 in "
+              f"{cfg.server.state_dir})", file=sys.stderr, flush=True)
+    await stop.wait()
+    log.info("stopping")
+    await gw.stop()
+    return 0
+
+
+def run(config_path: str | None, state_dir: str | None = None, listen: str | None = None) -> int:
+    try:
+        cfg = _load(config_path, state_dir, listen)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    logs.setup(cfg.server.log_level, cfg.server.log_format)
+    if cfg.server.uvloop:
+        try:
+            import uvloop
+
+            return uvloop.run(_serve(cfg, config_path is None))
+        except ImportError:
+            pass
+    return asyncio.run(_serve(cfg, config_path is None))

@@ -1,0 +1,1 @@
+"""The client-facing side: listeners, per-connection state, virtual tokens."""

@@ -1,0 +1,608 @@
+"""One client connection: the p11-kit RPC server side, virtual handles, login emulation.
+
+A connection is one PKCS#11 application instance (one ``C_GetFunctionList`` in the
+client). Calls for different sessions run concurrently and are answered as they finish
+(the p11-kit client matches replies by call code); calls on one session stay in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from .. import ck
+from ..codec import (
+    HANDSHAKE,
+    MAX_VERSION,
+    ArgumentError,
+    Attribute,
+    AttrRequest,
+    Call,
+    CodecError,
+    FrameReader,
+    Mechanism,
+    Null,
+    ProtocolError,
+    Version,
+    build_frame,
+    ckr,
+    decode_request,
+    dialect_for_version,
+    encode_error,
+    encode_reply,
+)
+from ..codec.calls import CALLS_BY_NAME
+from ..codec.values import HandleParam, KyberParams
+from ..errors import BackendUnavailable, Pkcs11Error
+from .handles import HandleTable, ObjectRef, Session
+from .tables import (
+    CREATE_TEMPLATES,
+    MECHANISM_CALLS,
+    NEW_OBJECTS,
+    OBJECT_ARGS,
+    OPTIONAL_OBJECT_ARGS,
+    SESSION_CALLS,
+    SLOT_CALLS,
+)
+from .token import VirtualToken, pad
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+log = logging.getLogger("p11gate.conn")
+
+_ids = itertools.count(1)
+
+ID = {c: CALLS_BY_NAME[c].id for c in CALLS_BY_NAME}
+
+_PRIVATE_FALSE = Attribute(ck.CKA_PRIVATE, 0, 1)
+_DEFAULT_PRIVATE_CLASSES = {ck.CKO_PRIVATE_KEY, ck.CKO_SECRET_KEY}
+#: creating these yields private/secret keys, which tokens make private by default
+_KEY_MAKERS = {ID["C_GenerateKey"], ID["C_UnwrapKey"], ID["C_DeriveKey"], ID["C_DeriveKey2"]}
+
+Handler = Callable[["ClientConnection", Call, list[Any]], Awaitable[list[Any]]]
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self.id = next(_ids)
+        self.transport: asyncio.Transport | None = None
+        self.reader = FrameReader(gateway.cfg.server.max_frame)
+        self.dialect = dialect_for_version(0)
+        self.have_version = False
+        self.initialized = False
+        self.handles = HandleTable()
+        #: token → CKU_* this connection is logged in as
+        self.logins: dict[VirtualToken, int] = {}
+        self.peer = "unknown"
+        self._tail: asyncio.Future[None] | None = None  # ordering of session-less calls
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+
+    # ------------------------------------------------------------ transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.peer = self.gw.describe_peer(transport)
+        log.info("client connected", extra={"conn": self.id, "peer": self.peer})
+
+    def data_received(self, data: bytes) -> None:
+        if not self.have_version:
+            offered = data[0]
+            self.have_version = True
+            self.dialect = dialect_for_version(offered)
+            assert self.transport is not None
+            self.transport.write(bytes([min(offered, MAX_VERSION)]))
+            data = data[1:]
+            if not data:
+                return
+        try:
+            for frame in self.reader.feed(data):
+                self._dispatch(frame.code, frame.body)
+        except ProtocolError as e:
+            self._abort(f"protocol error: {e}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        log.info("client disconnected", extra={"conn": self.id})
+        self.gw.forget(self)
+        t = asyncio.get_running_loop().create_task(self._cleanup())
+        self.gw.background.add(t)
+        t.add_done_callback(self.gw.background.discard)
+
+    def _abort(self, reason: str) -> None:
+        log.warning("closing client connection", extra={"conn": self.id, "reason": reason})
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ------------------------------------------------------------ dispatch
+
+    def _dispatch(self, code: int, body: bytes) -> None:
+        try:
+            call, args = decode_request(body, self.dialect)
+        except ArgumentError as e:
+            self._reply(code, encode_error(e.rv))
+            return
+        handler = HANDLERS.get(call.id)
+        if handler is None:
+            raise ProtocolError(f"call {call.name} not served")
+        # calls on one session run in order; others run concurrently
+        session = None
+        if call.id in SESSION_CALLS:
+            session = self.handles.sessions.get(args[0])
+        prev = session.tail if session is not None else self._tail
+        task = asyncio.get_running_loop().create_task(
+            self._run(code, call, args, handler, prev)
+        )
+        fut: asyncio.Future[None] = task
+        if session is not None:
+            session.tail = fut
+        else:
+            self._tail = fut if call.id not in _UNORDERED else self._tail
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(
+        self,
+        code: int,
+        call: Call,
+        args: list[Any],
+        handler: Handler,
+        prev: asyncio.Future[None] | None,
+    ) -> None:
+        if prev is not None and not prev.done():
+            await asyncio.wait((prev,))
+        try:
+            if not self.initialized and call.id != ID["C_Initialize"]:
+                raise Pkcs11Error(ckr.CRYPTOKI_NOT_INITIALIZED)
+            values = await handler(self, call, args)
+            body = encode_reply(call.id, values, self.dialect, args)
+        except Pkcs11Error as e:
+            body = encode_error(e.rv)
+        except ArgumentError as e:
+            body = encode_error(e.rv)
+        except CodecError as e:
+            log.error("cannot encode reply", extra={"conn": self.id, "call": call.name,
+                                                    "error": str(e)})
+            body = encode_error(ckr.DEVICE_ERROR)
+        except Exception:
+            log.exception("internal error", extra={"conn": self.id, "call": call.name})
+            body = encode_error(ckr.GENERAL_ERROR)
+        self._reply(code, body)
+
+    def _reply(self, code: int, body: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(build_frame(code, body))
+
+    # ------------------------------------------------------------ lookups
+
+    def _token(self, slot_id: int) -> VirtualToken:
+        t = self.gw.tokens_by_slot.get(slot_id)
+        if t is None:
+            raise Pkcs11Error(ckr.SLOT_ID_INVALID)
+        return t
+
+    def _session(self, handle: int) -> Session:
+        s = self.handles.sessions.get(handle)
+        if s is None:
+            raise Pkcs11Error(ckr.SESSION_HANDLE_INVALID)
+        if s.generation != s.token.backend.generation:
+            # its backend instance died: the session went with it
+            del self.handles.sessions[handle]
+            raise Pkcs11Error(ckr.SESSION_HANDLE_INVALID)
+        return s
+
+    def _object(self, handle: int, token: VirtualToken) -> ObjectRef:
+        ref = self.handles.objects.get(handle)
+        if ref is None or ref.token is not token:
+            raise Pkcs11Error(ckr.OBJECT_HANDLE_INVALID)
+        if ref.generation != token.backend.generation:
+            self.handles.drop_object(handle)
+            raise Pkcs11Error(ckr.OBJECT_HANDLE_INVALID)
+        return ref
+
+    def _logged_in(self, token: VirtualToken) -> bool:
+        return token in self.logins
+
+    def _mechanism(self, m: Mechanism | None, token: VirtualToken) -> Mechanism | None:
+        if m is None:
+            return m
+        p = m.param
+        if isinstance(p, HandleParam):
+            return Mechanism(m.type, HandleParam(self._object(p.handle, token).backend_handle))
+        if isinstance(p, KyberParams) and p.secret_handle:
+            bh = self._object(p.secret_handle, token).backend_handle
+            return Mechanism(m.type, p._replace(secret_handle=bh))
+        if m.type in ck.HANDLE_IN_RAW_PARAM and p is not None:
+            raise Pkcs11Error(ckr.MECHANISM_PARAM_INVALID, "parameter carries a handle")
+        return m
+
+    # ------------------------------------------------------------ generic session call
+
+    async def forward(self, call: Call, args: list[Any]) -> list[Any]:
+        s = self._session(args[0])
+        token = s.token
+        bargs = list(args)
+        bargs[0] = s.backend_handle
+        for pos in OBJECT_ARGS.get(call.id, ()):
+            if bargs[pos] == 0 and call.id in OPTIONAL_OBJECT_ARGS:
+                continue
+            bargs[pos] = self._object(bargs[pos], token).backend_handle
+        if call.id in MECHANISM_CALLS:
+            bargs[1] = self._mechanism(bargs[1], token)
+        templates = CREATE_TEMPLATES.get(call.id)
+        private: list[bool | None] = []
+        if templates is not None:
+            private = self._creation_rules(call, bargs, templates, token)
+        reply = await self._backend_call(s, call.id, bargs)
+        new = NEW_OBJECTS.get(call.id)
+        if new is not None and not (call.id == ID["C_DeriveKey2"] and len(reply) < 3):
+            for i, pos in enumerate(new):
+                priv = private[min(i, len(private) - 1)] if private else None
+                reply[pos] = self.handles.object_for(token, reply[pos], s.generation, priv)
+        return reply
+
+    async def _backend_call(self, s: Session, call_id: int, bargs: list[Any]) -> list[Any]:
+        try:
+            return await s.token.backend.call(call_id, bargs)
+        except BackendUnavailable:
+            # in flight when the backend died; the session is gone with it
+            raise Pkcs11Error(ckr.DEVICE_ERROR) from None
+
+    def _creation_rules(
+        self, call: Call, bargs: list[Any], positions: tuple[int, ...], token: VirtualToken
+    ) -> list[bool | None]:
+        """PKCS#11's rules for object creation in a public session, over a backend that
+        may be logged in for another connection. Returns the known CKA_PRIVATE of each
+        object to be created (None = token default)."""
+        out: list[bool | None] = []
+        public_session = not self._logged_in(token) and token.login.backend_logged_in
+        for n, pos in enumerate(positions):
+            template: list[Attribute] = bargs[pos]
+            priv = next((bool(a.value) for a in template
+                         if a.type == ck.CKA_PRIVATE and a.length is not None), None)
+            if public_session:
+                if priv:
+                    raise Pkcs11Error(ckr.USER_NOT_LOGGED_IN)
+                if priv is None:
+                    cls = next((a.value for a in template
+                                if a.type == ck.CKA_CLASS and a.length is not None), None)
+                    private_kind = (
+                        call.id in _KEY_MAKERS
+                        or (call.id == ID["C_GenerateKeyPair"] and n == 1)
+                        or cls in _DEFAULT_PRIVATE_CLASSES
+                    )
+                    if private_kind:
+                        raise Pkcs11Error(ckr.USER_NOT_LOGGED_IN)
+                    bargs[pos] = [*template, _PRIVATE_FALSE]
+                    priv = False
+            out.append(priv)
+        return out
+
+    # ------------------------------------------------------------ handlers
+
+    async def h_initialize(self, call: Call, args: list[Any]) -> list[Any]:
+        if args[0] != HANDSHAKE:
+            raise Pkcs11Error(ckr.GENERAL_ERROR, "bad handshake")
+        self.initialized = True
+        return []
+
+    async def h_finalize(self, call: Call, args: list[Any]) -> list[Any]:
+        await self._cleanup()
+        return []
+
+    async def h_get_info(self, call: Call, args: list[Any]) -> list[Any]:
+        return [
+            Version(2, 40),
+            pad("p11gate", 32),
+            0,
+            pad("p11gate PKCS#11 gateway", 32),
+            Version(0, 1),
+        ]
+
+    async def h_get_slot_list(self, call: Call, args: list[Any]) -> list[Any]:
+        token_present, capacity = args
+        slots = [t.slot_id for t in self.gw.tokens if not token_present or t.backend.up]
+        if capacity < len(slots):
+            return [Null(len(slots))]
+        return [slots]
+
+    async def h_get_slot_info(self, call: Call, args: list[Any]) -> list[Any]:
+        t = self._token(args[0])
+        flags = ck.CKF_REMOVABLE_DEVICE | (ck.CKF_TOKEN_PRESENT if t.backend.up else 0)
+        return [pad(f"p11gate {t.name}", 64), pad("p11gate", 32), flags,
+                Version(0, 1), Version(0, 1)]
+
+    async def _slot_token(self, slot_id: int) -> VirtualToken:
+        t = self._token(slot_id)
+        try:
+            await t.ensure()
+        except BackendUnavailable:
+            raise Pkcs11Error(ckr.TOKEN_NOT_PRESENT) from None
+        return t
+
+    async def h_get_token_info(self, call: Call, args: list[Any]) -> list[Any]:
+        t = await self._slot_token(args[0])
+        info = await t.backend.call(call.id, [t.backend_slot])
+        mine = [s for s in self.handles.sessions.values() if s.token is t]
+        info[0] = t.label
+        info[6] = len(mine)
+        info[8] = sum(1 for s in mine if s.flags & ck.CKF_RW_SESSION)
+        return info
+
+    async def h_slot_forward(self, call: Call, args: list[Any]) -> list[Any]:
+        t = await self._slot_token(args[0])
+        return await t.backend.call(call.id, [t.backend_slot, *args[1:]])
+
+    async def h_open_session(self, call: Call, args: list[Any]) -> list[Any]:
+        t = await self._slot_token(args[0])
+        flags = args[1]
+        if not flags & ck.CKF_SERIAL_SESSION:
+            raise Pkcs11Error(ckr.SESSION_PARALLEL_NOT_SUPPORTED)
+        if not flags & ck.CKF_RW_SESSION and self.logins.get(t) == ck.CKU_SO:
+            raise Pkcs11Error(ckr.SESSION_READ_ONLY_EXISTS)
+        gen = t.backend.generation
+        try:
+            (bh,) = await t.backend.call(call.id, [t.backend_slot, flags])
+        except BackendUnavailable:
+            raise Pkcs11Error(ckr.DEVICE_ERROR) from None
+        s = self.handles.add_session(t, bh, gen, flags)
+        return [s.handle]
+
+    async def h_close_session(self, call: Call, args: list[Any]) -> list[Any]:
+        s = self._session(args[0])
+        del self.handles.sessions[s.handle]
+        try:
+            await s.token.backend.call(call.id, [s.backend_handle])
+        except BackendUnavailable:
+            pass
+        return []
+
+    async def h_close_all_sessions(self, call: Call, args: list[Any]) -> list[Any]:
+        t = self._token(args[0])
+        await self._close_sessions(t)
+        return []
+
+    async def _close_sessions(self, t: VirtualToken) -> None:
+        mine = [s for s in self.handles.sessions.values() if s.token is t]
+        for s in mine:
+            self.handles.sessions.pop(s.handle, None)
+            if s.generation == t.backend.generation:
+                try:
+                    await t.backend.call(ID["C_CloseSession"], [s.backend_handle])
+                except Pkcs11Error:
+                    pass
+
+    async def h_get_session_info(self, call: Call, args: list[Any]) -> list[Any]:
+        s = self._session(args[0])
+        rw = bool(s.flags & ck.CKF_RW_SESSION)
+        user = self.logins.get(s.token)
+        if user == ck.CKU_SO:
+            state = ck.CKS_RW_SO_FUNCTIONS
+        elif user == ck.CKU_USER:
+            state = ck.CKS_RW_USER_FUNCTIONS if rw else ck.CKS_RO_USER_FUNCTIONS
+        else:
+            state = ck.CKS_RW_PUBLIC_SESSION if rw else ck.CKS_RO_PUBLIC_SESSION
+        return [s.token.slot_id, state, s.flags & (ck.CKF_RW_SESSION | ck.CKF_SERIAL_SESSION), 0]
+
+    async def h_login(self, call: Call, args: list[Any]) -> list[Any]:
+        s = self._session(args[0])
+        user_type = args[1]
+        pin = args[2] if isinstance(args[2], bytes) else b""
+        if call.id == ID["C_LoginUser"]:
+            user_type, pin = args[1], (args[2] or b"") + b"\0" + (args[3] or b"")
+        t = s.token
+        if user_type == ck.CKU_CONTEXT_SPECIFIC:
+            if not self._logged_in(t):
+                raise Pkcs11Error(ckr.USER_NOT_LOGGED_IN)
+            return await self.forward(call, args)
+        if user_type not in (ck.CKU_SO, ck.CKU_USER):
+            raise Pkcs11Error(ckr.USER_TYPE_INVALID)
+        async with t.login_lock:
+            st = t.login
+            if t in self.logins:
+                same = self.logins[t] == user_type
+                raise Pkcs11Error(ckr.USER_ALREADY_LOGGED_IN if same
+                                  else ckr.USER_ANOTHER_ALREADY_LOGGED_IN)
+            if st.user_type is not None:
+                if st.user_type != user_type:
+                    raise Pkcs11Error(ckr.USER_ANOTHER_ALREADY_LOGGED_IN)
+                if not st.verify(pin):
+                    log.info("login refused", extra={"conn": self.id, "token": t.name,
+                                                     "rv": "CKR_PIN_INCORRECT"})
+                    raise Pkcs11Error(ckr.PIN_INCORRECT)
+            else:
+                if user_type == ck.CKU_SO and any(
+                    not x.flags & ck.CKF_RW_SESSION for x in self.handles.sessions.values()
+                    if x.token is t
+                ):
+                    raise Pkcs11Error(ckr.SESSION_READ_ONLY_EXISTS)
+                await t.ensure()
+                bargs = [t.control_session, *args[1:]]
+                try:
+                    await t.backend.call(call.id, bargs)
+                except BackendUnavailable:
+                    raise Pkcs11Error(ckr.DEVICE_ERROR) from None
+                st.set(user_type, pin)
+            st.holders.add(self.id)
+            self.logins[t] = user_type
+        log.info("login", extra={"conn": self.id, "token": t.name, "user_type": user_type})
+        return []
+
+    async def h_logout(self, call: Call, args: list[Any]) -> list[Any]:
+        s = self._session(args[0])
+        if s.token not in self.logins:
+            raise Pkcs11Error(ckr.USER_NOT_LOGGED_IN)
+        await self._logout(s.token)
+        return []
+
+    async def _logout(self, t: VirtualToken) -> None:
+        """Drop this connection's login on ``t``: first its handles to private objects
+        (while the backend can still tell which are private), then the backend login if
+        no other connection holds it."""
+        self.logins.pop(t, None)
+        await self._drop_private_handles(t)
+        async with t.login_lock:
+            st = t.login
+            st.holders.discard(self.id)
+            if not st.holders and st.user_type is not None:
+                st.clear()
+                if t.control_session is not None and t.backend.up:
+                    try:
+                        await t.backend.call(ID["C_Logout"], [t.control_session])
+                    except Pkcs11Error:
+                        pass
+        log.info("logout", extra={"conn": self.id, "token": t.name})
+
+    async def _drop_private_handles(self, t: VirtualToken) -> None:
+        unknown = [r for r in self.handles.objects_of(t) if r.private is not False]
+        for ref in unknown:
+            private = ref.private
+            if private is None and ref.generation == t.backend.generation and t.backend.up:
+                try:
+                    (attrs, rv) = await t.backend.call(
+                        ID["C_GetAttributeValue"],
+                        [t.control_session, ref.backend_handle, [AttrRequest(ck.CKA_PRIVATE, 1)]],
+                    )
+                    private = rv != ckr.OK or bool(attrs[0].value)
+                except Pkcs11Error:
+                    private = True
+            if private is not False:
+                self.handles.drop_object(ref.handle)
+            else:
+                ref.private = False
+
+    async def h_set_pin(self, call: Call, args: list[Any]) -> list[Any]:
+        reply = await self.forward(call, args)
+        s = self._session(args[0])
+        if s.token in self.logins and isinstance(args[2], bytes):
+            s.token.login.change_pin(args[2])
+        return reply
+
+    async def h_find_init(self, call: Call, args: list[Any]) -> list[Any]:
+        s = self._session(args[0])
+        if s.find is not None:
+            raise Pkcs11Error(ckr.OPERATION_ACTIVE)
+        template: list[Attribute] = args[1]
+        if not self._logged_in(s.token) and s.token.login.backend_logged_in:
+            wants_private = next((bool(a.value) for a in template
+                                  if a.type == ck.CKA_PRIVATE and a.length is not None), None)
+            if wants_private:
+                s.find = "empty"  # a public session finds no private objects
+                return []
+            if wants_private is None:
+                args = [args[0], [*template, _PRIVATE_FALSE]]
+        await self.forward(call, args)
+        s.find = "backend"
+        return []
+
+    async def h_find(self, call: Call, args: list[Any]) -> list[Any]:
+        s = self._session(args[0])
+        if s.find is None:
+            raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
+        if s.find == "empty":
+            return [[] if args[1] else Null(0)]
+        (found,) = await self.forward(call, args)
+        if isinstance(found, list):
+            private = False if not self._logged_in(s.token) else None
+            found = [self.handles.object_for(s.token, h, s.generation, private) for h in found]
+        return [found]
+
+    async def h_find_final(self, call: Call, args: list[Any]) -> list[Any]:
+        s = self._session(args[0])
+        if s.find is None:
+            raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
+        mode, s.find = s.find, None
+        if mode == "empty":
+            return []
+        return await self.forward(call, args)
+
+    async def h_destroy(self, call: Call, args: list[Any]) -> list[Any]:
+        reply = await self.forward(call, args)
+        self.handles.drop_object(args[1])
+        return reply
+
+    async def h_set_attribute(self, call: Call, args: list[Any]) -> list[Any]:
+        s = self._session(args[0])
+        if not self._logged_in(s.token) and s.token.login.backend_logged_in:
+            for a in args[2]:
+                if a.type == ck.CKA_PRIVATE and a.length is not None and a.value:
+                    raise Pkcs11Error(ckr.USER_NOT_LOGGED_IN)
+        return await self.forward(call, args)
+
+    async def h_wait_for_slot_event(self, call: Call, args: list[Any]) -> list[Any]:
+        if args[0] & ck.CKF_DONT_BLOCK:
+            raise Pkcs11Error(ckr.NO_EVENT)
+        raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED)
+
+    async def h_init_token(self, call: Call, args: list[Any]) -> list[Any]:
+        t = await self._slot_token(args[0])
+        if any(s.token is t for s in self.handles.sessions.values()):
+            raise Pkcs11Error(ckr.SESSION_EXISTS)
+        return await t.backend.call(call.id, [t.backend_slot, *args[1:]])
+
+    # ------------------------------------------------------------ teardown
+
+    async def _cleanup(self) -> None:
+        """C_Finalize or a closed connection: end this connection's sessions and logins,
+        never the backend's."""
+        for t in list(self.logins):
+            try:
+                await self._logout(t)
+            except Exception:
+                log.exception("logout at close failed", extra={"conn": self.id})
+        for t in {s.token for s in self.handles.sessions.values()}:
+            await self._close_sessions(t)
+        self.handles = HandleTable()
+
+
+# calls that need no ordering against other session-less calls
+_UNORDERED = frozenset({ID["C_GetInfo"], ID["C_GetSlotList"], ID["C_GetSlotInfo"],
+                        ID["C_GetTokenInfo"], ID["C_GetMechanismList"],
+                        ID["C_GetMechanismInfo"], ID["C_WaitForSlotEvent"]})
+
+
+def _build_handlers() -> dict[int, Handler]:
+    C = ClientConnection
+    special: dict[str, Handler] = {
+        "C_Initialize": C.h_initialize,
+        "C_Finalize": C.h_finalize,
+        "C_GetInfo": C.h_get_info,
+        "C_GetSlotList": C.h_get_slot_list,
+        "C_GetSlotInfo": C.h_get_slot_info,
+        "C_GetTokenInfo": C.h_get_token_info,
+        "C_GetMechanismList": C.h_slot_forward,
+        "C_GetMechanismInfo": C.h_slot_forward,
+        "C_InitToken": C.h_init_token,
+        "C_InitToken2": C.h_init_token,
+        "C_OpenSession": C.h_open_session,
+        "C_CloseSession": C.h_close_session,
+        "C_CloseAllSessions": C.h_close_all_sessions,
+        "C_GetSessionInfo": C.h_get_session_info,
+        "C_Login": C.h_login,
+        "C_LoginUser": C.h_login,
+        "C_Logout": C.h_logout,
+        "C_SetPIN": C.h_set_pin,
+        "C_FindObjectsInit": C.h_find_init,
+        "C_FindObjects": C.h_find,
+        "C_FindObjectsFinal": C.h_find_final,
+        "C_DestroyObject": C.h_destroy,
+        "C_SetAttributeValue": C.h_set_attribute,
+        "C_WaitForSlotEvent": C.h_wait_for_slot_event,
+    }
+    out: dict[int, Handler] = {}
+    for name, cid in ID.items():
+        if name in special:
+            out[cid] = special[name]
+        elif cid in SESSION_CALLS:
+            out[cid] = C.forward
+    assert not (set(out) ^ set(range(1, 90))), "every call id 1..89 must be served"
+    return out
+
+
+HANDLERS = _build_handlers()
+assert SLOT_CALLS  # imported for readers: slot calls are the special handlers above

@@ -1,0 +1,92 @@
+"""Virtual handles: the session and object handles one client connection sees.
+
+They are minted by the gateway and mapped to (token, backend instance, backend handle).
+A handle from another connection, or from a backend instance that has since died, is
+simply not in this table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .token import VirtualToken
+
+
+class Session:
+    __slots__ = ("backend_handle", "find", "flags", "generation", "handle", "tail", "token")
+
+    def __init__(
+        self, handle: int, token: VirtualToken, backend_handle: int, generation: int, flags: int
+    ) -> None:
+        self.handle = handle
+        self.token = token
+        self.backend_handle = backend_handle
+        self.generation = generation
+        self.flags = flags
+        #: None, "backend" (a find is active on the backend) or "empty" (answered locally)
+        self.find: str | None = None
+        #: the last queued call on this session: calls on one session run in order
+        self.tail: asyncio.Future[None] | None = None
+
+
+class ObjectRef:
+    __slots__ = ("backend_handle", "generation", "handle", "private", "token")
+
+    def __init__(
+        self,
+        handle: int,
+        token: VirtualToken,
+        backend_handle: int,
+        generation: int,
+        private: bool | None,
+    ) -> None:
+        self.handle = handle
+        self.token = token
+        self.backend_handle = backend_handle
+        self.generation = generation
+        #: None = not known (minted while logged in); resolved at logout
+        self.private = private
+
+
+class HandleTable:
+    def __init__(self) -> None:
+        self.sessions: dict[int, Session] = {}
+        self.objects: dict[int, ObjectRef] = {}
+        self._by_backend: dict[tuple[int, int, int], int] = {}
+        self._next_session = 1
+        self._next_object = 1
+
+    def add_session(
+        self, token: VirtualToken, backend_handle: int, generation: int, flags: int
+    ) -> Session:
+        h = self._next_session
+        self._next_session += 1
+        s = Session(h, token, backend_handle, generation, flags)
+        self.sessions[h] = s
+        return s
+
+    def object_for(
+        self, token: VirtualToken, backend_handle: int, generation: int, private: bool | None
+    ) -> int:
+        key = (id(token), generation, backend_handle)
+        h = self._by_backend.get(key)
+        if h is not None:
+            ref = self.objects[h]
+            if ref.private is None and private is not None:
+                ref.private = private
+            return h
+        h = self._next_object
+        self._next_object += 1
+        self.objects[h] = ObjectRef(h, token, backend_handle, generation, private)
+        self._by_backend[key] = h
+        return h
+
+    def drop_object(self, handle: int) -> None:
+        ref = self.objects.pop(handle, None)
+        if ref is not None:
+            self._by_backend.pop((id(ref.token), ref.generation, ref.backend_handle), None)
+
+    def objects_of(self, token: VirtualToken) -> list[ObjectRef]:
+        return [r for r in self.objects.values() if r.token is token]

@@ -1,0 +1,150 @@
+"""The gateway: backends, virtual tokens, listeners and live connections."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+import urllib.parse
+from typing import Any
+
+from ..backends.base import Backend
+from ..config import BackendConfig, Config
+from ..errors import Pkcs11Error
+from .connection import ClientConnection
+from .token import VirtualToken
+
+log = logging.getLogger("p11gate.server")
+
+
+def make_backend(cfg: BackendConfig) -> Backend:
+    if cfg.isolation == "none":
+        from ..backends.inprocess import InProcessBackend
+
+        return InProcessBackend(
+            cfg.name, cfg.module, threads=cfg.threads, call_timeout=cfg.call_timeout,
+            init_reserved=cfg.init_reserved,
+        )
+    from ..backends.worker_process import WorkerBackend
+
+    return WorkerBackend(cfg)
+
+
+def unix_path(address: str) -> str:
+    return urllib.parse.unquote(address.removeprefix("unix:path="))
+
+
+class Gateway:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.backends: dict[str, Backend] = {b.name: make_backend(b) for b in cfg.backend}
+        self.tokens = [VirtualToken(t, self.backends[t.backend]) for t in cfg.token]
+        self.tokens_by_slot = {t.slot_id: t for t in self.tokens}
+        self.connections: set[ClientConnection] = set()
+        self.background: set[asyncio.Task[Any]] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+        for b in self.backends.values():
+            b.on_restart = self._reattach_hook(b)
+
+    def _reattach_hook(self, backend: Backend) -> Any:
+        async def hook() -> None:
+            for t in self.tokens:
+                if t.backend is backend:
+                    try:
+                        await t.attach()
+                    except Pkcs11Error as e:
+                        log.error("token unavailable after restart",
+                                  extra={"token": t.name, "error": str(e)})
+
+        return hook
+
+    async def start(self) -> None:
+        for b in self.backends.values():
+            try:
+                await b.start()
+            except Pkcs11Error as e:
+                # one backend down must not stop the others; it retries by itself
+                log.error("backend failed to start", extra={"backend": b.name, "error": str(e)})
+        for t in self.tokens:
+            if t.backend.up:
+                try:
+                    await t.attach()
+                except Pkcs11Error as e:
+                    log.error("token not attached", extra={"token": t.name, "error": str(e)})
+        for address in self.cfg.server.listen:
+            await self._listen(address)
+
+    async def _listen(self, address: str) -> None:
+        path = unix_path(address)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.exists(path) and not _socket_alive(path):
+                os.unlink(path)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(
+            lambda: self._new_connection(), path=path, backlog=1024
+        )
+        os.chmod(path, self.cfg.server.socket_mode)
+        self._servers.append(server)
+        log.info("listening", extra={"address": address})
+
+    def _new_connection(self) -> ClientConnection:
+        c = ClientConnection(self)
+        self.connections.add(c)
+        return c
+
+    def forget(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+
+    def describe_peer(self, transport: asyncio.Transport) -> str:
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            try:
+                creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                        struct.calcsize("3i"))
+                pid, uid, gid = struct.unpack("3i", creds)
+                return f"uid={uid} gid={gid} pid={pid}"
+            except OSError:
+                pass
+        return str(transport.get_extra_info("peername") or "unknown")
+
+    async def stop(self) -> None:
+        for s in self._servers:
+            s.close()
+        for c in list(self.connections):
+            if c.transport is not None:
+                c.transport.close()
+        await asyncio.sleep(0)
+        if self.background:
+            await asyncio.wait(self.background, timeout=3)
+        for b in self.backends.values():
+            await b.stop()
+        for address in self.cfg.server.listen:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(unix_path(address))
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "connections": len(self.connections),
+            "backends": [b.describe() for b in self.backends.values()],
+            "tokens": [
+                {"name": t.name, "slot": t.slot_id, "backend": t.backend.name,
+                 "present": t.present, "logged_in_clients": len(t.login.holders),
+                 "last_error": t.last_error}
+                for t in self.tokens
+            ],
+        }
+
+
+def _socket_alive(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()

@@ -1,0 +1,78 @@
+"""Where handles sit in each call's arguments and replies (by call id).
+
+The frontend is table-driven: these tables say which request positions carry a session,
+a slot or an object handle, which carry a mechanism, and which reply positions return a
+new object handle that must be given a virtual handle.
+"""
+
+from __future__ import annotations
+
+from ..codec.calls import CALLS, CALLS_BY_NAME
+
+
+def _ids(*names: str) -> frozenset[int]:
+    return frozenset(CALLS_BY_NAME[n].id for n in names)
+
+
+def _id(name: str) -> int:
+    return CALLS_BY_NAME[name].id
+
+
+#: calls whose first argument is a slot id
+SLOT_CALLS = _ids(
+    "C_GetSlotInfo", "C_GetTokenInfo", "C_GetMechanismList", "C_GetMechanismInfo",
+    "C_InitToken", "C_OpenSession", "C_CloseAllSessions", "C_InitToken2",
+)
+
+#: calls whose first argument is a session handle
+SESSION_CALLS = frozenset(
+    c.id for c in CALLS if c.req_codes[:1] == ("u",) and c.id >= 10 and c.id not in SLOT_CALLS
+    and c.name not in ("C_WaitForSlotEvent",)
+)
+
+#: request positions holding object handles (0 = "no key" is allowed where PKCS#11 does)
+OBJECT_ARGS: dict[int, tuple[int, ...]] = {
+    _id("C_CopyObject"): (1,),
+    _id("C_DestroyObject"): (1,),
+    _id("C_GetObjectSize"): (1,),
+    _id("C_GetAttributeValue"): (1,),
+    _id("C_SetAttributeValue"): (1,),
+    _id("C_DigestKey"): (1,),
+    _id("C_WrapKey"): (2, 3),
+    _id("C_UnwrapKey"): (2,),
+    _id("C_DeriveKey"): (2,),
+    _id("C_DeriveKey2"): (2,),
+    _id("C_SetOperationState"): (3, 4),
+}
+for _c in CALLS:
+    if _c.request == "uMu":  # every *Init with a key
+        OBJECT_ARGS[_c.id] = (2,)
+
+#: positions whose handle may be 0 (CK_INVALID_HANDLE means "none")
+OPTIONAL_OBJECT_ARGS = {_id("C_SetOperationState")}
+
+#: calls with a mechanism at position 1
+MECHANISM_CALLS = frozenset(c.id for c in CALLS if "M" in c.req_codes)
+
+#: reply positions holding new object handles
+NEW_OBJECTS: dict[int, tuple[int, ...]] = {
+    _id("C_CreateObject"): (0,),
+    _id("C_CopyObject"): (0,),
+    _id("C_GenerateKey"): (0,),
+    _id("C_GenerateKeyPair"): (0, 1),
+    _id("C_UnwrapKey"): (0,),
+    _id("C_DeriveKey"): (0,),
+    _id("C_DeriveKey2"): (2,),
+}
+
+#: request positions of templates that create objects, with the object class a missing
+#: CKA_CLASS implies for the login rules (None = taken from the template)
+CREATE_TEMPLATES: dict[int, tuple[int, ...]] = {
+    _id("C_CreateObject"): (1,),
+    _id("C_CopyObject"): (2,),
+    _id("C_GenerateKey"): (2,),
+    _id("C_GenerateKeyPair"): (2, 3),
+    _id("C_UnwrapKey"): (4,),
+    _id("C_DeriveKey"): (3,),
+    _id("C_DeriveKey2"): (3,),
+}

@@ -1,0 +1,106 @@
+"""A virtual token: one client-visible slot served by a token on a backend."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .. import ck
+from ..backends.base import Backend
+from ..codec import ckr
+from ..codec.calls import CALLS_BY_NAME
+from ..config import TokenConfig
+from ..errors import BackendUnavailable, Pkcs11Error
+from .login import LoginState
+
+log = logging.getLogger("p11gate.token")
+
+C_GetSlotList = CALLS_BY_NAME["C_GetSlotList"].id
+C_GetTokenInfo = CALLS_BY_NAME["C_GetTokenInfo"].id
+C_OpenSession = CALLS_BY_NAME["C_OpenSession"].id
+C_CloseSession = CALLS_BY_NAME["C_CloseSession"].id
+C_Login = CALLS_BY_NAME["C_Login"].id
+C_Logout = CALLS_BY_NAME["C_Logout"].id
+
+
+def pad(text: str | bytes, size: int) -> bytes:
+    b = text.encode() if isinstance(text, str) else text
+    return b[:size].ljust(size, b" ")
+
+
+class VirtualToken:
+    def __init__(self, cfg: TokenConfig, backend: Backend) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.slot_id = cfg.virtual_slot_id
+        self.backend = backend
+        self.label = pad(cfg.name, 32)
+        self.backend_slot: int | None = None
+        #: a gateway-owned backend session: it keeps the backend's login alive when no
+        #: client session is open, and carries C_Login/C_Logout
+        self.control_session: int | None = None
+        self.attached_generation = -1
+        self.login = LoginState()
+        self.login_lock = asyncio.Lock()
+        self._attach_lock = asyncio.Lock()
+        self.last_error = ""
+
+    @property
+    def present(self) -> bool:
+        return self.backend.up and self.attached_generation == self.backend.generation
+
+    async def ensure(self) -> None:
+        """Attach to the backend's current instance if not yet done."""
+        if self.attached_generation != self.backend.generation or self.control_session is None:
+            await self.attach()
+
+    async def attach(self) -> None:
+        async with self._attach_lock:
+            gen = self.backend.generation
+            if self.attached_generation == gen and self.control_session is not None:
+                return
+            try:
+                self.backend_slot = await self._select_slot()
+                (self.control_session,) = await self.backend.call(
+                    C_OpenSession, [self.backend_slot, ck.CKF_SERIAL_SESSION | ck.CKF_RW_SESSION]
+                )
+                pin = self.login.pin()
+                if pin is not None and self.login.user_type is not None:
+                    # the worker restarted while clients were logged in: restore
+                    try:
+                        await self.backend.call(
+                            C_Login, [self.control_session, self.login.user_type, pin]
+                        )
+                    except Pkcs11Error as e:
+                        if e.rv != ckr.USER_ALREADY_LOGGED_IN:
+                            log.error("re-login after restart failed; clients logged out",
+                                      extra={"token": self.name, "rv": ckr.name(e.rv)})
+                            self.login.clear()
+                self.attached_generation = gen
+                self.last_error = ""
+                log.info("token attached", extra={"token": self.name, "slot": self.slot_id,
+                                                  "backend": self.backend.name,
+                                                  "backend_slot": self.backend_slot})
+            except Pkcs11Error as e:
+                self.control_session = None
+                self.last_error = str(e)
+                raise
+
+    async def _select_slot(self) -> int:
+        sel = self.cfg.select
+        slots = (await self.backend.call(C_GetSlotList, [1, 256]))[0]
+        if not isinstance(slots, list):
+            raise BackendUnavailable("backend has too many slots")
+        if sel.slot_index is not None:
+            if sel.slot_index >= len(slots):
+                raise Pkcs11Error(ckr.TOKEN_NOT_PRESENT,
+                                  f"slot_index {sel.slot_index}: backend has {len(slots)} tokens")
+            return int(slots[sel.slot_index])
+        for s in slots:
+            info = await self.backend.call(C_GetTokenInfo, [s])
+            if sel.label is not None and info[0] == pad(sel.label, 32):
+                return int(s)
+            if sel.serial is not None and info[3] == pad(sel.serial, 16):
+                return int(s)
+        wanted = sel.model_dump(exclude_none=True)
+        raise Pkcs11Error(ckr.TOKEN_NOT_PRESENT, f"no token matches {wanted}")
