@@ -78,7 +78,7 @@ class BackendConfig(_Strict):
     #: extra environment for the worker (e.g. SOFTHSM2_CONF)
     env: dict[str, str] = Field(default_factory=dict)
     #: seconds between restart attempts of a dead worker
-    restart_delay: float = Field(default=0.5, ge=0)
+    restart_delay: float = Field(default=0.2, ge=0)
 
     @field_validator("module")
     @classmethod

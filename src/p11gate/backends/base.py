@@ -50,6 +50,12 @@ class Backend(ABC):
     def up(self) -> bool:
         """True while calls can be made."""
 
+    async def wait_up(self, timeout: float) -> bool:
+        """Wait (bounded) for a restarting back end to come back; True if it is up.
+        Used before calls that start something new (C_OpenSession, slot queries), so
+        that only calls in flight when a back end died see an error."""
+        return self.up
+
     def describe(self) -> dict[str, Any]:
         """Status for `p11gate status` and logs."""
         return {"name": self.name, "up": self.up, "generation": self.generation}

@@ -37,6 +37,7 @@ class WorkerBackend(Backend):
         self._chan: RpcChannel | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._up = False
+        self._up_event = asyncio.Event()
         self._stopping = False
         self._restart_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -93,6 +94,7 @@ class WorkerBackend(Backend):
         self._chan = chan
         self.generation += 1
         self._up = True
+        self._up_event.set()
         log.info("backend up", extra={"backend": self.name, "pid": proc.pid,
                                       "generation": self.generation,
                                       "dialect": chan.dialect.name})
@@ -110,6 +112,7 @@ class WorkerBackend(Backend):
         if not self._up:
             return
         self._up = False
+        self._up_event.clear()
         self.last_error = reason
         chan, self._chan = self._chan, None
         if chan is not None:
@@ -147,6 +150,8 @@ class WorkerBackend(Backend):
                 os.kill(proc.pid, signal.SIGKILL)
 
     async def call(self, call_id: int, args: list[Any]) -> list[Any]:
+        # No awaiting before the send: the frontend checked that the handles in ``args``
+        # belong to the current generation, and that must still hold when they go out.
         chan = self._chan
         if chan is None:
             raise BackendUnavailable(f"backend {self.name} is restarting")
@@ -155,6 +160,14 @@ class WorkerBackend(Backend):
         except TimeoutError:
             self._down(f"call {call_id} missed its {self.cfg.call_timeout}s deadline")
             raise BackendUnavailable("deadline exceeded") from None
+
+    async def wait_up(self, timeout: float) -> bool:
+        if not self._up and not self._stopping:
+            try:
+                await asyncio.wait_for(self._up_event.wait(), timeout)
+            except TimeoutError:
+                pass
+        return self._up
 
     async def stop(self) -> None:
         self._stopping = True

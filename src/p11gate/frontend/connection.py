@@ -56,6 +56,9 @@ log = logging.getLogger("p11gate.conn")
 
 _ids = itertools.count(1)
 
+#: how long a call that opens something new waits for a restarting backend, seconds
+RESTART_WAIT = 10.0
+
 ID = {c: CALLS_BY_NAME[c].id for c in CALLS_BY_NAME}
 
 _PRIVATE_FALSE = Attribute(ck.CKA_PRIVATE, 0, 1)
@@ -319,6 +322,8 @@ class ClientConnection(asyncio.Protocol):
 
     async def _slot_token(self, slot_id: int) -> VirtualToken:
         t = self._token(slot_id)
+        if not t.backend.up:
+            await t.backend.wait_up(RESTART_WAIT)
         try:
             await t.ensure()
         except BackendUnavailable:
