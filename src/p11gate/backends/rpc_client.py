@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 from ..codec import (
@@ -129,23 +130,53 @@ class RpcChannel:
         await self.call(C_Initialize, [HANDSHAKE, 1 if init_reserved else 0, reserved])
 
     async def call(self, call_id: int, args: list[Any], timeout: float | None = None) -> list[Any]:
+        return await self.submit(call_id, args, timeout)
+
+    def submit(
+        self,
+        call_id: int,
+        args: list[Any],
+        timeout: float | None = None,
+        on_timeout: Callable[[], None] | None = None,
+    ) -> asyncio.Future[list[Any]]:
+        """Send one request now; the future resolves to the decoded reply values.
+
+        Callback based (no task per call). A missed deadline fails the future with
+        TimeoutError and calls ``on_timeout``.
+        """
         d = self.dialect
         if call_id > d.max_call_id:
-            return await self._downgrade(call_id, args, timeout)
+            return asyncio.ensure_future(self._downgrade(call_id, args, timeout))
         if d.version == 0:
             args = _old_server_safe(call_id, args)
-        fut = self.proto.send(call_id, args)
-        try:
-            body = await asyncio.wait_for(fut, timeout if timeout is not None else self.timeout)
-        except TimeoutError:
-            self.proto.abandon(fut)
-            raise
-        try:
-            return decode_reply(body, d, call_id, args)
-        except ReplyError as e:
-            raise Pkcs11Error(e.rv) from None
-        except CodecError as e:
-            raise Pkcs11Error(ckr.DEVICE_ERROR, f"bad reply: {e}") from None
+        raw = self.proto.send(call_id, args)
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future[list[Any]] = loop.create_future()
+        timer = loop.call_later(
+            timeout if timeout is not None else self.timeout, _expire, raw
+        )
+
+        def done(f: asyncio.Future[bytes]) -> None:
+            timer.cancel()
+            if out.done():
+                return
+            exc = f.exception()
+            if exc is not None:
+                if isinstance(exc, TimeoutError):
+                    self.proto.abandon(f)
+                    if on_timeout is not None:
+                        on_timeout()
+                out.set_exception(exc)
+                return
+            try:
+                out.set_result(decode_reply(f.result(), d, call_id, args))
+            except ReplyError as e:
+                out.set_exception(Pkcs11Error(e.rv))
+            except CodecError as e:
+                out.set_exception(Pkcs11Error(ckr.DEVICE_ERROR, f"bad reply: {e}"))
+
+        raw.add_done_callback(done)
+        return out
 
     async def _downgrade(self, call_id: int, args: list[Any], timeout: float | None) -> list[Any]:
         if call_id == C_InitToken2:
@@ -155,6 +186,11 @@ class RpcChannel:
             (handle,) = await self.call(C_DeriveKey, args, timeout)
             return [ckr.OK, ParamUpdate(True), handle]
         raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED)
+
+
+def _expire(fut: asyncio.Future[bytes]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 def _old_server_safe(call_id: int, args: list[Any]) -> list[Any]:

@@ -150,16 +150,21 @@ class WorkerBackend(Backend):
                 os.kill(proc.pid, signal.SIGKILL)
 
     async def call(self, call_id: int, args: list[Any]) -> list[Any]:
-        # No awaiting before the send: the frontend checked that the handles in ``args``
-        # belong to the current generation, and that must still hold when they go out.
+        try:
+            return await self.submit(call_id, args)
+        except TimeoutError:
+            raise BackendUnavailable("deadline exceeded") from None
+
+    def submit(self, call_id: int, args: list[Any]) -> asyncio.Future[list[Any]]:
+        # Nothing may await between the frontend's generation check and the send: the
+        # handles in ``args`` belong to this instance and must reach this instance.
         chan = self._chan
         if chan is None:
             raise BackendUnavailable(f"backend {self.name} is restarting")
-        try:
-            return await chan.call(call_id, args)
-        except TimeoutError:
-            self._down(f"call {call_id} missed its {self.cfg.call_timeout}s deadline")
-            raise BackendUnavailable("deadline exceeded") from None
+        return chan.submit(call_id, args, None, self._deadline_missed)
+
+    def _deadline_missed(self) -> None:
+        self._down(f"a call missed its {self.cfg.call_timeout}s deadline")
 
     async def wait_up(self, timeout: float) -> bool:
         if not self._up and not self._stopping:

@@ -138,6 +138,9 @@ class ClientConnection(asyncio.Protocol):
         if call.id in SESSION_CALLS:
             session = self.handles.sessions.get(args[0])
         prev = session.tail if session is not None else self._tail
+        if handler is _FORWARD and session is not None and (prev is None or prev.done()):
+            self._forward_now(code, call, args, session)
+            return
         task = asyncio.get_running_loop().create_task(
             self._run(code, call, args, handler, prev)
         )
@@ -226,7 +229,11 @@ class ClientConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------ generic session call
 
-    async def forward(self, call: Call, args: list[Any]) -> list[Any]:
+    def _prepare(
+        self, call: Call, args: list[Any]
+    ) -> tuple[Session, list[Any], list[bool | None]]:
+        """Translate a session call's handles to the backend's (synchronously: nothing
+        may await between the generation check and the send)."""
         s = self._session(args[0])
         token = s.token
         bargs = list(args)
@@ -241,20 +248,56 @@ class ClientConnection(asyncio.Protocol):
         private: list[bool | None] = []
         if templates is not None:
             private = self._creation_rules(call, bargs, templates, token)
-        reply = await self._backend_call(s, call.id, bargs)
+        return s, bargs, private
+
+    def _finish(
+        self, call: Call, s: Session, private: list[bool | None], reply: list[Any]
+    ) -> list[Any]:
+        """Give new objects in a reply virtual handles."""
         new = NEW_OBJECTS.get(call.id)
         if new is not None and not (call.id == ID["C_DeriveKey2"] and len(reply) < 3):
             for i, pos in enumerate(new):
                 priv = private[min(i, len(private) - 1)] if private else None
-                reply[pos] = self.handles.object_for(token, reply[pos], s.generation, priv)
+                reply[pos] = self.handles.object_for(s.token, reply[pos], s.generation, priv)
         return reply
 
-    async def _backend_call(self, s: Session, call_id: int, bargs: list[Any]) -> list[Any]:
+    async def forward(self, call: Call, args: list[Any]) -> list[Any]:
+        s, bargs, private = self._prepare(call, args)
         try:
-            return await s.token.backend.call(call_id, bargs)
-        except BackendUnavailable:
-            # in flight when the backend died; the session is gone with it
+            reply = await s.token.backend.submit(call.id, bargs)
+        except (BackendUnavailable, TimeoutError):
+            # in flight when the backend died or hung; the session is gone with it
             raise Pkcs11Error(ckr.DEVICE_ERROR) from None
+        return self._finish(call, s, private, reply)
+
+    def _forward_now(self, code: int, call: Call, args: list[Any], s: Session) -> None:
+        """The hot path: a plain session call with nothing queued before it on that
+        session is sent to the backend at once, and answered from a done-callback —
+        no task, no coroutine."""
+        try:
+            if not self.initialized:
+                raise Pkcs11Error(ckr.CRYPTOKI_NOT_INITIALIZED)
+            s, bargs, private = self._prepare(call, args)
+            fut = s.token.backend.submit(call.id, bargs)
+        except (Pkcs11Error, ArgumentError) as e:
+            self._reply(code, encode_error(e.rv))
+            return
+        s.tail = fut  # type: ignore[assignment]
+
+        def done(f: asyncio.Future[list[Any]]) -> None:
+            try:
+                values = self._finish(call, s, private, f.result())
+                body = encode_reply(call.id, values, self.dialect, args)
+            except (BackendUnavailable, TimeoutError):
+                body = encode_error(ckr.DEVICE_ERROR)
+            except (Pkcs11Error, ArgumentError) as e:
+                body = encode_error(e.rv)
+            except Exception:
+                log.exception("internal error", extra={"conn": self.id, "call": call.name})
+                body = encode_error(ckr.GENERAL_ERROR)
+            self._reply(code, body)
+
+        fut.add_done_callback(done)
 
     def _creation_rules(
         self, call: Call, bargs: list[Any], positions: tuple[int, ...], token: VirtualToken
@@ -610,4 +653,5 @@ def _build_handlers() -> dict[int, Handler]:
 
 
 HANDLERS = _build_handlers()
+_FORWARD = ClientConnection.forward
 assert SLOT_CALLS  # imported for readers: slot calls are the special handlers above
