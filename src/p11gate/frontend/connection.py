@@ -39,6 +39,8 @@ from ..codec.values import HandleParam, KyberParams
 from ..errors import BackendUnavailable, Pkcs11Error
 from .handles import HandleTable, ObjectRef, Session
 from .tables import (
+    ATTR_REQUEST_ARG,
+    CAPACITY_ARGS,
     CREATE_TEMPLATES,
     MECHANISM_CALLS,
     NEW_OBJECTS,
@@ -244,11 +246,30 @@ class ClientConnection(asyncio.Protocol):
             bargs[pos] = self._object(bargs[pos], token).backend_handle
         if call.id in MECHANISM_CALLS:
             bargs[1] = self._mechanism(bargs[1], token)
+        caps = CAPACITY_ARGS.get(call.id)
+        if caps is not None:
+            self._bound_outputs(bargs, caps)
+        elif call.id in ATTR_REQUEST_ARG:
+            self._bound_attr_requests(bargs[ATTR_REQUEST_ARG[call.id]])
         templates = CREATE_TEMPLATES.get(call.id)
         private: list[bool | None] = []
         if templates is not None:
             private = self._creation_rules(call, bargs, templates, token)
         return s, bargs, private
+
+    def _bound_outputs(self, bargs: list[Any], caps: tuple[tuple[int, int], ...]) -> None:
+        """A client may announce any output capacity; the backend would allocate it.
+        Clamp to max_buffer: a result that really is larger comes back as
+        CKR_BUFFER_TOO_SMALL with its true size."""
+        limit = self.gw.cfg.server.max_buffer
+        for pos, item in caps:
+            cap = bargs[pos]
+            if cap * item > limit and cap != 0xFFFFFFFF:
+                bargs[pos] = limit // item
+
+    def _bound_attr_requests(self, reqs: list[AttrRequest]) -> None:
+        if _requested_bytes(reqs) > self.gw.cfg.server.max_buffer:
+            raise Pkcs11Error(ckr.HOST_MEMORY, "attribute buffers too large")
 
     def _finish(
         self, call: Call, s: Session, private: list[bool | None], reply: list[Any]
@@ -606,6 +627,10 @@ class ClientConnection(asyncio.Protocol):
         for t in {s.token for s in self.handles.sessions.values()}:
             await self._close_sessions(t)
         self.handles = HandleTable()
+
+
+def _requested_bytes(reqs: list[AttrRequest]) -> int:
+    return sum(r.length + (_requested_bytes(r.nested) if r.nested else 0) for r in reqs)
 
 
 # calls that need no ordering against other session-less calls

@@ -76,3 +76,15 @@ CREATE_TEMPLATES: dict[int, tuple[int, ...]] = {
     _id("C_DeriveKey"): (3,),
     _id("C_DeriveKey2"): (3,),
 }
+
+#: request positions of output capacities: ``fy`` (bytes) and ``fu`` (ulongs)
+CAPACITY_ARGS: dict[int, tuple[tuple[int, int], ...]] = {
+    c.id: tuple((i, 8 if code == "fu" else 1) for i, code in enumerate(c.req_codes)
+                if code in ("fy", "fu"))
+    for c in CALLS
+    if "fy" in c.req_codes or "fu" in c.req_codes
+}
+#: request position of an ``fA`` (C_GetAttributeValue)
+ATTR_REQUEST_ARG: dict[int, int] = {
+    c.id: c.req_codes.index("fA") for c in CALLS if "fA" in c.req_codes
+}

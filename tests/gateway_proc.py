@@ -1,0 +1,164 @@
+"""Start a real `p11gate serve` for tests, and a raw RPC client to talk to it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from p11gate.codec import (
+    HANDSHAKE,
+    V0241,
+    Dialect,
+    build_frame,
+    decode_reply,
+    encode_request,
+)
+
+CLIENT_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
+
+
+def write_config(base: Path, token: dict[str, Any], isolation: str = "process",
+                 name: str = "signing", extra_backend: str = "") -> Path:
+    sock = base / "p11gate.sock"
+    cfg = base / "p11gate.toml"
+    cfg.write_text(
+        f"""
+[server]
+listen = "unix:path={sock}"
+state_dir = "{base / 'state'}"
+log_format = "json"
+
+[[backend]]
+name = "softhsm"
+module = "{token['module']}"
+isolation = "{isolation}"
+call_timeout = 5.0
+env = {{ SOFTHSM2_CONF = "{token['conf']}" }}
+{extra_backend}
+
+[[token]]
+name = "{name}"
+backend = "softhsm"
+select = {{ label = "{token['label']}" }}
+"""
+    )
+    return cfg
+
+
+class Gateway:
+    """A running `p11gate serve --config` subprocess."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = config.parent / "p11gate.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "p11gate.cli", "serve", "--config", str(config)],
+            stdout=subprocess.PIPE, stderr=self._log, env=env or dict(os.environ),
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if "P11_KIT_SERVER_ADDRESS=" not in line:
+            self.stop()
+            raise RuntimeError(f"gateway did not start: {line!r}\n{self.log()}")
+        self.address = line.split("=", 1)[1].split(";", 1)[0]
+        self.path = self.address.removeprefix("unix:path=")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def client_env(self) -> dict[str, str]:
+        return {**os.environ, "P11_KIT_SERVER_ADDRESS": self.address}
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+class RawClient:
+    """A minimal blocking p11-kit RPC client, for sending exactly the bytes a test wants."""
+
+    def __init__(self, path: str, version: int = 0, dialect: Dialect = V0241,
+                 timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.sock.sendall(bytes([version]))
+        self.version = self.sock.recv(1)
+        self.dialect = dialect
+        self.code = 0x10
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_frame(self) -> tuple[int, bytes] | None:
+        """The next frame (code, body), or None if the gateway closed the connection."""
+        hdr = self._recv(12)
+        if hdr is None:
+            return None
+        code, olen, blen = struct.unpack(">III", hdr)
+        rest = self._recv(olen + blen)
+        if rest is None:
+            return None
+        return code, rest[olen:]
+
+    def _recv(self, n: int) -> bytes | None:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        return buf
+
+    def closed_by_peer(self, timeout: float = 5.0) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                if not self.sock.recv(65536):
+                    return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+
+    def call(self, call_id: int, args: list[Any]) -> list[Any]:
+        """Send a request; return reply values (raises codec.ReplyError on ERROR)."""
+        self.code += 1
+        self.sock.sendall(build_frame(self.code, encode_request(call_id, args, self.dialect),
+                                      b"client"))
+        frame = self.recv_frame()
+        if frame is None:
+            raise ConnectionError("gateway closed the connection")
+        assert frame[0] == self.code
+        return decode_reply(frame[1], self.dialect, call_id, args)
+
+    def initialize(self) -> None:
+        self.call(1, [HANDSHAKE, 0, b"\0"])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(interval)
+    return bool(pred())
