@@ -720,12 +720,23 @@ class NativeModule:
 
     # -------------------------------------------------------------- lifecycle
 
-    def initialize(self) -> None:
-        """C_Initialize with CKF_OS_LOCKING_OK and pReserved = init_reserved (or NULL)."""
+    def set_dialect(self, dialect: Dialect) -> None:
+        """Use ``dialect``'s attribute value-type table (and parameterless mechanism list)
+        from now on: the one of the RPC peer the results go to."""
+        self._attr_classes = dialect.attr_classes
+        self._noparam = dialect.noparam
+
+    def initialize(self, init_reserved: str | bytes | None = None) -> None:
+        """C_Initialize with CKF_OS_LOCKING_OK and pReserved = the NUL-terminated
+        ``init_reserved`` (this argument, else the constructor's, else NULL)."""
+        reserved = init_reserved if init_reserved is not None else self._init_reserved
+        if isinstance(reserved, str):
+            reserved = reserved.encode()
         args = ffi.new("CK_C_INITIALIZE_ARGS *")
         args.flags = CKF_OS_LOCKING_OK
-        if self._init_reserved is not None:
-            self._reserved_buf = ffi.new("char[]", self._init_reserved)
+        if reserved is not None:
+            # kept for the module's lifetime: a module may hold on to the pointer
+            self._reserved_buf = ffi.new("char[]", reserved)
             args.pReserved = self._reserved_buf
         rv = self._functions.C_Initialize(args)
         if rv == ckr.CRYPTOKI_ALREADY_INITIALIZED:
