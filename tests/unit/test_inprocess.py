@@ -1,0 +1,111 @@
+"""InProcessBackend against SoftHSMv2 loaded into the test process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p11gate.backends.inprocess import InProcessBackend
+from p11gate.codec import ckr
+from p11gate.codec.values import Attribute, Mechanism
+from p11gate.errors import BackendUnavailable, Pkcs11Error
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from softhsm import make_token, requires_softhsm
+
+pytestmark = requires_softhsm
+
+C_GetInfo, C_GetSlotList, C_OpenSession, C_Login, C_GenerateKeyPair = 3, 4, 10, 18, 59
+C_Sign, C_GenerateRandom = 43, 64
+
+
+@pytest.fixture(scope="module")
+def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    t = make_token(tmp_path_factory.mktemp("softhsm"), keys=False)
+    old = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = t["conf"]
+    yield t
+    if old is None:
+        os.environ.pop("SOFTHSM2_CONF", None)
+    else:
+        os.environ["SOFTHSM2_CONF"] = old
+
+
+async def _session(b: InProcessBackend, token: dict[str, Any]) -> int:
+    (slots,) = await b.call(C_GetSlotList, [1, 8])
+    (session,) = await b.call(C_OpenSession, [slots[0], 6])
+    try:
+        await b.call(C_Login, [session, 1, token["pin"].encode()])
+    except Pkcs11Error as e:
+        assert e.rv == ckr.USER_ALREADY_LOGGED_IN
+    return int(session)
+
+
+def test_calls(token: dict[str, Any]) -> None:
+    async def main() -> None:
+        b = InProcessBackend("soft", token["module"], threads=4)
+        assert not b.up
+        with pytest.raises(BackendUnavailable):
+            b.submit(C_GetInfo, [])
+        await b.start()
+        assert b.up and b.generation == 1
+        info = await b.call(C_GetInfo, [])
+        assert info[1].startswith(b"SoftHSM")
+        session = await _session(b, token)
+        results = await asyncio.gather(
+            *(b.submit(C_GenerateRandom, [session, 8 + i % 9]) for i in range(200))
+        )
+        assert [len(r[0]) for r in results] == [8 + i % 9 for i in range(200)]
+        with pytest.raises(Pkcs11Error) as e:
+            await b.call(C_Sign, [session, b"x", 64])
+        assert e.value.rv == ckr.OPERATION_NOT_INITIALIZED
+        d = b.describe()
+        assert d["isolation"] == "none" and d["hung_calls"] == 0 and d["interface"] == "2.40"
+        await b.stop()
+        assert not b.up
+        with pytest.raises(BackendUnavailable):
+            await b.call(C_GetInfo, [])
+
+    asyncio.run(main())
+
+
+def test_missed_deadline(token: dict[str, Any]) -> None:
+    async def main() -> None:
+        b = InProcessBackend("soft", token["module"], threads=1, call_timeout=5.0)
+        await b.start()
+        session = await _session(b, token)
+        b.call_timeout = 0.001  # an RSA-4096 key pair takes far longer
+        pub = [Attribute(0x121, 4096, 8), Attribute(0x1, 0, 1)]  # MODULUS_BITS, TOKEN=false
+        slow = b.submit(C_GenerateKeyPair, [session, Mechanism(0x0), pub, [Attribute(0x1, 0, 1)]])
+        queued = b.submit(C_GetInfo, [])  # waits for the only thread
+        with pytest.raises(BackendUnavailable):
+            await slow
+        with pytest.raises(BackendUnavailable):
+            await queued
+        assert b.describe()["hung_calls"] == 1 and b.timeouts == 2
+        assert not b.up  # every thread is hung
+        deadline = time.monotonic() + 120
+        while b.describe()["hung_calls"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert b.up  # the module returned: the thread is free again
+        b.call_timeout = 5.0
+        assert (await b.call(C_GetInfo, []))[0] == (2, 40)
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_bad_module_path() -> None:
+    async def main() -> None:
+        b = InProcessBackend("nope", "/nonexistent/libnothing.so")
+        with pytest.raises(BackendUnavailable):
+            await b.start()
+
+    asyncio.run(main())
