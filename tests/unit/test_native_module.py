@@ -692,3 +692,22 @@ def test_init_token_labels_are_padded(mod: NativeModule, token: dict[str, Any]) 
     # SoftHSM offers a new free slot only after re-initialization: re-initialize this one
     assert mod.call(INIT_TOKEN2, [s, b"5678", b"third".ljust(32)]) == []  # `s` label
     assert mod.call(GET_TOKEN_INFO, [s])[0] == b"third".ljust(32)
+
+
+OPENSC = "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so"
+
+
+@pytest.mark.skipif(not os.path.exists(OPENSC), reason="OpenSC not installed")
+def test_pkcs11_3_interface_through_c_getinterface() -> None:
+    # OpenSC exports C_GetInterface with a 3.0 function list: the 3.0 calls reach it
+    m = NativeModule(OPENSC)
+    assert m.interface_version >= (3, 0)
+    assert m.supports(LOGIN_USER) and m.supports(67)  # C_SessionCancel
+    m.initialize()
+    try:
+        assert m.call(GET_INFO, [])[0] >= (3, 0)
+        with pytest.raises(Pkcs11Error) as e:
+            m.call(67, [0xDEAD, 0])  # C_SessionCancel on no session
+        assert e.value.rv == ckr.SESSION_HANDLE_INVALID
+    finally:
+        m.finalize()

@@ -607,6 +607,97 @@ def _run_derive_key2(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any
     return [rv, update, hp[0]] if rv == _OK else [rv, update]
 
 
+# Fast paths for the commonest shapes (the hot path: Sign, Encrypt, Digest, GenerateRandom,
+# *Init, *Final). They handle the ordinary values and fall back to _run_generic for
+# anything else (NULL buffers, size queries, odd types), which then decides.
+
+
+def _run_u_ay_fy(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> list[Any]:
+    if len(args) == 3:
+        session, data, cap = args
+        if (
+            session.__class__ is int
+            and data.__class__ is bytes
+            and cap.__class__ is int
+            and 0 < cap < EMPTY_BUFFER
+        ):
+            if cap > mod.max_buffer:
+                cap = mod.max_buffer
+            buf = ffi.new("CK_BYTE[]", cap)
+            lenp = ffi.new("CK_ULONG *", cap)
+            rv = fn(session, data, len(data), buf, lenp)
+            if rv == _OK:
+                n = lenp[0]
+                return [ffi.buffer(buf, n if n < cap else cap)[:]]
+            if rv == _TOO_SMALL:
+                return [Null(min(lenp[0], 0xFFFFFFFF))]
+            raise Pkcs11Error(rv)
+    return _run_generic(mod, spec, fn, args)
+
+
+def _run_u_fy(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> list[Any]:
+    if len(args) == 2:
+        session, cap = args
+        if session.__class__ is int and cap.__class__ is int and 0 < cap < EMPTY_BUFFER:
+            if cap > mod.max_buffer:
+                cap = mod.max_buffer
+            buf = ffi.new("CK_BYTE[]", cap)
+            lenp = ffi.new("CK_ULONG *", cap)
+            rv = fn(session, buf, lenp)
+            if rv == _OK:
+                n = lenp[0]
+                return [ffi.buffer(buf, n if n < cap else cap)[:]]
+            if rv == _TOO_SMALL:
+                return [Null(min(lenp[0], 0xFFFFFFFF))]
+            raise Pkcs11Error(rv)
+    return _run_generic(mod, spec, fn, args)
+
+
+def _run_random(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> list[Any]:
+    if len(args) == 2:
+        session, cap = args
+        if session.__class__ is int and cap.__class__ is int and 0 < cap < EMPTY_BUFFER:
+            if cap > mod.max_buffer:
+                cap = mod.max_buffer
+            buf = ffi.new("CK_BYTE[]", cap)
+            rv = fn(session, buf, cap)
+            if rv != _OK:
+                raise Pkcs11Error(rv)
+            return [ffi.buffer(buf, cap)[:]]
+    return _run_generic(mod, spec, fn, args)
+
+
+def _run_u_m_u(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> list[Any]:
+    if len(args) == 3:
+        session, m, key = args
+        if session.__class__ is int and key.__class__ is int:
+            keep: list[Any] = []
+            rv = fn(session, mod._mechanism(m, keep, None), key)
+            if rv != _OK:
+                raise Pkcs11Error(rv)
+            return []
+    return _run_generic(mod, spec, fn, args)
+
+
+def _run_u(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> list[Any]:
+    if len(args) == 1 and args[0].__class__ is int:
+        rv = fn(args[0])
+        if rv != _OK:
+            raise Pkcs11Error(rv)
+        return []
+    return _run_generic(mod, spec, fn, args)
+
+
+_FAST_RUNS: dict[
+    tuple[_Conv, ...], Callable[[NativeModule, _Spec, Any, Sequence[Any]], list[Any]]
+] = {
+    (_in_ulong, _in_bytes, _in_out_bytes): _run_u_ay_fy,
+    (_in_ulong, _in_out_bytes): _run_u_fy,
+    (_in_ulong, _in_random_buffer): _run_random,
+    (_in_ulong, _in_mechanism, _in_ulong): _run_u_m_u,
+    (_in_ulong,): _run_u,
+}
+
 _C_NAMES = {88: "C_InitToken", 89: "C_DeriveKey"}
 _CONV_OVERRIDES: dict[tuple[int, int], _Conv] = {
     (27, 1): _in_find_buffer,  # C_FindObjects
@@ -632,10 +723,10 @@ def _build_specs() -> list[_Spec | None]:
             _CONV_OVERRIDES.get((call.id, i), _REQUEST_CONVERTERS[code])
             for i, code in enumerate(call.req_codes)
         )
-        run = _SPECIAL_RUNS.get(call.id, _run_generic)
         tails = _TAIL_OVERRIDES.get(call.id)
         if tails is None:
             tails = _REPLY_TAILS.get(call.reply, ())
+        run = _SPECIAL_RUNS.get(call.id) or (not tails and _FAST_RUNS.get(convs)) or _run_generic
         specs[call.id] = _Spec(call.id, _C_NAMES.get(call.id, call.name), convs, tails, run)
     return specs
 
