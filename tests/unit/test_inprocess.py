@@ -102,6 +102,23 @@ def test_missed_deadline(token: dict[str, Any]) -> None:
     asyncio.run(main())
 
 
+def test_env_is_applied_before_loading(
+    token: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = make_token(tmp_path, label="elsewhere", keys=False)
+    monkeypatch.setenv("SOFTHSM2_CONF", "/nonexistent.conf")
+
+    async def main() -> None:
+        b = InProcessBackend("soft", other["module"], env={"SOFTHSM2_CONF": other["conf"]})
+        await b.start()
+        (slots,) = await b.call(C_GetSlotList, [1, 8])
+        labels = [(await b.call(6, [s]))[0].rstrip() for s in slots]
+        assert b"elsewhere" in labels
+        await b.stop()
+
+    asyncio.run(main())
+
+
 def test_bad_module_path() -> None:
     async def main() -> None:
         b = InProcessBackend("nope", "/nonexistent/libnothing.so")

@@ -10,6 +10,11 @@ thread is hung the back end reports itself down. A call still queued for a threa
 its deadline is simply cancelled. For modules that may hang or crash, use process
 isolation (``isolation = "process"``): its worker is killed on a missed deadline and
 restarted.
+
+``env`` (the backend's configured environment, e.g. SOFTHSM2_CONF) is applied to this
+process's ``os.environ`` before the module is loaded and initialized, since the module
+reads the gateway's own environment; it is process-wide, so two in-process back ends
+must not need different values for the same variable (a conflict is logged).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from ..codec.calls import CALLS
@@ -39,8 +46,10 @@ class InProcessBackend(Backend):
         call_timeout: float = 30.0,
         init_reserved: str | None = None,
         max_buffer: int = DEFAULT_MAX_BUFFER,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
+        self.env = dict(env or {})
         self.module_path = module_path
         self.threads = max(1, threads)
         self.call_timeout = call_timeout
@@ -64,6 +73,15 @@ class InProcessBackend(Backend):
         pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.threads, thread_name_prefix=f"p11-{self.name}"
         )
+
+        for key, value in self.env.items():
+            old = os.environ.get(key)
+            if old is not None and old != value:
+                log.warning(
+                    "environment variable overridden for an in-process module",
+                    extra={"backend": self.name, "variable": key},
+                )
+            os.environ[key] = value
 
         def load() -> NativeModule:
             m = NativeModule(self.module_path, self.init_reserved, max_buffer=self.max_buffer)
