@@ -23,7 +23,9 @@ with ``monkeypatch.setenv``) *before* the module's C_Initialize: SoftHSM reads t
 variable there. Calling ``make_token`` again with the same ``tmpdir`` adds another token
 to the same configuration (use a different label).
 
-The signature of ``make_token`` is stable; other test suites rely on it.
+Import it as ``from tests.softhsm import make_token, requires_softhsm`` (pytest runs
+with the repository root on ``sys.path``). The signature of ``make_token`` is stable;
+other test suites rely on it.
 """
 
 from __future__ import annotations

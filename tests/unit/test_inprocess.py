@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.softhsm import make_token, requires_softhsm
 
 from p11gate.backends.inprocess import InProcessBackend
 from p11gate.codec import ckr
 from p11gate.codec.values import Attribute, Mechanism
 from p11gate.errors import BackendUnavailable, Pkcs11Error
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from softhsm import make_token, requires_softhsm
 
 pytestmark = requires_softhsm
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import padding as apad
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from tests.softhsm import make_token, requires_softhsm
 
 from p11gate.backends.native import NativeModule
 from p11gate.codec import ckr
@@ -35,9 +34,6 @@ from p11gate.codec.values import (
     Version,
 )
 from p11gate.errors import Pkcs11Error
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from softhsm import make_token, requires_softhsm
 
 pytestmark = requires_softhsm
 

@@ -12,13 +12,13 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from tests.softhsm import make_token, requires_softhsm
 
 from p11gate.codec import (
     HANDSHAKE,
@@ -36,9 +36,6 @@ from p11gate.codec import (
     dialect_for_version,
     encode_request,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from softhsm import make_token, requires_softhsm
 
 pytestmark = requires_softhsm
 
