@@ -20,9 +20,13 @@ must not need different values for the same variable (a conflict is logged).
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import contextlib
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -34,7 +38,20 @@ from .native import DEFAULT_MAX_BUFFER, NativeModule
 
 log = logging.getLogger("p11gate.backend")
 
-_CFuture = concurrent.futures.Future[list[Any]]
+
+
+class _Job:
+    __slots__ = ("args", "call_id", "cancelled", "error", "out", "result", "started", "timer")
+
+    def __init__(self, call_id: int, args: list[Any], out: asyncio.Future[list[Any]]) -> None:
+        self.call_id = call_id
+        self.args = args
+        self.out = out
+        self.timer: asyncio.TimerHandle | None = None
+        self.started = False
+        self.cancelled = False
+        self.result: list[Any] = []
+        self.error: BaseException | None = None
 
 
 class InProcessBackend(Backend):
@@ -56,11 +73,15 @@ class InProcessBackend(Backend):
         self.init_reserved = init_reserved
         self.max_buffer = max_buffer
         self._module: NativeModule | None = None
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._up = False
         #: calls past their deadline that are still inside the module → start time
-        self._hung: dict[_CFuture, tuple[int, float]] = {}
+        self._hung: dict[_Job, float] = {}
+        self._calls: queue.SimpleQueue[_Job | None] | None = None
+        self._done: collections.deque[_Job] = collections.deque()
+        self._state = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._bell_r = self._bell_w = -1
         self.timeouts = 0
 
     @property
@@ -98,8 +119,18 @@ class InProcessBackend(Backend):
         except (OSError, Pkcs11Error) as e:
             pool.shutdown(wait=False)
             raise BackendUnavailable(f"{self.module_path}: {e}") from e
+        pool.shutdown(wait=False)  # only used to load the module
         self._module = module
-        self._pool = pool
+        self._calls = queue.SimpleQueue()
+        self._bell_r, self._bell_w = os.pipe()
+        os.set_blocking(self._bell_r, False)
+        loop.add_reader(self._bell_r, self._drain)
+        self._threads = [
+            threading.Thread(target=self._serve_calls, name=f"p11-{self.name}-{i}", daemon=True)
+            for i in range(self.threads)
+        ]
+        for t in self._threads:
+            t.start()
         self.generation += 1
         self._up = True
         log.info(
@@ -114,11 +145,20 @@ class InProcessBackend(Backend):
 
     async def stop(self) -> None:
         self._up = False
-        module, pool = self._module, self._pool
-        self._module = self._pool = None
-        if pool is None or module is None:
+        module, calls = self._module, self._calls
+        self._module = None
+        if calls is None or module is None:
             return
-        pool.shutdown(wait=False, cancel_futures=True)
+        self._calls = None
+        for _ in self._threads:
+            calls.put(None)
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._bell_r)
+        await loop.run_in_executor(None, self._join_threads)
+        self._drain()
+        for fd in (self._bell_r, self._bell_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
         if self._hung:
             # finalizing under a call that is still inside the module is undefined
             log.warning(
@@ -126,71 +166,96 @@ class InProcessBackend(Backend):
                 extra={"backend": self.name, "hung_calls": len(self._hung)},
             )
             return
-        loop = asyncio.get_running_loop()
         try:
             await asyncio.wait_for(loop.run_in_executor(None, module.finalize), self.call_timeout)
         except (TimeoutError, Pkcs11Error) as e:
             log.warning("C_Finalize failed", extra={"backend": self.name, "reason": repr(e)})
 
+    def _join_threads(self) -> None:
+        deadline = time.monotonic() + 2.0
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
     async def call(self, call_id: int, args: list[Any]) -> list[Any]:
         return await self.submit(call_id, args)
 
     def submit(self, call_id: int, args: list[Any]) -> asyncio.Future[list[Any]]:
-        module, pool, loop = self._module, self._pool, self._loop
-        if not self._up or module is None or pool is None or loop is None:
+        module, calls, loop = self._module, self._calls, self._loop
+        if not self._up or module is None or calls is None or loop is None:
             raise BackendUnavailable(f"backend {self.name} is not running")
-        try:
-            cf = pool.submit(module.call, call_id, args)
-        except RuntimeError:  # shut down meanwhile
-            raise BackendUnavailable(f"backend {self.name} is stopping") from None
         out: asyncio.Future[list[Any]] = loop.create_future()
-        timer = loop.call_later(self.call_timeout, self._expire, cf, out, call_id)
-        cf.add_done_callback(lambda f: loop.call_soon_threadsafe(self._deliver, f, out, timer))
+        job = _Job(call_id, args, out)
+        job.timer = loop.call_later(self.call_timeout, self._expire, job)
+        calls.put(job)
         return out
 
-    def _deliver(self, cf: _CFuture, out: asyncio.Future[list[Any]], timer: Any) -> None:
-        timer.cancel()
-        hung = self._hung.pop(cf, None)
-        if hung is not None:
-            log.warning(
-                "hung call returned",
-                extra={
-                    "backend": self.name,
-                    "call": CALLS[hung[0]].name,
-                    "seconds": round(time.monotonic() - hung[1], 3),
-                },
-            )
-        if out.done():
-            return
-        if cf.cancelled():
-            out.set_exception(BackendUnavailable(f"backend {self.name} stopped"))
-            return
-        exc = cf.exception()
-        if exc is not None:
-            out.set_exception(exc)
-        else:
-            out.set_result(cf.result())
+    def _serve_calls(self) -> None:
+        """A module thread: take jobs, call the module, hand results back through the
+        doorbell pipe. Lighter than ThreadPoolExecutor + call_soon_threadsafe: one queue
+        get, one module call, one 1-byte write per call."""
+        calls, module, done, bell = self._calls, self._module, self._done, self._bell_w
+        assert calls is not None and module is not None
+        while True:
+            job = calls.get()
+            if job is None:
+                return
+            with self._state:
+                if job.cancelled:
+                    continue
+                job.started = True
+            try:
+                job.result = module.call(job.call_id, job.args)
+            except BaseException as e:  # delivered to the caller, never lost
+                job.error = e
+            done.append(job)
+            try:
+                os.write(bell, b"\0")
+            except OSError:  # stopped meanwhile
+                return
 
-    def _expire(self, cf: _CFuture, out: asyncio.Future[list[Any]], call_id: int) -> None:
+    def _drain(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.read(self._bell_r, 65536)
+        done = self._done
+        while done:
+            job = done.popleft()
+            if job.timer is not None:
+                job.timer.cancel()
+            hung = self._hung.pop(job, None)
+            if hung is not None:
+                log.warning(
+                    "hung call returned",
+                    extra={"backend": self.name, "call": CALLS[job.call_id].name,
+                           "seconds": round(time.monotonic() - hung, 3)},
+                )
+            out = job.out
+            if out.done():
+                continue
+            if job.error is not None:
+                out.set_exception(job.error)
+            else:
+                out.set_result(job.result)
+
+    def _expire(self, job: _Job) -> None:
+        out = job.out
         if out.done():
             return
         self.timeouts += 1
-        name = CALLS[call_id].name if 0 <= call_id < len(CALLS) else str(call_id)
-        if cf.cancel():  # still waiting for a thread: nothing is stuck in the module
+        name = CALLS[job.call_id].name if 0 <= job.call_id < len(CALLS) else str(job.call_id)
+        with self._state:
+            waiting = not job.started
+            job.cancelled = waiting
+        if waiting:  # still waiting for a thread: nothing is stuck in the module
             out.set_exception(
                 BackendUnavailable(f"{name}: no free thread within {self.call_timeout}s")
             )
             return
         # A thread cannot be killed: it stays inside the module until the module returns.
-        self._hung[cf] = (call_id, time.monotonic() - self.call_timeout)
+        self._hung[job] = time.monotonic() - self.call_timeout
         log.error(
             "call missed its deadline; its thread is hung in the module",
-            extra={
-                "backend": self.name,
-                "call": name,
-                "timeout": self.call_timeout,
-                "hung_calls": len(self._hung),
-            },
+            extra={"backend": self.name, "call": name, "timeout": self.call_timeout,
+                   "hung_calls": len(self._hung)},
         )
         out.set_exception(BackendUnavailable(f"{name} missed its {self.call_timeout}s deadline"))
 
