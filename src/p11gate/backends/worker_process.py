@@ -113,6 +113,9 @@ class WorkerBackend(Backend):
             return
         self._up = False
         self._up_event.clear()
+        # everything bound to the dead instance is invalid from now on, not only once
+        # the replacement is up
+        self.generation += 1
         self.last_error = reason
         chan, self._chan = self._chan, None
         if chan is not None:

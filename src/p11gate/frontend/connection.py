@@ -372,15 +372,17 @@ class ClientConnection(asyncio.Protocol):
         ]
 
     async def h_get_slot_list(self, call: Call, args: list[Any]) -> list[Any]:
-        token_present, capacity = args
-        slots = [t.slot_id for t in self.gw.tokens if not token_present or t.backend.up]
+        # A token whose backend is restarting stays listed: calls that open something
+        # wait for the restart, so a client never sees its slot vanish for a moment.
+        capacity = args[1]
+        slots = [t.slot_id for t in self.gw.tokens]
         if capacity < len(slots):
             return [Null(len(slots))]
         return [slots]
 
     async def h_get_slot_info(self, call: Call, args: list[Any]) -> list[Any]:
         t = self._token(args[0])
-        flags = ck.CKF_REMOVABLE_DEVICE | (ck.CKF_TOKEN_PRESENT if t.backend.up else 0)
+        flags = ck.CKF_REMOVABLE_DEVICE | ck.CKF_TOKEN_PRESENT
         return [pad(f"p11gate {t.name}", 64), pad("p11gate", 32), flags,
                 Version(0, 1), Version(0, 1)]
 
