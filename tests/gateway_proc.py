@@ -56,7 +56,7 @@ class Gateway:
 
     def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
         self.log_path = config.parent / "p11gate.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "p11gate.cli", "serve", "--config", str(config)],
             stdout=subprocess.PIPE, stderr=self._log, env=env or dict(os.environ),

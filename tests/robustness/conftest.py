@@ -4,7 +4,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from tests.gateway_proc import Gateway, write_config
 from tests.softhsm import make_token
 

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import psutil
-
 from tests.gateway_proc import Gateway, RawClient
 from tests.robustness.test_malformed import good_client, sign_once
 

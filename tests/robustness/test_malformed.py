@@ -6,9 +6,9 @@ from __future__ import annotations
 import struct
 
 import pytest
-
-from p11gate.codec import HANDSHAKE, AttrRequest, Attribute, Mechanism, ReplyError, ckr
 from tests.gateway_proc import Gateway, RawClient
+
+from p11gate.codec import HANDSHAKE, Attribute, AttrRequest, Mechanism, ReplyError, ckr
 
 C_GetSlotList, C_OpenSession, C_Login, C_FindObjectsInit, C_FindObjects = 4, 10, 18, 26, 27
 C_FindObjectsFinal, C_SignInit, C_Sign, C_GenerateRandom = 28, 42, 43, 64

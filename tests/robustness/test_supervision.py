@@ -13,10 +13,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from p11gate.codec import ReplyError, ckr
 from tests.gateway_proc import Gateway, wait_for, write_config
 from tests.robustness.test_malformed import good_client, sign_once
+
+from p11gate.codec import ReplyError, ckr
 
 
 @pytest.fixture()
@@ -72,7 +72,7 @@ def test_hung_worker_is_killed_and_replaced(process_gateway: Gateway) -> None:
 
 def test_crashed_worker_restarts(process_gateway: Gateway) -> None:
     gw = process_gateway
-    c, sess, key = good_client(gw)
+    c, _sess, _key = good_client(gw)
     (pid,) = worker_pids(gw)
     os.kill(pid, signal.SIGKILL)
     assert wait_for(lambda: len(worker_pids(gw)) == 1 and worker_pids(gw) != [pid], 10)

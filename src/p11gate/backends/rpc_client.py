@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from ..codec import (
     CALLS,
@@ -50,8 +50,9 @@ class RpcClientProtocol(asyncio.Protocol):
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.write(bytes([MAX_VERSION]))
+        # uvloop's transports are not asyncio.Transport subclasses; both have write()
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(bytes([MAX_VERSION]))
 
     def data_received(self, data: bytes) -> None:
         if not self._got_version:

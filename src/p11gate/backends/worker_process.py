@@ -101,10 +101,8 @@ class WorkerBackend(Backend):
         self._watch_task = asyncio.create_task(self._watch(proto, proc))
 
     async def _watch(self, proto: RpcClientProtocol, proc: asyncio.subprocess.Process) -> None:
-        await asyncio.wait(
-            [asyncio.ensure_future(proto.closed), asyncio.ensure_future(proc.wait())],
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        either: list[asyncio.Future[Any]] = [proto.closed, asyncio.ensure_future(proc.wait())]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if proc is self._proc:
             self._down(proto.close_reason or f"worker exited ({proc.returncode})")
 

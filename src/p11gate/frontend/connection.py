@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .. import ck
 from ..codec import (
@@ -91,8 +91,9 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------ transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.peer = self.gw.describe_peer(transport)
+        # uvloop's transports are not asyncio.Transport subclasses; both have write()
+        self.transport = cast(asyncio.Transport, transport)
+        self.peer = self.gw.describe_peer(self.transport)
         log.info("client connected", extra={"conn": self.id, "peer": self.peer})
 
     def data_received(self, data: bytes) -> None:
