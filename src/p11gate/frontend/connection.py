@@ -560,7 +560,9 @@ class ClientConnection(asyncio.Protocol):
         if s.find is not None:
             raise Pkcs11Error(ckr.OPERATION_ACTIVE)
         template: list[Attribute] = args[1]
-        if not self._logged_in(s.token) and s.token.login.backend_logged_in:
+        if not self._logged_in(s.token):
+            # Always, not only while the backend is logged in: another connection may log
+            # it in before this search is read, and some modules search lazily.
             wants_private = next((bool(a.value) for a in template
                                   if a.type == ck.CKA_PRIVATE and a.length is not None), None)
             if wants_private:

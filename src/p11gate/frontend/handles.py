@@ -73,9 +73,9 @@ class HandleTable:
         key = (id(token), generation, backend_handle)
         h = self._by_backend.get(key)
         if h is not None:
-            ref = self.objects[h]
-            if ref.private is None and private is not None:
-                ref.private = private
+            # the backend may have reused the number for another object (a session
+            # object that died with its session): trust only what is known now
+            self.objects[h].private = private
             return h
         h = self._next_object
         self._next_object += 1
