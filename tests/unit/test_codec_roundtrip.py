@@ -47,7 +47,7 @@ opt_bytes = st.one_of(st.none(), small_bytes)
 
 
 def attribute(d: Dialect, depth: int = 0) -> st.SearchStrategy[Attribute]:
-    types = sorted(d.attr_classes) + [0x3, 0x11, 0x80001234]
+    types = [*sorted(d.attr_classes), 0x3, 0x11, 0x80001234]
 
     @st.composite
     def build(draw: Any) -> Attribute:
