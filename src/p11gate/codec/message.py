@@ -215,8 +215,14 @@ _REQ_READERS: list[_Readers] = [tuple(_READERS[c] for c in call.req_codes) for c
 _REP_READERS: list[_Readers] = [tuple(_READERS[c] for c in call.rep_codes) for call in CALLS]
 _REQ_WRITERS: list[_Writers] = [tuple(_WRITERS[c] for c in call.req_codes) for call in CALLS]
 _REP_WRITERS: list[_Writers] = [tuple(_WRITERS[c] for c in call.rep_codes) for call in CALLS]
-_HEADERS_REQ = [c.id.to_bytes(4, "big") + len(c.req_sig).to_bytes(4, "big") + c.req_sig for c in CALLS]
-_HEADERS_REP = [c.id.to_bytes(4, "big") + len(c.rep_sig).to_bytes(4, "big") + c.rep_sig for c in CALLS]
+
+
+def _head(call_id: int, sig: bytes) -> bytes:
+    return call_id.to_bytes(4, "big") + len(sig).to_bytes(4, "big") + sig
+
+
+_HEADERS_REQ = [_head(c.id, c.req_sig) for c in CALLS]
+_HEADERS_REP = [_head(c.id, c.rep_sig) for c in CALLS]
 
 
 def _read_head(r: Reader, expect_reply: bool) -> tuple[Call, bytes]:
