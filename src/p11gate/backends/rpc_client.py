@@ -47,6 +47,10 @@ class RpcClientProtocol(asyncio.Protocol):
         self._got_version = False
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.close_reason = ""
+        #: called once, synchronously, when the connection fails, before any pending
+        #: call is failed: the owner marks itself down first, so a client that reacts to
+        #: the error at once already finds the backend restarting
+        self.on_lost: Callable[[str], None] | None = None
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -76,7 +80,10 @@ class RpcClientProtocol(asyncio.Protocol):
         self._fail(f"connection lost{': ' + str(exc) if exc else ''}")
 
     def _fail(self, reason: str) -> None:
+        first = not self.close_reason
         self.close_reason = self.close_reason or reason
+        if first and self.on_lost is not None:
+            self.on_lost(reason)
         if not self._version_fut.done():
             self._version_fut.set_exception(BackendUnavailable(reason))
         pending, self._pending = self._pending, {}

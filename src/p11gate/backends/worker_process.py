@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -85,6 +86,7 @@ class WorkerBackend(Backend):
         self._proc = proc
         try:
             _, proto = await loop.create_connection(RpcClientProtocol, sock=parent)
+            proto.on_lost = functools.partial(self._lost, proc)
             await proto.handshake(START_TIMEOUT)
             chan = RpcChannel(proto, self.cfg.call_timeout)
             await asyncio.wait_for(chan.initialize(self.cfg.init_reserved), START_TIMEOUT)
@@ -105,6 +107,10 @@ class WorkerBackend(Backend):
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if proc is self._proc:
             self._down(proto.close_reason or f"worker exited ({proc.returncode})")
+
+    def _lost(self, proc: asyncio.subprocess.Process, reason: str) -> None:
+        if proc is self._proc:
+            self._down(reason)
 
     def _down(self, reason: str) -> None:
         if not self._up:
