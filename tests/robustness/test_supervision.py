@@ -16,7 +16,7 @@ import pytest
 from tests.gateway_proc import Gateway, wait_for, write_config
 from tests.robustness.test_malformed import good_client, sign_once
 
-from p11gate.codec import ReplyError, ckr
+from p11gate.codec import Attribute, ReplyError, ckr
 
 
 @pytest.fixture()
@@ -88,3 +88,26 @@ def test_crashed_worker_restarts(process_gateway: Gateway) -> None:
     c3, s3, k3 = good_client(gw)
     sign_once(c3, s3, k3)
     c3.close()
+
+
+def test_token_object_handles_survive_a_worker_restart(process_gateway: Gateway) -> None:
+    """A key handle obtained before the worker died still names the same key after it
+    was restarted (found again by CKA_CLASS/CKA_ID/CKA_LABEL); session objects do not."""
+    gw = process_gateway
+    c, sess, key = good_client(gw)
+    sig_before = sign_once(c, sess, key)
+    # a session object, which dies with the backend instance
+    (tmp,) = c.call(20, [sess, [Attribute(0, 0, 8), Attribute(1, 0, 1),
+                                Attribute(3, b"scratch", 7)]])
+    time.sleep(0.2)  # identities are recorded in the background
+    (pid,) = worker_pids(gw)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: len(worker_pids(gw)) == 1 and worker_pids(gw) != [pid], 10)
+    (slots,) = c.call(4, [1, 8])
+    (sess2,) = c.call(10, [slots[0], 6])
+    sig_after = sign_once(c, sess2, key)  # the old handle, a new session
+    assert len(sig_after) == len(sig_before) == 64
+    with pytest.raises(ReplyError) as e:
+        c.call(22, [sess2, tmp])
+    assert e.value.rv == ckr.OBJECT_HANDLE_INVALID
+    c.close()

@@ -8,6 +8,7 @@ client). Calls for different sessions run concurrently and are answered as they 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
@@ -37,7 +38,15 @@ from ..codec import (
 from ..codec.calls import CALLS_BY_NAME
 from ..codec.values import HandleParam, KyberParams
 from ..errors import BackendUnavailable, Pkcs11Error
-from .handles import HandleTable, ObjectRef, Session
+from .handles import (
+    IDENTITY_KNOWN,
+    IDENTITY_NONE,
+    IDENTITY_PENDING,
+    IDENTITY_UNKNOWN,
+    HandleTable,
+    ObjectRef,
+    Session,
+)
 from .tables import (
     ATTR_REQUEST_ARG,
     CAPACITY_ARGS,
@@ -210,9 +219,61 @@ class ClientConnection(asyncio.Protocol):
         if ref is None or ref.token is not token:
             raise Pkcs11Error(ckr.OBJECT_HANDLE_INVALID)
         if ref.generation != token.backend.generation:
+            if ref.identity_state == IDENTITY_KNOWN:
+                raise _Stale(ref)  # a token object: find it again, keep the handle
             self.handles.drop_object(handle)
             raise Pkcs11Error(ckr.OBJECT_HANDLE_INVALID)
         return ref
+
+    def _mint(self, token: VirtualToken, backend_handle: int, generation: int,
+              private: bool | None) -> int:
+        h = self.handles.object_for(token, backend_handle, generation, private)
+        ref = self.handles.objects[h]
+        if ref.identity_state == IDENTITY_UNKNOWN:
+            ref.identity_state = IDENTITY_PENDING
+            t = asyncio.get_running_loop().create_task(self._capture_identity(ref))
+            self.gw.background.add(t)
+            t.add_done_callback(self.gw.background.discard)
+        return h
+
+    async def _capture_identity(self, ref: ObjectRef) -> None:
+        """Remember how to find a token object again (CKA_CLASS, CKA_ID, CKA_LABEL), so its
+        handle survives a restart of the backend. Session objects die with the backend."""
+        t = ref.token
+        ref.identity_state = IDENTITY_NONE
+        if ref.generation != t.backend.generation or t.control_session is None:
+            return
+        reqs = [AttrRequest(ck.CKA_TOKEN, 1), AttrRequest(ck.CKA_CLASS, 8),
+                AttrRequest(ck.CKA_ID, 256), AttrRequest(ck.CKA_LABEL, 256)]
+        try:
+            attrs, _ = await t.backend.call(
+                ID["C_GetAttributeValue"], [t.control_session, ref.backend_handle, reqs])
+        except Pkcs11Error:
+            return
+        if not attrs or attrs[0].length is None or not attrs[0].value:
+            return
+        ref.identity = [a for a in attrs[1:] if a.length is not None]
+        ref.identity_state = IDENTITY_KNOWN
+
+    async def _revive(self, ref: ObjectRef) -> None:
+        t = ref.token
+        await t.backend.wait_up(RESTART_WAIT)
+        await t.ensure()
+        gen = t.backend.generation
+        found: Any = []
+        async with t.control_lock:
+            try:
+                await t.backend.call(ID["C_FindObjectsInit"], [t.control_session, ref.identity])
+                (found,) = await t.backend.call(ID["C_FindObjects"], [t.control_session, 2])
+            finally:
+                with contextlib.suppress(Pkcs11Error):
+                    await t.backend.call(ID["C_FindObjectsFinal"], [t.control_session])
+        if not isinstance(found, list) or len(found) != 1 or t.backend.generation != gen:
+            self.handles.drop_object(ref.handle)
+            raise Pkcs11Error(ckr.OBJECT_HANDLE_INVALID)
+        self.handles.rebind(ref, found[0], gen)
+        log.info("object handle rebound after backend restart",
+                 extra={"conn": self.id, "token": t.name, "handle": ref.handle})
 
     def _logged_in(self, token: VirtualToken) -> bool:
         return token in self.logins
@@ -280,11 +341,18 @@ class ClientConnection(asyncio.Protocol):
         if new is not None and not (call.id == ID["C_DeriveKey2"] and len(reply) < 3):
             for i, pos in enumerate(new):
                 priv = private[min(i, len(private) - 1)] if private else None
-                reply[pos] = self.handles.object_for(s.token, reply[pos], s.generation, priv)
+                reply[pos] = self._mint(s.token, reply[pos], s.generation, priv)
         return reply
 
     async def forward(self, call: Call, args: list[Any]) -> list[Any]:
-        s, bargs, private = self._prepare(call, args)
+        for _ in range(4):
+            try:
+                s, bargs, private = self._prepare(call, args)
+                break
+            except _Stale as stale:
+                await self._revive(stale.ref)
+        else:
+            raise Pkcs11Error(ckr.DEVICE_ERROR, "backend restarting repeatedly")
         try:
             reply = await s.token.backend.submit(call.id, bargs)
         except (BackendUnavailable, TimeoutError):
@@ -303,6 +371,14 @@ class ClientConnection(asyncio.Protocol):
             fut = s.token.backend.submit(call.id, bargs)
         except (Pkcs11Error, ArgumentError) as e:
             self._reply(code, encode_error(e.rv))
+            return
+        except _Stale:
+            # an object handle from before a backend restart: find it again first
+            task = asyncio.get_running_loop().create_task(
+                self._run(code, call, args, ClientConnection.forward, None))
+            s.tail = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
             return
         s.tail = fut  # type: ignore[assignment]
 
@@ -583,7 +659,7 @@ class ClientConnection(asyncio.Protocol):
         (found,) = await self.forward(call, args)
         if isinstance(found, list):
             private = False if not self._logged_in(s.token) else None
-            found = [self.handles.object_for(s.token, h, s.generation, private) for h in found]
+            found = [self._mint(s.token, h, s.generation, private) for h in found]
         return [found]
 
     async def h_find_final(self, call: Call, args: list[Any]) -> list[Any]:
@@ -636,6 +712,14 @@ class ClientConnection(asyncio.Protocol):
 
 def _requested_bytes(reqs: list[AttrRequest]) -> int:
     return sum(r.length + (_requested_bytes(r.nested) if r.nested else 0) for r in reqs)
+
+
+class _Stale(Exception):
+    """An object handle minted on an older backend instance; ``ref`` can be revived."""
+
+    def __init__(self, ref: ObjectRef) -> None:
+        super().__init__()
+        self.ref = ref
 
 
 # calls that need no ordering against other session-less calls

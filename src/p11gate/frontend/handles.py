@@ -10,8 +10,13 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from ..codec import Attribute
+
 if TYPE_CHECKING:
     from .token import VirtualToken
+
+
+IDENTITY_UNKNOWN, IDENTITY_PENDING, IDENTITY_KNOWN, IDENTITY_NONE = range(4)
 
 
 class Session:
@@ -32,7 +37,8 @@ class Session:
 
 
 class ObjectRef:
-    __slots__ = ("backend_handle", "generation", "handle", "private", "token")
+    __slots__ = ("backend_handle", "generation", "handle", "identity", "identity_state",
+                 "private", "token")
 
     def __init__(
         self,
@@ -48,6 +54,10 @@ class ObjectRef:
         self.generation = generation
         #: None = not known (minted while logged in); resolved at logout
         self.private = private
+        #: CKA_CLASS/CKA_ID/CKA_LABEL of a token object, to find it again on a new
+        #: backend instance (after a worker restart)
+        self.identity: list[Attribute] | None = None
+        self.identity_state = IDENTITY_UNKNOWN
 
 
 class HandleTable:
@@ -82,6 +92,13 @@ class HandleTable:
         self.objects[h] = ObjectRef(h, token, backend_handle, generation, private)
         self._by_backend[key] = h
         return h
+
+    def rebind(self, ref: ObjectRef, backend_handle: int, generation: int) -> None:
+        """The object was found again on a new backend instance: same virtual handle."""
+        self._by_backend.pop((id(ref.token), ref.generation, ref.backend_handle), None)
+        ref.backend_handle = backend_handle
+        ref.generation = generation
+        self._by_backend[(id(ref.token), generation, backend_handle)] = ref.handle
 
     def drop_object(self, handle: int) -> None:
         ref = self.objects.pop(handle, None)

@@ -42,6 +42,8 @@ class VirtualToken:
         self.attached_generation = -1
         self.login = LoginState()
         self.login_lock = asyncio.Lock()
+        #: serializes searches on the control session
+        self.control_lock = asyncio.Lock()
         self._attach_lock = asyncio.Lock()
         self.last_error = ""
 
