@@ -58,6 +58,12 @@ class Backend(ABC):
     def up(self) -> bool:
         """True while calls can be made."""
 
+    def submit_raw(self, call_id: int, args: list[Any]) -> asyncio.Future[bytes] | None:
+        """For back ends that speak the RPC protocol in the client's encoding: start a
+        call whose reply body can be relayed verbatim. None = not supported (the caller
+        uses :meth:`submit`)."""
+        return None
+
     async def wait_up(self, timeout: float) -> bool:
         """Wait (bounded) for a restarting back end to come back; True if it is up.
         Used before calls that start something new (C_OpenSession, slot queries), so

@@ -27,6 +27,7 @@ from ..codec import (
     encode_request,
 )
 from ..codec.calls import C_DeriveKey, C_DeriveKey2, C_Initialize, C_InitToken, C_InitToken2
+from ..codec.message import is_reply_to
 from ..codec.tables import Dialect
 from ..codec.values import ParamUpdate
 from ..errors import BackendUnavailable, Pkcs11Error
@@ -182,6 +183,37 @@ class RpcChannel:
                 out.set_exception(Pkcs11Error(e.rv))
             except CodecError as e:
                 out.set_exception(Pkcs11Error(ckr.DEVICE_ERROR, f"bad reply: {e}"))
+
+        raw.add_done_callback(done)
+        return out
+
+    def submit_raw(
+        self, call_id: int, args: list[Any], on_timeout: Callable[[], None] | None = None
+    ) -> asyncio.Future[bytes]:
+        """Like :meth:`submit`, but the future resolves to the reply *body*, checked only
+        for its header: for relaying replies that need no translation."""
+        raw = self.proto.send(call_id, args)
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future[bytes] = loop.create_future()
+        timer = loop.call_later(self.timeout, _expire, raw)
+
+        def done(f: asyncio.Future[bytes]) -> None:
+            timer.cancel()
+            if out.done():
+                return
+            exc = f.exception()
+            if exc is not None:
+                if isinstance(exc, TimeoutError):
+                    self.proto.abandon(f)
+                    if on_timeout is not None:
+                        on_timeout()
+                out.set_exception(exc)
+                return
+            body = f.result()
+            if is_reply_to(body, call_id):
+                out.set_result(body)
+            else:
+                out.set_exception(Pkcs11Error(ckr.DEVICE_ERROR, "bad reply"))
 
         raw.add_done_callback(done)
         return out

@@ -170,6 +170,14 @@ class WorkerBackend(Backend):
             raise BackendUnavailable(f"backend {self.name} is restarting")
         return chan.submit(call_id, args, None, self._deadline_missed)
 
+    def submit_raw(self, call_id: int, args: list[Any]) -> asyncio.Future[bytes] | None:
+        chan = self._chan
+        if chan is None:
+            raise BackendUnavailable(f"backend {self.name} is restarting")
+        if call_id > chan.dialect.max_call_id:
+            return None
+        return chan.submit_raw(call_id, args, self._deadline_missed)
+
     def _deadline_missed(self) -> None:
         self._down(f"a call missed its {self.cfg.call_timeout}s deadline")
 

@@ -305,6 +305,14 @@ def encode_reply(
     return bytes(w.buf)
 
 
+def is_reply_to(body: bytes, call_id: int) -> bool:
+    """Cheap check that ``body`` is a well-formed reply header for ``call_id`` or an ERROR
+    reply: used when a reply is relayed without being decoded."""
+    if body.startswith(_HEADERS_REP[call_id]):
+        return True
+    return len(body) == 17 and body.startswith(_ERROR_BODY_PREFIX)
+
+
 def encode_error(rv: int) -> bytes:
     """ERROR reply: call id 0, signature "u", the CK_RV truncated to 32 bits (§6.1)."""
     return _ERROR_BODY_PREFIX + (rv & 0xFFFFFFFF).to_bytes(8, "big")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
@@ -55,6 +56,7 @@ from .tables import (
     NEW_OBJECTS,
     OBJECT_ARGS,
     OPTIONAL_OBJECT_ARGS,
+    RELAYABLE_REPLIES,
     SESSION_CALLS,
     SLOT_CALLS,
 )
@@ -344,6 +346,18 @@ class ClientConnection(asyncio.Protocol):
                 reply[pos] = self._mint(s.token, reply[pos], s.generation, priv)
         return reply
 
+    def _relay(self, code: int, call: Call, f: asyncio.Future[bytes]) -> None:
+        try:
+            body = f.result()
+        except (BackendUnavailable, TimeoutError):
+            body = encode_error(ckr.DEVICE_ERROR)
+        except Pkcs11Error as e:
+            body = encode_error(e.rv)
+        except Exception:
+            log.exception("internal error", extra={"conn": self.id, "call": call.name})
+            body = encode_error(ckr.GENERAL_ERROR)
+        self._reply(code, body)
+
     async def forward(self, call: Call, args: list[Any]) -> list[Any]:
         for _ in range(4):
             try:
@@ -368,6 +382,12 @@ class ClientConnection(asyncio.Protocol):
             if not self.initialized:
                 raise Pkcs11Error(ckr.CRYPTOKI_NOT_INITIALIZED)
             s, bargs, private = self._prepare(call, args)
+            if call.id in RELAYABLE_REPLIES:
+                raw = s.token.backend.submit_raw(call.id, bargs)
+                if raw is not None:
+                    s.tail = raw  # type: ignore[assignment]
+                    raw.add_done_callback(functools.partial(self._relay, code, call))
+                    return
             fut = s.token.backend.submit(call.id, bargs)
         except (Pkcs11Error, ArgumentError) as e:
             self._reply(code, encode_error(e.rv))

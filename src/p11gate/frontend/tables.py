@@ -88,3 +88,9 @@ CAPACITY_ARGS: dict[int, tuple[tuple[int, int], ...]] = {
 ATTR_REQUEST_ARG: dict[int, int] = {
     c.id: c.req_codes.index("fA") for c in CALLS if "fA" in c.req_codes
 }
+
+#: calls whose reply carries no handle and is encoded the same in every dialect: a worker's
+#: reply body can be relayed to the client as it is
+RELAYABLE_REPLIES = frozenset(
+    c.id for c in CALLS if c.rep_codes in ((), ("ay",)) and c.id not in NEW_OBJECTS
+)
