@@ -169,6 +169,7 @@ C_InitToken2 = 88
 C_DeriveKey = 62
 C_DeriveKey2 = 89
 C_GetAttributeValue = 24
+C_SignMessageNext = 81
 
 #: the handshake string carried in the first argument of C_Initialize
 HANDSHAKE = b"PRIVATE-GNOME-KEYRING-PKCS11-PROTOCOL-V-1"

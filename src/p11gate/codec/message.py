@@ -12,7 +12,7 @@ from typing import Any
 from . import ckr
 from .attributes import read_attr_requests, read_attributes, write_attr_requests, write_attributes
 from .buffer import NULL_ARRAY, Reader, Writer
-from .calls import CALLS, C_DeriveKey2, C_GetAttributeValue, Call
+from .calls import CALLS, C_DeriveKey2, C_GetAttributeValue, C_SignMessageNext, Call
 from .errors import ArgumentError, ProtocolError
 from .mechanisms import read_mechanism, read_param_update, write_mechanism, write_param_update
 from .tables import Dialect
@@ -242,7 +242,21 @@ def decode_request(body: bytes | bytearray | memoryview, d: Dialect) -> tuple[Ca
     if sig != call.req_sig:
         raise ProtocolError(f"{call.name}: signature {sig!r} != {call.req_sig!r}")
     ctx = _Ctx(call.req_s_sizes)
+    if call.id == C_SignMessageNext:
+        return call, _read_sign_message_next(r, d, ctx)
     return call, [f(r, d, ctx) for f in _REQ_READERS[call.id]]
+
+
+def _read_sign_message_next(r: Reader, d: Dialect, ctx: _Ctx) -> list[Any]:
+    """``uayayyfy``: p11-kit writes the ``y`` (signature-length pointer given, i.e. final
+    part) and the ``fy`` capacity only when that flag is set. A ``y`` of 0 followed by a
+    capacity anyway (older p11gate) is accepted too; absent, the capacity reads as 0."""
+    session = r.u64()
+    param = _r_byte_buffer(r, d, ctx)
+    data = _r_byte_buffer(r, d, ctx)
+    want = r.byte()
+    cap = r.u32() if want or r.remaining() >= 4 else 0
+    return [session, param, data, want, cap]
 
 
 def encode_request(call_id: int, args: Sequence[Any], d: Dialect) -> bytes:
@@ -253,6 +267,9 @@ def encode_request(call_id: int, args: Sequence[Any], d: Dialect) -> bytes:
     writers = _REQ_WRITERS[call_id]
     if len(args) != len(writers):
         raise ValueError(f"{call.name} takes {len(writers)} arguments, not {len(args)}")
+    if call_id == C_SignMessageNext and not args[3]:
+        writers = writers[:4]  # no signature-length pointer: p11-kit omits the fy
+        args = args[:4]
     for f, v in zip(writers, args, strict=True):
         f(w, v, d, ctx)
     return bytes(w.buf)
