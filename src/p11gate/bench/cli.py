@@ -1,19 +1,25 @@
-"""`p11gate bench`: one run measures the same operations directly against SoftHSMv2,
-through `p11-kit server`, and through p11gate (process isolation and in-process), with a
-native load generator (loadgen.c, compiled on first use), and reports p11gate's added
-latency as a ratio of p11-kit server's."""
+"""`p11gate bench`: in one run, the same PKCS#11 operations against SoftHSMv2 loaded
+directly, through `p11-kit server`, and through p11gate (process isolation and
+in-process), driven by a native load generator (loadgen.c, compiled on first use).
+Reports throughput and latency per cell, p11gate's added latency as a multiple of
+p11-kit server's, its multi-client throughput relative to p11-kit server's, and PASS/MISS
+against the targets. See docs/benchmarks.md."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import platform
+import selectors
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -23,198 +29,560 @@ SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
 CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 OPS = ("random", "ecsign", "rsasign", "attrs", "find")
 TARGETS = ("direct", "p11kit", "process", "none")
-LABEL, PIN = "anchor", "1234"
+GATEWAYS = ("process", "none")
+CONNECTIONS = ("shared", "separate")
+LABEL, PIN, SO_PIN = "anchor", "1234", "5678"
+# issue targets: added latency at most this multiple of p11-kit server's (1 thread, p50)
+LATENCY_LIMIT = {"none": 1.5, "process": 3.0}
+# ... and multi-client throughput at least p11-kit server's
+THROUGHPUT_LIMIT = 1.0
+START_TIMEOUT = 30.0
+
+DESCRIPTIONS = {
+    "direct": "SoftHSMv2 loaded into the load generator",
+    "p11kit": "p11-kit server --provider libsofthsm2.so, via p11-kit-client.so",
+    "process": 'p11gate, isolation = "process" (module in a worker process)',
+    "none": 'p11gate, isolation = "none" (module in the gateway, thread pool)',
+}
 
 
 @dataclass
 class Result:
     target: str
     op: str
-    threads: int
+    threads: int  # client threads in total
+    connections: int  # 1: all threads in one process on one connection; else one each
     ops_per_s: float
     p50_us: float
     p99_us: float
+    mean_us: float
+    max_us: float
+    calls: int
     errors: int
+    first_error: str
+    tool: str = "loadgen"
+    # filled in for the p11gate targets
+    added_latency_ratio: float | None = None
+    throughput_ratio: float | None = None
 
 
-def loadgen_binary() -> Path:
-    src = resources.files("p11gate.bench").joinpath("loadgen.c").read_bytes()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "p11gate"
-    exe = cache / f"loadgen-{hashlib.sha256(src).hexdigest()[:12]}"
+@dataclass
+class Check:
+    target: str
+    criterion: str  # "latency" | "throughput-shared" | "throughput-separate"
+    op: str
+    value: float
+    limit: float
+    met: bool
+    what: str = ""
+
+
+@dataclass
+class Run:
+    results: list[Result] = field(default_factory=list)
+    yardstick: list[Result] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    failed_cells: list[str] = field(default_factory=list)
+
+
+class Unavailable(Exception):
+    """A target could not be started or measured; the message says why."""
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "p11gate"
+
+
+def compile_c(src: bytes, stem: str) -> Path:
+    """Compile a single C file (cached by content hash) and return the executable."""
+    cache = cache_dir()
+    exe = cache / f"{stem}-{hashlib.sha256(src).hexdigest()[:12]}"
     if exe.exists():
         return exe
-    cc = shutil.which("cc") or shutil.which("gcc")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise click.ClickException("a C compiler is needed: apt-get install gcc libp11-kit-dev")
     cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        c = Path(tmp) / "loadgen.c"
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        c = Path(tmp) / f"{stem}.c"
         c.write_bytes(src)
-        r = subprocess.run([cc, "-O2", "-pthread", "-I/usr/include/p11-kit-1", "-o",
-                            str(exe), str(c), "-ldl"], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise click.ClickException(f"compiling loadgen failed (libp11-kit-dev?):\n{r.stderr}")
+        out = Path(tmp) / stem
+        r = subprocess.run([cc, "-O2", "-pthread", "-I/usr/include/p11-kit-1", "-o", str(out),
+                            str(c), "-ldl"], capture_output=True, text=True)
+        if r.returncode != 0:
+            hint = ""
+            if "pkcs11.h" in r.stderr:
+                hint = "\n(the PKCS#11 header is missing: apt-get install libp11-kit-dev)"
+            raise click.ClickException(f"compiling {stem} failed:\n{r.stderr}{hint}")
+        os.replace(out, exe)  # atomic: concurrent runs never see a half-written binary
     return exe
 
 
+def loadgen_binary() -> Path:
+    return compile_c(resources.files("p11gate.bench").joinpath("loadgen.c").read_bytes(),
+                     "loadgen")
+
+
+# ---------------------------------------------------------------------------- the token
+
+
 def make_token(base: Path) -> dict[str, str]:
+    """A fresh SoftHSMv2 token "anchor" (PIN 1234) with EC P-256 key id 01 and RSA-2048
+    key id 02; returns the environment that points SoftHSM at it."""
+    if not Path(SOFTHSM).exists():
+        raise click.ClickException(f"{SOFTHSM} is needed: apt-get install softhsm2")
     for tool in ("softhsm2-util", "pkcs11-tool"):
         if shutil.which(tool) is None:
             raise click.ClickException(f"{tool} is needed: apt-get install softhsm2 opensc")
     (base / "tokens").mkdir()
     conf = base / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {base / 'tokens'}\nobjectstore.backend = file\n")
+    conf.write_text(f"directories.tokendir = {base / 'tokens'}\nobjectstore.backend = file\n"
+                    "log.level = ERROR\n")
     env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
-    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", LABEL, "--pin", PIN,
-                    "--so-pin", "5678"], env=env, check=True, capture_output=True)
-    for kt, kid in (("EC:prime256v1", "01"), ("rsa:2048", "02")):
-        subprocess.run(["pkcs11-tool", "--module", SOFTHSM, "--token-label", LABEL, "--login",
-                        "--pin", PIN, "--keypairgen", "--key-type", kt, "--id", kid,
-                        "--label", f"bench-{kid}"], env=env, check=True, capture_output=True)
+    env.pop("P11_KIT_SERVER_ADDRESS", None)
+
+    def run(cmd: list[str]) -> None:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise click.ClickException(f"{' '.join(cmd[:2])} failed: {r.stderr.strip()}")
+
+    run(["softhsm2-util", "--init-token", "--free", "--label", LABEL, "--pin", PIN,
+         "--so-pin", SO_PIN])
+    for key_type, key_id in (("EC:prime256v1", "01"), ("rsa:2048", "02")):
+        run(["pkcs11-tool", "--module", SOFTHSM, "--token-label", LABEL, "--login", "--pin", PIN,
+             "--keypairgen", "--key-type", key_type, "--id", key_id, "--label", f"bench-{key_id}"])
     return env
 
 
+# ---------------------------------------------------------------------------- targets
+
+
 class Target:
-    """A way to reach the token: the module to load and the environment to load it in."""
+    """A way to reach the token: the module to load and the environment to load it in,
+    and the server process behind it, if any."""
 
     def __init__(self, name: str, module: str, env: dict[str, str],
-                 proc: subprocess.Popen[bytes] | None = None) -> None:
-        self.name, self.module, self.env, self.proc = name, module, env, proc
+                 proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+        self.name, self.module, self.env, self.proc, self.log = name, module, env, proc, log
+
+    def alive(self) -> bool:
+        return self.proc is None or self.proc.poll() is None
+
+    def log_tail(self, chars: int = 1500) -> str:
+        if self.log is None or not self.log.exists():
+            return ""
+        return self.log.read_text(errors="replace")[-chars:].strip()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
-def start_target(name: str, base: Path, env: dict[str, str]) -> Target:
-    if name == "direct":
-        return Target(name, SOFTHSM, env)
+def _wait_for_address(proc: subprocess.Popen[bytes], what: str, log: Path) -> str:
+    """Read the server's stdout until `P11_KIT_SERVER_ADDRESS=...;` (or fail)."""
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + START_TIMEOUT
+    buf = b""
+    try:
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Unavailable(f"{what} printed no address within {START_TIMEOUT:.0f} s")
+            if not sel.select(left):
+                continue
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                proc.wait(5)
+                tail = log.read_text(errors="replace")[-1500:].strip() if log.exists() else ""
+                raise Unavailable(f"{what} exited with status {proc.returncode}"
+                                  + (f":\n{tail}" if tail else ""))
+            buf += chunk
+    finally:
+        sel.close()
+    line = buf.split(b"\n", 1)[0].decode(errors="replace")
+    if "P11_KIT_SERVER_ADDRESS=" not in line:
+        raise Unavailable(f"{what} printed {line!r} instead of P11_KIT_SERVER_ADDRESS=...")
+    return line.split("P11_KIT_SERVER_ADDRESS=", 1)[1].split(";", 1)[0].strip()
+
+
+def gateway_config(name: str, base: Path, env: dict[str, str]) -> Path:
     sock = base / f"{name}.sock"
-    if name == "p11kit":
-        proc = subprocess.Popen(["p11-kit", "server", "-f", "-n", str(sock), "--provider",
-                                 SOFTHSM, f"pkcs11:token={LABEL}"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(200):
-            if sock.exists():
-                break
-            time.sleep(0.02)
-        return Target(name, CLIENT, {**env, "P11_KIT_SERVER_ADDRESS": f"unix:path={sock}"},
-                      proc)
     cfg = base / f"{name}.toml"
-    cfg.write_text(f"""
+    cfg.write_text(f"""\
 [server]
 listen = "unix:path={sock}"
-state_dir = "{base / 'state'}"
+state_dir = "{base / f'state-{name}'}"
 log_level = "warning"
+
 [[backend]]
 name = "softhsm"
 module = "{SOFTHSM}"
 isolation = "{name}"
 env = {{ SOFTHSM2_CONF = "{env['SOFTHSM2_CONF']}" }}
+
 [[token]]
 name = "{LABEL}"
 backend = "softhsm"
 select = {{ label = "{LABEL}" }}
 """)
-    proc = subprocess.Popen([sys.executable, "-m", "p11gate.cli", "serve", "--config",
-                             str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode()
-    if "P11_KIT_SERVER_ADDRESS=" not in line:
-        proc.kill()
-        raise click.ClickException(f"p11gate ({name}) did not start")
-    address = line.split("=", 1)[1].split(";", 1)[0]
-    return Target(name, CLIENT, {**env, "P11_KIT_SERVER_ADDRESS": address}, proc)
+    return cfg
 
 
-def measure(exe: Path, t: Target, op: str, threads: int, seconds: float) -> Result:
-    r = subprocess.run([str(exe), t.module, op, str(threads), str(seconds), PIN,
-                        LABEL if t.name != "p11kit" else "-"],
-                       env=t.env, capture_output=True, text=True, timeout=seconds + 60)
+def start_target(name: str, base: Path, env: dict[str, str]) -> Target:
+    if name == "direct":
+        return Target(name, SOFTHSM, env)
+    log = base / f"{name}.log"
+    if name == "p11kit":
+        if shutil.which("p11-kit") is None:
+            raise Unavailable("p11-kit is not installed (apt-get install p11-kit)")
+        cmd = ["p11-kit", "server", "-f", "-n", str(base / "p11kit.sock"), "--provider", SOFTHSM,
+               f"pkcs11:token={LABEL}"]
+        what = "p11-kit server"
+    else:
+        cmd = [sys.executable, "-m", "p11gate.cli", "serve", "--config",
+               str(gateway_config(name, base, env))]
+        what = f"p11gate serve (isolation={name})"
+    if not Path(CLIENT).exists():
+        raise Unavailable(f"{CLIENT} is missing (apt-get install p11-kit-modules)")
+    with log.open("wb") as err:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=err)
+    try:
+        address = _wait_for_address(proc, what, log)
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        raise
+    client_env = {k: v for k, v in env.items() if k != "SOFTHSM2_CONF"}
+    return Target(name, CLIENT, {**client_env, "P11_KIT_SERVER_ADDRESS": address}, proc, log)
+
+
+@contextmanager
+def running(name: str, base: Path, env: dict[str, str]) -> Iterator[Target]:
+    t = start_target(name, base, env)
+    try:
+        yield t
+    finally:
+        t.stop()
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def parse_line(line: str) -> dict[str, str]:
+    """`k=v k=v ...` -> dict; raises ValueError on anything else."""
+    fields = dict(kv.split("=", 1) for kv in line.split())
+    for key in ("ops_per_s", "p50_us", "p99_us", "errors"):
+        if key not in fields:
+            raise ValueError(f"no {key} in {line!r}")
+    return fields
+
+
+def measure(exe: Path, t: Target, op: str, threads: int, connections: int, seconds: float,
+            warmup: float) -> Result:
+    per_proc = threads // connections
+    cmd = [str(exe), "-p", str(connections), "-t", str(per_proc), "-d", str(seconds),
+           "-w", str(warmup), "-P", PIN, "-l", LABEL, t.module, op]
+    try:
+        r = subprocess.run(cmd, env=t.env, capture_output=True, text=True,
+                           timeout=seconds + warmup + 120)
+    except subprocess.TimeoutExpired as e:
+        raise Unavailable(f"{t.name} {op}: load generator timed out") from e
     if r.returncode != 0:
-        raise click.ClickException(f"{t.name} {op}: {r.stderr.strip()}")
-    f = dict(kv.split("=") for kv in r.stdout.split())
-    return Result(t.name, op, threads, float(f["ops_per_s"]), float(f["p50_us"]),
-                  float(f["p99_us"]), int(f["errors"]))
+        raise Unavailable(f"{t.name} {op} ({threads} threads, {connections} connection(s)): "
+                          f"{r.stderr.strip() or f'exit status {r.returncode}'}")
+    try:
+        f = parse_line(r.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError) as e:
+        raise Unavailable(f"{t.name} {op}: unparseable output {r.stdout!r}") from e
+    return Result(t.name, op, threads, connections, float(f["ops_per_s"]), float(f["p50_us"]),
+                  float(f["p99_us"]), float(f.get("mean_us", 0)), float(f.get("max_us", 0)),
+                  int(f.get("calls", 0)), int(f["errors"]), f.get("first_error", "0x0"))
 
 
-def ratios(results: list[Result]) -> list[tuple[str, float, float, bool]]:
-    """(what, value, target, met) for the issue's targets."""
-    by = {(r.target, r.op, r.threads): r for r in results}
-    out = []
-    for target, limit in (("none", 1.5), ("process", 3.0)):
-        for r in results:
-            if r.target != target or r.threads != 1:
-                continue
-            d, k = by.get(("direct", r.op, 1)), by.get(("p11kit", r.op, 1))
-            if d is None or k is None or k.p50_us <= d.p50_us:
-                continue
-            v = (r.p50_us - d.p50_us) / (k.p50_us - d.p50_us)
-            out.append((f"{target} {r.op}: added latency vs p11-kit server", v, limit,
-                        v <= limit))
-    for r in results:
-        k = by.get(("p11kit", r.op, r.threads))
-        if r.target in ("none", "process") and r.threads > 1 and k is not None:
-            v = r.ops_per_s / k.ops_per_s
-            out.append((f"{r.target} {r.op}: {r.threads}-thread throughput vs p11-kit server",
-                        v, 1.0, v >= 1.0))
+def yardstick(exe: Path, t: Target, op: str, threads: int, seconds: float) -> Result:
+    """The shared neutral p11bench, same op, all threads on one connection."""
+    key_id = "02" if op == "rsasign" else "01"
+    r = subprocess.run([str(exe), t.module, op, str(threads), str(seconds), PIN, key_id, LABEL],
+                       env=t.env, capture_output=True, text=True, timeout=seconds + 120)
+    try:
+        f = dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
+        return Result(t.name, op, threads, 1, float(f["ops_per_s"]), float(f["p50_us"]),
+                      float(f["p99_us"]), 0.0, 0.0, 0, int(f["errors"]), "", tool="p11bench")
+    except (KeyError, ValueError) as e:
+        raise Unavailable(f"p11bench {t.name} {op}: {r.stderr.strip() or r.stdout!r}") from e
+
+
+def shapes(thread_counts: list[int], connections: list[str]) -> list[tuple[int, int]]:
+    """(threads, connections) cells: 1 thread is one cell; N > 1 threads is measured as N
+    threads on one connection ("shared") and/or N processes with one connection each
+    ("separate")."""
+    out: list[tuple[int, int]] = []
+    for n in thread_counts:
+        cells = [(1, 1)] if n == 1 else [(n, 1) if c == "shared" else (n, n)
+                                         for c in connections]
+        out.extend(c for c in cells if c not in out)
     return out
 
 
+# ---------------------------------------------------------------------------- analysis
+
+
+def shape_name(r: Result) -> str:
+    if r.threads == 1:
+        return "1 thread"
+    if r.connections == 1:
+        return f"{r.threads} threads on 1 connection"
+    return f"{r.threads} connections"
+
+
+def analyse(results: list[Result]) -> list[Check]:
+    """Fill in the ratios of the p11gate rows and return the checks against the targets."""
+    by = {(r.target, r.op, r.threads, r.connections): r for r in results}
+    checks: list[Check] = []
+    for r in results:
+        if r.target not in GATEWAYS:
+            continue
+        d = by.get(("direct", r.op, 1, 1))
+        k1 = by.get(("p11kit", r.op, 1, 1))
+        if r.threads == 1 and d and k1 and k1.p50_us > d.p50_us:
+            v = (r.p50_us - d.p50_us) / (k1.p50_us - d.p50_us)
+            r.added_latency_ratio = v
+            limit = LATENCY_LIMIT[r.target]
+            checks.append(Check(r.target, "latency", r.op, v, limit, v <= limit,
+                                f"{r.target} {r.op}: added latency vs p11-kit server"))
+        k = by.get(("p11kit", r.op, r.threads, r.connections))
+        if k and k.ops_per_s > 0:
+            r.throughput_ratio = r.ops_per_s / k.ops_per_s
+            if r.threads > 1:
+                crit = "throughput-shared" if r.connections == 1 else "throughput-separate"
+                v = r.throughput_ratio
+                checks.append(Check(r.target, crit, r.op, v, THROUGHPUT_LIMIT,
+                                    v >= THROUGHPUT_LIMIT,
+                                    f"{r.target} {r.op}: {shape_name(r)} throughput vs "
+                                    f"p11-kit server"))
+    return checks
+
+
+CRITERIA = {
+    "latency": "added latency, 1 thread, p50",
+    "throughput-shared": "throughput, N threads on 1 connection",
+    "throughput-separate": "throughput, N connections (processes)",
+}
+
+
+def summary(checks: list[Check]) -> list[tuple[str, str, float, str, float, bool, str]]:
+    """Per target and criterion: (target, criterion, worst value, worst op, limit, met,
+    per-op detail)."""
+    out = []
+    for target in GATEWAYS:
+        for crit in CRITERIA:
+            cs = [c for c in checks if c.target == target and c.criterion == crit]
+            if not cs:
+                continue
+            worst = max(cs, key=lambda c: c.value) if crit == "latency" else \
+                min(cs, key=lambda c: c.value)
+            detail = " ".join(f"{c.op}={c.value:.2f}" for c in cs)
+            out.append((target, CRITERIA[crit], worst.value, worst.op, worst.limit,
+                        all(c.met for c in cs), detail))
+    return out
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def fmt_ratio(v: float | None) -> str:
+    return "" if v is None else f"{v:.2f}×"
+
+
+HEADER = (f"{'target':8} {'op':8} {'thr':>3} {'conn':>4} {'ops/s':>10} {'p50 µs':>9} "
+          f"{'p99 µs':>9} {'errors':>6} {'+lat×':>7} {'thr×':>6}")
+
+
+def row(r: Result) -> str:
+    lat = fmt_ratio(r.added_latency_ratio)
+    thr = fmt_ratio(r.throughput_ratio) if r.threads > 1 else ""
+    return (f"{r.target:8} {r.op:8} {r.threads:3} {r.connections:4} {r.ops_per_s:10.0f} "
+            f"{r.p50_us:9.1f} {r.p99_us:9.1f} {r.errors:6} {lat:>7} {thr:>6}").rstrip()
+
+
+def machine() -> str:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs{', ' + cpu if cpu else ''}, {platform.system()} " \
+           f"{platform.release()}, Python {platform.python_version()}"
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name, cmd in (("softhsm2", ["softhsm2-util", "--version"]),
+                      ("p11-kit", ["p11-kit", "--version"])):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            out[name] = (r.stdout or r.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            pass
+    return out
+
+
+def report(run: Run, checks: list[Check]) -> None:
+    click.echo(HEADER)
+    for r in run.results:
+        click.echo(row(r))
+    if run.yardstick:
+        click.echo("\nyardstick: p11bench (shared tool), same cells, all threads on 1 connection")
+        click.echo(f"{'target':8} {'op':8} {'thr':>3} {'ops/s':>10} {'p50 µs':>9} {'p99 µs':>9} "
+                   f"{'errors':>6}  loadgen ops/s")
+        mine = {(r.target, r.op, r.threads, r.connections): r for r in run.results}
+        for y in run.yardstick:
+            m = mine.get((y.target, y.op, y.threads, 1))
+            click.echo(f"{y.target:8} {y.op:8} {y.threads:3} {y.ops_per_s:10.0f} "
+                       f"{y.p50_us:9.1f} {y.p99_us:9.1f} {y.errors:6}  "
+                       f"{m.ops_per_s if m else float('nan'):.0f}")
+    for name, why in run.skipped.items():
+        click.echo(f"\nSKIPPED {name}: {why}")
+    for cell in run.failed_cells:
+        click.echo(f"FAILED {cell}")
+    rows = summary(checks)
+    if rows:
+        click.echo("\ntargets (p11gate vs p11-kit server; worst op shown):")
+        for target, crit, worst, op, limit, met, detail in rows:
+            sign = "≤" if crit.startswith("added") else "≥"
+            click.echo(f"{'PASS' if met else 'MISS'} {target:8} {crit:40} {worst:6.2f}× "
+                       f"({op}; target {sign} {limit}×)  [{detail}]")
+    errors = sum(r.errors for r in run.results)
+    if errors:
+        click.echo(f"\nWARNING: {errors} calls failed; see first_error in the JSON output")
+
+
+# ---------------------------------------------------------------------------- command
+
+
+def split_list(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    bad = [x for x in items if x not in allowed]
+    if bad or not items:
+        raise click.BadParameter(f"unknown {what}: {', '.join(bad) or '(none)'}; "
+                                 f"choose from {', '.join(allowed)}")
+    return items
+
+
 @click.command()
-@click.option("--seconds", default=2.0, show_default=True, help="duration of each cell")
-@click.option("--quick", is_flag=True, help="1 s cells")
-@click.option("--ops", default=",".join(OPS), show_default=True)
-@click.option("--targets", default=",".join(TARGETS), show_default=True)
+@click.option("--seconds", type=float, default=3.0, show_default=True,
+              help="measured duration of each cell")
+@click.option("--warmup", type=float, default=0.3, show_default=True,
+              help="unmeasured calls before each cell's measurement")
+@click.option("--quick", is_flag=True, help="1 s cells, 0.1 s warm-up")
+@click.option("--ops", default=",".join(OPS), show_default=True,
+              help="operations, comma separated")
+@click.option("--targets", default=",".join(TARGETS), show_default=True,
+              help="targets, comma separated")
 @click.option("--threads", "threads_opt", default="1,8", show_default=True,
-              help="client threads, all on one connection (one process, like a real app)")
-@click.option("--json", "json_path", default=None, help="write all results to this file")
-def bench(seconds: float, quick: bool, ops: str, targets: str, threads_opt: str,
-          json_path: str | None) -> None:
-    """Benchmark SoftHSMv2 directly, through p11-kit server and through p11gate."""
+              help="client thread counts, comma separated")
+@click.option("--connections", "connections_opt", default="shared,separate",
+              show_default=True,
+              help="for N > 1 threads: 'shared' = N threads in one process on one "
+                   "connection; 'separate' = N processes, one connection each")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="write all results to this file")
+@click.option("--yardstick", "yardstick_src", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="also run the cells through this p11bench.c (shared-"
+                                 "connection cells only), as a check on the load generator")
+def bench(seconds: float, warmup: float, quick: bool, ops: str, targets: str, threads_opt: str,
+          connections_opt: str, json_path: str | None, yardstick_src: str | None) -> None:
+    """Benchmark SoftHSMv2 directly, through p11-kit server and through p11gate.
+
+    Creates a throw-away SoftHSM token, then measures each operation with 1 and N client
+    threads against each target, and prints a table, the ratios of p11gate to p11-kit
+    server, and PASS/MISS against the targets (in-process added latency ≤ 1.5× p11-kit
+    server's, isolated ≤ 3×, multi-client throughput ≥ p11-kit server's).
+    """
     if quick:
-        seconds = 1.0
-    op_list = [o for o in ops.split(",") if o]
-    target_list = [t for t in targets.split(",") if t]
-    bad = set(op_list) - set(OPS) | set(target_list) - set(TARGETS)
-    if bad:
-        raise click.BadParameter(f"unknown: {', '.join(sorted(bad))}")
-    thread_list = [int(x) for x in threads_opt.split(",")]
+        seconds, warmup = 1.0, 0.1
+    if seconds <= 0 or warmup < 0:
+        raise click.BadParameter("--seconds must be > 0 and --warmup ≥ 0")
+    op_list = split_list(ops, OPS, "op")
+    target_list = split_list(targets, TARGETS, "target")
+    conn_list = split_list(connections_opt, CONNECTIONS, "connections mode")
+    try:
+        thread_list = [int(x) for x in threads_opt.split(",") if x.strip()]
+    except ValueError as e:
+        raise click.BadParameter(f"--threads: {e}") from e
+    if not thread_list or any(not 1 <= n <= 256 for n in thread_list):
+        raise click.BadParameter("--threads: numbers from 1 to 256")
+    cells = shapes(thread_list, conn_list)
+
     exe = loadgen_binary()
-    results: list[Result] = []
+    p11bench = None
+    if yardstick_src:
+        p11bench = compile_c(Path(yardstick_src).read_bytes(), "p11bench")
+    run = Run()
+    started = time.time()
+    total = len(target_list) * len(op_list) * len(cells)
+    done = 0
     with tempfile.TemporaryDirectory(prefix="p11gate-bench-") as tmp:
         base = Path(tmp)
         env = make_token(base)
         for name in target_list:
-            t = start_target(name, base, env)
             try:
-                for op in op_list:
-                    for n in thread_list:
-                        r = measure(exe, t, op, n, seconds)
-                        results.append(r)
-                        click.echo(f"{r.target:8} {r.op:8} {r.threads:3} {r.ops_per_s:11.0f} "
-                                   f"{r.p50_us:9.1f} {r.p99_us:9.1f} {r.errors:6}", err=True)
-            finally:
-                t.stop()
-    click.echo(f"{'target':8} {'op':8} {'thr':>3} {'ops/s':>11} {'p50 µs':>9} "
-               f"{'p99 µs':>9} {'errors':>6}")
-    for r in results:
-        click.echo(f"{r.target:8} {r.op:8} {r.threads:3} {r.ops_per_s:11.0f} {r.p50_us:9.1f} "
-                   f"{r.p99_us:9.1f} {r.errors:6}")
-    checks = ratios(results)
-    if checks:
-        click.echo("")
-    for what, v, limit, met in checks:
-        sign = "≤" if "latency" in what else "≥"
-        click.echo(f"{'PASS' if met else 'MISS'} {what}: {v:.2f}× (target {sign} {limit}×)")
+                with running(name, base, env) as t:
+                    click.echo(f"# {name}: {DESCRIPTIONS[name]}", err=True)
+                    for op in op_list:
+                        for threads, conns in cells:
+                            done += 1
+                            if not t.alive():
+                                raise Unavailable(f"{name} stopped during the run:\n"
+                                                  f"{t.log_tail()}")
+                            try:
+                                r = measure(exe, t, op, threads, conns, seconds, warmup)
+                            except Unavailable as e:
+                                if not t.alive():
+                                    raise
+                                run.failed_cells.append(str(e))
+                                click.echo(f"FAILED {e}", err=True)
+                                continue
+                            run.results.append(r)
+                            click.echo(f"[{done}/{total}] " + row(r), err=True)
+                            if p11bench is not None and conns == 1:
+                                try:
+                                    run.yardstick.append(
+                                        yardstick(p11bench, t, op, threads, seconds))
+                                except Unavailable as e:
+                                    click.echo(f"yardstick: {e}", err=True)
+            except Unavailable as e:
+                run.skipped[name] = str(e)
+                click.echo(f"SKIPPING {name}: {e}", err=True)
+    checks = analyse(run.results)
+    report(run, checks)
     if json_path:
-        Path(json_path).write_text(json.dumps(
-            {"results": [asdict(r) for r in results],
-             "checks": [{"what": w, "value": v, "target": t, "met": m}
-                        for w, v, t, m in checks],
-             "seconds": seconds, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")},
-            indent=1))
+        Path(json_path).write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "machine": machine(), "cpus": os.cpu_count(), "versions": versions(),
+            "seconds": seconds, "warmup": warmup, "duration_s": round(time.time() - started, 1),
+            "results": [asdict(r) for r in run.results],
+            "yardstick": [asdict(r) for r in run.yardstick],
+            "checks": [asdict(c) for c in checks],
+            "summary": [{"target": s[0], "criterion": s[1], "worst": s[2], "worst_op": s[3],
+                         "limit": s[4], "met": s[5]} for s in summary(checks)],
+            "skipped": run.skipped, "failed_cells": run.failed_cells,
+        }, indent=1) + "\n")
+    if not run.results:
+        raise click.ClickException("nothing was measured")
