@@ -404,3 +404,32 @@ def test_encoded_messages_through_frames(data: st.DataObject) -> None:
     for f, c, b in zip(frames, calls, bodies, strict=True):
         assert f.options == b"client" and f.body == b
         assert decode_request(f.body, d)[0] is c
+
+
+@pytest.mark.parametrize("d", DIALECTS, ids=IDS)
+@settings(max_examples=5, deadline=None)
+@given(data=st.data())
+def test_every_serializer_and_param_update(d: Dialect, data: st.DataObject) -> None:
+    """Each mechanism with a serializer, in C_DeriveKey2's request and (for each form of
+    the parameter update, incl. IBM_BTC_DERIVE/IBM_KYBER data) its reply."""
+    for t, ser in sorted(d.serializers.items()):
+        m = Mechanism(t, data.draw(PARAMS[ser]))
+        request = [0x11, m, 3, data.draw(st.lists(attribute(d), max_size=2))]
+        round_trip_request(CALLS[89], request, d)
+        round_trip_reply(CALLS[89], derive2_reply(data.draw, d, request), d, request)
+
+
+def test_bad_iv_lengths_are_argument_errors() -> None:
+    from p11gate.codec import ArgumentError
+
+    head = encode_request(42, [0x11, Mechanism(0x1041, None), 3], V026)[:-12]
+    for t, good in ((0x1082, 16), (0x122, 8), (0x1086, 16)):
+        ctr = b"\x00" * 8 if t == 0x1086 else b""
+        for n in (0, good - 1, good + 1):
+            body = (head + t.to_bytes(4, "big") + b"\x01" + ctr + n.to_bytes(4, "big")
+                    + b"\x00" * n + (3).to_bytes(8, "big"))
+            with pytest.raises(ArgumentError):
+                decode_request(body, V026)
+        bad = Mechanism(t, IvParams(b"\x00" * 3) if t != 0x1086 else CtrParams(1, b"\0" * 3))
+        with pytest.raises(ArgumentError):
+            encode_request(42, [0x11, bad, 3], V026)
