@@ -312,6 +312,32 @@ def measure(exe: Path, t: Target, op: str, threads: int, connections: int, secon
                   int(f.get("calls", 0)), int(f["errors"]), f.get("first_error", "0x0"))
 
 
+def median_of(runs: list[Result]) -> Result:
+    """One row for repeated runs of a cell: the median of each measure, summed counts."""
+    if len(runs) == 1:
+        return runs[0]
+
+    def med(values: list[float]) -> float:
+        v = sorted(values)
+        return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+    first = runs[0]
+    errs = [r.first_error for r in runs if r.errors]
+    return Result(first.target, first.op, first.threads, first.connections,
+                  med([r.ops_per_s for r in runs]), med([r.p50_us for r in runs]),
+                  med([r.p99_us for r in runs]), med([r.mean_us for r in runs]),
+                  max(r.max_us for r in runs), sum(r.calls for r in runs),
+                  sum(r.errors for r in runs), errs[0] if errs else "0x0")
+
+
+def busy() -> float | None:
+    """The 1-minute load average, or None where it cannot be read."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def yardstick(exe: Path, t: Target, op: str, threads: int, seconds: float) -> Result:
     """The shared neutral p11bench, same op, all threads on one connection."""
     key_id = "02" if op == "rsasign" else "01"
@@ -501,13 +527,16 @@ def split_list(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
               show_default=True,
               help="for N > 1 threads: 'shared' = N threads in one process on one "
                    "connection; 'separate' = N processes, one connection each")
+@click.option("--repeat", type=click.IntRange(1, 100), default=1, show_default=True,
+              help="run each cell this many times and report the median of each measure")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="write all results to this file")
 @click.option("--yardstick", "yardstick_src", type=click.Path(exists=True, dir_okay=False),
               default=None, help="also run the cells through this p11bench.c (shared-"
                                  "connection cells only), as a check on the load generator")
 def bench(seconds: float, warmup: float, quick: bool, ops: str, targets: str, threads_opt: str,
-          connections_opt: str, json_path: str | None, yardstick_src: str | None) -> None:
+          connections_opt: str, repeat: int, json_path: str | None,
+          yardstick_src: str | None) -> None:
     """Benchmark SoftHSMv2 directly, through p11-kit server and through p11gate.
 
     Creates a throw-away SoftHSM token, then measures each operation with 1 and N client
@@ -536,6 +565,11 @@ def bench(seconds: float, warmup: float, quick: bool, ops: str, targets: str, th
         p11bench = compile_c(Path(yardstick_src).read_bytes(), "p11bench")
     run = Run()
     started = time.time()
+    load_before = busy()
+    cpus = os.cpu_count() or 1
+    if load_before is not None and load_before > 0.5 * cpus:
+        click.echo(f"WARNING: this machine is busy (load average {load_before:.1f} on {cpus} "
+                   "CPUs): the numbers will be noisy", err=True)
     total = len(target_list) * len(op_list) * len(cells)
     done = 0
     with tempfile.TemporaryDirectory(prefix="p11gate-bench-") as tmp:
@@ -552,7 +586,8 @@ def bench(seconds: float, warmup: float, quick: bool, ops: str, targets: str, th
                                 raise Unavailable(f"{name} stopped during the run:\n"
                                                   f"{t.log_tail()}")
                             try:
-                                r = measure(exe, t, op, threads, conns, seconds, warmup)
+                                r = median_of([measure(exe, t, op, threads, conns, seconds,
+                                                       warmup) for _ in range(repeat)])
                             except Unavailable as e:
                                 if not t.alive():
                                     raise
@@ -572,11 +607,15 @@ def bench(seconds: float, warmup: float, quick: bool, ops: str, targets: str, th
                 click.echo(f"SKIPPING {name}: {e}", err=True)
     checks = analyse(run.results)
     report(run, checks)
+    if load_before is not None and load_before > 0.5 * cpus:
+        click.echo(f"\nWARNING: the machine was busy when the run started (load average "
+                   f"{load_before:.1f} on {cpus} CPUs): the numbers are noisy")
     if json_path:
         Path(json_path).write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "machine": machine(), "cpus": os.cpu_count(), "versions": versions(),
-            "seconds": seconds, "warmup": warmup, "duration_s": round(time.time() - started, 1),
+            "seconds": seconds, "warmup": warmup, "repeat": repeat,
+            "load_average_before": load_before, "duration_s": round(time.time() - started, 1),
             "results": [asdict(r) for r in run.results],
             "yardstick": [asdict(r) for r in run.yardstick],
             "checks": [asdict(c) for c in checks],
