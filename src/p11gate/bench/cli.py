@@ -460,7 +460,7 @@ def machine() -> str:
 def versions() -> dict[str, str]:
     out = {}
     for name, cmd in (("softhsm2", ["softhsm2-util", "--version"]),
-                      ("p11-kit", ["p11-kit", "--version"])):
+                      ("p11-kit", ["pkg-config", "--modversion", "p11-kit-1"])):
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
             out[name] = (r.stdout or r.stderr).strip().splitlines()[0]
@@ -469,7 +469,8 @@ def versions() -> dict[str, str]:
     return out
 
 
-def report(run: Run, checks: list[Check]) -> None:
+def report(run: Run, checks: list[Check], context: str) -> None:
+    click.echo(f"# {context}")
     click.echo(HEADER)
     for r in run.results:
         click.echo(row(r))
@@ -606,14 +607,19 @@ def bench(seconds: float, warmup: float, quick: bool, ops: str, targets: str, th
                 run.skipped[name] = str(e)
                 click.echo(f"SKIPPING {name}: {e}", err=True)
     checks = analyse(run.results)
-    report(run, checks)
+    vers = versions()
+    context = (f"{time.strftime('%Y-%m-%d')}, {machine()}, "
+               + ", ".join(f"{k} {v}" for k, v in vers.items())
+               + f"; {seconds:g} s cells after {warmup:g} s warm-up"
+               + (f", median of {repeat}" if repeat > 1 else ""))
+    report(run, checks, context)
     if load_before is not None and load_before > 0.5 * cpus:
         click.echo(f"\nWARNING: the machine was busy when the run started (load average "
                    f"{load_before:.1f} on {cpus} CPUs): the numbers are noisy")
     if json_path:
         Path(json_path).write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            "machine": machine(), "cpus": os.cpu_count(), "versions": versions(),
+            "machine": machine(), "cpus": os.cpu_count(), "versions": vers,
             "seconds": seconds, "warmup": warmup, "repeat": repeat,
             "load_average_before": load_before, "duration_s": round(time.time() - started, 1),
             "results": [asdict(r) for r in run.results],
