@@ -332,12 +332,33 @@ def median_of(runs: list[Result]) -> Result:
                   sum(r.errors for r in runs), errs[0] if errs else "0x0")
 
 
-def busy() -> float | None:
+def cpu_busy(sample: float = 1.0) -> float | None:
+    """How busy the CPUs are right now: the fraction of all CPU time (0..1) that was not
+    idle over `sample` seconds, from /proc/stat; None where it cannot be read. (The load
+    average would do, but it decays over minutes and so mostly shows the previous run.)"""
+
+    def times() -> tuple[int, int]:
+        v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(v), v[3] + (v[4] if len(v) > 4 else 0)  # total, idle + iowait
+
+    try:
+        t0, i0 = times()
+        time.sleep(sample)
+        t1, i1 = times()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (i1 - i0) / (t1 - t0) if t1 > t0 else None
+
+
+def load_average() -> float | None:
     """The 1-minute load average, or None where it cannot be read."""
     try:
         return float(Path("/proc/loadavg").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+
+
+BUSY = 0.25  # warn when more than this fraction of the CPUs is in use before the run
 
 
 def yardstick(exe: Path, t: Target, op: str, threads: int, seconds: float) -> Result:
@@ -580,11 +601,13 @@ def bench(seconds: float, warmup: float, quick: bool, ops: str, targets: str, th
         p11bench = compile_c(Path(yardstick_src).read_bytes(), "p11bench")
     run = Run()
     started = time.time()
-    load_before = busy()
+    load_before = load_average()
+    busy_before = cpu_busy()
     cpus = os.cpu_count() or 1
-    if load_before is not None and load_before > 0.5 * cpus:
-        click.echo(f"WARNING: this machine is busy (load average {load_before:.1f} on {cpus} "
-                   "CPUs): the numbers will be noisy", err=True)
+    busy = busy_before is not None and busy_before > BUSY
+    if busy:
+        click.echo(f"WARNING: this machine is busy ({busy_before:.0%} of {cpus} CPUs in use "
+                   "before the run): the numbers will be noisy", err=True)
     total = len(target_list) * len(op_list) * len(cells)
     done = 0
     with tempfile.TemporaryDirectory(prefix="p11gate-bench-") as tmp:
@@ -627,15 +650,16 @@ def bench(seconds: float, warmup: float, quick: bool, ops: str, targets: str, th
                + f"; {seconds:g} s cells after {warmup:g} s warm-up"
                + (f", median of {repeat}" if repeat > 1 else ""))
     report(run, checks, context)
-    if load_before is not None and load_before > 0.5 * cpus:
-        click.echo(f"\nWARNING: the machine was busy when the run started (load average "
-                   f"{load_before:.1f} on {cpus} CPUs): the numbers are noisy")
+    if busy:
+        click.echo(f"\nWARNING: the machine was busy when the run started ({busy_before:.0%} "
+                   f"of {cpus} CPUs in use): the numbers are noisy")
     if json_path:
         Path(json_path).write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "machine": machine(), "cpus": os.cpu_count(), "versions": vers,
             "seconds": seconds, "warmup": warmup, "repeat": repeat,
-            "load_average_before": load_before, "duration_s": round(time.time() - started, 1),
+            "load_average_before": load_before, "cpu_busy_before": busy_before,
+            "duration_s": round(time.time() - started, 1),
             "results": [asdict(r) for r in run.results],
             "yardstick": [asdict(r) for r in run.yardstick],
             "checks": [asdict(c) for c in checks],
