@@ -39,6 +39,7 @@ from ..codec import (
 from ..codec.calls import CALLS_BY_NAME
 from ..codec.values import HandleParam, KyberParams
 from ..errors import BackendUnavailable, Pkcs11Error
+from ..identity import UNKNOWN, Identity
 from .handles import (
     IDENTITY_KNOWN,
     IDENTITY_NONE,
@@ -94,6 +95,7 @@ class ClientConnection(asyncio.Protocol):
         self.handles = HandleTable()
         #: token → CKU_* this connection is logged in as
         self.logins: dict[VirtualToken, int] = {}
+        self.identity: Identity = UNKNOWN
         self.peer = "unknown"
         self._tail: asyncio.Future[None] | None = None  # ordering of session-less calls
         self._tasks: set[asyncio.Task[None]] = set()
@@ -104,10 +106,18 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; both have write()
         self.transport = cast(asyncio.Transport, transport)
-        self.peer = self.gw.describe_peer(self.transport)
+        ident = self.gw.identify(self.transport)
+        if ident is None:
+            log.warning("connection without identity refused", extra={"conn": self.id})
+            self.transport.abort()
+            return
+        self.identity = ident
+        self.peer = ident.describe()
         log.info("client connected", extra={"conn": self.id, "peer": self.peer})
 
     def data_received(self, data: bytes) -> None:
+        if self.identity is UNKNOWN:
+            return  # refused in connection_made; the transport is closing
         if not self.have_version:
             offered = data[0]
             self.have_version = True

@@ -14,6 +14,7 @@ from typing import Any
 from ..backends.base import Backend
 from ..config import BackendConfig, Config
 from ..errors import Pkcs11Error
+from ..identity import Identity
 from .connection import ClientConnection
 from .token import VirtualToken
 
@@ -99,17 +100,19 @@ class Gateway:
     def forget(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
 
-    def describe_peer(self, transport: asyncio.Transport) -> str:
+    def identify(self, transport: asyncio.Transport) -> Identity | None:
+        """The identity of a new connection, or None when it has none (then it is
+        closed before any call is served)."""
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family == socket.AF_UNIX:
             try:
                 creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                         struct.calcsize("3i"))
                 pid, uid, gid = struct.unpack("3i", creds)
-                return f"uid={uid} gid={gid} pid={pid}"
+                return Identity(kind="unix", uid=uid, gid=gid, pid=pid)
             except OSError:
-                pass
-        return str(transport.get_extra_info("peername") or "unknown")
+                return None
+        return None
 
     async def stop(self) -> None:
         for s in self._servers:
