@@ -45,6 +45,37 @@ def serve(config_path: str | None, state_dir: str | None, listen: str | None) ->
     sys.exit(run(config_path, state_dir=state_dir, listen=listen))
 
 
+@main.command("status")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="the daemon's configuration file (to find its admin socket)")
+@click.option("--socket", "socket_path", default=None, help="the admin socket path")
+@click.option("--state-dir", default=None, help="state directory (demo mode)")
+def status(config_path: str | None, socket_path: str | None, state_dir: str | None) -> None:
+    """Show what a running gateway is doing: tokens, backends, pools, connections."""
+    import json
+
+    from .admin import admin_socket_path, query
+
+    if socket_path is None:
+        if config_path is not None:
+            try:
+                cfg = load_config(config_path)
+            except ConfigError as e:
+                click.echo(str(e), err=True)
+                sys.exit(2)
+            socket_path = admin_socket_path(cfg.server.state_dir, cfg.server.admin_socket)
+        else:
+            from .demo import default_state_dir
+
+            socket_path = admin_socket_path(str(state_dir or default_state_dir()), None)
+    try:
+        reply = query(socket_path)
+    except OSError as e:
+        click.echo(f"cannot reach the gateway at {socket_path}: {e.strerror or e}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(reply, indent=2))
+
+
 @main.command("worker", hidden=True)
 @click.argument("module")
 @click.option("--threads", default=4, show_default=True)

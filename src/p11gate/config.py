@@ -42,6 +42,8 @@ class ServerConfig(_Strict):
     log_format: Literal["json", "text"] = "json"
     #: use uvloop when it is installed (lower latency)
     uvloop: bool = True
+    #: the admin socket `p11gate status` talks to (mode 0600); default <state_dir>/admin.sock
+    admin_socket: str | None = None
 
     @field_validator("listen", mode="before")
     @classmethod

@@ -127,3 +127,27 @@ def test_pins_and_key_material_never_reach_the_logs(tmp_path: Path) -> None:
         assert needle.encode().hex() not in log
     for blob in (sig, value):
         assert blob.hex() not in log and repr(blob) not in log
+
+
+def test_status_reports_tokens_and_backends_over_a_private_admin_socket(tmp_path: Path) -> None:
+    import json
+    import stat
+
+    token = make_token(tmp_path, keys=False)
+    cfg = write_config(tmp_path, token)
+    r = p11gate("status", "--config", str(cfg))
+    assert r.returncode == 1 and "cannot reach the gateway" in r.stderr
+    gw = Gateway(cfg)
+    try:
+        admin = tmp_path / "state" / "admin.sock"
+        assert stat.S_IMODE(admin.stat().st_mode) == 0o600
+        r = p11gate("status", "--config", str(cfg))
+        assert r.returncode == 0, r.stderr
+        st = json.loads(r.stdout)
+        assert [t["name"] for t in st["tokens"]] == ["signing"]
+        assert st["tokens"][0]["present"] is True
+        assert st["backends"][0]["name"] == "softhsm" and st["backends"][0]["up"] is True
+        assert token["pin"] not in r.stdout
+    finally:
+        gw.stop()
+    assert not admin.exists()

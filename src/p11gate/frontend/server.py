@@ -11,6 +11,7 @@ import struct
 import urllib.parse
 from typing import Any
 
+from ..admin import AdminServer, admin_socket_path
 from ..backends.base import Backend
 from ..config import BackendConfig, Config
 from ..errors import Pkcs11Error
@@ -47,6 +48,7 @@ class Gateway:
         self.connections: set[ClientConnection] = set()
         self.background: set[asyncio.Task[Any]] = set()
         self._servers: list[asyncio.AbstractServer] = []
+        self.admin: AdminServer | None = None
         for b in self.backends.values():
             b.on_restart = self._reattach_hook(b)
 
@@ -77,6 +79,11 @@ class Gateway:
                     log.error("token not attached", extra={"token": t.name, "error": str(e)})
         for address in self.cfg.server.listen:
             await self._listen(address)
+        self.admin = AdminServer(
+            admin_socket_path(self.cfg.server.state_dir, self.cfg.server.admin_socket),
+            self.status,
+        )
+        await self.admin.start()
 
     async def _listen(self, address: str) -> None:
         path = unix_path(address)
@@ -115,6 +122,8 @@ class Gateway:
         return None
 
     async def stop(self) -> None:
+        if self.admin is not None:
+            await self.admin.stop()
         for s in self._servers:
             s.close()
         for c in list(self.connections):
