@@ -76,6 +76,23 @@ def status(config_path: str | None, socket_path: str | None, state_dir: str | No
     click.echo(json.dumps(reply, indent=2))
 
 
+@main.command("hash-pin")
+@click.option("--pin-stdin", is_flag=True,
+              help="read the PIN from the first line of stdin instead of prompting")
+def hash_pin_cmd(pin_stdin: bool) -> None:
+    """Make a PIN hash for a `mapped` token's `pins` table (scrypt, salted)."""
+    from .frontend.pins import hash_pin
+
+    if pin_stdin:
+        pin = sys.stdin.readline().rstrip("\r\n")
+    else:
+        pin = click.prompt("PIN", hide_input=True, confirmation_prompt=True)
+    if not pin:
+        click.echo("an empty PIN cannot be mapped", err=True)
+        sys.exit(2)
+    click.echo(hash_pin(pin.encode()))
+
+
 @main.command("worker", hidden=True)
 @click.argument("module")
 @click.option("--threads", default=4, show_default=True)

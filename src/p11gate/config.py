@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .policy.config import RuleConfig
+
 DEFAULT_SOCKET = "/run/p11gate/p11gate.sock"
 DEFAULT_STATE_DIR = "/var/lib/p11gate"
 
@@ -112,8 +114,54 @@ class TokenConfig(_Strict):
     select: TokenSelect = Field(default_factory=lambda: TokenSelect(slot_index=0))
     #: client-visible slot id; derived from the name when not given (stable across restarts)
     slot_id: int | None = Field(default=None, ge=1, le=0x7FFFFFFF)
-    #: PIN handling: the client's PIN goes to the backend
-    pin_mode: Literal["passthrough"] = "passthrough"
+    #: PIN handling: "passthrough" (the client's PIN goes to the backend), "mapped" (each
+    #: identity has its own PIN; the gateway logs in with backend_pin_file/env), "none"
+    #: (identity suffices; C_Login takes any PIN; the gateway logs in with the credential)
+    pin_mode: Literal["passthrough", "mapped", "none"] = "passthrough"
+    #: file holding the backend's user PIN (mapped/none); trailing newline ignored
+    backend_pin_file: str | None = None
+    #: environment variable holding the backend's user PIN (mapped/none)
+    backend_pin_env: str | None = None
+    #: mapped mode: identity key ("uid:1001", "cert:CN=app1,O=Example") → PIN hash made
+    #: with `p11gate hash-pin`
+    pins: dict[str, str] = Field(default_factory=dict)
+    #: wrong PINs in a row (per identity) before a lock-out
+    max_pin_failures: int = Field(default=5, ge=1)
+    #: first lock-out, seconds; it doubles at each further lock-out (up to an hour)
+    pin_lockout: float = Field(default=30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _pin_source(self) -> TokenConfig:
+        from .frontend.pins import valid_hash
+
+        has_source = self.backend_pin_file is not None or self.backend_pin_env is not None
+        if self.pin_mode == "passthrough":
+            if has_source or self.pins:
+                raise ValueError("backend_pin_file/backend_pin_env/pins are for pin_mode "
+                                 "'mapped' or 'none'")
+        elif not has_source:
+            raise ValueError(f"pin_mode {self.pin_mode!r} needs backend_pin_file or "
+                             "backend_pin_env (the credential the gateway logs in with)")
+        if self.backend_pin_file is not None and not os.path.isfile(self.backend_pin_file):
+            raise ValueError(f"backend_pin_file {self.backend_pin_file!r} does not exist")
+        for who, h in self.pins.items():
+            if not valid_hash(h):
+                raise ValueError(f"pins[{who!r}]: not a PIN hash; make one with "
+                                 "`p11gate hash-pin`")
+        if self.pins and self.pin_mode != "mapped":
+            raise ValueError("pins are only used with pin_mode = 'mapped'")
+        return self
+
+    def backend_pin(self) -> bytes:
+        """The credential for mapped/none tokens (read when needed, never logged)."""
+        if self.backend_pin_file is not None:
+            return Path(self.backend_pin_file).read_bytes().rstrip(b"\r\n")
+        assert self.backend_pin_env is not None
+        value = os.environ.get(self.backend_pin_env)
+        if value is None:
+            raise ConfigError(f"token {self.name!r}: environment variable "
+                              f"{self.backend_pin_env} (backend_pin_env) is not set")
+        return value.encode()
 
     @property
     def virtual_slot_id(self) -> int:
@@ -128,10 +176,19 @@ def stable_slot_id(name: str) -> int:
     return h or 1
 
 
+class AuditConfig(_Strict):
+    #: append-only JSON lines; default <state_dir>/audit.jsonl
+    file: str | None = None
+    enabled: bool = True
+
+
 class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     backend: Annotated[list[BackendConfig], Field(min_length=1)]
     token: Annotated[list[TokenConfig], Field(min_length=1)]
+    #: access rules, tried in order (see policy/rules.py); none = open to every client
+    rule: list[RuleConfig] = Field(default_factory=list)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     #: the file this came from, for messages
     source: str = "<config>"
 
@@ -150,6 +207,14 @@ class Config(_Strict):
         tnames = [t.name for t in self.token]
         if len(set(tnames)) != len(tnames):
             raise ValueError("token names must be unique")
+        for i, r in enumerate(self.rule):
+            for name in r.tokens:
+                if name != "*" and name not in tnames:
+                    raise ValueError(f"rule[{i}] ({r.name}).tokens: no token named {name!r} "
+                                     f"(defined: {', '.join(tnames)})")
+        rnames = [r.name for r in self.rule]
+        if len(set(rnames)) != len(rnames):
+            raise ValueError("rule names must be unique (logs and audit name them)")
         ids = [t.virtual_slot_id for t in self.token]
         if len(set(ids)) != len(ids):
             raise ValueError("two tokens have the same slot id: set slot_id on one of them")

@@ -13,6 +13,7 @@ from .message import (
     encode_error,
     encode_reply,
     encode_request,
+    reply_rv,
 )
 from .tables import MAX_VERSION, V0241, V025, V026, Dialect, dialect_for_version
 from .values import (
@@ -53,4 +54,5 @@ __all__ = [
     "encode_error",
     "encode_reply",
     "encode_request",
+    "reply_rv",
 ]

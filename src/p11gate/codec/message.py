@@ -330,6 +330,13 @@ def is_reply_to(body: bytes, call_id: int) -> bool:
     return len(body) == 17 and body.startswith(_ERROR_BODY_PREFIX)
 
 
+def reply_rv(body: bytes) -> int:
+    """The CK_RV of an encoded reply body: its value for an ERROR reply, else CKR_OK."""
+    if body.startswith(_ERROR_BODY_PREFIX) and len(body) >= len(_ERROR_BODY_PREFIX) + 8:
+        return int.from_bytes(body[len(_ERROR_BODY_PREFIX):len(_ERROR_BODY_PREFIX) + 8], "big")
+    return 0
+
+
 def encode_error(rv: int) -> bytes:
     """ERROR reply: call id 0, signature "u", the CK_RV truncated to 32 bits (§6.1)."""
     return _ERROR_BODY_PREFIX + (rv & 0xFFFFFFFF).to_bytes(8, "big")

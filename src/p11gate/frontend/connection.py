@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from .. import ck
+from ..audit import object_fields
 from ..codec import (
     HANDSHAKE,
     MAX_VERSION,
@@ -35,11 +36,13 @@ from ..codec import (
     dialect_for_version,
     encode_error,
     encode_reply,
+    reply_rv,
 )
 from ..codec.calls import CALLS_BY_NAME
 from ..codec.values import HandleParam, KyberParams
 from ..errors import BackendUnavailable, Pkcs11Error
 from ..identity import UNKNOWN, Identity
+from ..policy import Denied, Grant, require
 from .handles import (
     IDENTITY_KNOWN,
     IDENTITY_NONE,
@@ -49,10 +52,12 @@ from .handles import (
     ObjectRef,
     Session,
 )
+from .pins import hash_pin, verify_pin
 from .tables import (
     ATTR_REQUEST_ARG,
     CAPACITY_ARGS,
     CREATE_TEMPLATES,
+    KEY_USE,
     MECHANISM_CALLS,
     NEW_OBJECTS,
     OBJECT_ARGS,
@@ -76,6 +81,10 @@ RESTART_WAIT = 10.0
 ID = {c: CALLS_BY_NAME[c].id for c in CALLS_BY_NAME}
 
 _PRIVATE_FALSE = Attribute(ck.CKA_PRIVATE, 0, 1)
+#: checked against when an identity has no PIN, so that case takes as long as a wrong PIN
+_DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$" + "A" * 43 + "="
+#: what the gateway reads to know an object: token or session object, and its identity
+_INFO_REQUEST = (ck.CKA_TOKEN, ck.CKA_CLASS, ck.CKA_ID, ck.CKA_LABEL)
 _DEFAULT_PRIVATE_CLASSES = {ck.CKO_PRIVATE_KEY, ck.CKO_SECRET_KEY}
 #: creating these yields private/secret keys, which tokens make private by default
 _KEY_MAKERS = {ID["C_GenerateKey"], ID["C_UnwrapKey"], ID["C_DeriveKey"], ID["C_DeriveKey2"]}
@@ -96,6 +105,11 @@ class ClientConnection(asyncio.Protocol):
         #: token → CKU_* this connection is logged in as
         self.logins: dict[VirtualToken, int] = {}
         self.identity: Identity = UNKNOWN
+        #: what policy lets this identity do on each token it may see
+        self.grants: dict[VirtualToken, Grant] = {}
+        #: (generation, backend handle) of session objects this connection created:
+        #: the only session objects a namespaced tenant sees
+        self.own_session_objects: set[tuple[int, int]] = set()
         self.peer = "unknown"
         self._tail: asyncio.Future[None] | None = None  # ordering of session-less calls
         self._tasks: set[asyncio.Task[None]] = set()
@@ -113,6 +127,8 @@ class ClientConnection(asyncio.Protocol):
             return
         self.identity = ident
         self.peer = ident.describe()
+        by_name = self.gw.policy.grants_for(ident, [t.name for t in self.gw.tokens])
+        self.grants = {t: by_name[t.name] for t in self.gw.tokens if t.name in by_name}
         log.info("client connected", extra={"conn": self.id, "peer": self.peer})
 
     def data_received(self, data: bytes) -> None:
@@ -191,6 +207,9 @@ class ClientConnection(asyncio.Protocol):
                 raise Pkcs11Error(ckr.CRYPTOKI_NOT_INITIALIZED)
             values = await handler(self, call, args)
             body = encode_reply(call.id, values, self.dialect, args)
+        except Denied as e:
+            self._denied(call, e)
+            body = encode_error(e.rv)
         except Pkcs11Error as e:
             body = encode_error(e.rv)
         except ArgumentError as e:
@@ -212,9 +231,42 @@ class ClientConnection(asyncio.Protocol):
 
     def _token(self, slot_id: int) -> VirtualToken:
         t = self.gw.tokens_by_slot.get(slot_id)
-        if t is None:
+        if t is None or t not in self.grants:
+            # a token this identity may not see has no slot
             raise Pkcs11Error(ckr.SLOT_ID_INVALID)
         return t
+
+    def _require(self, token: VirtualToken, permission: str, what: str) -> None:
+        require(self.grants[token], permission, what, token.name)
+
+    def _denied(self, call: Call, e: Denied) -> None:
+        log.warning("denied by policy", extra={
+            "conn": self.id, "peer": self.peer, "call": call.name, "token": e.token,
+            "what": e.what, "rule": e.rule, "rv": ckr.name(e.rv)})
+        self.gw.audit.record(call.name, e.rv, self.peer, e.token, denied=e.what, rule=e.rule)
+
+    def _audit_key_use(self, call: Call, args: list[Any], rv: int) -> None:
+        """One audit record per key use: who, which key (its identity when known),
+        which mechanism, and the result. Never data or key material."""
+        audit = self.gw.audit
+        if not audit.enabled:
+            return
+        s = self.handles.sessions.get(args[0])
+        pos = OBJECT_ARGS[call.id][0]
+        ref = self.handles.objects.get(args[pos])
+        fields: dict[str, Any] = {"object": self._object_fields(ref) if ref else {}}
+        m = args[1] if call.id in MECHANISM_CALLS else None
+        if isinstance(m, Mechanism):
+            fields["mechanism"] = f"{m.type:#x}"
+        audit.record(call.name, rv, self.peer, s.token.name if s else None, **fields)
+
+    @staticmethod
+    def _object_fields(ref: ObjectRef) -> dict[str, Any]:
+        if ref.identity is None:
+            return {"handle": ref.handle}
+        vals = {a.type: a.value for a in ref.identity}
+        return object_fields(vals.get(ck.CKA_CLASS), vals.get(ck.CKA_ID),
+                             vals.get(ck.CKA_LABEL))
 
     def _session(self, handle: int) -> Session:
         s = self.handles.sessions.get(handle)
@@ -312,6 +364,8 @@ class ClientConnection(asyncio.Protocol):
         may await between the generation check and the send)."""
         s = self._session(args[0])
         token = s.token
+        if call.id in KEY_USE:
+            self._require(token, "use", "key use")
         bargs = list(args)
         bargs[0] = s.backend_handle
         for pos in OBJECT_ARGS.get(call.id, ()):
@@ -356,7 +410,8 @@ class ClientConnection(asyncio.Protocol):
                 reply[pos] = self._mint(s.token, reply[pos], s.generation, priv)
         return reply
 
-    def _relay(self, code: int, call: Call, f: asyncio.Future[bytes]) -> None:
+    def _relay(self, code: int, call: Call, args: list[Any] | None,
+               f: asyncio.Future[bytes]) -> None:
         try:
             body = f.result()
         except (BackendUnavailable, TimeoutError):
@@ -366,6 +421,8 @@ class ClientConnection(asyncio.Protocol):
         except Exception:
             log.exception("internal error", extra={"conn": self.id, "call": call.name})
             body = encode_error(ckr.GENERAL_ERROR)
+        if args is not None:
+            self._audit_key_use(call, args, reply_rv(body))
         self._reply(code, body)
 
     async def forward(self, call: Call, args: list[Any]) -> list[Any]:
@@ -381,7 +438,15 @@ class ClientConnection(asyncio.Protocol):
             reply = await s.token.backend.submit(call.id, bargs)
         except (BackendUnavailable, TimeoutError):
             # in flight when the backend died or hung; the session is gone with it
+            if call.id in KEY_USE:
+                self._audit_key_use(call, args, ckr.DEVICE_ERROR)
             raise Pkcs11Error(ckr.DEVICE_ERROR) from None
+        except Pkcs11Error as e:
+            if call.id in KEY_USE:
+                self._audit_key_use(call, args, e.rv)
+            raise
+        if call.id in KEY_USE:
+            self._audit_key_use(call, args, ckr.OK)
         return self._finish(call, s, private, reply)
 
     def _forward_now(self, code: int, call: Call, args: list[Any], s: Session) -> None:
@@ -396,9 +461,14 @@ class ClientConnection(asyncio.Protocol):
                 raw = s.token.backend.submit_raw(call.id, bargs)
                 if raw is not None:
                     s.tail = raw  # type: ignore[assignment]
-                    raw.add_done_callback(functools.partial(self._relay, code, call))
+                    raw.add_done_callback(functools.partial(
+                        self._relay, code, call, args if call.id in KEY_USE else None))
                     return
             fut = s.token.backend.submit(call.id, bargs)
+        except Denied as e:
+            self._denied(call, e)
+            self._reply(code, encode_error(e.rv))
+            return
         except (Pkcs11Error, ArgumentError) as e:
             self._reply(code, encode_error(e.rv))
             return
@@ -423,6 +493,8 @@ class ClientConnection(asyncio.Protocol):
             except Exception:
                 log.exception("internal error", extra={"conn": self.id, "call": call.name})
                 body = encode_error(ckr.GENERAL_ERROR)
+            if call.id in KEY_USE:
+                self._audit_key_use(call, args, reply_rv(body))
             self._reply(code, body)
 
         fut.add_done_callback(done)
@@ -482,7 +554,7 @@ class ClientConnection(asyncio.Protocol):
         # A token whose backend is restarting stays listed: calls that open something
         # wait for the restart, so a client never sees its slot vanish for a moment.
         capacity = args[1]
-        slots = [t.slot_id for t in self.gw.tokens]
+        slots = [t.slot_id for t in self.gw.tokens if t in self.grants]
         if capacity < len(slots):
             return [Null(len(slots))]
         return [slots]
@@ -508,6 +580,12 @@ class ClientConnection(asyncio.Protocol):
         info = await t.backend.call(call.id, [t.backend_slot])
         mine = [s for s in self.handles.sessions.values() if s.token is t]
         info[0] = t.label
+        flags = info[4]
+        if self.grants[t].write_protected:
+            flags |= ck.CKF_WRITE_PROTECTED
+        if t.pin_mode == "none":
+            flags |= ck.CKF_PROTECTED_AUTHENTICATION_PATH
+        info[4] = flags
         info[6] = len(mine)
         info[8] = sum(1 for s in mine if s.flags & ck.CKF_RW_SESSION)
         return info
@@ -523,6 +601,10 @@ class ClientConnection(asyncio.Protocol):
             raise Pkcs11Error(ckr.SESSION_PARALLEL_NOT_SUPPORTED)
         if not flags & ck.CKF_RW_SESSION and self.logins.get(t) == ck.CKU_SO:
             raise Pkcs11Error(ckr.SESSION_READ_ONLY_EXISTS)
+        if flags & ck.CKF_RW_SESSION and self.grants[t].write_protected:
+            # PKCS#11: a read/write session on a write-protected token
+            raise Denied(ckr.TOKEN_WRITE_PROTECTED, self.grants[t].rule,
+                         "read/write session", t.name)
         gen = t.backend.generation
         try:
             (bh,) = await t.backend.call(call.id, [t.backend_slot, flags])
@@ -580,6 +662,56 @@ class ClientConnection(asyncio.Protocol):
             return await self.forward(call, args)
         if user_type not in (ck.CKU_SO, ck.CKU_USER):
             raise Pkcs11Error(ckr.USER_TYPE_INVALID)
+        if user_type == ck.CKU_SO and not self.grants[t].may("so"):
+            raise Denied(ckr.USER_TYPE_INVALID, self.grants[t].rule, "security officer login",
+                         t.name)
+        if t.gateway_login and user_type == ck.CKU_SO:
+            # the gateway holds the backend's user login; SO functions need passthrough
+            raise Pkcs11Error(ckr.USER_TYPE_INVALID, f"pin_mode {t.pin_mode}: no SO login")
+        who = self.identity.key
+        wait = t.throttle.locked_for(who)
+        if wait > 0:
+            log.warning("login refused: too many wrong PINs", extra={
+                "conn": self.id, "peer": self.peer, "token": t.name,
+                "retry_in_s": round(wait, 1)})
+            self.gw.audit.record(call.name, ckr.PIN_LOCKED, self.peer, t.name,
+                                 user_type=user_type, throttled=True)
+            raise Pkcs11Error(ckr.PIN_LOCKED)
+        try:
+            if t.gateway_login:
+                await self._login_virtual(t, user_type, pin)
+            else:
+                await self._login_passthrough(call, args, t, user_type, pin)
+        except Pkcs11Error as e:
+            if e.rv in (ckr.PIN_INCORRECT, ckr.PIN_INVALID, ckr.PIN_LEN_RANGE):
+                t.throttle.failed(who)
+            self.gw.audit.record(call.name, e.rv, self.peer, t.name, user_type=user_type)
+            raise
+        t.throttle.succeeded(who)
+        self.gw.audit.record(call.name, ckr.OK, self.peer, t.name, user_type=user_type)
+        log.info("login", extra={"conn": self.id, "token": t.name, "user_type": user_type})
+        return []
+
+    async def _login_virtual(self, t: VirtualToken, user_type: int, pin: bytes) -> None:
+        """mapped/none: the backend is logged in by the gateway; check this identity."""
+        if t in self.logins:
+            raise Pkcs11Error(ckr.USER_ALREADY_LOGGED_IN)
+        await t.ensure()
+        if t.mapped_pins is not None:
+            stored = t.mapped_pins.get(self.identity.key)
+            if stored is None:
+                # no PIN for this identity: as good as a wrong one (and as slow)
+                await asyncio.to_thread(verify_pin, pin, _DUMMY_HASH)
+                raise Pkcs11Error(ckr.PIN_INCORRECT)
+            if not await asyncio.to_thread(verify_pin, pin, stored):
+                log.info("login refused", extra={"conn": self.id, "token": t.name,
+                                                 "rv": "CKR_PIN_INCORRECT"})
+                raise Pkcs11Error(ckr.PIN_INCORRECT)
+        t.login.holders.add(self.id)
+        self.logins[t] = user_type
+
+    async def _login_passthrough(self, call: Call, args: list[Any], t: VirtualToken,
+                                 user_type: int, pin: bytes) -> None:
         async with t.login_lock:
             st = t.login
             if t in self.logins:
@@ -608,8 +740,6 @@ class ClientConnection(asyncio.Protocol):
                 st.set(user_type, pin)
             st.holders.add(self.id)
             self.logins[t] = user_type
-        log.info("login", extra={"conn": self.id, "token": t.name, "user_type": user_type})
-        return []
 
     async def h_logout(self, call: Call, args: list[Any]) -> list[Any]:
         s = self._session(args[0])
@@ -627,7 +757,7 @@ class ClientConnection(asyncio.Protocol):
         async with t.login_lock:
             st = t.login
             st.holders.discard(self.id)
-            if not st.holders and st.user_type is not None:
+            if not st.holders and st.user_type is not None and not t.gateway_login:
                 st.clear()
                 if t.control_session is not None and t.backend.up:
                     try:
@@ -655,10 +785,47 @@ class ClientConnection(asyncio.Protocol):
                 ref.private = False
 
     async def h_set_pin(self, call: Call, args: list[Any]) -> list[Any]:
-        reply = await self.forward(call, args)
         s = self._session(args[0])
-        if s.token in self.logins and isinstance(args[2], bytes):
-            s.token.login.change_pin(args[2])
+        t = s.token
+        old = args[1] if isinstance(args[1], bytes) else b""
+        new = args[2] if isinstance(args[2], bytes) else b""
+        if t.mapped_pins is not None:
+            # mapped: an identity changes its own PIN; the backend's is untouched
+            if t not in self.logins:
+                raise Pkcs11Error(ckr.USER_NOT_LOGGED_IN)
+            if not 4 <= len(new) <= 255:
+                raise Pkcs11Error(ckr.PIN_LEN_RANGE)
+            stored = t.mapped_pins.get(self.identity.key)
+            if stored is None or not await asyncio.to_thread(verify_pin, old, stored):
+                t.throttle.failed(self.identity.key)
+                self.gw.audit.record(call.name, ckr.PIN_INCORRECT, self.peer, t.name)
+                raise Pkcs11Error(ckr.PIN_INCORRECT)
+            t.mapped_pins.set(self.identity.key, await asyncio.to_thread(hash_pin, new))
+            self.gw.audit.record(call.name, ckr.OK, self.peer, t.name)
+            return []
+        if t.gateway_login:
+            raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED, "pin_mode none has no PIN")
+        # passthrough: this changes the backend's PIN, shared by every client
+        self._require(t, "so", "C_SetPIN of the shared backend PIN")
+        try:
+            reply = await self.forward(call, args)
+        except Pkcs11Error as e:
+            self.gw.audit.record(call.name, e.rv, self.peer, t.name)
+            raise
+        self.gw.audit.record(call.name, ckr.OK, self.peer, t.name)
+        if t in self.logins and new:
+            t.login.change_pin(new)
+        return reply
+
+    async def h_init_pin(self, call: Call, args: list[Any]) -> list[Any]:
+        s = self._session(args[0])
+        self._require(s.token, "so", "C_InitPIN")
+        try:
+            reply = await self.forward(call, args)
+        except Pkcs11Error as e:
+            self.gw.audit.record(call.name, e.rv, self.peer, s.token.name)
+            raise
+        self.gw.audit.record(call.name, ckr.OK, self.peer, s.token.name)
         return reply
 
     async def h_find_init(self, call: Call, args: list[Any]) -> list[Any]:
@@ -686,11 +853,66 @@ class ClientConnection(asyncio.Protocol):
             raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
         if s.find == "empty":
             return [[] if args[1] else Null(0)]
+        ns = self.grants[s.token].namespace
+        if ns is not None and args[1]:
+            return [await self._find_in_namespace(call, args, s)]
         (found,) = await self.forward(call, args)
         if isinstance(found, list):
             private = False if not self._logged_in(s.token) else None
             found = [self._mint(s.token, h, s.generation, private) for h in found]
         return [found]
+
+    async def _find_in_namespace(self, call: Call, args: list[Any], s: Session) -> list[int]:
+        """C_FindObjects for a tenant confined to a namespace: objects outside it do not
+        exist for it. Filtering can empty a batch while more remain, so read on until
+        something is visible or the backend has no more."""
+        private = False if not self._logged_in(s.token) else None
+        while True:
+            (found,) = await self.forward(call, args)
+            if not isinstance(found, list):
+                return []
+            out = []
+            for bh in found:
+                info = await self._read_info(s, bh)
+                if info is not None and self._visible(s.token, s.generation, bh, info):
+                    h = self._mint(s.token, bh, s.generation, private)
+                    self._remember_identity(self.handles.objects[h], info)
+                    out.append(h)
+            if out or len(found) < args[1]:
+                return out
+
+    async def _read_info(self, s: Session, backend_handle: int) -> ObjectInfo | None:
+        """(is token object, CKA_CLASS, CKA_ID, CKA_LABEL) of an object, read through the
+        client's own backend session; None if the object cannot be read."""
+        reqs = [AttrRequest(ck.CKA_TOKEN, 1), AttrRequest(ck.CKA_CLASS, 8),
+                AttrRequest(ck.CKA_ID, 1024), AttrRequest(ck.CKA_LABEL, 1024)]
+        try:
+            attrs, _ = await s.token.backend.call(
+                ID["C_GetAttributeValue"], [s.backend_handle, backend_handle, reqs])
+        except Pkcs11Error:
+            return None
+        vals = {a.type: a.value for a in attrs if a.length is not None}
+        if ck.CKA_TOKEN not in vals or ck.CKA_CLASS not in vals:
+            return None
+        return (bool(vals[ck.CKA_TOKEN]), int(vals[ck.CKA_CLASS]),
+                bytes(vals.get(ck.CKA_ID) or b""), bytes(vals.get(ck.CKA_LABEL) or b""))
+
+    def _remember_identity(self, ref: ObjectRef, info: ObjectInfo) -> None:
+        if info[0] and ref.identity_state != IDENTITY_KNOWN:
+            ref.identity = [Attribute(ck.CKA_CLASS, info[1], 8),
+                            Attribute(ck.CKA_ID, info[2], len(info[2])),
+                            Attribute(ck.CKA_LABEL, info[3], len(info[3]))]
+            ref.identity_state = IDENTITY_KNOWN
+
+    def _visible(self, t: VirtualToken, generation: int, bh: int, info: ObjectInfo) -> bool:
+        ns = self.grants[t].namespace
+        if ns is None:
+            return True
+        if not info[0]:
+            return (generation, bh) in self.own_session_objects
+        if ns.owned and self.gw.ownership.owner(t.name, info[1:]) == self.identity.key:
+            return True
+        return ns.prefix_match(info[2], info[3])
 
     async def h_find_final(self, call: Call, args: list[Any]) -> list[Any]:
         s = self._session(args[0])
@@ -701,18 +923,177 @@ class ClientConnection(asyncio.Protocol):
             return []
         return await self.forward(call, args)
 
+    async def _target(self, args: list[Any]) -> tuple[Session, ObjectRef, ObjectInfo | None]:
+        """The session and object of an object-management call, with what the backend
+        says the object is (read before the change)."""
+        for _ in range(4):
+            s = self._session(args[0])
+            try:
+                ref = self._object(args[1], s.token)
+                break
+            except _Stale as stale:
+                await self._revive(stale.ref)
+        else:
+            raise Pkcs11Error(ckr.DEVICE_ERROR, "backend restarting repeatedly")
+        return s, ref, await self._read_info(s, ref.backend_handle)
+
     async def h_destroy(self, call: Call, args: list[Any]) -> list[Any]:
-        reply = await self.forward(call, args)
+        s, ref, info = await self._target(args)
+        t = s.token
+        if info is None or info[0]:
+            self._require(t, "destroy", "destroying a token object")
+        fields = self._object_fields(ref) if info is None else object_fields(*info[1:])
+        try:
+            reply = await self.forward(call, args)
+        except Pkcs11Error as e:
+            self.gw.audit.record(call.name, e.rv, self.peer, t.name, object=fields)
+            raise
         self.handles.drop_object(args[1])
+        if info is not None and info[0]:
+            if self.gw.ownership.owner(t.name, info[1:]) is not None:
+                self.gw.ownership.release(t.name, info[1:])
+        else:
+            self.own_session_objects.discard((ref.generation, ref.backend_handle))
+        self.gw.audit.record(call.name, ckr.OK, self.peer, t.name, object=fields)
         return reply
 
     async def h_set_attribute(self, call: Call, args: list[Any]) -> list[Any]:
-        s = self._session(args[0])
-        if not self._logged_in(s.token) and s.token.login.backend_logged_in:
+        s, ref, info = await self._target(args)
+        t = s.token
+        if not self._logged_in(t) and t.login.backend_logged_in:
             for a in args[2]:
                 if a.type == ck.CKA_PRIVATE and a.length is not None and a.value:
                     raise Pkcs11Error(ckr.USER_NOT_LOGGED_IN)
-        return await self.forward(call, args)
+        if info is None or info[0]:
+            self._require(t, "modify", "changing a token object")
+        template: list[Attribute] = args[2]
+        new_info = info
+        if info is not None:
+            new_id = _attr_value(template, ck.CKA_ID, info[2])
+            new_label = _attr_value(template, ck.CKA_LABEL, info[3])
+            new_info = (info[0], info[1], new_id, new_label)
+            if info[0] and new_info != info:
+                self._check_new_identity(t, new_info, renaming=info)
+        fields = self._object_fields(ref) if info is None else object_fields(*info[1:])
+        changed = [f"{a.type:#x}" for a in template]
+        try:
+            reply = await self.forward(call, args)
+        except Pkcs11Error as e:
+            self.gw.audit.record(call.name, e.rv, self.peer, t.name, object=fields,
+                                 attributes=changed)
+            raise
+        if info is not None and new_info is not None and info[0] and new_info != info:
+            owner = self.gw.ownership.owner(t.name, info[1:])
+            if owner is not None:
+                self.gw.ownership.release(t.name, info[1:])
+                self.gw.ownership.claim(t.name, new_info[1:], owner)
+            ref.identity = None
+            ref.identity_state = IDENTITY_UNKNOWN
+            self._remember_identity(ref, new_info)
+        self.gw.audit.record(call.name, ckr.OK, self.peer, t.name, object=fields,
+                             attributes=changed)
+        return reply
+
+    def _check_new_identity(self, t: VirtualToken, info: ObjectInfo,
+                            renaming: ObjectInfo | None = None) -> None:
+        """A namespaced tenant may only give token objects identities inside its
+        namespace, and never one another identity owns."""
+        g = self.grants[t]
+        ns = g.namespace
+        owner = self.gw.ownership.owner(t.name, info[1:])
+        if owner is not None and owner != self.identity.key:
+            raise Denied(ckr.ATTRIBUTE_VALUE_INVALID, g.rule,
+                         "an object identity owned by another tenant", t.name)
+        if ns is None:
+            return
+        if not ns.prefix_match(info[2], info[3]) and not ns.owned:
+            raise Denied(ckr.TEMPLATE_INCONSISTENT, g.rule,
+                         "an object outside the namespace (CKA_ID/CKA_LABEL prefix)", t.name)
+
+    # ------------------------------------------------------------ object creation
+
+    async def h_create(self, call: Call, args: list[Any]) -> list[Any]:
+        """C_CreateObject, C_CopyObject, C_GenerateKey(Pair), C_UnwrapKey, C_DeriveKey:
+        policy first, then the call, then what was made: its identity is read back,
+        checked against the tenant's namespace (undone if outside), recorded as owned
+        and audited."""
+        s = self._session(args[0])
+        t = s.token
+        token_objects = False
+        for pos in CREATE_TEMPLATES[call.id]:
+            on_token = _attr_bool(args[pos], ck.CKA_TOKEN)
+            # a copy keeps the original's CKA_TOKEN unless the template says otherwise
+            if on_token or (on_token is None and call.id == ID["C_CopyObject"]):
+                token_objects = True
+        self._require(t, "create" if token_objects else "use",
+                      "creating a token object" if token_objects else "creating an object")
+        mech = args[1] if call.id in MECHANISM_CALLS else None
+        extra: dict[str, Any] = {}
+        if isinstance(mech, Mechanism):
+            extra["mechanism"] = f"{mech.type:#x}"
+        try:
+            reply = await self.forward(call, args)
+        except Pkcs11Error as e:
+            self.gw.audit.record(call.name, e.rv, self.peer, t.name, **extra)
+            raise
+        new_positions = NEW_OBJECTS[call.id]
+        if call.id == ID["C_DeriveKey2"] and len(reply) < 3:
+            return reply
+        made = [self.handles.objects[reply[p]] for p in new_positions]
+        infos = [await self._read_info(s, ref.backend_handle) for ref in made]
+        try:
+            for info in infos:
+                if info is None:
+                    continue
+                if info[0]:
+                    self._check_new_identity(t, info)
+                    if self.grants[t].namespace is not None:
+                        await self._check_unique(s, info)
+        except Pkcs11Error:
+            await self._undo_creation(s, made)
+            raise
+        for ref, info in zip(made, infos, strict=True):
+            if info is None:
+                self.gw.audit.record(call.name, ckr.OK, self.peer, t.name,
+                                     object={"handle": ref.handle}, **extra)
+                continue
+            self._remember_identity(ref, info)
+            ns = self.grants[t].namespace
+            if info[0]:
+                if ns is not None and ns.owned:
+                    self.gw.ownership.claim(t.name, info[1:], self.identity.key)
+            else:
+                self.own_session_objects.add((ref.generation, ref.backend_handle))
+            self.gw.audit.record(call.name, ckr.OK, self.peer, t.name,
+                                 object=object_fields(*info[1:]),
+                                 token_object=info[0], **extra)
+        return reply
+
+    async def _check_unique(self, s: Session, info: ObjectInfo) -> None:
+        """A namespaced tenant may not create an object whose identity another object on
+        the token already has: the identity is what ownership and namespaces go by."""
+        template = [Attribute(ck.CKA_TOKEN, 1, 1), Attribute(ck.CKA_CLASS, info[1], 8),
+                    Attribute(ck.CKA_ID, info[2], len(info[2])),
+                    Attribute(ck.CKA_LABEL, info[3], len(info[3]))]
+        t = s.token
+        async with t.control_lock:
+            try:
+                await t.backend.call(ID["C_FindObjectsInit"], [t.control_session, template])
+                (found,) = await t.backend.call(ID["C_FindObjects"], [t.control_session, 2])
+            finally:
+                with contextlib.suppress(Pkcs11Error):
+                    await t.backend.call(ID["C_FindObjectsFinal"], [t.control_session])
+        if isinstance(found, list) and len(found) > 1:
+            g = self.grants[t]
+            raise Denied(ckr.ATTRIBUTE_VALUE_INVALID, g.rule,
+                         "an object identity (class, CKA_ID, CKA_LABEL) already in use", t.name)
+
+    async def _undo_creation(self, s: Session, made: list[ObjectRef]) -> None:
+        for ref in made:
+            with contextlib.suppress(Pkcs11Error):
+                await s.token.backend.call(ID["C_DestroyObject"],
+                                           [s.backend_handle, ref.backend_handle])
+            self.handles.drop_object(ref.handle)
 
     async def h_wait_for_slot_event(self, call: Call, args: list[Any]) -> list[Any]:
         if args[0] & ck.CKF_DONT_BLOCK:
@@ -721,6 +1102,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def h_init_token(self, call: Call, args: list[Any]) -> list[Any]:
         t = await self._slot_token(args[0])
+        self._require(t, "so", "C_InitToken")
         if any(s.token is t for s in self.handles.sessions.values()):
             raise Pkcs11Error(ckr.SESSION_EXISTS)
         return await t.backend.call(call.id, [t.backend_slot, *args[1:]])
@@ -738,6 +1120,24 @@ class ClientConnection(asyncio.Protocol):
         for t in {s.token for s in self.handles.sessions.values()}:
             await self._close_sessions(t)
         self.handles = HandleTable()
+
+
+#: (is token object, CKA_CLASS, CKA_ID, CKA_LABEL)
+ObjectInfo = tuple[bool, int, bytes, bytes]
+
+
+def _attr_bool(template: list[Attribute], kind: int) -> bool | None:
+    for a in template:
+        if a.type == kind and a.length is not None:
+            return bool(a.value)
+    return None
+
+
+def _attr_value(template: list[Attribute], kind: int, default: bytes) -> bytes:
+    for a in template:
+        if a.type == kind and a.length is not None and isinstance(a.value, bytes):
+            return a.value
+    return default
 
 
 def _requested_bytes(reqs: list[AttrRequest]) -> int:
@@ -784,6 +1184,14 @@ def _build_handlers() -> dict[int, Handler]:
         "C_FindObjectsFinal": C.h_find_final,
         "C_DestroyObject": C.h_destroy,
         "C_SetAttributeValue": C.h_set_attribute,
+        "C_InitPIN": C.h_init_pin,
+        "C_CreateObject": C.h_create,
+        "C_CopyObject": C.h_create,
+        "C_GenerateKey": C.h_create,
+        "C_GenerateKeyPair": C.h_create,
+        "C_UnwrapKey": C.h_create,
+        "C_DeriveKey": C.h_create,
+        "C_DeriveKey2": C.h_create,
         "C_WaitForSlotEvent": C.h_wait_for_slot_event,
     }
     out: dict[int, Handler] = {}

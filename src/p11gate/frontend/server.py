@@ -12,10 +12,14 @@ import urllib.parse
 from typing import Any
 
 from ..admin import AdminServer, admin_socket_path
+from ..audit import AuditLog
 from ..backends.base import Backend
 from ..config import BackendConfig, Config
 from ..errors import Pkcs11Error
 from ..identity import Identity
+from ..policy import Policy
+from ..policy.namespace import OwnershipStore
+from ..registry import Registry
 from .connection import ClientConnection
 from .token import VirtualToken
 
@@ -43,7 +47,15 @@ class Gateway:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.backends: dict[str, Backend] = {b.name: make_backend(b) for b in cfg.backend}
-        self.tokens = [VirtualToken(t, self.backends[t.backend]) for t in cfg.token]
+        self.registry = Registry(cfg.server.state_dir)
+        self.ownership = OwnershipStore(self.registry)
+        self.policy = Policy(cfg.rule)
+        audit_path = None
+        if cfg.audit.enabled:
+            audit_path = cfg.audit.file or os.path.join(cfg.server.state_dir, "audit.jsonl")
+        self.audit = AuditLog(audit_path)
+        self.tokens = [VirtualToken(t, self.backends[t.backend], self.registry)
+                       for t in cfg.token]
         self.tokens_by_slot = {t.slot_id: t for t in self.tokens}
         self.connections: set[ClientConnection] = set()
         self.background: set[asyncio.Task[Any]] = set()
@@ -134,6 +146,8 @@ class Gateway:
             await asyncio.wait(self.background, timeout=3)
         for b in self.backends.values():
             await b.stop()
+        self.audit.close()
+        self.registry.close()
         for address in self.cfg.server.listen:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(unix_path(address))
@@ -141,10 +155,14 @@ class Gateway:
     def status(self) -> dict[str, Any]:
         return {
             "connections": len(self.connections),
+            "clients": sorted({c.peer for c in self.connections}),
+            "audit_records": self.audit.records,
             "backends": [b.describe() for b in self.backends.values()],
             "tokens": [
                 {"name": t.name, "slot": t.slot_id, "backend": t.backend.name,
-                 "present": t.present, "logged_in_clients": len(t.login.holders),
+                 "present": t.present, "pin_mode": t.pin_mode,
+                 "logged_in_clients": len(t.login.holders),
+                 "owned_objects": self.ownership.count(t.name),
                  "last_error": t.last_error}
                 for t in self.tokens
             ],

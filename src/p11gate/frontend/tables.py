@@ -94,3 +94,11 @@ ATTR_REQUEST_ARG: dict[int, int] = {
 RELAYABLE_REPLIES = frozenset(
     c.id for c in CALLS if c.rep_codes in ((), ("ay",)) and c.id not in NEW_OBJECTS
 )
+
+#: calls that use a key (the handle at OBJECT_ARGS[...][0]): policy "use", one audit
+#: record each
+KEY_USE = frozenset(
+    [c.id for c in CALLS if c.request == "uMu"]
+    + [_id(n) for n in ("C_WrapKey", "C_UnwrapKey", "C_DeriveKey", "C_DeriveKey2",
+                        "C_DigestKey")]
+)

@@ -9,9 +9,11 @@ from .. import ck
 from ..backends.base import Backend
 from ..codec import ckr
 from ..codec.calls import CALLS_BY_NAME
-from ..config import TokenConfig
+from ..config import ConfigError, TokenConfig
 from ..errors import BackendUnavailable, Pkcs11Error
+from ..registry import Registry
 from .login import LoginState
+from .pins import MappedPins, PinThrottle
 
 log = logging.getLogger("p11gate.token")
 
@@ -29,9 +31,18 @@ def pad(text: str | bytes, size: int) -> bytes:
 
 
 class VirtualToken:
-    def __init__(self, cfg: TokenConfig, backend: Backend) -> None:
+    def __init__(self, cfg: TokenConfig, backend: Backend,
+                 registry: Registry | None = None) -> None:
         self.cfg = cfg
         self.name = cfg.name
+        self.pin_mode = cfg.pin_mode
+        #: mapped/none: the gateway, not the clients, logs the backend in
+        self.gateway_login = cfg.pin_mode != "passthrough"
+        self.throttle = PinThrottle(cfg.max_pin_failures, cfg.pin_lockout)
+        self.mapped_pins: MappedPins | None = None
+        if cfg.pin_mode == "mapped":
+            assert registry is not None, "mapped PINs need the registry"
+            self.mapped_pins = MappedPins(cfg.name, cfg.pins, registry)
         self.slot_id = cfg.virtual_slot_id
         self.backend = backend
         self.label = pad(cfg.name, 32)
@@ -66,6 +77,8 @@ class VirtualToken:
                 (self.control_session,) = await self.backend.call(
                     C_OpenSession, [self.backend_slot, ck.CKF_SERIAL_SESSION | ck.CKF_RW_SESSION]
                 )
+                if self.gateway_login:
+                    await self._gateway_login()
                 pin = self.login.pin()
                 if pin is not None and self.login.user_type is not None:
                     # the worker restarted while clients were logged in: restore
@@ -87,6 +100,23 @@ class VirtualToken:
                 self.control_session = None
                 self.last_error = str(e)
                 raise
+
+    async def _gateway_login(self) -> None:
+        """mapped/none: log the backend in with the configured credential. Its value
+        never leaves this function: not into logs, errors or status."""
+        try:
+            pin = self.cfg.backend_pin()
+        except (ConfigError, OSError) as e:
+            raise Pkcs11Error(ckr.GENERAL_ERROR, f"token {self.name}: {e}") from None
+        try:
+            await self.backend.call(C_Login, [self.control_session, ck.CKU_USER, pin])
+        except Pkcs11Error as e:
+            if e.rv != ckr.USER_ALREADY_LOGGED_IN:
+                raise Pkcs11Error(e.rv, f"token {self.name}: the gateway's backend login "
+                                  "failed (check backend_pin_file/backend_pin_env)") from None
+        finally:
+            del pin
+        self.login.user_type = ck.CKU_USER
 
     async def _select_slot(self) -> int:
         sel = self.cfg.select
