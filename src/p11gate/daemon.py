@@ -30,7 +30,13 @@ def _load(config_path: str | None, state_dir: str | None, listen: str | None) ->
 
 
 async def _serve(cfg: Config, demo: bool) -> int:
-    gw = Gateway(cfg)
+    try:
+        gw = Gateway(cfg)
+    except OSError as e:
+        print(f"{cfg.source}: server.state_dir / audit.file: cannot use "
+              f"{e.filename or cfg.server.state_dir}: {e.strerror}; set [server] state_dir "
+              "(and [audit] file) to a writable directory", file=sys.stderr)
+        return 2
     await gw.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
