@@ -486,3 +486,20 @@ def test_unused_imports_are_real_calls() -> None:
 
     assert (N["C_FindObjectsInit"].id, N["C_FindObjects"].id, N["C_FindObjectsFinal"].id) == (
         C_FindObjectsInit, C_FindObjects, C_FindObjectsFinal)
+
+
+def test_session_objects_belong_to_the_connection_that_made_them(env: dict[str, Any]) -> None:
+    a, b = raw(env["gw"].path), raw(env["gw"].path)
+    slot = slot_of(a, "shared")
+    (sa,) = a.call(C_OpenSession, [slot, CKF_SERIAL | CKF_RW])
+    (sb,) = b.call(C_OpenSession, [slot, CKF_SERIAL | CKF_RW])
+    label = b"session-data-of-a"
+    template = [Attribute(CKA_CLASS, 0, 8), Attribute(1, 0, 1),  # CKA_TOKEN = FALSE
+                Attribute(2, 0, 1),  # CKA_PRIVATE = FALSE (no one is logged in)
+                Attribute(CKA_LABEL, label, len(label))]
+    (h,) = a.call(C_CreateObject, [sa, template])
+    query = [Attribute(CKA_LABEL, label, len(label))]
+    assert find(a, sa, query) == [h]
+    assert find(b, sb, query) == []  # another application's session object
+    a.call(C_DestroyObject, [sa, h])
+    assert find(a, sa, query) == []

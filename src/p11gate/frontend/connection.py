@@ -107,9 +107,6 @@ class ClientConnection(asyncio.Protocol):
         self.identity: Identity = UNKNOWN
         #: what policy lets this identity do on each token it may see
         self.grants: dict[VirtualToken, Grant] = {}
-        #: (generation, backend handle) of session objects this connection created:
-        #: the only session objects a namespaced tenant sees
-        self.own_session_objects: set[tuple[int, int]] = set()
         self.peer = "unknown"
         self._tail: asyncio.Future[None] | None = None  # ordering of session-less calls
         self._tasks: set[asyncio.Task[None]] = set()
@@ -858,8 +855,14 @@ class ClientConnection(asyncio.Protocol):
             return [await self._find_in_namespace(call, args, s)]
         (found,) = await self.forward(call, args)
         if isinstance(found, list):
-            private = False if not self._logged_in(s.token) else None
-            found = [self._mint(s.token, h, s.generation, private) for h in found]
+            t = s.token
+            private = False if not self._logged_in(t) else None
+            if t.session_objects:
+                # another application's session objects are not this one's business
+                theirs = t.session_objects
+                found = [h for h in found
+                         if theirs.get((s.generation, h), self.id) == self.id]
+            found = [self._mint(t, h, s.generation, private) for h in found]
         return [found]
 
     async def _find_in_namespace(self, call: Call, args: list[Any], s: Session) -> list[int]:
@@ -909,7 +912,7 @@ class ClientConnection(asyncio.Protocol):
         if ns is None:
             return True
         if not info[0]:
-            return (generation, bh) in self.own_session_objects
+            return t.session_objects.get((generation, bh)) == self.id
         if ns.owned and self.gw.ownership.owner(t.name, info[1:]) == self.identity.key:
             return True
         return ns.prefix_match(info[2], info[3])
@@ -952,8 +955,7 @@ class ClientConnection(asyncio.Protocol):
         if info is not None and info[0]:
             if self.gw.ownership.owner(t.name, info[1:]) is not None:
                 self.gw.ownership.release(t.name, info[1:])
-        else:
-            self.own_session_objects.discard((ref.generation, ref.backend_handle))
+        t.session_objects.pop((ref.generation, ref.backend_handle), None)
         self.gw.audit.record(call.name, ckr.OK, self.peer, t.name, object=fields)
         return reply
 
@@ -1059,11 +1061,13 @@ class ClientConnection(asyncio.Protocol):
                 continue
             self._remember_identity(ref, info)
             ns = self.grants[t].namespace
+            key = (ref.generation, ref.backend_handle)
             if info[0]:
+                t.session_objects.pop(key, None)
                 if ns is not None and ns.owned:
                     self.gw.ownership.claim(t.name, info[1:], self.identity.key)
             else:
-                self.own_session_objects.add((ref.generation, ref.backend_handle))
+                t.session_objects[key] = self.id
             self.gw.audit.record(call.name, ckr.OK, self.peer, t.name,
                                  object=object_fields(*info[1:]),
                                  token_object=info[0], **extra)
@@ -1119,6 +1123,10 @@ class ClientConnection(asyncio.Protocol):
                 log.exception("logout at close failed", extra={"conn": self.id})
         for t in {s.token for s in self.handles.sessions.values()}:
             await self._close_sessions(t)
+        for t in self.gw.tokens:
+            if t.session_objects:
+                for key in [k for k, v in t.session_objects.items() if v == self.id]:
+                    del t.session_objects[key]
         self.handles = HandleTable()
 
 

@@ -57,6 +57,9 @@ class VirtualToken:
         self.control_lock = asyncio.Lock()
         self._attach_lock = asyncio.Lock()
         self.last_error = ""
+        #: (generation, backend handle) of session objects → the connection that made
+        #: them: a session object belongs to one application (connection) only
+        self.session_objects: dict[tuple[int, int], int] = {}
 
     @property
     def present(self) -> bool:
