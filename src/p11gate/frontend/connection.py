@@ -38,11 +38,12 @@ from ..codec import (
     encode_reply,
     reply_rv,
 )
-from ..codec.calls import CALLS_BY_NAME
 from ..codec.values import HandleParam, KyberParams
 from ..errors import BackendUnavailable, Pkcs11Error
 from ..identity import UNKNOWN, Identity
 from ..policy import Denied, Grant, require
+from . import login_calls, object_calls
+from .common import ID, PRIVATE_FALSE, RESTART_WAIT, Stale
 from .handles import (
     IDENTITY_KNOWN,
     IDENTITY_NONE,
@@ -52,7 +53,6 @@ from .handles import (
     ObjectRef,
     Session,
 )
-from .pins import hash_pin, verify_pin
 from .tables import (
     ATTR_REQUEST_ARG,
     CAPACITY_ARGS,
@@ -75,16 +75,6 @@ log = logging.getLogger("p11gate.conn")
 
 _ids = itertools.count(1)
 
-#: how long a call that opens something new waits for a restarting backend, seconds
-RESTART_WAIT = 10.0
-
-ID = {c: CALLS_BY_NAME[c].id for c in CALLS_BY_NAME}
-
-_PRIVATE_FALSE = Attribute(ck.CKA_PRIVATE, 0, 1)
-#: checked against when an identity has no PIN, so that case takes as long as a wrong PIN
-_DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$" + "A" * 43 + "="
-#: what the gateway reads to know an object: token or session object, and its identity
-_INFO_REQUEST = (ck.CKA_TOKEN, ck.CKA_CLASS, ck.CKA_ID, ck.CKA_LABEL)
 _DEFAULT_PRIVATE_CLASSES = {ck.CKO_PRIVATE_KEY, ck.CKO_SECRET_KEY}
 #: creating these yields private/secret keys, which tokens make private by default
 _KEY_MAKERS = {ID["C_GenerateKey"], ID["C_UnwrapKey"], ID["C_DeriveKey"], ID["C_DeriveKey2"]}
@@ -233,7 +223,7 @@ class ClientConnection(asyncio.Protocol):
             raise Pkcs11Error(ckr.SLOT_ID_INVALID)
         return t
 
-    def _require(self, token: VirtualToken, permission: str, what: str) -> None:
+    def require(self, token: VirtualToken, permission: str, what: str) -> None:
         require(self.grants[token], permission, what, token.name)
 
     def _denied(self, call: Call, e: Denied) -> None:
@@ -251,21 +241,21 @@ class ClientConnection(asyncio.Protocol):
         s = self.handles.sessions.get(args[0])
         pos = OBJECT_ARGS[call.id][0]
         ref = self.handles.objects.get(args[pos])
-        fields: dict[str, Any] = {"object": self._object_fields(ref) if ref else {}}
+        fields: dict[str, Any] = {"object": self.object_fields_of(ref) if ref else {}}
         m = args[1] if call.id in MECHANISM_CALLS else None
         if isinstance(m, Mechanism):
             fields["mechanism"] = f"{m.type:#x}"
         audit.record(call.name, rv, self.peer, s.token.name if s else None, **fields)
 
     @staticmethod
-    def _object_fields(ref: ObjectRef) -> dict[str, Any]:
+    def object_fields_of(ref: ObjectRef) -> dict[str, Any]:
         if ref.identity is None:
             return {"handle": ref.handle}
         vals = {a.type: a.value for a in ref.identity}
         return object_fields(vals.get(ck.CKA_CLASS), vals.get(ck.CKA_ID),
                              vals.get(ck.CKA_LABEL))
 
-    def _session(self, handle: int) -> Session:
+    def session_for(self, handle: int) -> Session:
         s = self.handles.sessions.get(handle)
         if s is None:
             raise Pkcs11Error(ckr.SESSION_HANDLE_INVALID)
@@ -275,18 +265,18 @@ class ClientConnection(asyncio.Protocol):
             raise Pkcs11Error(ckr.SESSION_HANDLE_INVALID)
         return s
 
-    def _object(self, handle: int, token: VirtualToken) -> ObjectRef:
+    def object_for(self, handle: int, token: VirtualToken) -> ObjectRef:
         ref = self.handles.objects.get(handle)
         if ref is None or ref.token is not token:
             raise Pkcs11Error(ckr.OBJECT_HANDLE_INVALID)
         if ref.generation != token.backend.generation:
             if ref.identity_state == IDENTITY_KNOWN:
-                raise _Stale(ref)  # a token object: find it again, keep the handle
+                raise Stale(ref)  # a token object: find it again, keep the handle
             self.handles.drop_object(handle)
             raise Pkcs11Error(ckr.OBJECT_HANDLE_INVALID)
         return ref
 
-    def _mint(self, token: VirtualToken, backend_handle: int, generation: int,
+    def mint(self, token: VirtualToken, backend_handle: int, generation: int,
               private: bool | None) -> int:
         h = self.handles.object_for(token, backend_handle, generation, private)
         ref = self.handles.objects[h]
@@ -316,7 +306,7 @@ class ClientConnection(asyncio.Protocol):
         ref.identity = [a for a in attrs[1:] if a.length is not None]
         ref.identity_state = IDENTITY_KNOWN
 
-    async def _revive(self, ref: ObjectRef) -> None:
+    async def revive(self, ref: ObjectRef) -> None:
         t = ref.token
         await t.backend.wait_up(RESTART_WAIT)
         await t.ensure()
@@ -336,7 +326,7 @@ class ClientConnection(asyncio.Protocol):
         log.info("object handle rebound after backend restart",
                  extra={"conn": self.id, "token": t.name, "handle": ref.handle})
 
-    def _logged_in(self, token: VirtualToken) -> bool:
+    def logged_in(self, token: VirtualToken) -> bool:
         return token in self.logins
 
     def _mechanism(self, m: Mechanism | None, token: VirtualToken) -> Mechanism | None:
@@ -344,9 +334,9 @@ class ClientConnection(asyncio.Protocol):
             return m
         p = m.param
         if isinstance(p, HandleParam):
-            return Mechanism(m.type, HandleParam(self._object(p.handle, token).backend_handle))
+            return Mechanism(m.type, HandleParam(self.object_for(p.handle, token).backend_handle))
         if isinstance(p, KyberParams) and p.secret_handle:
-            bh = self._object(p.secret_handle, token).backend_handle
+            bh = self.object_for(p.secret_handle, token).backend_handle
             return Mechanism(m.type, p._replace(secret_handle=bh))
         if m.type in ck.HANDLE_IN_RAW_PARAM and p is not None:
             raise Pkcs11Error(ckr.MECHANISM_PARAM_INVALID, "parameter carries a handle")
@@ -359,16 +349,16 @@ class ClientConnection(asyncio.Protocol):
     ) -> tuple[Session, list[Any], list[bool | None]]:
         """Translate a session call's handles to the backend's (synchronously: nothing
         may await between the generation check and the send)."""
-        s = self._session(args[0])
+        s = self.session_for(args[0])
         token = s.token
         if call.id in KEY_USE:
-            self._require(token, "use", "key use")
+            self.require(token, "use", "key use")
         bargs = list(args)
         bargs[0] = s.backend_handle
         for pos in OBJECT_ARGS.get(call.id, ()):
             if bargs[pos] == 0 and call.id in OPTIONAL_OBJECT_ARGS:
                 continue
-            bargs[pos] = self._object(bargs[pos], token).backend_handle
+            bargs[pos] = self.object_for(bargs[pos], token).backend_handle
         if call.id in MECHANISM_CALLS:
             bargs[1] = self._mechanism(bargs[1], token)
         caps = CAPACITY_ARGS.get(call.id)
@@ -404,7 +394,7 @@ class ClientConnection(asyncio.Protocol):
         if new is not None and not (call.id == ID["C_DeriveKey2"] and len(reply) < 3):
             for i, pos in enumerate(new):
                 priv = private[min(i, len(private) - 1)] if private else None
-                reply[pos] = self._mint(s.token, reply[pos], s.generation, priv)
+                reply[pos] = self.mint(s.token, reply[pos], s.generation, priv)
         return reply
 
     def _relay(self, code: int, call: Call, args: list[Any] | None,
@@ -427,8 +417,8 @@ class ClientConnection(asyncio.Protocol):
             try:
                 s, bargs, private = self._prepare(call, args)
                 break
-            except _Stale as stale:
-                await self._revive(stale.ref)
+            except Stale as stale:
+                await self.revive(stale.ref)
         else:
             raise Pkcs11Error(ckr.DEVICE_ERROR, "backend restarting repeatedly")
         try:
@@ -469,7 +459,7 @@ class ClientConnection(asyncio.Protocol):
         except (Pkcs11Error, ArgumentError) as e:
             self._reply(code, encode_error(e.rv))
             return
-        except _Stale:
+        except Stale:
             # an object handle from before a backend restart: find it again first
             task = asyncio.get_running_loop().create_task(
                 self._run(code, call, args, ClientConnection.forward, None))
@@ -503,7 +493,7 @@ class ClientConnection(asyncio.Protocol):
         may be logged in for another connection. Returns the known CKA_PRIVATE of each
         object to be created (None = token default)."""
         out: list[bool | None] = []
-        public_session = not self._logged_in(token) and token.login.backend_logged_in
+        public_session = not self.logged_in(token) and token.login.backend_logged_in
         for n, pos in enumerate(positions):
             template: list[Attribute] = bargs[pos]
             priv = next((bool(a.value) for a in template
@@ -521,7 +511,7 @@ class ClientConnection(asyncio.Protocol):
                     )
                     if private_kind:
                         raise Pkcs11Error(ckr.USER_NOT_LOGGED_IN)
-                    bargs[pos] = [*template, _PRIVATE_FALSE]
+                    bargs[pos] = [*template, PRIVATE_FALSE]
                     priv = False
             out.append(priv)
         return out
@@ -611,7 +601,7 @@ class ClientConnection(asyncio.Protocol):
         return [s.handle]
 
     async def h_close_session(self, call: Call, args: list[Any]) -> list[Any]:
-        s = self._session(args[0])
+        s = self.session_for(args[0])
         del self.handles.sessions[s.handle]
         try:
             await s.token.backend.call(call.id, [s.backend_handle])
@@ -635,7 +625,7 @@ class ClientConnection(asyncio.Protocol):
                     pass
 
     async def h_get_session_info(self, call: Call, args: list[Any]) -> list[Any]:
-        s = self._session(args[0])
+        s = self.session_for(args[0])
         rw = bool(s.flags & ck.CKF_RW_SESSION)
         user = self.logins.get(s.token)
         if user == ck.CKU_SO:
@@ -646,459 +636,6 @@ class ClientConnection(asyncio.Protocol):
             state = ck.CKS_RW_PUBLIC_SESSION if rw else ck.CKS_RO_PUBLIC_SESSION
         return [s.token.slot_id, state, s.flags & (ck.CKF_RW_SESSION | ck.CKF_SERIAL_SESSION), 0]
 
-    async def h_login(self, call: Call, args: list[Any]) -> list[Any]:
-        s = self._session(args[0])
-        user_type = args[1]
-        pin = args[2] if isinstance(args[2], bytes) else b""
-        if call.id == ID["C_LoginUser"]:
-            user_type, pin = args[1], (args[2] or b"") + b"\0" + (args[3] or b"")
-        t = s.token
-        if user_type == ck.CKU_CONTEXT_SPECIFIC:
-            if not self._logged_in(t):
-                raise Pkcs11Error(ckr.USER_NOT_LOGGED_IN)
-            return await self.forward(call, args)
-        if user_type not in (ck.CKU_SO, ck.CKU_USER):
-            raise Pkcs11Error(ckr.USER_TYPE_INVALID)
-        if user_type == ck.CKU_SO and not self.grants[t].may("so"):
-            raise Denied(ckr.USER_TYPE_INVALID, self.grants[t].rule, "security officer login",
-                         t.name)
-        if t.gateway_login and user_type == ck.CKU_SO:
-            # the gateway holds the backend's user login; SO functions need passthrough
-            raise Pkcs11Error(ckr.USER_TYPE_INVALID, f"pin_mode {t.pin_mode}: no SO login")
-        who = self.identity.key
-        wait = t.throttle.locked_for(who)
-        if wait > 0:
-            log.warning("login refused: too many wrong PINs", extra={
-                "conn": self.id, "peer": self.peer, "token": t.name,
-                "retry_in_s": round(wait, 1)})
-            self.gw.audit.record(call.name, ckr.PIN_LOCKED, self.peer, t.name,
-                                 user_type=user_type, throttled=True)
-            raise Pkcs11Error(ckr.PIN_LOCKED)
-        try:
-            if t.gateway_login:
-                await self._login_virtual(t, user_type, pin)
-            else:
-                await self._login_passthrough(call, args, t, user_type, pin)
-        except Pkcs11Error as e:
-            if e.rv in (ckr.PIN_INCORRECT, ckr.PIN_INVALID, ckr.PIN_LEN_RANGE):
-                t.throttle.failed(who)
-            self.gw.audit.record(call.name, e.rv, self.peer, t.name, user_type=user_type)
-            raise
-        t.throttle.succeeded(who)
-        self.gw.audit.record(call.name, ckr.OK, self.peer, t.name, user_type=user_type)
-        log.info("login", extra={"conn": self.id, "token": t.name, "user_type": user_type})
-        return []
-
-    async def _login_virtual(self, t: VirtualToken, user_type: int, pin: bytes) -> None:
-        """mapped/none: the backend is logged in by the gateway; check this identity."""
-        if t in self.logins:
-            raise Pkcs11Error(ckr.USER_ALREADY_LOGGED_IN)
-        await t.ensure()
-        if t.mapped_pins is not None:
-            stored = t.mapped_pins.get(self.identity.key)
-            if stored is None:
-                # no PIN for this identity: as good as a wrong one (and as slow)
-                await asyncio.to_thread(verify_pin, pin, _DUMMY_HASH)
-                raise Pkcs11Error(ckr.PIN_INCORRECT)
-            if not await asyncio.to_thread(verify_pin, pin, stored):
-                log.info("login refused", extra={"conn": self.id, "token": t.name,
-                                                 "rv": "CKR_PIN_INCORRECT"})
-                raise Pkcs11Error(ckr.PIN_INCORRECT)
-        t.login.holders.add(self.id)
-        self.logins[t] = user_type
-
-    async def _login_passthrough(self, call: Call, args: list[Any], t: VirtualToken,
-                                 user_type: int, pin: bytes) -> None:
-        async with t.login_lock:
-            st = t.login
-            if t in self.logins:
-                same = self.logins[t] == user_type
-                raise Pkcs11Error(ckr.USER_ALREADY_LOGGED_IN if same
-                                  else ckr.USER_ANOTHER_ALREADY_LOGGED_IN)
-            if st.user_type is not None:
-                if st.user_type != user_type:
-                    raise Pkcs11Error(ckr.USER_ANOTHER_ALREADY_LOGGED_IN)
-                if not st.verify(pin):
-                    log.info("login refused", extra={"conn": self.id, "token": t.name,
-                                                     "rv": "CKR_PIN_INCORRECT"})
-                    raise Pkcs11Error(ckr.PIN_INCORRECT)
-            else:
-                if user_type == ck.CKU_SO and any(
-                    not x.flags & ck.CKF_RW_SESSION for x in self.handles.sessions.values()
-                    if x.token is t
-                ):
-                    raise Pkcs11Error(ckr.SESSION_READ_ONLY_EXISTS)
-                await t.ensure()
-                bargs = [t.control_session, *args[1:]]
-                try:
-                    await t.backend.call(call.id, bargs)
-                except BackendUnavailable:
-                    raise Pkcs11Error(ckr.DEVICE_ERROR) from None
-                st.set(user_type, pin)
-            st.holders.add(self.id)
-            self.logins[t] = user_type
-
-    async def h_logout(self, call: Call, args: list[Any]) -> list[Any]:
-        s = self._session(args[0])
-        if s.token not in self.logins:
-            raise Pkcs11Error(ckr.USER_NOT_LOGGED_IN)
-        await self._logout(s.token)
-        return []
-
-    async def _logout(self, t: VirtualToken) -> None:
-        """Drop this connection's login on ``t``: first its handles to private objects
-        (while the backend can still tell which are private), then the backend login if
-        no other connection holds it."""
-        self.logins.pop(t, None)
-        await self._drop_private_handles(t)
-        async with t.login_lock:
-            st = t.login
-            st.holders.discard(self.id)
-            if not st.holders and st.user_type is not None and not t.gateway_login:
-                st.clear()
-                if t.control_session is not None and t.backend.up:
-                    try:
-                        await t.backend.call(ID["C_Logout"], [t.control_session])
-                    except Pkcs11Error:
-                        pass
-        log.info("logout", extra={"conn": self.id, "token": t.name})
-
-    async def _drop_private_handles(self, t: VirtualToken) -> None:
-        unknown = [r for r in self.handles.objects_of(t) if r.private is not False]
-        for ref in unknown:
-            private = ref.private
-            if private is None and ref.generation == t.backend.generation and t.backend.up:
-                try:
-                    (attrs, rv) = await t.backend.call(
-                        ID["C_GetAttributeValue"],
-                        [t.control_session, ref.backend_handle, [AttrRequest(ck.CKA_PRIVATE, 1)]],
-                    )
-                    private = rv != ckr.OK or bool(attrs[0].value)
-                except Pkcs11Error:
-                    private = True
-            if private is not False:
-                self.handles.drop_object(ref.handle)
-            else:
-                ref.private = False
-
-    async def h_set_pin(self, call: Call, args: list[Any]) -> list[Any]:
-        s = self._session(args[0])
-        t = s.token
-        old = args[1] if isinstance(args[1], bytes) else b""
-        new = args[2] if isinstance(args[2], bytes) else b""
-        if t.mapped_pins is not None:
-            # mapped: an identity changes its own PIN; the backend's is untouched
-            if t not in self.logins:
-                raise Pkcs11Error(ckr.USER_NOT_LOGGED_IN)
-            if not 4 <= len(new) <= 255:
-                raise Pkcs11Error(ckr.PIN_LEN_RANGE)
-            stored = t.mapped_pins.get(self.identity.key)
-            if stored is None or not await asyncio.to_thread(verify_pin, old, stored):
-                t.throttle.failed(self.identity.key)
-                self.gw.audit.record(call.name, ckr.PIN_INCORRECT, self.peer, t.name)
-                raise Pkcs11Error(ckr.PIN_INCORRECT)
-            t.mapped_pins.set(self.identity.key, await asyncio.to_thread(hash_pin, new))
-            self.gw.audit.record(call.name, ckr.OK, self.peer, t.name)
-            return []
-        if t.gateway_login:
-            raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED, "pin_mode none has no PIN")
-        # passthrough: this changes the backend's PIN, shared by every client
-        self._require(t, "so", "C_SetPIN of the shared backend PIN")
-        try:
-            reply = await self.forward(call, args)
-        except Pkcs11Error as e:
-            self.gw.audit.record(call.name, e.rv, self.peer, t.name)
-            raise
-        self.gw.audit.record(call.name, ckr.OK, self.peer, t.name)
-        if t in self.logins and new:
-            t.login.change_pin(new)
-        return reply
-
-    async def h_init_pin(self, call: Call, args: list[Any]) -> list[Any]:
-        s = self._session(args[0])
-        self._require(s.token, "so", "C_InitPIN")
-        try:
-            reply = await self.forward(call, args)
-        except Pkcs11Error as e:
-            self.gw.audit.record(call.name, e.rv, self.peer, s.token.name)
-            raise
-        self.gw.audit.record(call.name, ckr.OK, self.peer, s.token.name)
-        return reply
-
-    async def h_find_init(self, call: Call, args: list[Any]) -> list[Any]:
-        s = self._session(args[0])
-        if s.find is not None:
-            raise Pkcs11Error(ckr.OPERATION_ACTIVE)
-        template: list[Attribute] = args[1]
-        if not self._logged_in(s.token):
-            # Always, not only while the backend is logged in: another connection may log
-            # it in before this search is read, and some modules search lazily.
-            wants_private = next((bool(a.value) for a in template
-                                  if a.type == ck.CKA_PRIVATE and a.length is not None), None)
-            if wants_private:
-                s.find = "empty"  # a public session finds no private objects
-                return []
-            if wants_private is None:
-                args = [args[0], [*template, _PRIVATE_FALSE]]
-        await self.forward(call, args)
-        s.find = "backend"
-        return []
-
-    async def h_find(self, call: Call, args: list[Any]) -> list[Any]:
-        s = self._session(args[0])
-        if s.find is None:
-            raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
-        if s.find == "empty":
-            return [[] if args[1] else Null(0)]
-        ns = self.grants[s.token].namespace
-        if ns is not None and args[1]:
-            return [await self._find_in_namespace(call, args, s)]
-        (found,) = await self.forward(call, args)
-        if isinstance(found, list):
-            t = s.token
-            private = False if not self._logged_in(t) else None
-            if t.session_objects:
-                # another application's session objects are not this one's business
-                theirs = t.session_objects
-                found = [h for h in found
-                         if theirs.get((s.generation, h), self.id) == self.id]
-            found = [self._mint(t, h, s.generation, private) for h in found]
-        return [found]
-
-    async def _find_in_namespace(self, call: Call, args: list[Any], s: Session) -> list[int]:
-        """C_FindObjects for a tenant confined to a namespace: objects outside it do not
-        exist for it. Filtering can empty a batch while more remain, so read on until
-        something is visible or the backend has no more."""
-        private = False if not self._logged_in(s.token) else None
-        while True:
-            (found,) = await self.forward(call, args)
-            if not isinstance(found, list):
-                return []
-            out = []
-            for bh in found:
-                info = await self._read_info(s, bh)
-                if info is not None and self._visible(s.token, s.generation, bh, info):
-                    h = self._mint(s.token, bh, s.generation, private)
-                    self._remember_identity(self.handles.objects[h], info)
-                    out.append(h)
-            if out or len(found) < args[1]:
-                return out
-
-    async def _read_info(self, s: Session, backend_handle: int) -> ObjectInfo | None:
-        """(is token object, CKA_CLASS, CKA_ID, CKA_LABEL) of an object, read through the
-        client's own backend session; None if the object cannot be read."""
-        reqs = [AttrRequest(ck.CKA_TOKEN, 1), AttrRequest(ck.CKA_CLASS, 8),
-                AttrRequest(ck.CKA_ID, 1024), AttrRequest(ck.CKA_LABEL, 1024)]
-        try:
-            attrs, _ = await s.token.backend.call(
-                ID["C_GetAttributeValue"], [s.backend_handle, backend_handle, reqs])
-        except Pkcs11Error:
-            return None
-        vals = {a.type: a.value for a in attrs if a.length is not None}
-        if ck.CKA_TOKEN not in vals or ck.CKA_CLASS not in vals:
-            return None
-        return (bool(vals[ck.CKA_TOKEN]), int(vals[ck.CKA_CLASS]),
-                bytes(vals.get(ck.CKA_ID) or b""), bytes(vals.get(ck.CKA_LABEL) or b""))
-
-    def _remember_identity(self, ref: ObjectRef, info: ObjectInfo) -> None:
-        if info[0] and ref.identity_state != IDENTITY_KNOWN:
-            ref.identity = [Attribute(ck.CKA_CLASS, info[1], 8),
-                            Attribute(ck.CKA_ID, info[2], len(info[2])),
-                            Attribute(ck.CKA_LABEL, info[3], len(info[3]))]
-            ref.identity_state = IDENTITY_KNOWN
-
-    def _visible(self, t: VirtualToken, generation: int, bh: int, info: ObjectInfo) -> bool:
-        ns = self.grants[t].namespace
-        if ns is None:
-            return True
-        if not info[0]:
-            return t.session_objects.get((generation, bh)) == self.id
-        if ns.owned and self.gw.ownership.owner(t.name, info[1:]) == self.identity.key:
-            return True
-        return ns.prefix_match(info[2], info[3])
-
-    async def h_find_final(self, call: Call, args: list[Any]) -> list[Any]:
-        s = self._session(args[0])
-        if s.find is None:
-            raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
-        mode, s.find = s.find, None
-        if mode == "empty":
-            return []
-        return await self.forward(call, args)
-
-    async def _target(self, args: list[Any]) -> tuple[Session, ObjectRef, ObjectInfo | None]:
-        """The session and object of an object-management call, with what the backend
-        says the object is (read before the change)."""
-        for _ in range(4):
-            s = self._session(args[0])
-            try:
-                ref = self._object(args[1], s.token)
-                break
-            except _Stale as stale:
-                await self._revive(stale.ref)
-        else:
-            raise Pkcs11Error(ckr.DEVICE_ERROR, "backend restarting repeatedly")
-        return s, ref, await self._read_info(s, ref.backend_handle)
-
-    async def h_destroy(self, call: Call, args: list[Any]) -> list[Any]:
-        s, ref, info = await self._target(args)
-        t = s.token
-        if info is None or info[0]:
-            self._require(t, "destroy", "destroying a token object")
-        fields = self._object_fields(ref) if info is None else object_fields(*info[1:])
-        try:
-            reply = await self.forward(call, args)
-        except Pkcs11Error as e:
-            self.gw.audit.record(call.name, e.rv, self.peer, t.name, object=fields)
-            raise
-        self.handles.drop_object(args[1])
-        if info is not None and info[0]:
-            if self.gw.ownership.owner(t.name, info[1:]) is not None:
-                self.gw.ownership.release(t.name, info[1:])
-        t.session_objects.pop((ref.generation, ref.backend_handle), None)
-        self.gw.audit.record(call.name, ckr.OK, self.peer, t.name, object=fields)
-        return reply
-
-    async def h_set_attribute(self, call: Call, args: list[Any]) -> list[Any]:
-        s, ref, info = await self._target(args)
-        t = s.token
-        if not self._logged_in(t) and t.login.backend_logged_in:
-            for a in args[2]:
-                if a.type == ck.CKA_PRIVATE and a.length is not None and a.value:
-                    raise Pkcs11Error(ckr.USER_NOT_LOGGED_IN)
-        if info is None or info[0]:
-            self._require(t, "modify", "changing a token object")
-        template: list[Attribute] = args[2]
-        new_info = info
-        if info is not None:
-            new_id = _attr_value(template, ck.CKA_ID, info[2])
-            new_label = _attr_value(template, ck.CKA_LABEL, info[3])
-            new_info = (info[0], info[1], new_id, new_label)
-            if info[0] and new_info != info:
-                self._check_new_identity(t, new_info, renaming=info)
-        fields = self._object_fields(ref) if info is None else object_fields(*info[1:])
-        changed = [f"{a.type:#x}" for a in template]
-        try:
-            reply = await self.forward(call, args)
-        except Pkcs11Error as e:
-            self.gw.audit.record(call.name, e.rv, self.peer, t.name, object=fields,
-                                 attributes=changed)
-            raise
-        if info is not None and new_info is not None and info[0] and new_info != info:
-            owner = self.gw.ownership.owner(t.name, info[1:])
-            if owner is not None:
-                self.gw.ownership.release(t.name, info[1:])
-                self.gw.ownership.claim(t.name, new_info[1:], owner)
-            ref.identity = None
-            ref.identity_state = IDENTITY_UNKNOWN
-            self._remember_identity(ref, new_info)
-        self.gw.audit.record(call.name, ckr.OK, self.peer, t.name, object=fields,
-                             attributes=changed)
-        return reply
-
-    def _check_new_identity(self, t: VirtualToken, info: ObjectInfo,
-                            renaming: ObjectInfo | None = None) -> None:
-        """A namespaced tenant may only give token objects identities inside its
-        namespace, and never one another identity owns."""
-        g = self.grants[t]
-        ns = g.namespace
-        owner = self.gw.ownership.owner(t.name, info[1:])
-        if owner is not None and owner != self.identity.key:
-            raise Denied(ckr.ATTRIBUTE_VALUE_INVALID, g.rule,
-                         "an object identity owned by another tenant", t.name)
-        if ns is None:
-            return
-        if not ns.prefix_match(info[2], info[3]) and not ns.owned:
-            raise Denied(ckr.TEMPLATE_INCONSISTENT, g.rule,
-                         "an object outside the namespace (CKA_ID/CKA_LABEL prefix)", t.name)
-
-    # ------------------------------------------------------------ object creation
-
-    async def h_create(self, call: Call, args: list[Any]) -> list[Any]:
-        """C_CreateObject, C_CopyObject, C_GenerateKey(Pair), C_UnwrapKey, C_DeriveKey:
-        policy first, then the call, then what was made: its identity is read back,
-        checked against the tenant's namespace (undone if outside), recorded as owned
-        and audited."""
-        s = self._session(args[0])
-        t = s.token
-        token_objects = False
-        for pos in CREATE_TEMPLATES[call.id]:
-            on_token = _attr_bool(args[pos], ck.CKA_TOKEN)
-            # a copy keeps the original's CKA_TOKEN unless the template says otherwise
-            if on_token or (on_token is None and call.id == ID["C_CopyObject"]):
-                token_objects = True
-        self._require(t, "create" if token_objects else "use",
-                      "creating a token object" if token_objects else "creating an object")
-        mech = args[1] if call.id in MECHANISM_CALLS else None
-        extra: dict[str, Any] = {}
-        if isinstance(mech, Mechanism):
-            extra["mechanism"] = f"{mech.type:#x}"
-        try:
-            reply = await self.forward(call, args)
-        except Pkcs11Error as e:
-            self.gw.audit.record(call.name, e.rv, self.peer, t.name, **extra)
-            raise
-        new_positions = NEW_OBJECTS[call.id]
-        if call.id == ID["C_DeriveKey2"] and len(reply) < 3:
-            return reply
-        made = [self.handles.objects[reply[p]] for p in new_positions]
-        infos = [await self._read_info(s, ref.backend_handle) for ref in made]
-        try:
-            for info in infos:
-                if info is None:
-                    continue
-                if info[0]:
-                    self._check_new_identity(t, info)
-                    if self.grants[t].namespace is not None:
-                        await self._check_unique(s, info)
-        except Pkcs11Error:
-            await self._undo_creation(s, made)
-            raise
-        for ref, info in zip(made, infos, strict=True):
-            if info is None:
-                self.gw.audit.record(call.name, ckr.OK, self.peer, t.name,
-                                     object={"handle": ref.handle}, **extra)
-                continue
-            self._remember_identity(ref, info)
-            ns = self.grants[t].namespace
-            key = (ref.generation, ref.backend_handle)
-            if info[0]:
-                t.session_objects.pop(key, None)
-                if ns is not None and ns.owned:
-                    self.gw.ownership.claim(t.name, info[1:], self.identity.key)
-            else:
-                t.session_objects[key] = self.id
-            self.gw.audit.record(call.name, ckr.OK, self.peer, t.name,
-                                 object=object_fields(*info[1:]),
-                                 token_object=info[0], **extra)
-        return reply
-
-    async def _check_unique(self, s: Session, info: ObjectInfo) -> None:
-        """A namespaced tenant may not create an object whose identity another object on
-        the token already has: the identity is what ownership and namespaces go by."""
-        template = [Attribute(ck.CKA_TOKEN, 1, 1), Attribute(ck.CKA_CLASS, info[1], 8),
-                    Attribute(ck.CKA_ID, info[2], len(info[2])),
-                    Attribute(ck.CKA_LABEL, info[3], len(info[3]))]
-        t = s.token
-        async with t.control_lock:
-            try:
-                await t.backend.call(ID["C_FindObjectsInit"], [t.control_session, template])
-                (found,) = await t.backend.call(ID["C_FindObjects"], [t.control_session, 2])
-            finally:
-                with contextlib.suppress(Pkcs11Error):
-                    await t.backend.call(ID["C_FindObjectsFinal"], [t.control_session])
-        if isinstance(found, list) and len(found) > 1:
-            g = self.grants[t]
-            raise Denied(ckr.ATTRIBUTE_VALUE_INVALID, g.rule,
-                         "an object identity (class, CKA_ID, CKA_LABEL) already in use", t.name)
-
-    async def _undo_creation(self, s: Session, made: list[ObjectRef]) -> None:
-        for ref in made:
-            with contextlib.suppress(Pkcs11Error):
-                await s.token.backend.call(ID["C_DestroyObject"],
-                                           [s.backend_handle, ref.backend_handle])
-            self.handles.drop_object(ref.handle)
-
     async def h_wait_for_slot_event(self, call: Call, args: list[Any]) -> list[Any]:
         if args[0] & ck.CKF_DONT_BLOCK:
             raise Pkcs11Error(ckr.NO_EVENT)
@@ -1106,7 +643,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def h_init_token(self, call: Call, args: list[Any]) -> list[Any]:
         t = await self._slot_token(args[0])
-        self._require(t, "so", "C_InitToken")
+        self.require(t, "so", "C_InitToken")
         if any(s.token is t for s in self.handles.sessions.values()):
             raise Pkcs11Error(ckr.SESSION_EXISTS)
         return await t.backend.call(call.id, [t.backend_slot, *args[1:]])
@@ -1118,7 +655,7 @@ class ClientConnection(asyncio.Protocol):
         never the backend's."""
         for t in list(self.logins):
             try:
-                await self._logout(t)
+                await login_calls.logout(self, t)
             except Exception:
                 log.exception("logout at close failed", extra={"conn": self.id})
         for t in {s.token for s in self.handles.sessions.values()}:
@@ -1130,34 +667,8 @@ class ClientConnection(asyncio.Protocol):
         self.handles = HandleTable()
 
 
-#: (is token object, CKA_CLASS, CKA_ID, CKA_LABEL)
-ObjectInfo = tuple[bool, int, bytes, bytes]
-
-
-def _attr_bool(template: list[Attribute], kind: int) -> bool | None:
-    for a in template:
-        if a.type == kind and a.length is not None:
-            return bool(a.value)
-    return None
-
-
-def _attr_value(template: list[Attribute], kind: int, default: bytes) -> bytes:
-    for a in template:
-        if a.type == kind and a.length is not None and isinstance(a.value, bytes):
-            return a.value
-    return default
-
-
 def _requested_bytes(reqs: list[AttrRequest]) -> int:
     return sum(r.length + (_requested_bytes(r.nested) if r.nested else 0) for r in reqs)
-
-
-class _Stale(Exception):
-    """An object handle minted on an older backend instance; ``ref`` can be revived."""
-
-    def __init__(self, ref: ObjectRef) -> None:
-        super().__init__()
-        self.ref = ref
 
 
 # calls that need no ordering against other session-less calls
@@ -1183,23 +694,23 @@ def _build_handlers() -> dict[int, Handler]:
         "C_CloseSession": C.h_close_session,
         "C_CloseAllSessions": C.h_close_all_sessions,
         "C_GetSessionInfo": C.h_get_session_info,
-        "C_Login": C.h_login,
-        "C_LoginUser": C.h_login,
-        "C_Logout": C.h_logout,
-        "C_SetPIN": C.h_set_pin,
-        "C_FindObjectsInit": C.h_find_init,
-        "C_FindObjects": C.h_find,
-        "C_FindObjectsFinal": C.h_find_final,
-        "C_DestroyObject": C.h_destroy,
-        "C_SetAttributeValue": C.h_set_attribute,
-        "C_InitPIN": C.h_init_pin,
-        "C_CreateObject": C.h_create,
-        "C_CopyObject": C.h_create,
-        "C_GenerateKey": C.h_create,
-        "C_GenerateKeyPair": C.h_create,
-        "C_UnwrapKey": C.h_create,
-        "C_DeriveKey": C.h_create,
-        "C_DeriveKey2": C.h_create,
+        "C_Login": login_calls.h_login,
+        "C_LoginUser": login_calls.h_login,
+        "C_Logout": login_calls.h_logout,
+        "C_SetPIN": login_calls.h_set_pin,
+        "C_FindObjectsInit": object_calls.h_find_init,
+        "C_FindObjects": object_calls.h_find,
+        "C_FindObjectsFinal": object_calls.h_find_final,
+        "C_DestroyObject": object_calls.h_destroy,
+        "C_SetAttributeValue": object_calls.h_set_attribute,
+        "C_InitPIN": login_calls.h_init_pin,
+        "C_CreateObject": object_calls.h_create,
+        "C_CopyObject": object_calls.h_create,
+        "C_GenerateKey": object_calls.h_create,
+        "C_GenerateKeyPair": object_calls.h_create,
+        "C_UnwrapKey": object_calls.h_create,
+        "C_DeriveKey": object_calls.h_create,
+        "C_DeriveKey2": object_calls.h_create,
         "C_WaitForSlotEvent": C.h_wait_for_slot_event,
     }
     out: dict[int, Handler] = {}

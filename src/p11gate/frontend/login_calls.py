@@ -1,0 +1,217 @@
+"""Login, logout and PINs for one connection, in every PIN mode.
+
+``passthrough``: the first client login logs the backend in; later ones are checked
+against a salted hash of the PIN that worked. ``mapped``/``none``: the gateway keeps the
+backend logged in with its own credential and checks the identity (its own PIN, or
+nothing). Wrong PINs are throttled per identity; every attempt is audited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .. import ck
+from ..codec import AttrRequest, Call, ckr
+from ..errors import BackendUnavailable, Pkcs11Error
+from ..policy import Denied
+from .common import ID
+from .pins import hash_pin, verify_pin
+from .token import VirtualToken
+
+if TYPE_CHECKING:
+    from .connection import ClientConnection
+
+
+log = logging.getLogger("p11gate.conn")
+
+#: checked against when an identity has no PIN, so that case takes as long as a wrong PIN
+_DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$" + "A" * 43 + "="
+
+
+async def h_login(c: ClientConnection, call: Call, args: list[Any]) -> list[Any]:
+    s = c.session_for(args[0])
+    user_type = args[1]
+    pin = args[2] if isinstance(args[2], bytes) else b""
+    if call.id == ID["C_LoginUser"]:
+        user_type, pin = args[1], (args[2] or b"") + b"\0" + (args[3] or b"")
+    t = s.token
+    if user_type == ck.CKU_CONTEXT_SPECIFIC:
+        if not c.logged_in(t):
+            raise Pkcs11Error(ckr.USER_NOT_LOGGED_IN)
+        return await c.forward(call, args)
+    if user_type not in (ck.CKU_SO, ck.CKU_USER):
+        raise Pkcs11Error(ckr.USER_TYPE_INVALID)
+    if user_type == ck.CKU_SO and not c.grants[t].may("so"):
+        raise Denied(ckr.USER_TYPE_INVALID, c.grants[t].rule, "security officer login",
+                     t.name)
+    if t.gateway_login and user_type == ck.CKU_SO:
+        # the gateway holds the backend's user login; SO functions need passthrough
+        raise Pkcs11Error(ckr.USER_TYPE_INVALID, f"pin_mode {t.pin_mode}: no SO login")
+    who = c.identity.key
+    wait = t.throttle.locked_for(who)
+    if wait > 0:
+        log.warning("login refused: too many wrong PINs", extra={
+            "conn": c.id, "peer": c.peer, "token": t.name,
+            "retry_in_s": round(wait, 1)})
+        c.gw.audit.record(call.name, ckr.PIN_LOCKED, c.peer, t.name,
+                             user_type=user_type, throttled=True)
+        raise Pkcs11Error(ckr.PIN_LOCKED)
+    try:
+        if t.gateway_login:
+            await login_virtual(c, t, user_type, pin)
+        else:
+            await login_passthrough(c, call, args, t, user_type, pin)
+    except Pkcs11Error as e:
+        if e.rv in (ckr.PIN_INCORRECT, ckr.PIN_INVALID, ckr.PIN_LEN_RANGE):
+            t.throttle.failed(who)
+        c.gw.audit.record(call.name, e.rv, c.peer, t.name, user_type=user_type)
+        raise
+    t.throttle.succeeded(who)
+    c.gw.audit.record(call.name, ckr.OK, c.peer, t.name, user_type=user_type)
+    log.info("login", extra={"conn": c.id, "token": t.name, "user_type": user_type})
+    return []
+
+
+async def login_virtual(c: ClientConnection, t: VirtualToken, user_type: int, pin: bytes) -> None:
+    """mapped/none: the backend is logged in by the gateway; check this identity."""
+    if t in c.logins:
+        raise Pkcs11Error(ckr.USER_ALREADY_LOGGED_IN)
+    await t.ensure()
+    if t.mapped_pins is not None:
+        stored = t.mapped_pins.get(c.identity.key)
+        if stored is None:
+            # no PIN for this identity: as good as a wrong one (and as slow)
+            await asyncio.to_thread(verify_pin, pin, _DUMMY_HASH)
+            raise Pkcs11Error(ckr.PIN_INCORRECT)
+        if not await asyncio.to_thread(verify_pin, pin, stored):
+            log.info("login refused", extra={"conn": c.id, "token": t.name,
+                                             "rv": "CKR_PIN_INCORRECT"})
+            raise Pkcs11Error(ckr.PIN_INCORRECT)
+    t.login.holders.add(c.id)
+    c.logins[t] = user_type
+
+
+async def login_passthrough(c: ClientConnection, call: Call, args: list[Any], t: VirtualToken,
+                             user_type: int, pin: bytes) -> None:
+    async with t.login_lock:
+        st = t.login
+        if t in c.logins:
+            same = c.logins[t] == user_type
+            raise Pkcs11Error(ckr.USER_ALREADY_LOGGED_IN if same
+                              else ckr.USER_ANOTHER_ALREADY_LOGGED_IN)
+        if st.user_type is not None:
+            if st.user_type != user_type:
+                raise Pkcs11Error(ckr.USER_ANOTHER_ALREADY_LOGGED_IN)
+            if not st.verify(pin):
+                log.info("login refused", extra={"conn": c.id, "token": t.name,
+                                                 "rv": "CKR_PIN_INCORRECT"})
+                raise Pkcs11Error(ckr.PIN_INCORRECT)
+        else:
+            if user_type == ck.CKU_SO and any(
+                not x.flags & ck.CKF_RW_SESSION for x in c.handles.sessions.values()
+                if x.token is t
+            ):
+                raise Pkcs11Error(ckr.SESSION_READ_ONLY_EXISTS)
+            await t.ensure()
+            bargs = [t.control_session, *args[1:]]
+            try:
+                await t.backend.call(call.id, bargs)
+            except BackendUnavailable:
+                raise Pkcs11Error(ckr.DEVICE_ERROR) from None
+            st.set(user_type, pin)
+        st.holders.add(c.id)
+        c.logins[t] = user_type
+
+
+async def h_logout(c: ClientConnection, call: Call, args: list[Any]) -> list[Any]:
+    s = c.session_for(args[0])
+    if s.token not in c.logins:
+        raise Pkcs11Error(ckr.USER_NOT_LOGGED_IN)
+    await logout(c, s.token)
+    return []
+
+
+async def logout(c: ClientConnection, t: VirtualToken) -> None:
+    """Drop this connection's login on ``t``: first its handles to private objects
+    (while the backend can still tell which are private), then the backend login if
+    no other connection holds it."""
+    c.logins.pop(t, None)
+    await drop_private_handles(c, t)
+    async with t.login_lock:
+        st = t.login
+        st.holders.discard(c.id)
+        if not st.holders and st.user_type is not None and not t.gateway_login:
+            st.clear()
+            if t.control_session is not None and t.backend.up:
+                try:
+                    await t.backend.call(ID["C_Logout"], [t.control_session])
+                except Pkcs11Error:
+                    pass
+    log.info("logout", extra={"conn": c.id, "token": t.name})
+
+
+async def drop_private_handles(c: ClientConnection, t: VirtualToken) -> None:
+    unknown = [r for r in c.handles.objects_of(t) if r.private is not False]
+    for ref in unknown:
+        private = ref.private
+        if private is None and ref.generation == t.backend.generation and t.backend.up:
+            try:
+                (attrs, rv) = await t.backend.call(
+                    ID["C_GetAttributeValue"],
+                    [t.control_session, ref.backend_handle, [AttrRequest(ck.CKA_PRIVATE, 1)]],
+                )
+                private = rv != ckr.OK or bool(attrs[0].value)
+            except Pkcs11Error:
+                private = True
+        if private is not False:
+            c.handles.drop_object(ref.handle)
+        else:
+            ref.private = False
+
+
+async def h_set_pin(c: ClientConnection, call: Call, args: list[Any]) -> list[Any]:
+    s = c.session_for(args[0])
+    t = s.token
+    old = args[1] if isinstance(args[1], bytes) else b""
+    new = args[2] if isinstance(args[2], bytes) else b""
+    if t.mapped_pins is not None:
+        # mapped: an identity changes its own PIN; the backend's is untouched
+        if t not in c.logins:
+            raise Pkcs11Error(ckr.USER_NOT_LOGGED_IN)
+        if not 4 <= len(new) <= 255:
+            raise Pkcs11Error(ckr.PIN_LEN_RANGE)
+        stored = t.mapped_pins.get(c.identity.key)
+        if stored is None or not await asyncio.to_thread(verify_pin, old, stored):
+            t.throttle.failed(c.identity.key)
+            c.gw.audit.record(call.name, ckr.PIN_INCORRECT, c.peer, t.name)
+            raise Pkcs11Error(ckr.PIN_INCORRECT)
+        t.mapped_pins.set(c.identity.key, await asyncio.to_thread(hash_pin, new))
+        c.gw.audit.record(call.name, ckr.OK, c.peer, t.name)
+        return []
+    if t.gateway_login:
+        raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED, "pin_mode none has no PIN")
+    # passthrough: this changes the backend's PIN, shared by every client
+    c.require(t, "so", "C_SetPIN of the shared backend PIN")
+    try:
+        reply = await c.forward(call, args)
+    except Pkcs11Error as e:
+        c.gw.audit.record(call.name, e.rv, c.peer, t.name)
+        raise
+    c.gw.audit.record(call.name, ckr.OK, c.peer, t.name)
+    if t in c.logins and new:
+        t.login.change_pin(new)
+    return reply
+
+
+async def h_init_pin(c: ClientConnection, call: Call, args: list[Any]) -> list[Any]:
+    s = c.session_for(args[0])
+    c.require(s.token, "so", "C_InitPIN")
+    try:
+        reply = await c.forward(call, args)
+    except Pkcs11Error as e:
+        c.gw.audit.record(call.name, e.rv, c.peer, s.token.name)
+        raise
+    c.gw.audit.record(call.name, ckr.OK, c.peer, s.token.name)
+    return reply
