@@ -15,6 +15,7 @@ from p11gate.codec import (
     HANDSHAKE,
     V0241,
     Dialect,
+    ReplyError,
     build_frame,
     decode_reply,
     encode_request,
@@ -153,6 +154,15 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def rv_of(c: RawClient, call_id: int, args: list[Any]) -> int:
+    """The CK_RV of one call (CKR_OK when it succeeds)."""
+    try:
+        c.call(call_id, args)
+    except ReplyError as e:
+        return e.rv
+    return 0
 
 
 def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.05) -> bool:

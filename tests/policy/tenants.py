@@ -15,8 +15,6 @@ from typing import Any
 
 from tests.gateway_proc import CLIENT_MODULE, Gateway, RawClient
 
-from p11gate.codec import ReplyError, ckr
-
 CKU_SO, CKU_USER = 0, 1
 C_GetSlotList, C_GetTokenInfo, C_InitToken, C_OpenSession = 4, 6, 9, 10
 C_InitPIN, C_Login, C_Logout = 14, 18, 19
@@ -70,14 +68,6 @@ def as_uid(uid: int, fn: Callable[..., Any], *args: Any, timeout: float = 120) -
     if status != "ok":
         raise AssertionError(f"as uid {uid}: {value}")
     return value
-
-
-def rv_of(c: RawClient, call_id: int, args: list[Any]) -> int:
-    try:
-        c.call(call_id, args)
-    except ReplyError as e:
-        return e.rv
-    return ckr.OK
 
 
 def raw(path: str) -> RawClient:

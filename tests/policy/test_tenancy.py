@@ -22,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
-from tests.gateway_proc import CLIENT_MODULE, Gateway
+from tests.gateway_proc import CLIENT_MODULE, Gateway, rv_of
 from tests.policy.tenants import (
     CKF_RW,
     CKF_SERIAL,
@@ -46,7 +46,6 @@ from tests.policy.tenants import (
     find,
     raw,
     remove,
-    rv_of,
     shared_socket_dir,
     slot_of,
     tool_as,

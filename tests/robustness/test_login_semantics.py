@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from tests.gateway_proc import Gateway, RawClient
+from tests.gateway_proc import Gateway, RawClient, rv_of
 
-from p11gate.codec import Attribute, Mechanism, ReplyError, ckr
+from p11gate.codec import Attribute, Mechanism, ckr
 
 CKU_SO, CKU_USER = 0, 1
 C_GetSlotList, C_OpenSession, C_CloseSession, C_GetSessionInfo = 4, 10, 11, 13
@@ -32,14 +32,6 @@ def find(c: RawClient, s: int, template: list[Attribute]) -> list[int]:
 
 
 PRIVATE_KEYS = [Attribute(0, CKO_PRIVATE_KEY, 8)]
-
-
-def rv_of(c: RawClient, call_id: int, args: list) -> int:
-    try:
-        c.call(call_id, args)
-    except ReplyError as e:
-        return e.rv
-    return ckr.OK
 
 
 def test_login_state_is_per_connection(gateway: Gateway) -> None:
