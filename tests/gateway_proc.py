@@ -94,11 +94,15 @@ class Gateway:
 class RawClient:
     """A minimal blocking p11-kit RPC client, for sending exactly the bytes a test wants."""
 
-    def __init__(self, path: str, version: int = 0, dialect: Dialect = V0241,
-                 timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def __init__(self, path: str | None, version: int = 0, dialect: Dialect = V0241,
+                 timeout: float = 10.0, sock: Any = None) -> None:
+        """Connect to the unix socket ``path``, or use ``sock`` (e.g. a TLS socket)."""
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(path)
+        self.sock = sock
         self.sock.settimeout(timeout)
-        self.sock.connect(path)
         self.sock.sendall(bytes([version]))
         self.version = self.sock.recv(1)
         self.dialect = dialect

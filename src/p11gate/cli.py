@@ -93,6 +93,75 @@ def hash_pin_cmd(pin_stdin: bool) -> None:
     click.echo(hash_pin(pin.encode()))
 
 
+def _tls_client_options(f):  # type: ignore[no-untyped-def]
+    """--cert/--key/--ca, also from P11GATE_TLS_CERT/KEY/CA (short module lines)."""
+    f = click.option("--ca", envvar="P11GATE_TLS_CA", required=True,
+                     type=click.Path(exists=True, dir_okay=False),
+                     help="CA certificate(s) the gateway's certificate must chain to")(f)
+    f = click.option("--key", envvar="P11GATE_TLS_KEY", required=True,
+                     type=click.Path(exists=True, dir_okay=False),
+                     help="this client's private key (PEM)")(f)
+    f = click.option("--cert", envvar="P11GATE_TLS_CERT", required=True,
+                     type=click.Path(exists=True, dir_okay=False),
+                     help="this client's certificate (PEM)")(f)
+    return f
+
+
+@main.command("tunnel")
+@_tls_client_options
+@click.option("--timeout", default=5.0, show_default=True, help="connect timeout per gateway")
+@click.argument("gateways", nargs=-1, required=True)
+def tunnel(cert: str, key: str, ca: str, timeout: float, gateways: tuple[str, ...]) -> None:
+    """Carry one client's RPC stream (stdin/stdout) to a gateway over TLS.
+
+    GATEWAYS are tls:HOST:PORT addresses, tried in order. Use it as
+    P11_KIT_SERVER_ADDRESS="|p11gate tunnel … tls:gw:8443".
+    """
+    import asyncio
+
+    from .remote.tls import parse_tls_address
+    from .remote.tunnel import run_tunnel
+
+    for g in gateways:
+        try:
+            parse_tls_address(g)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    sys.exit(asyncio.run(run_tunnel(list(gateways), cert, key, ca, timeout)))
+
+
+@main.command("agent")
+@_tls_client_options
+@click.option("--listen", required=True, help="local socket: unix:path=/absolute/path")
+@click.option("--socket-mode", default="0600", show_default=True,
+              help="permissions of the local socket (octal)")
+@click.option("--timeout", default=3.0, show_default=True, help="connect timeout per gateway")
+@click.argument("gateways", nargs=-1, required=True)
+def agent(cert: str, key: str, ca: str, listen: str, socket_mode: str, timeout: float,
+          gateways: tuple[str, ...]) -> None:
+    """Serve local applications on a unix socket, relayed over TLS to the first
+    reachable of GATEWAYS (tls:HOST:PORT …)."""
+    import asyncio
+    import logging
+
+    from . import logs
+    from .remote.agent import Agent, run_agent
+    from .remote.tls import parse_tls_address
+
+    for g in gateways:
+        try:
+            parse_tls_address(g)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    logs.setup("info", "json")
+    logging.getLogger("p11gate").info("agent starting", extra={"gateways": list(gateways)})
+    try:
+        a = Agent(listen, list(gateways), cert, key, ca, timeout, int(socket_mode, 8))
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    sys.exit(asyncio.run(run_agent(a)))
+
+
 @main.command("worker", hidden=True)
 @click.argument("module")
 @click.option("--threads", default=4, show_default=True)

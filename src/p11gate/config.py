@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .policy.config import RuleConfig
+from .remote.config import TlsConfig
 
 DEFAULT_SOCKET = "/run/p11gate/p11gate.sock"
 DEFAULT_STATE_DIR = "/var/lib/p11gate"
@@ -55,10 +56,14 @@ class ServerConfig(_Strict):
     @field_validator("listen")
     @classmethod
     def _addresses(cls, v: list[str]) -> list[str]:
+        from .remote.tls import parse_tls_address
+
         for a in v:
-            if not a.startswith("unix:path=/"):
+            if a.startswith("tls:"):
+                parse_tls_address(a)
+            elif not a.startswith("unix:path=/"):
                 raise ValueError(
-                    f"{a!r}: only 'unix:path=/absolute/path' listeners are supported"
+                    f"{a!r}: listeners are 'unix:path=/absolute/path' or 'tls:HOST:PORT'"
                 )
         return v
 
@@ -189,6 +194,8 @@ class Config(_Strict):
     #: access rules, tried in order (see policy/rules.py); none = open to every client
     rule: list[RuleConfig] = Field(default_factory=list)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    #: certificates for `tls:` listeners
+    tls: TlsConfig | None = None
     #: the file this came from, for messages
     source: str = "<config>"
 
@@ -207,6 +214,9 @@ class Config(_Strict):
         tnames = [t.name for t in self.token]
         if len(set(tnames)) != len(tnames):
             raise ValueError("token names must be unique")
+        if self.tls is None and any(a.startswith("tls:") for a in self.server.listen):
+            raise ValueError("server.listen has a tls: address but there is no [tls] section "
+                             "(cert, key, client_ca)")
         for i, r in enumerate(self.rule):
             for name in r.tokens:
                 if name != "*" and name not in tnames:

@@ -42,9 +42,14 @@ async def _serve(cfg: Config, demo: bool) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    address = cfg.server.listen[0]
-    # the line clients export, as `p11-kit server` prints it
-    print(f"P11_KIT_SERVER_ADDRESS={address}; export P11_KIT_SERVER_ADDRESS;", flush=True)
+    local = [a for a in cfg.server.listen if a.startswith("unix:")]
+    if local:
+        # the line clients export, as `p11-kit server` prints it
+        print(f"P11_KIT_SERVER_ADDRESS={local[0]}; export P11_KIT_SERVER_ADDRESS;", flush=True)
+    for a in cfg.server.listen:
+        if a.startswith("tls:"):
+            print(f"# listening on {a} (remote clients: p11gate tunnel or p11gate agent)",
+                  flush=True)
     if demo:
         print(f"# demo token {cfg.token[0].name!r}, user PIN 1234 (SoftHSMv2 in "
               f"{cfg.server.state_dir})", file=sys.stderr, flush=True)

@@ -20,6 +20,7 @@ from ..identity import Identity
 from ..policy import Policy
 from ..policy.namespace import OwnershipStore
 from ..registry import Registry
+from ..remote.tls import parse_tls_address, peer_identity, server_context
 from .connection import ClientConnection
 from .token import VirtualToken
 
@@ -98,6 +99,9 @@ class Gateway:
         await self.admin.start()
 
     async def _listen(self, address: str) -> None:
+        if address.startswith("tls:"):
+            await self._listen_tls(address)
+            return
         path = unix_path(address)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -111,6 +115,16 @@ class Gateway:
         self._servers.append(server)
         log.info("listening", extra={"address": address})
 
+    async def _listen_tls(self, address: str) -> None:
+        assert self.cfg.tls is not None  # the configuration checks it
+        host, port = parse_tls_address(address)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: self._new_connection(), host, port, ssl=server_context(self.cfg.tls),
+            backlog=1024, ssl_handshake_timeout=10.0,
+        )
+        self._servers.append(server)
+        log.info("listening", extra={"address": address, "tls": "1.3, client certificates"})
+
     def _new_connection(self) -> ClientConnection:
         c = ClientConnection(self)
         self.connections.add(c)
@@ -122,6 +136,11 @@ class Gateway:
     def identify(self, transport: asyncio.Transport) -> Identity | None:
         """The identity of a new connection, or None when it has none (then it is
         closed before any call is served)."""
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            peer = transport.get_extra_info("peername")
+            address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None
+            return peer_identity(ssl_object, address)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family == socket.AF_UNIX:
             try:
@@ -149,8 +168,9 @@ class Gateway:
         self.audit.close()
         self.registry.close()
         for address in self.cfg.server.listen:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(unix_path(address))
+            if address.startswith("unix:"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(unix_path(address))
 
     def status(self) -> dict[str, Any]:
         return {
