@@ -55,7 +55,7 @@ from tests.softhsm import make_token
 from p11gate.codec import Attribute, AttrRequest, Mechanism, ckr
 from p11gate.frontend.pins import hash_pin
 
-A, B, RO, STRANGER = 1001, 1002, 1003, 1004
+A, B, RO, STRANGER, PREFIXED = 1001, 1002, 1003, 1004, 1005
 BACKEND_PIN = "Backend-Secret-7731"  # the mapped token's real PIN: must never leak
 A_PIN = "alpha-pin-1"
 CKM_ECDSA = 0x1041
@@ -134,6 +134,12 @@ name = "team-b"
 uid = [{B}]
 tokens = ["shared"]
 namespace = {{ owned = true }}
+
+[[rule]]
+name = "team-c"
+uid = [{PREFIXED}]
+tokens = ["shared"]
+namespace = {{ label_prefix = "team-c/" }}
 
 [[rule]]
 name = "auditors"
@@ -502,3 +508,36 @@ def test_session_objects_belong_to_the_connection_that_made_them(env: dict[str, 
     assert find(b, sb, query) == []  # another application's session object
     a.call(C_DestroyObject, [sa, h])
     assert find(a, sa, query) == []
+
+
+def _prefixed_tenant(path: str, pin: str) -> dict[str, Any]:
+    c = raw(path)
+    slot = slot_of(c, "shared")
+    (s,) = c.call(C_OpenSession, [slot, CKF_SERIAL | CKF_RW])
+    c.call(C_Login, [s, CKU_USER, pin.encode()])
+
+    def data(label: bytes) -> list[Attribute]:
+        return [Attribute(CKA_CLASS, 0, 8), Attribute(1, 1, 1),  # a token data object
+                Attribute(CKA_LABEL, label, len(label))]
+
+    inside = rv_of(c, C_CreateObject, [s, data(b"team-c/notes")])
+    outside = rv_of(c, C_CreateObject, [s, data(b"elsewhere")])
+    seen = []
+    for h in find(c, s, []):
+        (attrs, _) = c.call(C_GetAttributeValue, [s, h, [AttrRequest(CKA_LABEL, 64)]])
+        seen.append(attrs[0].value.decode())
+    return {"inside": inside, "outside": outside, "seen": sorted(seen)}
+
+
+def test_prefix_namespace_confines_creation_and_visibility(env: dict[str, Any]) -> None:
+    res = as_uid(PREFIXED, _prefixed_tenant, env["gw"].path, env["pin"])
+    assert res["inside"] == ckr.OK
+    assert res["outside"] == ckr.TEMPLATE_INCONSISTENT
+    assert res["seen"] == ["team-c/notes"]  # nothing of A's, B's or the unowned keys
+    # the refused object was undone, not left behind on the token
+    c = raw(env["gw"].path)
+    slot = slot_of(c, "shared")
+    (s,) = c.call(C_OpenSession, [slot, CKF_SERIAL])
+    c.call(C_Login, [s, CKU_USER, env["pin"].encode()])
+    assert find(c, s, [Attribute(CKA_LABEL, b"elsewhere", 9)]) == []
+    assert len(find(c, s, [Attribute(CKA_LABEL, b"team-c/notes", 12)])) == 1
