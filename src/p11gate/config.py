@@ -15,7 +15,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .config_select import TokenSelect
 from .policy.config import RuleConfig
+from .pools.config import PoolConfig
 from .remote.config import TlsConfig
 
 DEFAULT_SOCKET = "/run/p11gate/p11gate.sock"
@@ -97,19 +99,6 @@ class BackendConfig(_Strict):
         if not os.path.exists(v):
             raise ValueError(f"{v!r} does not exist: install the vendor module or fix the path")
         return v
-
-
-class TokenSelect(_Strict):
-    label: str | None = None
-    serial: str | None = None
-    slot_index: int | None = Field(default=None, ge=0)
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> TokenSelect:
-        given = [k for k in ("label", "serial", "slot_index") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of label, serial or slot_index")
-        return self
 
 
 class TokenConfig(_Strict):
@@ -196,19 +185,27 @@ class Config(_Strict):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     #: certificates for `tls:` listeners
     tls: TlsConfig | None = None
+    #: tokens served by several equivalent members
+    pool: list[PoolConfig] = Field(default_factory=list)
     #: the file this came from, for messages
     source: str = "<config>"
 
     @model_validator(mode="after")
     def _references(self) -> Config:
-        names = [b.name for b in self.backend]
+        backends = [b.name for b in self.backend]
+        names = backends + [p.name for p in self.pool]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
-            raise ValueError(f"backend names must be unique: {sorted(dup)}")
+            raise ValueError(f"backend and pool names must be unique: {sorted(dup)}")
+        for i, p in enumerate(self.pool):
+            for j, m in enumerate(p.members):
+                if m.backend not in backends:
+                    raise ValueError(f"pool[{i}].members[{j}].backend: no backend named "
+                                     f"{m.backend!r} (defined: {', '.join(backends)})")
         for i, t in enumerate(self.token):
             if t.backend not in names:
                 raise ValueError(
-                    f"token[{i}].backend: no backend named {t.backend!r} (defined: "
+                    f"token[{i}].backend: no backend or pool named {t.backend!r} (defined: "
                     f"{', '.join(names)})"
                 )
         tnames = [t.name for t in self.token]

@@ -47,7 +47,7 @@ backend = "sofhsm"
     cfg.write_text(cfg.read_text().replace("isolaton", "isolation"))
     r = p11gate("check-config", "--config", str(cfg))
     assert r.returncode == 2
-    assert "no backend named 'sofhsm' (defined: softhsm)" in r.stderr
+    assert "no backend or pool named 'sofhsm' (defined: softhsm)" in r.stderr
     cfg.write_text('[[backend]]\nname="a"\nmodule="/nonexistent/x.so"\n'
                    '[[token]]\nname="t"\nbackend="a"\n')
     r = p11gate("check-config", "--config", str(cfg))

@@ -19,6 +19,7 @@ from ..errors import Pkcs11Error
 from ..identity import Identity
 from ..policy import Policy
 from ..policy.namespace import OwnershipStore
+from ..pools.pool import PoolBackend
 from ..registry import Registry
 from ..remote.tls import parse_tls_address, peer_identity, server_context
 from .connection import ClientConnection
@@ -55,8 +56,10 @@ class Gateway:
         if cfg.audit.enabled:
             audit_path = cfg.audit.file or os.path.join(cfg.server.state_dir, "audit.jsonl")
         self.audit = AuditLog(audit_path)
-        self.tokens = [VirtualToken(t, self.backends[t.backend], self.registry)
-                       for t in cfg.token]
+        self.pools: dict[str, PoolBackend] = {
+            p.name: PoolBackend(p, self.backends, self.registry) for p in cfg.pool}
+        served: dict[str, Backend] = {**self.backends, **self.pools}
+        self.tokens = [VirtualToken(t, served[t.backend], self.registry) for t in cfg.token]
         self.tokens_by_slot = {t.slot_id: t for t in self.tokens}
         self.connections: set[ClientConnection] = set()
         self.background: set[asyncio.Task[Any]] = set()
@@ -84,6 +87,8 @@ class Gateway:
             except Pkcs11Error as e:
                 # one backend down must not stop the others; it retries by itself
                 log.error("backend failed to start", extra={"backend": b.name, "error": str(e)})
+        for p in self.pools.values():
+            await p.start()  # after its members' back ends
         for t in self.tokens:
             if t.backend.up:
                 try:
@@ -163,6 +168,8 @@ class Gateway:
         await asyncio.sleep(0)
         if self.background:
             await asyncio.wait(self.background, timeout=3)
+        for p in self.pools.values():
+            await p.stop()
         for b in self.backends.values():
             await b.stop()
         self.audit.close()
@@ -178,6 +185,7 @@ class Gateway:
             "clients": sorted({c.peer for c in self.connections}),
             "audit_records": self.audit.records,
             "backends": [b.describe() for b in self.backends.values()],
+            "pools": [p.describe() for p in self.pools.values()],
             "tokens": [
                 {"name": t.name, "slot": t.slot_id, "backend": t.backend.name,
                  "present": t.present, "pin_mode": t.pin_mode,

@@ -7,10 +7,11 @@ import logging
 
 from .. import ck
 from ..backends.base import Backend
+from ..backends.slots import pad, select_slot
 from ..codec import ckr
 from ..codec.calls import CALLS_BY_NAME
 from ..config import ConfigError, TokenConfig
-from ..errors import BackendUnavailable, Pkcs11Error
+from ..errors import Pkcs11Error
 from ..registry import Registry
 from .login import LoginState
 from .pins import MappedPins, PinThrottle
@@ -23,11 +24,6 @@ C_OpenSession = CALLS_BY_NAME["C_OpenSession"].id
 C_CloseSession = CALLS_BY_NAME["C_CloseSession"].id
 C_Login = CALLS_BY_NAME["C_Login"].id
 C_Logout = CALLS_BY_NAME["C_Logout"].id
-
-
-def pad(text: str | bytes, size: int) -> bytes:
-    b = text.encode() if isinstance(text, str) else text
-    return b[:size].ljust(size, b" ")
 
 
 class VirtualToken:
@@ -122,20 +118,4 @@ class VirtualToken:
         self.login.user_type = ck.CKU_USER
 
     async def _select_slot(self) -> int:
-        sel = self.cfg.select
-        slots = (await self.backend.call(C_GetSlotList, [1, 256]))[0]
-        if not isinstance(slots, list):
-            raise BackendUnavailable("backend has too many slots")
-        if sel.slot_index is not None:
-            if sel.slot_index >= len(slots):
-                raise Pkcs11Error(ckr.TOKEN_NOT_PRESENT,
-                                  f"slot_index {sel.slot_index}: backend has {len(slots)} tokens")
-            return int(slots[sel.slot_index])
-        for s in slots:
-            info = await self.backend.call(C_GetTokenInfo, [s])
-            if sel.label is not None and info[0] == pad(sel.label, 32):
-                return int(s)
-            if sel.serial is not None and info[3] == pad(sel.serial, 16):
-                return int(s)
-        wanted = sel.model_dump(exclude_none=True)
-        raise Pkcs11Error(ckr.TOKEN_NOT_PRESENT, f"no token matches {wanted}")
+        return await select_slot(self.backend, self.cfg.select)

@@ -1,0 +1,37 @@
+"""Finding the configured token among a back end's slots."""
+
+from __future__ import annotations
+
+from ..codec import ckr
+from ..codec.calls import CALLS_BY_NAME
+from ..config_select import TokenSelect
+from ..errors import BackendUnavailable, Pkcs11Error
+from .base import Backend
+
+C_GetSlotList = CALLS_BY_NAME["C_GetSlotList"].id
+C_GetTokenInfo = CALLS_BY_NAME["C_GetTokenInfo"].id
+
+
+def pad(text: str | bytes, size: int) -> bytes:
+    b = text.encode() if isinstance(text, str) else text
+    return b[:size].ljust(size, b" ")
+
+
+async def select_slot(backend: Backend, sel: TokenSelect) -> int:
+    """The backend slot holding the token ``sel`` names (by label, serial or index)."""
+    slots = (await backend.call(C_GetSlotList, [1, 256]))[0]
+    if not isinstance(slots, list):
+        raise BackendUnavailable("backend has too many slots")
+    if sel.slot_index is not None:
+        if sel.slot_index >= len(slots):
+            raise Pkcs11Error(ckr.TOKEN_NOT_PRESENT,
+                              f"slot_index {sel.slot_index}: backend has {len(slots)} tokens")
+        return int(slots[sel.slot_index])
+    for s in slots:
+        info = await backend.call(C_GetTokenInfo, [s])
+        if sel.label is not None and info[0] == pad(sel.label, 32):
+            return int(s)
+        if sel.serial is not None and info[3] == pad(sel.serial, 16):
+            return int(s)
+    wanted = sel.model_dump(exclude_none=True)
+    raise Pkcs11Error(ckr.TOKEN_NOT_PRESENT, f"no token matches {wanted}")

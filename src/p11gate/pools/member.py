@@ -1,0 +1,241 @@
+"""One member of a pool: a token on a back end, its bounded pool of logged-in sessions,
+its health and its load.
+
+A member is *usable* while it is up and attached to its back end's current instance.
+Any transport failure, missed deadline or device-class error marks it down; the pool's
+probe brings it back (new control session, login again, fresh session pool, empty
+handle cache) when its back end answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from .. import ck
+from ..backends.base import Backend
+from ..backends.slots import select_slot
+from ..codec import Attribute, ckr
+from ..codec.calls import CALLS_BY_NAME
+from ..config_select import TokenSelect
+from ..errors import BackendUnavailable, Pkcs11Error
+
+log = logging.getLogger("p11gate.pool")
+
+ID = {c: CALLS_BY_NAME[c].id for c in CALLS_BY_NAME}
+
+#: results that say "this member (or its session) is broken", not "this request is wrong"
+DEVICE_ERRORS = frozenset({
+    ckr.DEVICE_ERROR, ckr.DEVICE_REMOVED, ckr.DEVICE_MEMORY, ckr.TOKEN_NOT_PRESENT,
+    ckr.TOKEN_NOT_RECOGNIZED, ckr.SESSION_CLOSED, ckr.SESSION_HANDLE_INVALID,
+    ckr.CRYPTOKI_NOT_INITIALIZED, ckr.GENERAL_ERROR,
+})
+
+#: how long "this object is not on that member" is believed, seconds
+MISSING_TTL = 5.0
+
+
+class MemberDown(Exception):
+    """The member failed in a way that moves work to another member."""
+
+
+class Member:
+    def __init__(self, index: int, backend: Backend, select: TokenSelect,
+                 max_sessions: int) -> None:
+        self.index = index
+        self.backend = backend
+        self.name = backend.name
+        self.select = select
+        #: sessions this member may have open, control session included
+        self.max_sessions = max_sessions
+        self.state = "down"
+        self.down_reason = "not attached yet"
+        #: bumps at every attach: leases and handles from an older epoch are dead
+        self.epoch = 0
+        self.attached_generation = -1
+        self.slot: int | None = None
+        self.control: int | None = None
+        self.control_lock = asyncio.Lock()
+        self.idle: list[int] = []
+        self.open = 0  # leasable sessions open (the control session not counted)
+        self.leased = 0
+        self.open_max = 0  # high-water mark of open sessions, control session included
+        self.waiting = 0
+        self._cond = asyncio.Condition()
+        #: object id → handle on this member (this epoch)
+        self.handles: dict[int, int] = {}
+        #: handle → object id (this epoch), for find results and new objects
+        self.oids: dict[int, int] = {}
+        self.missing: dict[int, float] = {}
+        self.outstanding = 0
+        self.latency = 0.0005  # EWMA of call latency, seconds
+        self.calls = 0
+        self.failovers = 0  # calls moved off this member
+        self.downs = 0
+
+    # ------------------------------------------------------------ health
+
+    @property
+    def usable(self) -> bool:
+        return (self.state == "up" and self.backend.up
+                and self.backend.generation == self.attached_generation)
+
+    def score(self) -> float:
+        """Lower is better: expected wait for one more call here."""
+        return (self.outstanding + self.waiting + 1) * self.latency
+
+    async def attach(self, login: tuple[int, bytes] | None) -> None:
+        gen = self.backend.generation
+        slot = await select_slot(self.backend, self.select)
+        (control,) = await self.backend.call(
+            ID["C_OpenSession"], [slot, ck.CKF_SERIAL_SESSION | ck.CKF_RW_SESSION])
+        if login is not None:
+            try:
+                await self.backend.call(ID["C_Login"], [control, login[0], login[1]])
+            except Pkcs11Error as e:
+                if e.rv != ckr.USER_ALREADY_LOGGED_IN:
+                    raise
+        self.epoch += 1
+        self.slot, self.control = slot, control
+        self.attached_generation = gen
+        self.idle.clear()
+        self.open = self.leased = 0
+        self.open_max = max(self.open_max, 1)
+        self.handles.clear()
+        self.oids.clear()
+        self.missing.clear()
+        self.state = "up"
+        self.down_reason = ""
+        async with self._cond:
+            self._cond.notify_all()
+
+    def mark_down(self, reason: str) -> None:
+        if self.state == "down":
+            return
+        self.state = "down"
+        self.down_reason = reason
+        self.downs += 1
+        log.warning("pool member down", extra={"member": self.name, "reason": reason})
+        # whoever waits for a lease here must go elsewhere
+        asyncio.get_running_loop().create_task(self._wake_all())
+
+    async def _wake_all(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------ calls
+
+    async def call(self, call_id: int, args: list[Any]) -> list[Any]:
+        """One call on this member; member-level failures become :class:`MemberDown`."""
+        if not self.usable:
+            raise MemberDown(self.down_reason or "member down")
+        self.outstanding += 1
+        t0 = time.monotonic()
+        try:
+            reply = await self.backend.call(call_id, args)
+        except (BackendUnavailable, TimeoutError) as e:
+            self.mark_down(f"transport: {e}")
+            raise MemberDown(str(e)) from None
+        except Pkcs11Error as e:
+            if e.rv in DEVICE_ERRORS:
+                self.mark_down(f"device: {ckr.name(e.rv)}")
+                raise MemberDown(ckr.name(e.rv)) from None
+            raise
+        finally:
+            self.outstanding -= 1
+        self.calls += 1
+        self.latency += 0.2 * ((time.monotonic() - t0) - self.latency)
+        return reply
+
+    # ------------------------------------------------------------ session pool
+
+    async def lease(self) -> tuple[int, int]:
+        """A logged-in session of this member, for one call or one operation: (session,
+        epoch). Waits while all sessions are leased; raises MemberDown if the member
+        goes down meanwhile."""
+        self.waiting += 1
+        try:
+            async with self._cond:
+                while True:
+                    if not self.usable:
+                        raise MemberDown(self.down_reason or "member down")
+                    if self.idle:
+                        self.leased += 1
+                        return self.idle.pop(), self.epoch
+                    if self.open + 1 < self.max_sessions:
+                        self.open += 1
+                        break
+                    await self._cond.wait()
+        finally:
+            self.waiting -= 1
+        epoch = self.epoch
+        try:
+            (session,) = await self.call(
+                ID["C_OpenSession"], [self.slot, ck.CKF_SERIAL_SESSION | ck.CKF_RW_SESSION])
+        except BaseException:
+            if epoch == self.epoch:
+                self.open -= 1
+            raise
+        if epoch != self.epoch:
+            raise MemberDown("member restarted while opening a session")
+        self.leased += 1
+        self.open_max = max(self.open_max, self.open + 1)
+        return int(session), epoch
+
+    async def release(self, session: int, epoch: int, broken: bool = False) -> None:
+        if epoch != self.epoch:
+            return  # from a dead instance: nothing to give back
+        self.leased -= 1
+        async with self._cond:
+            if broken:
+                self.open -= 1
+                with contextlib.suppress(Exception):
+                    await self.backend.call(ID["C_CloseSession"], [session])
+            else:
+                self.idle.append(session)
+            self._cond.notify(1)
+
+    # ------------------------------------------------------------ objects
+
+    async def find_by_identity(self, oid: int, template: list[Attribute]) -> int | None:
+        """The handle of object ``oid`` on this member (found by its identity, cached), or
+        None when the member does not have it."""
+        h = self.handles.get(oid)
+        if h is not None:
+            return h
+        seen = self.missing.get(oid)
+        if seen is not None and time.monotonic() - seen < MISSING_TTL:
+            return None
+        async with self.control_lock:
+            found: Any = []
+            try:
+                await self.call(ID["C_FindObjectsInit"], [self.control, template])
+                (found,) = await self.call(ID["C_FindObjects"], [self.control, 2])
+            finally:
+                with contextlib.suppress(Pkcs11Error, MemberDown):
+                    await self.call(ID["C_FindObjectsFinal"], [self.control])
+        if not isinstance(found, list) or not found:
+            self.missing[oid] = time.monotonic()
+            return None
+        self.handles[oid] = int(found[0])
+        self.oids[int(found[0])] = oid
+        return int(found[0])
+
+    def forget_handle(self, oid: int) -> None:
+        h = self.handles.pop(oid, None)
+        if h is not None:
+            self.oids.pop(h, None)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name, "state": self.state, "down_reason": self.down_reason,
+            "outstanding": self.outstanding, "latency_ms": round(self.latency * 1000, 3),
+            "calls": self.calls, "failovers": self.failovers, "downs": self.downs,
+            "sessions_open": self.open + (1 if self.control is not None else 0),
+            "sessions_open_max": self.open_max, "sessions_leased": self.leased,
+            "waiting_for_session": self.waiting, "max_sessions": self.max_sessions,
+            "backend_generation": self.backend.generation,
+        }

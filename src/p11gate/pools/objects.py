@@ -1,0 +1,93 @@
+"""Object identity across members.
+
+A token object is known by (CKA_CLASS, CKA_ID, CKA_LABEL), not by a handle: each
+member resolves that identity to its own handle, lazily (see Member.find_by_identity).
+The pool hands the frontend an object id per identity, kept in the registry so the
+same object keeps the same id across gateway restarts. A session object lives on one
+member's instance only: its id maps to (member, epoch, handle) and dies with them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import ck
+from ..codec import Attribute
+from ..registry import Registry
+
+Key = tuple[int, bytes, bytes]
+
+#: session object ids live above this (token object ids come from the registry below it)
+SESSION_OID_BASE = 0x40000000
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS pool_object (
+        pool TEXT NOT NULL, oid INTEGER NOT NULL, class INTEGER NOT NULL,
+        id BLOB NOT NULL, label BLOB NOT NULL,
+        PRIMARY KEY (pool, oid), UNIQUE (pool, class, id, label))""",
+)
+
+
+@dataclass(frozen=True)
+class SessionObject:
+    member: int
+    epoch: int
+    handle: int
+
+
+class ObjectIds:
+    def __init__(self, pool: str, registry: Registry) -> None:
+        self.pool = pool
+        self.registry = registry
+        registry.ensure(*_SCHEMA)
+        self.by_key: dict[Key, int] = {}
+        self.by_oid: dict[int, Key] = {}
+        for oid, cls, cid, label in registry.query(
+                "SELECT oid, class, id, label FROM pool_object WHERE pool=?", (pool,)):
+            key = (int(cls), bytes(cid), bytes(label))
+            self.by_key[key] = int(oid)
+            self.by_oid[int(oid)] = key
+        self._next = max(self.by_oid, default=0) + 1
+        self.sessions: dict[int, SessionObject] = {}
+        self._next_session = SESSION_OID_BASE
+
+    def token_oid(self, key: Key) -> int:
+        oid = self.by_key.get(key)
+        if oid is None:
+            oid = self._next
+            self._next += 1
+            self.registry.execute(
+                "INSERT INTO pool_object (pool, oid, class, id, label) VALUES (?, ?, ?, ?, ?)",
+                (self.pool, oid, key[0], key[1], key[2]))
+            self.by_key[key] = oid
+            self.by_oid[oid] = key
+        return oid
+
+    def rekey(self, oid: int, key: Key) -> None:
+        """Object ``oid`` now has identity ``key`` (its CKA_ID or CKA_LABEL changed)."""
+        old = self.by_oid.get(oid)
+        if old == key:
+            return
+        if old is not None:
+            self.by_key.pop(old, None)
+        self.registry.execute("DELETE FROM pool_object WHERE pool=? AND class=? AND id=? "
+                              "AND label=?", (self.pool, key[0], key[1], key[2]))
+        self.registry.execute("INSERT OR REPLACE INTO pool_object (pool, oid, class, id, label) "
+                              "VALUES (?, ?, ?, ?, ?)", (self.pool, oid, key[0], key[1], key[2]))
+        self.by_key[key] = oid
+        self.by_oid[oid] = key
+
+    def session_oid(self, obj: SessionObject) -> int:
+        self._next_session += 1
+        self.sessions[self._next_session] = obj
+        return self._next_session
+
+    @staticmethod
+    def template(key: Key) -> list[Attribute]:
+        """A find template that matches this identity (token objects only)."""
+        return [Attribute(ck.CKA_TOKEN, 1, 1), Attribute(ck.CKA_CLASS, key[0], 8),
+                Attribute(ck.CKA_ID, key[1], len(key[1])),
+                Attribute(ck.CKA_LABEL, key[2], len(key[2]))]
+
+    def __len__(self) -> int:
+        return len(self.by_oid)

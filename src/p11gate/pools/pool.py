@@ -1,0 +1,602 @@
+"""A pool as a back end: logical sessions over leased member sessions, object ids over
+per-member handles, load balancing and failover.
+
+The frontend sees one slot (0), session handles that are the pool's logical sessions and
+object handles that are the pool's object ids. Each call is routed:
+
+* slot and token queries go to any usable member;
+* C_Login/C_Logout go to every member (and to members that join later);
+* an operation (``*Init`` … final, a find) leases one member session for its duration;
+  its Update data is kept (up to ``replay_buffer``) so that it can be replayed on
+  another member when its member fails mid-way;
+* any other call leases a session for that one call;
+* a call that fails for a member-level reason (transport, deadline, device error) is
+  retried on the next-best member, invisibly to the client.
+
+Members are chosen by expected wait: (outstanding + queued + 1) × measured latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from typing import Any
+
+from .. import ck
+from ..backends.base import Backend
+from ..codec import AttrRequest, Mechanism, Null, ckr
+from ..codec.calls import CALLS
+from ..codec.values import HandleParam, KyberParams
+from ..errors import BackendUnavailable, Pkcs11Error
+from ..frontend.tables import NEW_OBJECTS, OBJECT_ARGS, OPTIONAL_OBJECT_ARGS
+from ..registry import Registry
+from .config import PoolConfig
+from .member import ID, Member, MemberDown
+from .objects import Key, ObjectIds, SessionObject
+
+log = logging.getLogger("p11gate.pool")
+
+SLOT_CALLS = frozenset(ID[n] for n in ("C_GetSlotInfo", "C_GetTokenInfo",
+                                       "C_GetMechanismList", "C_GetMechanismInfo"))
+INIT_CALLS = frozenset([c.id for c in CALLS if c.request == "uMu"] + [ID["C_DigestInit"]])
+MESSAGE_INITS = frozenset(ID[n] for n in ("C_MessageEncryptInit", "C_MessageDecryptInit",
+                                          "C_MessageSignInit", "C_MessageVerifyInit"))
+UPDATES = frozenset(ID[n] for n in ("C_EncryptUpdate", "C_DecryptUpdate", "C_DigestUpdate",
+                                    "C_SignUpdate", "C_VerifyUpdate", "C_DigestKey"))
+#: calls that end an operation (unless they only asked for the output size)
+ENDERS = frozenset(ID[n] for n in (
+    "C_Encrypt", "C_EncryptFinal", "C_Decrypt", "C_DecryptFinal", "C_Digest", "C_DigestFinal",
+    "C_Sign", "C_SignFinal", "C_Verify", "C_VerifyFinal", "C_SignRecover", "C_VerifyRecover",
+    "C_MessageEncryptFinal", "C_MessageDecryptFinal", "C_MessageSignFinal",
+    "C_MessageVerifyFinal"))
+MESSAGE_CALLS = frozenset(ID[n] for n in (
+    "C_EncryptMessage", "C_EncryptMessageBegin", "C_EncryptMessageNext", "C_DecryptMessage",
+    "C_DecryptMessageBegin", "C_DecryptMessageNext", "C_SignMessage", "C_SignMessageBegin",
+    "C_SignMessageNext", "C_VerifyMessage", "C_VerifyMessageBegin", "C_VerifyMessageNext"))
+OP_CALLS = UPDATES | ENDERS | MESSAGE_CALLS
+#: not served by pools (state that cannot move between members, or token-wide actions)
+UNSUPPORTED = frozenset(ID[n] for n in (
+    "C_GetOperationState", "C_SetOperationState", "C_SessionCancel", "C_DigestEncryptUpdate",
+    "C_DecryptDigestUpdate", "C_SignEncryptUpdate", "C_DecryptVerifyUpdate", "C_InitToken",
+    "C_InitToken2", "C_WaitForSlotEvent"))
+_IDENTITY_REQUEST = (ck.CKA_CLASS, ck.CKA_ID, ck.CKA_LABEL)
+
+
+class _Op:
+    __slots__ = ("args", "buffered", "call_id", "epoch", "member", "replayable", "session",
+                 "updates")
+
+    def __init__(self, call_id: int, args: list[Any], replayable: bool) -> None:
+        self.call_id = call_id
+        self.args = args
+        self.member = -1
+        self.session = 0
+        self.epoch = 0
+        self.updates: list[tuple[int, list[Any]]] = []
+        self.buffered = 0
+        self.replayable = replayable
+
+
+class _Session:
+    __slots__ = ("find", "flags", "op")
+
+    def __init__(self, flags: int) -> None:
+        self.flags = flags
+        self.op: _Op | None = None
+        self.find: list[int] | None = None
+
+
+class PoolBackend(Backend):
+    def __init__(self, cfg: PoolConfig, backends: dict[str, Backend],
+                 registry: Registry) -> None:
+        self.name = cfg.name
+        self.cfg = cfg
+        self.generation = 1  # logical sessions and object ids outlive any member
+        self.members = [Member(i, backends[m.backend], m.select, cfg.max_sessions_per_member)
+                        for i, m in enumerate(cfg.members)]
+        self.objects = ObjectIds(cfg.name, registry)
+        self.sessions: dict[int, _Session] = {}
+        self._ids = itertools.count(1)
+        self._login: tuple[int, bytes] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+        self._rr = itertools.count()
+        self.failovers = 0
+        self.replays = 0
+
+    # ------------------------------------------------------------ life cycle
+
+    @property
+    def up(self) -> bool:
+        return any(m.usable for m in self.members)
+
+    async def start(self) -> None:
+        await self._probe_once()
+        self._probe_task = asyncio.get_running_loop().create_task(self._probe())
+        if not self.up:
+            log.error("pool has no usable member yet; probing",
+                      extra={"pool": self.name,
+                             "members": {m.name: m.down_reason for m in self.members}})
+
+    async def stop(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._probe_task
+        self._forget_pin()
+
+    async def wait_up(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while not self.up and loop.time() < end:
+            await asyncio.sleep(0.05)
+        return self.up
+
+    async def _probe(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.probe_interval)
+            try:
+                await self._probe_once()
+            except Exception:
+                log.exception("pool probe failed", extra={"pool": self.name})
+
+    async def _probe_once(self) -> None:
+        for m in self.members:
+            if m.state == "up" and not m.usable:
+                m.mark_down("backend restarted" if m.backend.up else "backend down")
+            if m.state == "down" and m.backend.up:
+                try:
+                    await asyncio.wait_for(m.attach(self._login), 10.0)
+                except (Pkcs11Error, TimeoutError) as e:
+                    m.down_reason = str(e) or e.__class__.__name__
+                    continue
+                log.info("pool member up", extra={"pool": self.name, "member": m.name})
+
+    def _forget_pin(self) -> None:
+        self._login = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "kind": "pool", "up": self.up, "generation": self.generation,
+            "replication": self.cfg.replication, "failovers": self.failovers,
+            "replays": self.replays, "objects": len(self.objects),
+            "logical_sessions": len(self.sessions),
+            "operations_active": sum(1 for s in self.sessions.values() if s.op is not None),
+            "members": [m.describe() for m in self.members],
+        }
+
+    # ------------------------------------------------------------ routing
+
+    def _candidates(self, tried: set[int], pinned: int | None) -> list[Member]:
+        ms = [m for m in self.members if m.usable and m.index not in tried
+              and (pinned is None or m.index == pinned)]
+        # best expected wait first; a rotating tie-break spreads equal members
+        k = next(self._rr)
+        ms.sort(key=lambda m: (m.score(), (m.index + k) % len(self.members)))
+        return ms
+
+    def _pinned_member(self, call_id: int, args: list[Any]) -> int | None:
+        """Session objects live on one member: calls that use one must go there."""
+        for oid in self._oids_in(call_id, args):
+            so = self.objects.sessions.get(oid)
+            if so is not None:
+                return so.member
+        return None
+
+    @staticmethod
+    def _oids_in(call_id: int, args: list[Any]) -> list[int]:
+        out = [args[p] for p in OBJECT_ARGS.get(call_id, ())
+               if not (args[p] == 0 and call_id in OPTIONAL_OBJECT_ARGS)]
+        if len(args) > 1 and isinstance(args[1], Mechanism):
+            p = args[1].param
+            if isinstance(p, HandleParam):
+                out.append(p.handle)
+            elif isinstance(p, KyberParams) and p.secret_handle:
+                out.append(p.secret_handle)
+        return out
+
+    async def _handle_on(self, m: Member, oid: int) -> int | None:
+        so = self.objects.sessions.get(oid)
+        if so is not None:
+            return so.handle if so.member == m.index and so.epoch == m.epoch else None
+        key = self.objects.by_oid.get(oid)
+        if key is None:
+            raise Pkcs11Error(ckr.OBJECT_HANDLE_INVALID)
+        return await m.find_by_identity(oid, ObjectIds.template(key))
+
+    async def _translate(self, m: Member, call_id: int, args: list[Any]) -> list[Any] | None:
+        """``args`` with object ids replaced by ``m``'s handles; None if ``m`` lacks one."""
+        margs = list(args)
+        for p in OBJECT_ARGS.get(call_id, ()):
+            if margs[p] == 0 and call_id in OPTIONAL_OBJECT_ARGS:
+                continue
+            h = await self._handle_on(m, margs[p])
+            if h is None:
+                return None
+            margs[p] = h
+        if len(margs) > 1 and isinstance(margs[1], Mechanism):
+            mech = margs[1]
+            p = mech.param
+            if isinstance(p, HandleParam):
+                h = await self._handle_on(m, p.handle)
+                if h is None:
+                    return None
+                margs[1] = Mechanism(mech.type, HandleParam(h))
+            elif isinstance(p, KyberParams) and p.secret_handle:
+                h = await self._handle_on(m, p.secret_handle)
+                if h is None:
+                    return None
+                margs[1] = Mechanism(mech.type, p._replace(secret_handle=h))
+        return margs
+
+    async def _oid_for(self, m: Member, handle: int) -> int:
+        """The pool's id of an object ``m`` just returned (found or created)."""
+        oid = m.oids.get(handle)
+        if oid is not None:
+            return oid
+        key = await self._read_key(m, handle)
+        if key is not None:
+            oid = self.objects.token_oid(key)
+            m.handles[oid] = handle
+            m.missing.pop(oid, None)
+        else:
+            oid = self.objects.session_oid(SessionObject(m.index, m.epoch, handle))
+        m.oids[handle] = oid
+        return oid
+
+    # ------------------------------------------------------------ the Backend call
+
+    async def call(self, call_id: int, args: list[Any]) -> list[Any]:
+        if call_id == ID["C_GetSlotList"]:
+            return [[0]] if args[1] >= 1 else [Null(1)]
+        if call_id in SLOT_CALLS:
+            if args[0] != 0:
+                raise Pkcs11Error(ckr.SLOT_ID_INVALID)
+            return await self._any_member(call_id, args)
+        if call_id == ID["C_OpenSession"]:
+            if args[0] != 0:
+                raise Pkcs11Error(ckr.SLOT_ID_INVALID)
+            if not self.up:
+                raise BackendUnavailable(f"pool {self.name}: no member up")
+            h = next(self._ids)
+            self.sessions[h] = _Session(args[1])
+            return [h]
+        if call_id == ID["C_CloseAllSessions"]:
+            for h in list(self.sessions):
+                await self._close(h)
+            return []
+        s = self.sessions.get(args[0])
+        if s is None:
+            raise Pkcs11Error(ckr.SESSION_HANDLE_INVALID)
+        if call_id == ID["C_CloseSession"]:
+            await self._close(args[0])
+            return []
+        if call_id in (ID["C_Login"], ID["C_LoginUser"]):
+            return await self._login_all(call_id, args)
+        if call_id == ID["C_Logout"]:
+            return await self._logout_all()
+        if call_id in (ID["C_InitPIN"], ID["C_SetPIN"]):
+            return await self._on_every_member(call_id, args)
+        if call_id in UNSUPPORTED:
+            raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED, "not served by pools")
+        if call_id == ID["C_FindObjectsInit"]:
+            return await self._find_init(s, args)
+        if call_id == ID["C_FindObjects"]:
+            if s.find is None:
+                raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
+            n = args[1]
+            if n == 0:
+                return [Null(0)]
+            out, s.find = s.find[:n], s.find[n:]
+            return [out]
+        if call_id == ID["C_FindObjectsFinal"]:
+            if s.find is None:
+                raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
+            s.find = None
+            return []
+        if call_id in INIT_CALLS:
+            return await self._start_op(s, call_id, args)
+        if call_id in OP_CALLS:
+            if s.op is None:
+                raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
+            return await self._continue_op(s, call_id, args)
+        return await self._single(s, call_id, args)
+
+    async def _any_member(self, call_id: int, args: list[Any]) -> list[Any]:
+        for m in self._candidates(set(), None):
+            try:
+                return await m.call(call_id, [m.slot, *args[1:]])
+            except MemberDown:
+                continue
+        raise BackendUnavailable(f"pool {self.name}: no member up")
+
+    async def _close(self, h: int) -> None:
+        s = self.sessions.pop(h, None)
+        if s is not None and s.op is not None:
+            # the member session may still be inside the operation: do not reuse it
+            await self._end_op(s, broken=True)
+
+    # ------------------------------------------------------------ login
+
+    async def _login_all(self, call_id: int, args: list[Any]) -> list[Any]:
+        ok, errors = 0, []
+        for m in self.members:
+            if not m.usable:
+                continue
+            try:
+                await m.call(call_id, [m.control, *args[1:]])
+                ok += 1
+            except MemberDown:
+                continue
+            except Pkcs11Error as e:
+                if e.rv == ckr.USER_ALREADY_LOGGED_IN:
+                    ok += 1
+                else:
+                    errors.append((m, e))
+        if ok == 0:
+            if errors:
+                raise errors[0][1]
+            raise BackendUnavailable(f"pool {self.name}: no member up")
+        for m, err in errors:
+            # the others took this PIN: this member is not equivalent
+            m.mark_down(f"login refused: {ckr.name(err.rv)}")
+        if call_id == ID["C_Login"] and isinstance(args[2], bytes):
+            self._login = (args[1], bytes(args[2]))  # for members that join later
+        return []
+
+    async def _logout_all(self) -> list[Any]:
+        self._forget_pin()
+        for m in self.members:
+            if m.usable:
+                with contextlib.suppress(Pkcs11Error, MemberDown):
+                    await m.call(ID["C_Logout"], [m.control])
+        return []
+
+    async def _on_every_member(self, call_id: int, args: list[Any]) -> list[Any]:
+        done = 0
+        for m in self.members:
+            if not m.usable:
+                continue
+            try:
+                sess, epoch = await m.lease()
+            except MemberDown:
+                continue
+            try:
+                await m.call(call_id, [sess, *args[1:]])
+                done += 1
+            except MemberDown:
+                pass
+            finally:
+                await m.release(sess, epoch)
+        if not done:
+            raise BackendUnavailable(f"pool {self.name}: no member up")
+        return []
+
+    # ------------------------------------------------------------ single calls
+
+    async def _single(self, s: _Session, call_id: int, args: list[Any]) -> list[Any]:
+        pinned = self._pinned_member(call_id, args)
+        tried: set[int] = set()
+        lacking = False
+        while True:
+            cands = self._candidates(tried, pinned)
+            if not cands:
+                break
+            m = cands[0]
+            tried.add(m.index)
+            try:
+                margs = await self._translate(m, call_id, args)
+                if margs is None:
+                    lacking = True
+                    continue
+                sess, epoch = await m.lease()
+                broken = False
+                try:
+                    margs[0] = sess
+                    reply = await m.call(call_id, margs)
+                except MemberDown:
+                    broken = True
+                    raise
+                finally:
+                    await m.release(sess, epoch, broken)
+                return await self._after(m, call_id, args, reply)
+            except MemberDown as e:
+                self._failed_over(m, call_id, str(e))
+        if lacking or pinned is not None:
+            raise Pkcs11Error(ckr.OBJECT_HANDLE_INVALID, "object on no usable member")
+        raise BackendUnavailable(f"pool {self.name}: no member could serve the call")
+
+    def _failed_over(self, m: Member, call_id: int, reason: str) -> None:
+        m.failovers += 1
+        self.failovers += 1
+        log.warning("pool failover", extra={"pool": self.name, "member": m.name,
+                                            "call_id": call_id, "reason": reason})
+
+    async def _after(self, m: Member, call_id: int, args: list[Any],
+                     reply: list[Any]) -> list[Any]:
+        """Give new objects pool ids; keep the identity map right after changes."""
+        new = NEW_OBJECTS.get(call_id)
+        if new is not None and not (call_id == ID["C_DeriveKey2"] and len(reply) < 3):
+            reply = list(reply)
+            for p in new:
+                reply[p] = await self._oid_for(m, reply[p])
+        elif call_id == ID["C_DestroyObject"]:
+            oid = args[1]
+            self.objects.sessions.pop(oid, None)
+            m.forget_handle(oid)
+        elif call_id == ID["C_SetAttributeValue"]:
+            oid = args[1]
+            h = m.handles.get(oid)
+            if h is not None and oid not in self.objects.sessions and any(
+                a.type in _IDENTITY_REQUEST for a in args[2]
+            ):
+                # the object's identity changed: the id follows the object
+                key = await self._read_key(m, h)
+                if key is not None:
+                    self.objects.rekey(oid, key)
+                for other in self.members:
+                    if other is not m:
+                        other.forget_handle(oid)
+        return reply
+
+    async def _read_key(self, m: Member, handle: int) -> Key | None:
+        reqs = [AttrRequest(ck.CKA_TOKEN, 1), AttrRequest(ck.CKA_CLASS, 8),
+                AttrRequest(ck.CKA_ID, 1024), AttrRequest(ck.CKA_LABEL, 1024)]
+        attrs, _ = await m.call(ID["C_GetAttributeValue"], [m.control, handle, reqs])
+        vals = {a.type: a.value for a in attrs if a.length is not None}
+        if not vals.get(ck.CKA_TOKEN):
+            return None
+        return (int(vals.get(ck.CKA_CLASS, 0)), bytes(vals.get(ck.CKA_ID) or b""),
+                bytes(vals.get(ck.CKA_LABEL) or b""))
+
+    # ------------------------------------------------------------ finds
+
+    async def _find_init(self, s: _Session, args: list[Any]) -> list[Any]:
+        if s.find is not None or s.op is not None:
+            raise Pkcs11Error(ckr.OPERATION_ACTIVE)
+        found: list[int] = []
+        seen: set[int] = set()
+        served = 0
+        for m in self._candidates(set(), None):
+            try:
+                oids = await self._find_on(m, args)
+            except MemberDown as e:
+                self._failed_over(m, ID["C_FindObjectsInit"], str(e))
+                continue
+            served += 1
+            for oid in oids:
+                if oid not in seen:  # the same object on several members: once
+                    seen.add(oid)
+                    found.append(oid)
+        if not served:
+            raise BackendUnavailable(f"pool {self.name}: no member could search")
+        s.find = found
+        return []
+
+    async def _find_on(self, m: Member, args: list[Any]) -> list[int]:
+        sess, epoch = await m.lease()
+        handles: list[int] = []
+        broken = False
+        try:
+            await m.call(ID["C_FindObjectsInit"], [sess, args[1]])
+            try:
+                while True:
+                    (batch,) = await m.call(ID["C_FindObjects"], [sess, 256])
+                    if not isinstance(batch, list) or not batch:
+                        break
+                    handles += batch
+                    if len(batch) < 256:
+                        break
+            finally:
+                with contextlib.suppress(Pkcs11Error):
+                    await m.call(ID["C_FindObjectsFinal"], [sess])
+        except MemberDown:
+            broken = True
+            raise
+        finally:
+            await m.release(sess, epoch, broken)
+        return [await self._oid_for(m, h) for h in handles]
+
+    # ------------------------------------------------------------ operations
+
+    async def _start_op(self, s: _Session, call_id: int, args: list[Any]) -> list[Any]:
+        if s.op is not None or s.find is not None:
+            raise Pkcs11Error(ckr.OPERATION_ACTIVE)
+        op = _Op(call_id, args, replayable=call_id not in MESSAGE_INITS)
+        await self._begin(op, set(), self._pinned_member(call_id, args))
+        s.op = op
+        return []
+
+    async def _begin(self, op: _Op, tried: set[int], pinned: int | None) -> None:
+        """Lease a session on the best member and run the operation's Init there, then
+        replay its Update calls; on a member failure, the next member."""
+        lacking = False
+        while True:
+            cands = self._candidates(tried, pinned)
+            if not cands:
+                if lacking or pinned is not None:
+                    raise Pkcs11Error(ckr.KEY_HANDLE_INVALID, "key on no usable member")
+                raise BackendUnavailable(f"pool {self.name}: no member for the operation")
+            m = cands[0]
+            tried.add(m.index)
+            try:
+                margs = await self._translate(m, op.call_id, op.args)
+                if margs is None:
+                    lacking = True
+                    continue
+                sess, epoch = await m.lease()
+            except MemberDown as e:
+                self._failed_over(m, op.call_id, str(e))
+                continue
+            try:
+                margs[0] = sess
+                await m.call(op.call_id, margs)
+                for cid, uargs in op.updates:
+                    uargs2 = await self._translate(m, cid, uargs)
+                    if uargs2 is None:
+                        raise Pkcs11Error(ckr.KEY_HANDLE_INVALID)
+                    uargs2[0] = sess
+                    await m.call(cid, uargs2)
+            except MemberDown as e:
+                await m.release(sess, epoch, broken=True)
+                self._failed_over(m, op.call_id, str(e))
+                continue
+            except BaseException:
+                await m.release(sess, epoch, broken=bool(op.updates))
+                raise
+            op.member, op.session, op.epoch = m.index, sess, epoch
+            return
+
+    async def _continue_op(self, s: _Session, call_id: int, args: list[Any]) -> list[Any]:
+        op = s.op
+        assert op is not None
+        while True:
+            m = self.members[op.member]
+            try:
+                margs = await self._translate(m, call_id, args)
+                if margs is None:
+                    raise Pkcs11Error(ckr.KEY_HANDLE_INVALID)
+                margs[0] = op.session
+                if op.epoch != m.epoch:
+                    raise MemberDown("member restarted")
+                reply = await m.call(call_id, margs)
+                break
+            except MemberDown as e:
+                await m.release(op.session, op.epoch, broken=True)
+                self._failed_over(m, call_id, str(e))
+                if not op.replayable:
+                    s.op = None
+                    raise Pkcs11Error(
+                        ckr.DEVICE_ERROR, "member failed; operation data beyond replay_buffer"
+                    ) from None
+                self.replays += 1
+                try:
+                    await self._begin(op, {op.member}, self._pinned_member(op.call_id, op.args))
+                except BaseException:
+                    s.op = None
+                    raise
+            except Pkcs11Error:
+                await self._end_op(s)  # PKCS#11: an error ends the operation
+                raise
+        if call_id in UPDATES:
+            self._remember_update(op, call_id, args)
+        elif call_id in ENDERS and not (reply and isinstance(reply[0], Null)):
+            await self._end_op(s)
+        return reply
+
+    def _remember_update(self, op: _Op, call_id: int, args: list[Any]) -> None:
+        if not op.replayable:
+            return
+        size = len(args[1]) if isinstance(args[1], bytes) else 8
+        op.buffered += size
+        if op.buffered > self.cfg.replay_buffer:
+            op.replayable = False
+            op.updates.clear()  # no longer useful: free it
+            return
+        op.updates.append((call_id, list(args)))
+
+    async def _end_op(self, s: _Session, broken: bool = False) -> None:
+        op, s.op = s.op, None
+        if op is not None and op.member >= 0:
+            await self.members[op.member].release(op.session, op.epoch, broken)
