@@ -176,9 +176,11 @@ def worker(module: str, threads: int, init_reserved: str | None) -> None:
 def _register_optional() -> None:
     try:
         from .bench.cli import bench
+        from .bench.pool import bench_pool
     except ImportError:
         return
     main.add_command(bench)
+    main.add_command(bench_pool)
 
 
 _register_optional()

@@ -63,7 +63,15 @@ class WorkerBackend(Backend):
         return cmd
 
     async def start(self) -> None:
-        await self._spawn()
+        try:
+            await self._spawn()
+        except BackendUnavailable as e:
+            # keep trying in the background (with backoff): a module or token that is
+            # not there yet at start-up may be there soon
+            self.last_error = str(e)
+            if not self._stopping:
+                self._restart_task = asyncio.create_task(self._restart())
+            raise
 
     async def _spawn(self) -> None:
         loop = asyncio.get_running_loop()
