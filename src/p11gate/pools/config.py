@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..config_select import TokenSelect
 
@@ -25,8 +25,11 @@ class PoolConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     members: list[MemberConfig] = Field(min_length=1)
     #: "external": members are kept identical by the vendor; "gateway": objects created
-    #: through the pool are made on every live member (not yet: see README)
-    replication: Literal["external"] = "external"
+    #: through the pool are made on every live member
+    replication: Literal["external", "gateway"] = "external"
+    #: gateway replication: CKA_LABEL of an AES key present on every member (CKA_WRAP and
+    #: CKA_UNWRAP), under which generated keys are copied between members
+    wrapping_key: str | None = None
     #: backend sessions per member, including the member's control session
     max_sessions_per_member: int = Field(default=8, ge=2, le=4096)
     #: multi-part data kept per operation so it can be replayed on another member, bytes
@@ -35,3 +38,9 @@ class PoolConfig(_Strict):
     probe_interval: float = Field(default=0.5, gt=0)
     #: how many members one call may be tried on before the client gets the error
     max_attempts: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _wrapping(self) -> PoolConfig:
+        if self.wrapping_key is not None and self.replication != "gateway":
+            raise ValueError("wrapping_key is only used with replication = 'gateway'")
+        return self

@@ -15,7 +15,9 @@ from .. import ck
 from ..codec import Attribute
 from ..registry import Registry
 
-Key = tuple[int, bytes, bytes]
+#: (CKA_CLASS, CKA_ID, CKA_LABEL); None = the object has no such attribute (data objects
+#: have no CKA_ID), which a find template must then leave out
+Key = tuple[int, bytes | None, bytes | None]
 
 #: session object ids live above this (token object ids come from the registry below it)
 SESSION_OID_BASE = 0x40000000
@@ -23,8 +25,13 @@ SESSION_OID_BASE = 0x40000000
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS pool_object (
         pool TEXT NOT NULL, oid INTEGER NOT NULL, class INTEGER NOT NULL,
-        id BLOB NOT NULL, label BLOB NOT NULL,
-        PRIMARY KEY (pool, oid), UNIQUE (pool, class, id, label))""",
+        id BLOB, label BLOB, PRIMARY KEY (pool, oid))""",
+    # gateway replication: where an object was made, whether it could not be copied
+    # (pinned to its origin) and whether it was destroyed (members that missed the
+    # destruction catch up when they return)
+    """CREATE TABLE IF NOT EXISTS pool_object_state (
+        pool TEXT NOT NULL, oid INTEGER NOT NULL, origin TEXT, pinned TEXT,
+        destroyed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (pool, oid))""",
 )
 
 
@@ -44,10 +51,24 @@ class ObjectIds:
         self.by_oid: dict[int, Key] = {}
         for oid, cls, cid, label in registry.query(
                 "SELECT oid, class, id, label FROM pool_object WHERE pool=?", (pool,)):
-            key = (int(cls), bytes(cid), bytes(label))
+            key = (int(cls), None if cid is None else bytes(cid),
+                   None if label is None else bytes(label))
             self.by_key[key] = int(oid)
             self.by_oid[int(oid)] = key
         self._next = max(self.by_oid, default=0) + 1
+        #: oid → member name it is pinned to (its key material cannot leave that member)
+        self.pinned: dict[int, str] = {}
+        self.origin: dict[int, str] = {}
+        self.destroyed: set[int] = set()
+        for oid, origin, pinned, destroyed in registry.query(
+                "SELECT oid, origin, pinned, destroyed FROM pool_object_state WHERE pool=?",
+                (pool,)):
+            if origin:
+                self.origin[int(oid)] = str(origin)
+            if pinned:
+                self.pinned[int(oid)] = str(pinned)
+            if destroyed:
+                self.destroyed.add(int(oid))
         self.sessions: dict[int, SessionObject] = {}
         self._next_session = SESSION_OID_BASE
 
@@ -63,6 +84,23 @@ class ObjectIds:
             self.by_oid[oid] = key
         return oid
 
+    def set_state(self, oid: int, *, origin: str | None = None, pinned: str | None = None,
+                  destroyed: bool = False) -> None:
+        if origin is not None:
+            self.origin[oid] = origin
+        if pinned is not None:
+            self.pinned[oid] = pinned
+        else:
+            self.pinned.pop(oid, None)
+        if destroyed:
+            self.destroyed.add(oid)
+        else:
+            self.destroyed.discard(oid)
+        self.registry.execute(
+            "INSERT OR REPLACE INTO pool_object_state (pool, oid, origin, pinned, destroyed) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (self.pool, oid, self.origin.get(oid), pinned, 1 if destroyed else 0))
+
     def rekey(self, oid: int, key: Key) -> None:
         """Object ``oid`` now has identity ``key`` (its CKA_ID or CKA_LABEL changed)."""
         old = self.by_oid.get(oid)
@@ -70,8 +108,6 @@ class ObjectIds:
             return
         if old is not None:
             self.by_key.pop(old, None)
-        self.registry.execute("DELETE FROM pool_object WHERE pool=? AND class=? AND id=? "
-                              "AND label=?", (self.pool, key[0], key[1], key[2]))
         self.registry.execute("INSERT OR REPLACE INTO pool_object (pool, oid, class, id, label) "
                               "VALUES (?, ?, ?, ?, ?)", (self.pool, oid, key[0], key[1], key[2]))
         self.by_key[key] = oid
@@ -85,9 +121,12 @@ class ObjectIds:
     @staticmethod
     def template(key: Key) -> list[Attribute]:
         """A find template that matches this identity (token objects only)."""
-        return [Attribute(ck.CKA_TOKEN, 1, 1), Attribute(ck.CKA_CLASS, key[0], 8),
-                Attribute(ck.CKA_ID, key[1], len(key[1])),
-                Attribute(ck.CKA_LABEL, key[2], len(key[2]))]
+        out = [Attribute(ck.CKA_TOKEN, 1, 1), Attribute(ck.CKA_CLASS, key[0], 8)]
+        if key[1] is not None:
+            out.append(Attribute(ck.CKA_ID, key[1], len(key[1])))
+        if key[2] is not None:
+            out.append(Attribute(ck.CKA_LABEL, key[2], len(key[2])))
+        return out
 
     def __len__(self) -> int:
         return len(self.by_oid)

@@ -35,6 +35,7 @@ from ..registry import Registry
 from .config import PoolConfig
 from .member import ID, Member, MemberDown
 from .objects import Key, ObjectIds, SessionObject
+from .replication import DETERMINISTIC, EVERYWHERE, GENERATED, Replicator
 
 log = logging.getLogger("p11gate.pool")
 
@@ -104,6 +105,7 @@ class PoolBackend(Backend):
         self._rr = itertools.count()
         self.failovers = 0
         self.replays = 0
+        self.replicator = Replicator(self) if cfg.replication == "gateway" else None
 
     # ------------------------------------------------------------ life cycle
 
@@ -152,6 +154,12 @@ class PoolBackend(Backend):
                     m.down_reason = str(e) or e.__class__.__name__
                     continue
                 log.info("pool member up", extra={"pool": self.name, "member": m.name})
+                if self.replicator is not None:
+                    try:
+                        await self.replicator.catch_up(m)
+                    except (Pkcs11Error, MemberDown) as e:
+                        log.warning("catch-up failed", extra={"member": m.name,
+                                                              "error": str(e)})
 
     def _forget_pin(self) -> None:
         self._login = None
@@ -164,7 +172,22 @@ class PoolBackend(Backend):
             "logical_sessions": len(self.sessions),
             "operations_active": sum(1 for s in self.sessions.values() if s.op is not None),
             "members": [m.describe() for m in self.members],
+            "pinned_objects": [
+                {"class": self.objects.by_oid[o][0], "id": _text(self.objects.by_oid[o][1], True),
+                 "label": _text(self.objects.by_oid[o][2]),
+                 "member": name, "member_state": self._member_named(name)}
+                for o, name in self.objects.pinned.items()
+                if o in self.objects.by_oid and o not in self.objects.destroyed],
+            "made_through_pool": [
+                {"label": _text(self.objects.by_oid[o][2]),
+                 "class": self.objects.by_oid[o][0], "origin": origin,
+                 "pinned": o in self.objects.pinned}
+                for o, origin in list(self.objects.origin.items())[-100:]
+                if o in self.objects.by_oid and o not in self.objects.destroyed],
         }
+
+    def _member_named(self, name: str) -> str:
+        return next((m.state for m in self.members if m.name == name), "unknown")
 
     # ------------------------------------------------------------ routing
 
@@ -177,12 +200,27 @@ class PoolBackend(Backend):
         return ms
 
     def _pinned_member(self, call_id: int, args: list[Any]) -> int | None:
-        """Session objects live on one member: calls that use one must go there."""
+        """Session objects, and keys that could not be copied, live on one member: calls
+        that use one must go there."""
         for oid in self._oids_in(call_id, args):
             so = self.objects.sessions.get(oid)
             if so is not None:
                 return so.member
+            name = self.objects.pinned.get(oid)
+            if name is not None:
+                return next(m.index for m in self.members if m.name == name)
         return None
+
+    def _unavailable(self, pinned: int | None, lacking: bool, what: str) -> Pkcs11Error:
+        if pinned is not None:
+            m = self.members[pinned]
+            log.warning("object pinned to a member that is down",
+                        extra={"pool": self.name, "member": m.name, "reason": m.down_reason})
+            return Pkcs11Error(ckr.DEVICE_ERROR,
+                               f"{what} lives only on member {m.name}, which is down")
+        if lacking:
+            return Pkcs11Error(ckr.OBJECT_HANDLE_INVALID, f"{what}: on no usable member")
+        return BackendUnavailable(f"pool {self.name}: no member could serve the call")
 
     @staticmethod
     def _oids_in(call_id: int, args: list[Any]) -> list[int]:
@@ -201,11 +239,14 @@ class PoolBackend(Backend):
         if so is not None:
             return so.handle if so.member == m.index and so.epoch == m.epoch else None
         key = self.objects.by_oid.get(oid)
-        if key is None:
+        if key is None or oid in self.objects.destroyed:
             raise Pkcs11Error(ckr.OBJECT_HANDLE_INVALID)
+        pinned = self.objects.pinned.get(oid)
+        if pinned is not None and pinned != m.name:
+            return None
         return await m.find_by_identity(oid, ObjectIds.template(key))
 
-    async def _translate(self, m: Member, call_id: int, args: list[Any]) -> list[Any] | None:
+    async def translate(self, m: Member, call_id: int, args: list[Any]) -> list[Any] | None:
         """``args`` with object ids replaced by ``m``'s handles; None if ``m`` lacks one."""
         margs = list(args)
         for p in OBJECT_ARGS.get(call_id, ()):
@@ -386,7 +427,7 @@ class PoolBackend(Backend):
             m = cands[0]
             tried.add(m.index)
             try:
-                margs = await self._translate(m, call_id, args)
+                margs = await self.translate(m, call_id, args)
                 if margs is None:
                     lacking = True
                     continue
@@ -400,12 +441,24 @@ class PoolBackend(Backend):
                     raise
                 finally:
                     await m.release(sess, epoch, broken)
-                return await self._after(m, call_id, args, reply)
+                reply = await self._after(m, call_id, args, reply)
             except MemberDown as e:
                 self._failed_over(m, call_id, str(e))
-        if lacking or pinned is not None:
-            raise Pkcs11Error(ckr.OBJECT_HANDLE_INVALID, "object on no usable member")
-        raise BackendUnavailable(f"pool {self.name}: no member could serve the call")
+                continue
+            if self.replicator is not None:
+                await self._replicate(m, call_id, args, reply)
+            return reply
+        raise self._unavailable(pinned, lacking, "the object")
+
+    async def _replicate(self, m: Member, call_id: int, args: list[Any],
+                         reply: list[Any]) -> None:
+        assert self.replicator is not None
+        if call_id in DETERMINISTIC or call_id in GENERATED:
+            new = NEW_OBJECTS.get(call_id, ())
+            oids = [reply[p] for p in new if p < len(reply)]
+            await self.replicator.created(m, call_id, args, oids)
+        elif call_id in EVERYWHERE:
+            await self.replicator.everywhere(m, call_id, args)
 
     def _failed_over(self, m: Member, call_id: int, reason: str) -> None:
         m.failovers += 1
@@ -447,8 +500,9 @@ class PoolBackend(Backend):
         vals = {a.type: a.value for a in attrs if a.length is not None}
         if not vals.get(ck.CKA_TOKEN):
             return None
-        return (int(vals.get(ck.CKA_CLASS, 0)), bytes(vals.get(ck.CKA_ID) or b""),
-                bytes(vals.get(ck.CKA_LABEL) or b""))
+        cid, label = vals.get(ck.CKA_ID), vals.get(ck.CKA_LABEL)
+        return (int(vals.get(ck.CKA_CLASS, 0)), None if cid is None else bytes(cid),
+                None if label is None else bytes(label))
 
     # ------------------------------------------------------------ finds
 
@@ -471,6 +525,13 @@ class PoolBackend(Backend):
                     found.append(oid)
         if not served:
             raise BackendUnavailable(f"pool {self.name}: no member could search")
+        # keys pinned to a member that is down still exist: list those the template
+        # surely matches, so that using them says why it fails instead of "no such key"
+        for oid, name in self.objects.pinned.items():
+            if oid not in seen and oid not in self.objects.destroyed \
+                    and self._member_named(name) != "up" \
+                    and _matches(args[1], self.objects.by_oid.get(oid)):
+                found.append(oid)
         s.find = found
         return []
 
@@ -515,13 +576,11 @@ class PoolBackend(Backend):
         while True:
             cands = self._candidates(tried, pinned)
             if not cands:
-                if lacking or pinned is not None:
-                    raise Pkcs11Error(ckr.KEY_HANDLE_INVALID, "key on no usable member")
-                raise BackendUnavailable(f"pool {self.name}: no member for the operation")
+                raise self._unavailable(pinned, lacking, "the key")
             m = cands[0]
             tried.add(m.index)
             try:
-                margs = await self._translate(m, op.call_id, op.args)
+                margs = await self.translate(m, op.call_id, op.args)
                 if margs is None:
                     lacking = True
                     continue
@@ -533,7 +592,7 @@ class PoolBackend(Backend):
                 margs[0] = sess
                 await m.call(op.call_id, margs)
                 for cid, uargs in op.updates:
-                    uargs2 = await self._translate(m, cid, uargs)
+                    uargs2 = await self.translate(m, cid, uargs)
                     if uargs2 is None:
                         raise Pkcs11Error(ckr.KEY_HANDLE_INVALID)
                     uargs2[0] = sess
@@ -554,7 +613,7 @@ class PoolBackend(Backend):
         while True:
             m = self.members[op.member]
             try:
-                margs = await self._translate(m, call_id, args)
+                margs = await self.translate(m, call_id, args)
                 if margs is None:
                     raise Pkcs11Error(ckr.KEY_HANDLE_INVALID)
                 margs[0] = op.session
@@ -600,3 +659,30 @@ class PoolBackend(Backend):
         op, s.op = s.op, None
         if op is not None and op.member >= 0:
             await self.members[op.member].release(op.session, op.epoch, broken)
+
+
+def _matches(template: list[Any], key: Key | None) -> bool:
+    """True if ``template`` certainly matches a token object of identity ``key`` (only
+    CKA_CLASS, CKA_ID, CKA_LABEL and CKA_TOKEN can be judged without the object)."""
+    if key is None:
+        return False
+    for a in template:
+        if a.length is None:
+            return False
+        if a.type == ck.CKA_CLASS and a.value != key[0]:
+            return False
+        if a.type == ck.CKA_ID and a.value != key[1]:
+            return False
+        if a.type == ck.CKA_LABEL and a.value != key[2]:
+            return False
+        if a.type == ck.CKA_TOKEN and not a.value:
+            return False
+        if a.type not in (ck.CKA_CLASS, ck.CKA_ID, ck.CKA_LABEL, ck.CKA_TOKEN):
+            return False
+    return True
+
+
+def _text(b: bytes | None, hexa: bool = False) -> str | None:
+    if b is None:
+        return None
+    return b.hex() if hexa else b.decode("utf-8", "replace")

@@ -1,0 +1,177 @@
+"""Issue 3, gateway replication: objects made through the pool exist on every member;
+generated keys are copied by wrap/unwrap under the pool's wrapping key, or stay pinned
+to their member when they may not be wrapped; destructions reach members that missed
+them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pkcs11  # before forking client processes
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+from tests.gateway_proc import CLIENT_MODULE, Gateway, wait_for
+from tests.pools.members import PIN, make_member, pool_config
+
+from p11gate.admin import query
+
+WRAP_VALUE = bytes(range(32))
+
+
+def _client(address: str, action: str, label: str, q: Any) -> None:
+    os.environ["P11_KIT_SERVER_ADDRESS"] = address
+    from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    try:
+        token = pkcs11.lib(CLIENT_MODULE).get_token(token_label="ha-token")
+        with token.open(user_pin=PIN, rw=True) as s:
+            if action == "wrapping-key":
+                s.create_object({
+                    Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+                    Attribute.VALUE: WRAP_VALUE, Attribute.TOKEN: True, Attribute.LABEL: label,
+                    Attribute.WRAP: True, Attribute.UNWRAP: True, Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False, Attribute.PRIVATE: True})
+                q.put(("ok", None))
+            elif action in ("movable", "stuck"):
+                params = s.create_domain_parameters(KeyType.EC, {
+                    Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
+                    local=True)
+                params.generate_keypair(
+                    store=True, label=label, id=label.encode(),
+                    private_template={Attribute.EXTRACTABLE: action == "movable",
+                                      Attribute.SENSITIVE: True})
+                q.put(("ok", None))
+            elif action == "data":
+                s.create_object({Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True,
+                                 Attribute.LABEL: label, Attribute.VALUE: b"x",
+                                 Attribute.PRIVATE: False})
+                q.put(("ok", None))
+            elif action == "destroy":
+                for o in s.get_objects({Attribute.LABEL: label}):
+                    o.destroy()
+                q.put(("ok", None))
+            elif action == "sign":
+                priv = s.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)
+                pub = s.get_key(object_class=ObjectClass.PUBLIC_KEY, label=label)
+                digest = hashlib.sha256(b"replicated").digest()
+                sig = priv.sign(digest, mechanism=Mechanism.ECDSA)
+                q.put(("ok", (sig, bytes(pub[Attribute.EC_POINT]))))
+    except Exception as e:
+        q.put(("error", repr(e)))
+
+
+def client(gw: Gateway, action: str, label: str) -> tuple[str, Any]:
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_client, args=(gw.address, action, label, q))
+    p.start()
+    try:
+        return q.get(timeout=120)  # type: ignore[no-any-return]
+    finally:
+        p.join(10)
+
+
+def verify(result: tuple[bytes, bytes]) -> None:
+    sig, point = result
+    key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point[2:])
+    der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
+    key.verify(der, hashlib.sha256(b"replicated").digest(), ec.ECDSA(Prehashed(hashes.SHA256())))
+
+
+def labels_on(member: dict[str, Any]) -> str:
+    r = subprocess.run(["pkcs11-tool", "--module", member["module"], "--token-label",
+                        member["label"], "--login", "--pin", PIN, "-O"],
+                       env=member["env"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_gateway_replication_copies_keys_pins_unwrappable_ones_and_catches_up(
+    tmp_path: Path,
+) -> None:
+    members = [make_member(tmp_path, i, None) for i in range(3)]
+    cfg = pool_config(tmp_path, members, call_timeout=2.0,
+                      extra_pool='replication = "gateway"\nwrapping_key = "pool-wrap"')
+    gw = Gateway(cfg)
+    admin = str(tmp_path / "state" / "admin.sock")
+
+    def pool_status() -> dict[str, Any]:
+        return dict(query(admin)["pools"][0])
+
+    def take_down(name: str) -> None:
+        i = int(name[1:])
+        conf = Path(members[i]["conf"])
+        shutil.move(conf, conf.with_suffix(".away"))  # its restart will fail
+        pid = next(b["pid"] for b in query(admin)["backends"] if b["name"] == name)
+        os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda: pool_status()["members"][i]["state"] == "down", timeout=10)
+
+    def bring_back(name: str) -> None:
+        i = int(name[1:])
+        conf = Path(members[i]["conf"])
+        shutil.move(conf.with_suffix(".away"), conf)
+        assert wait_for(lambda: pool_status()["members"][i]["state"] == "up", timeout=20)
+
+    try:
+        assert client(gw, "wrapping-key", "pool-wrap") == ("ok", None)
+        for m in members:  # a deterministic creation: on every member
+            assert "pool-wrap" in labels_on(m)
+        assert client(gw, "movable", "movable") == ("ok", None)
+        assert client(gw, "stuck", "stuck") == ("ok", None)
+        st = pool_status()
+        made = {o["label"]: o for o in st["made_through_pool"]}
+        origin_movable = made["movable"]["origin"]
+        origin_stuck = made["stuck"]["origin"]
+        # the extractable key is on every member; the other only where it was made
+        for i, m in enumerate(members):
+            listing = labels_on(m)
+            assert listing.count("label:      movable") == 2  # private and public key
+            assert ("Private Key Object; EC\n  label:      stuck" in listing) == (
+                f"m{i}" == origin_stuck)
+        assert [(p["label"], p["member"]) for p in st["pinned_objects"]] == [
+            ("stuck", origin_stuck)]
+        status, res = client(gw, "sign", "stuck")
+        assert status == "ok", res
+        verify(res)
+
+        # the member that generated the movable key dies: the key still works
+        take_down(origin_movable)
+        status, res = client(gw, "sign", "movable")
+        assert status == "ok", res
+        verify(res)
+        # the pinned key's member dies too: a clear error, never another member's key
+        if origin_stuck != origin_movable:
+            take_down(origin_stuck)
+        status, res = client(gw, "sign", "stuck")
+        assert status == "error" and "DeviceError" in res, res
+        pinned_logs = [json.loads(line) for line in gw.log().splitlines()
+                       if "object pinned to a member that is down" in line]
+        assert pinned_logs and pinned_logs[-1]["member"] == origin_stuck
+        status, res = client(gw, "sign", "movable")
+        assert status == "ok", res
+
+        # a destruction while a member is away reaches it when it returns
+        assert client(gw, "data", "temporary") == ("ok", None)
+        down = sorted({origin_movable, origin_stuck})
+        up = [f"m{i}" for i in range(3) if f"m{i}" not in down]
+        assert all("temporary" in labels_on(members[int(n[1:])]) for n in up)
+        assert client(gw, "destroy", "temporary") == ("ok", None)
+        for name in down:
+            bring_back(name)
+        assert wait_for(lambda: all("temporary" not in labels_on(m) for m in members),
+                        timeout=10)
+        status, res = client(gw, "sign", "stuck")  # its member is back
+        assert status == "ok", res
+        verify(res)
+    finally:
+        gw.stop()
