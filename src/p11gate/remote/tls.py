@@ -12,6 +12,7 @@ import ssl
 from cryptography import x509
 
 from ..identity import Identity
+from . import pem
 from .config import TlsConfig
 
 
@@ -19,7 +20,7 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_cert_chain(cfg.cert, cfg.key)
+    ctx.load_cert_chain(cfg.cert, cfg.key, password=pem.no_passphrase)
     ctx.load_verify_locations(cafile=cfg.client_ca)
     if cfg.crl is not None:
         ctx.load_verify_locations(cafile=cfg.crl)
@@ -28,9 +29,20 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
 
 
 def client_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
+    """The tunnel's and agent's context; ValueError names a bad file (checked first, so
+    an encrypted key is an error, not a passphrase prompt in the application's terminal)."""
+    for path, what in ((cert, "--cert"), (ca, "--ca")):
+        try:
+            pem.certificates(path)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+    try:
+        pem.check_key(key, cert)
+    except ValueError as e:
+        raise ValueError(f"--key: {e}") from None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_cert_chain(cert, key)
+    ctx.load_cert_chain(cert, key, password=pem.no_passphrase)
     ctx.load_verify_locations(cafile=ca)
     return ctx
 
