@@ -119,9 +119,11 @@ def tunnel(cert: str, key: str, ca: str, timeout: float, gateways: tuple[str, ..
     """
     import asyncio
 
+    from . import logs
     from .remote.tls import parse_tls_address
     from .remote.tunnel import run_tunnel
 
+    logs.setup("warning", "text")  # the application's stderr: problems only, one line each
     for g in gateways:
         try:
             parse_tls_address(g)
