@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_ds
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from tests.gateway_proc import CLIENT_MODULE, Gateway, wait_for
 from tests.remote.pki import make_pki
+from tests.remote.test_tls import refused, tls_socket
 from tests.softhsm import make_token
 
 from p11gate.codec import HANDSHAKE, V0241, build_frame, decode_reply, encode_request
@@ -81,8 +82,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     pki = make_pki(base / "pki")
     token = make_token(base / "softhsm")
     port = free_port()
-    gw = Gateway(open_config(base / "gw", token, pki, port))
-    yield {"gw": gw, "pki": pki, "port": port, "token": token, "base": base}
+    config = open_config(base / "gw", token, pki, port)
+    gw = Gateway(config)
+    yield {"gw": gw, "pki": pki, "port": port, "token": token, "base": base,
+           "config": config}
     alive = gw.alive()
     gw.stop()
     assert alive, gw.log()[-3000:]
@@ -310,3 +313,29 @@ def test_tls_session_is_1_3_with_the_tunnel_client_context(setup: dict[str, Any]
     with socket.create_connection(("127.0.0.1", setup["port"]), timeout=10) as raw:
         with pytest.raises(ssl.SSLCertVerificationError):
             ctx.wrap_socket(raw, server_hostname="gw.elsewhere.example")
+
+
+def test_refused_tls_clients_leave_nothing_behind(setup: dict[str, Any]) -> None:
+    """Refused handshakes (no, untrusted, revoked certificate, TLS 1.2) are not counted
+    or kept as connections; a client that got in is, until it leaves."""
+    import json
+
+    def connections() -> int:
+        r = subprocess.run([P11GATE, "status", "--config", str(setup["config"])],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        return int(json.loads(r.stdout)["connections"])
+
+    pki, port = setup["pki"], setup["port"]
+    assert wait_for(lambda: connections() == 0)
+    for _ in range(5):
+        assert refused(pki, port, None) and refused(pki, port, "untrusted")
+        assert refused(pki, port, "revoked") and refused(pki, port, "tenant-a", tls12=True)
+    good = tls_socket(pki, port, "tenant-a")
+    try:
+        good.sendall(b"\x00")
+        assert good.recv(1) == b"\x00"  # served: the gateway answered the version byte
+        assert connections() == 1
+    finally:
+        good.close()
+    assert wait_for(lambda: connections() == 0)

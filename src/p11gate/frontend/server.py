@@ -119,7 +119,7 @@ class Gateway:
         assert self.cfg.tls is not None  # the configuration checks it
         host, port = parse_tls_address(address)
         server = await asyncio.get_running_loop().create_server(
-            lambda: self._new_connection(), host, port, ssl=server_context(self.cfg.tls),
+            lambda: _TlsClientConnection(self), host, port, ssl=server_context(self.cfg.tls),
             backlog=1024, ssl_handshake_timeout=10.0,
         )
         self._servers.append(server)
@@ -187,6 +187,17 @@ class Gateway:
                 for t in self.tokens
             ],
         }
+
+
+class _TlsClientConnection(ClientConnection):
+    """A TLS client joins the gateway's connections once its handshake has succeeded:
+    asyncio makes the protocol at accept time but calls neither connection_made nor
+    connection_lost when the handshake fails, so registering it earlier would keep every
+    refused client forever."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.gw.connections.add(self)
+        super().connection_made(transport)
 
 
 def _socket_alive(path: str) -> bool:
