@@ -145,10 +145,14 @@ def test_p11kit_proxy_module_file_runs_the_tunnel(setup: dict[str, Any], tmp_pat
     points p11-kit at its own directory instead (module_dir_shim)."""
     modules = tmp_path / "modules"
     modules.mkdir()
-    (modules / "p11gate.module").write_text(
-        "remote: |" + " ".join(tunnel_argv(setup)) + "\n")
+    # the short form: the tunnel's settings from the environment the application has
+    (modules / "p11gate.module").write_text(f"remote: |{P11GATE} tunnel\n")
+    pki = setup["pki"]
     env = {**os.environ, "LD_PRELOAD": str(module_dir_shim),
-           "P11GATE_TEST_MODULE_DIR": str(modules)}
+           "P11GATE_TEST_MODULE_DIR": str(modules),
+           "P11GATE_TLS_CERT": str(pki["tenant-a.pem"]),
+           "P11GATE_TLS_KEY": str(pki["tenant-a.key"]), "P11GATE_TLS_CA": str(pki["ca"]),
+           "P11GATE_GATEWAYS": f"tls:127.0.0.1:{free_port()} tls:127.0.0.1:{setup['port']}"}
     env.pop("P11_KIT_SERVER_ADDRESS", None)
     before = setup["gw"].log().count("cert=CN=tenant-a")
     out = pkcs11_tool(PROXY_MODULE, env, "-L").stdout
@@ -339,3 +343,15 @@ def test_refused_tls_clients_leave_nothing_behind(setup: dict[str, Any]) -> None
     finally:
         good.close()
     assert wait_for(lambda: connections() == 0)
+
+
+def test_p11kit_client_runs_the_tunnel_from_the_address_with_loose_spacing(
+        setup: dict[str, Any]) -> None:
+    """P11_KIT_SERVER_ADDRESS="|…" in the stock 0.24 p11-kit-client.so: p11-kit turns
+    each extra space into an empty word; the tunnel still finds its gateways."""
+    pki = setup["pki"]
+    address = (f"|{P11GATE} tunnel --cert {pki['tenant-a.pem']} --key {pki['tenant-a.key']}"
+               f" --ca {pki['ca']}  tls:127.0.0.1:{setup['port']}  ")
+    env = {**os.environ, "P11_KIT_SERVER_ADDRESS": address}
+    out = pkcs11_tool(CLIENT_MODULE, env, "-L").stdout
+    assert "token label        : signing" in out
