@@ -20,7 +20,7 @@ from ..identity import Identity
 from ..policy import Policy
 from ..policy.namespace import OwnershipStore
 from ..registry import Registry
-from ..remote.tls import parse_tls_address, peer_identity, server_context
+from ..remote.tls import parse_tls_address, peer_identity, server_context, watch_crl
 from .connection import ClientConnection
 from .token import VirtualToken
 
@@ -118,10 +118,12 @@ class Gateway:
     async def _listen_tls(self, address: str) -> None:
         assert self.cfg.tls is not None  # the configuration checks it
         host, port = parse_tls_address(address)
+        ctx = server_context(self.cfg.tls)
         server = await asyncio.get_running_loop().create_server(
-            lambda: _TlsClientConnection(self), host, port, ssl=server_context(self.cfg.tls),
+            lambda: _TlsClientConnection(self), host, port, ssl=ctx,
             backlog=1024, ssl_handshake_timeout=10.0,
         )
+        watch_crl(server, ctx, self.cfg.tls)
         self._servers.append(server)
         log.info("listening", extra={"address": address, "tls": "1.3, client certificates"})
 

@@ -8,7 +8,7 @@ the certificate in '/etc/…'``), instead of the gateway failing when it starts.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from . import pem
 
@@ -24,6 +24,8 @@ class TlsConfig(BaseModel):
     client_ca: str
     #: certificate revocation list(s) of those CAs (PEM); checked for client certificates
     crl: str | None = None
+    #: seconds between checks of the CRL file; a changed file is reloaded
+    crl_check_interval: float = Field(default=60.0, ge=0.1, le=86400)
 
     @field_validator("cert")
     @classmethod

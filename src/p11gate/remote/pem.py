@@ -68,8 +68,9 @@ def check_key(key_path: str, cert_path: str | None) -> None:
                          "(give the matching pair)")
 
 
-def check_crl(crl_path: str, ca_path: str | None) -> None:
-    """Every CRL in the file parses, is current, and was issued by one of the CAs."""
+def check_crl(crl_path: str, ca_path: str | None) -> dict[str, dt.datetime]:
+    """Every CRL in the file parses, is current, and was issued by one of the CAs.
+    Returns each issuer's (RFC 4514) nextUpdate: when it needs a fresh CRL."""
     data = _read(crl_path, "a PEM CRL file")
     blocks = [b for b in data.split(b"-----END X509 CRL-----") if b"-----BEGIN X509 CRL" in b]
     if not blocks:
@@ -82,12 +83,16 @@ def check_crl(crl_path: str, ca_path: str | None) -> None:
         except ValueError:
             pass  # reported for client_ca itself
     now = dt.datetime.now(dt.UTC)
+    due: dict[str, dt.datetime] = {}
     for b in blocks:
         try:
             crl = x509.load_pem_x509_crl(b + b"-----END X509 CRL-----\n")
         except ValueError:
             raise ValueError(f"{crl_path!r}: a CRL in it does not parse") from None
         nxt = crl.next_update_utc
+        if nxt is not None:
+            name = crl.issuer.rfc4514_string()
+            due[name] = max(nxt, due.get(name, nxt))
         if nxt is not None and nxt < now:
             raise ValueError(
                 f"{crl_path!r}: the CRL of {crl.issuer.rfc4514_string()!r} expired on "
@@ -107,6 +112,7 @@ def check_crl(crl_path: str, ca_path: str | None) -> None:
                 f"{crl_path!r} has no CRL for {', '.join(sorted(missing))}: with a CRL, "
                 "every client CA needs one, or its clients are all refused"
             )
+    return due
 
 
 def no_passphrase() -> bytes:
