@@ -448,3 +448,20 @@ def test_an_expiring_crl_is_an_alarm_and_a_fresh_one_heals_without_restart(
         assert g.gw.alive()
     finally:
         g.gw.stop()
+
+
+def test_a_busy_tls_port_is_a_clear_error(setup: dict[str, Any], tmp_path: Path) -> None:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        cfg = open_config(tmp_path / "gw", setup["token"], setup["pki"],
+                          busy.getsockname()[1])
+        r = subprocess.run([P11GATE, "serve", "--config", str(cfg)], capture_output=True,
+                           text=True, timeout=60)
+    finally:
+        busy.close()
+    assert r.returncode == 2
+    assert f"{cfg}: server.listen: " in r.stderr and "address already in use" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "gw" / "gw.sock").exists()  # what did start was stopped
