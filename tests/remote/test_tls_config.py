@@ -18,7 +18,7 @@ from tests.remote.pki import CA, make_pki
 from tests.softhsm import MODULE
 
 from p11gate.config import ConfigError, parse_config
-from p11gate.remote.tls import client_context, parse_tls_address, peer_identity
+from p11gate.remote.tls import client_context, parse_tls_address, peer_address, peer_identity
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +149,9 @@ def test_identity_from_a_certificate_has_subject_and_every_san_type() -> None:
     # no certificate, no identity (the connection is closed before any call)
     assert peer_identity(_FakeSSL(None), "192.0.2.7:51000") is None  # type: ignore[arg-type]
     assert peer_identity(None, None) is None
+
+
+def test_peer_addresses_are_unambiguous() -> None:
+    assert peer_address(("192.0.2.7", 51000)) == "192.0.2.7:51000"
+    assert peer_address(("::1", 51000, 0, 0)) == "[::1]:51000"
+    assert peer_address("/run/p11gate.sock") is None and peer_address(None) is None

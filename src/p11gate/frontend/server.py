@@ -20,7 +20,13 @@ from ..identity import Identity
 from ..policy import Policy
 from ..policy.namespace import OwnershipStore
 from ..registry import Registry
-from ..remote.tls import parse_tls_address, peer_identity, server_context, watch_crl
+from ..remote.tls import (
+    parse_tls_address,
+    peer_address,
+    peer_identity,
+    server_context,
+    watch_crl,
+)
 from .connection import ClientConnection
 from .token import VirtualToken
 
@@ -141,7 +147,7 @@ class Gateway:
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             peer = transport.get_extra_info("peername")
-            address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None
+            address = peer_address(peer)
             return peer_identity(ssl_object, address)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family == socket.AF_UNIX:

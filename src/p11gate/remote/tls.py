@@ -138,6 +138,14 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None,
                     address=address)
 
 
+def peer_address(peer: object) -> str | None:
+    """``host:port`` of a socket peer (``[v6]:port`` for IPv6), for identities and logs."""
+    if not isinstance(peer, tuple) or len(peer) < 2:
+        return None
+    host, port = str(peer[0]), peer[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_tls_address(address: str) -> tuple[str, int]:
     """``tls:HOST:PORT`` (``tls:[v6]:PORT`` for IPv6) → (host, port)."""
     if not address.startswith("tls:"):
