@@ -110,18 +110,24 @@ def _tls_client_options(f):  # type: ignore[no-untyped-def]
 @main.command("tunnel")
 @_tls_client_options
 @click.option("--timeout", default=5.0, show_default=True, help="connect timeout per gateway")
-@click.argument("gateways", nargs=-1, required=True)
+@click.argument("gateways", nargs=-1, required=True, envvar="P11GATE_GATEWAYS")
 def tunnel(cert: str, key: str, ca: str, timeout: float, gateways: tuple[str, ...]) -> None:
     """Carry one client's RPC stream (stdin/stdout) to a gateway over TLS.
 
-    GATEWAYS are tls:HOST:PORT addresses, tried in order. Use it as
-    P11_KIT_SERVER_ADDRESS="|p11gate tunnel … tls:gw:8443".
+    GATEWAYS are tls:HOST:PORT addresses, tried in order (or P11GATE_GATEWAYS, separated
+    by spaces). Use it as P11_KIT_SERVER_ADDRESS="|p11gate tunnel … tls:gw:8443".
     """
     import asyncio
 
+    from . import logs
     from .remote.tls import parse_tls_address
     from .remote.tunnel import run_tunnel
 
+    logs.setup("warning", "text")  # the application's stderr: problems only, one line each
+    # p11-kit makes an empty word of each extra space in `|p11gate tunnel  …`
+    gateways = tuple(g for g in gateways if g)
+    if not gateways:
+        raise click.UsageError("give at least one gateway (tls:HOST:PORT)")
     for g in gateways:
         try:
             parse_tls_address(g)
@@ -136,11 +142,11 @@ def tunnel(cert: str, key: str, ca: str, timeout: float, gateways: tuple[str, ..
 @click.option("--socket-mode", default="0600", show_default=True,
               help="permissions of the local socket (octal)")
 @click.option("--timeout", default=3.0, show_default=True, help="connect timeout per gateway")
-@click.argument("gateways", nargs=-1, required=True)
+@click.argument("gateways", nargs=-1, required=True, envvar="P11GATE_GATEWAYS")
 def agent(cert: str, key: str, ca: str, listen: str, socket_mode: str, timeout: float,
           gateways: tuple[str, ...]) -> None:
     """Serve local applications on a unix socket, relayed over TLS to the first
-    reachable of GATEWAYS (tls:HOST:PORT …)."""
+    reachable of GATEWAYS (tls:HOST:PORT …, or P11GATE_GATEWAYS separated by spaces)."""
     import asyncio
     import logging
 

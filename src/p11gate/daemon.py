@@ -37,7 +37,13 @@ async def _serve(cfg: Config, demo: bool) -> int:
               f"{e.filename or cfg.server.state_dir}: {e.strerror}; set [server] state_dir "
               "(and [audit] file) to a writable directory", file=sys.stderr)
         return 2
-    await gw.start()
+    try:
+        await gw.start()
+    except OSError as e:  # a listener: port in use, no permission, …
+        print(f"{cfg.source}: server.listen: {e}; free the address or change [server] listen",
+              file=sys.stderr)
+        await gw.stop()
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -21,7 +21,13 @@ from ..policy import Policy
 from ..policy.namespace import OwnershipStore
 from ..pools.pool import PoolBackend
 from ..registry import Registry
-from ..remote.tls import parse_tls_address, peer_identity, server_context
+from ..remote.tls import (
+    parse_tls_address,
+    peer_address,
+    peer_identity,
+    server_context,
+    watch_crl,
+)
 from .connection import ClientConnection
 from .token import VirtualToken
 
@@ -123,10 +129,12 @@ class Gateway:
     async def _listen_tls(self, address: str) -> None:
         assert self.cfg.tls is not None  # the configuration checks it
         host, port = parse_tls_address(address)
+        ctx = server_context(self.cfg.tls)
         server = await asyncio.get_running_loop().create_server(
-            lambda: self._new_connection(), host, port, ssl=server_context(self.cfg.tls),
+            lambda: _TlsClientConnection(self), host, port, ssl=ctx,
             backlog=1024, ssl_handshake_timeout=10.0,
         )
+        watch_crl(server, ctx, self.cfg.tls)
         self._servers.append(server)
         log.info("listening", extra={"address": address, "tls": "1.3, client certificates"})
 
@@ -144,7 +152,7 @@ class Gateway:
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             peer = transport.get_extra_info("peername")
-            address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None
+            address = peer_address(peer)
             return peer_identity(ssl_object, address)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family == socket.AF_UNIX:
@@ -195,6 +203,17 @@ class Gateway:
                 for t in self.tokens
             ],
         }
+
+
+class _TlsClientConnection(ClientConnection):
+    """A TLS client joins the gateway's connections once its handshake has succeeded:
+    asyncio makes the protocol at accept time but calls neither connection_made nor
+    connection_lost when the handshake fails, so registering it earlier would keep every
+    refused client forever."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.gw.connections.add(self)
+        super().connection_made(transport)
 
 
 def _socket_alive(path: str) -> bool:

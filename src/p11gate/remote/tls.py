@@ -7,19 +7,30 @@ gateway's certificate to chain to its CA and match the address it dialled.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
 import ssl
 
 from cryptography import x509
 
 from ..identity import Identity
+from . import pem
 from .config import TlsConfig
+
+log = logging.getLogger("p11gate.tls")
+
+#: running CRL watchers (a reference keeps each task alive)
+_watchers: set[asyncio.Task[None]] = set()
 
 
 def server_context(cfg: TlsConfig) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_cert_chain(cfg.cert, cfg.key)
+    ctx.load_cert_chain(cfg.cert, cfg.key, password=pem.no_passphrase)
     ctx.load_verify_locations(cafile=cfg.client_ca)
     if cfg.crl is not None:
         ctx.load_verify_locations(cafile=cfg.crl)
@@ -27,10 +38,80 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
+def watch_crl(server: asyncio.AbstractServer, ctx: ssl.SSLContext, cfg: TlsConfig) -> None:
+    """Reload ``cfg.crl`` into the listener's context when the file changes, while the
+    listener serves: new revocations apply to the next handshakes, and a fresh CRL
+    replaces one that expires (an expired CRL refuses every client). OpenSSL keeps the
+    CRLs it has loaded and uses the newest of each CA. A file that does not check out
+    (junk, expired, foreign) is logged and not loaded; the previous CRL stays in force."""
+    if cfg.crl is None:
+        return
+    task = asyncio.get_running_loop().create_task(_watch_crl(server, ctx, cfg, cfg.crl))
+    _watchers.add(task)
+    task.add_done_callback(_watchers.discard)
+
+
+def _file_version(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+async def _watch_crl(server: asyncio.AbstractServer, ctx: ssl.SSLContext, cfg: TlsConfig,
+                     path: str) -> None:
+    seen = _file_version(path)
+    # each CA's latest nextUpdate among the CRLs loaded (OpenSSL keeps them all and
+    # prefers one still valid, so a CA's clients are refused only when all have expired)
+    valid_until: dict[str, dt.datetime] = {}
+
+    def merge(due: dict[str, dt.datetime]) -> None:
+        for ca, t in due.items():
+            valid_until[ca] = max(t, valid_until.get(ca, t))
+
+    with contextlib.suppress(ValueError):  # checked at start; it may have changed since
+        merge(pem.check_crl(path, cfg.client_ca))
+    warned: set[str] = set()
+    while server.is_serving():
+        await asyncio.sleep(cfg.crl_check_interval)
+        now = _file_version(path)
+        if now != seen and now is not None:
+            seen = now
+            try:
+                due = pem.check_crl(path, cfg.client_ca)
+                ctx.load_verify_locations(cafile=path)
+            except (ValueError, ssl.SSLError) as e:
+                log.error("CRL changed but not loaded; the previous one stays in force",
+                          extra={"crl": path, "error": str(e)})
+            else:
+                merge(due)
+                warned -= set(due)
+                log.info("CRL reloaded", extra={
+                    "crl": path, "next_update": {k: str(v) for k, v in due.items()}})
+        for ca, t in valid_until.items():
+            if ca not in warned and t < dt.datetime.now(dt.UTC):
+                warned.add(ca)
+                log.error("CRL expired: every TLS client of this CA is refused until a "
+                          "fresh CRL is published", extra={"crl": path, "ca": ca,
+                                                           "next_update": str(t)})
+
+
 def client_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
+    """The tunnel's and agent's context; ValueError names a bad file (checked first, so
+    an encrypted key is an error, not a passphrase prompt in the application's terminal)."""
+    for path, what in ((cert, "--cert"), (ca, "--ca")):
+        try:
+            pem.certificates(path)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+    try:
+        pem.check_key(key, cert)
+    except ValueError as e:
+        raise ValueError(f"--key: {e}") from None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_cert_chain(cert, key)
+    ctx.load_cert_chain(cert, key, password=pem.no_passphrase)
     ctx.load_verify_locations(cafile=ca)
     return ctx
 
@@ -55,6 +136,14 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None,
         pass
     return Identity(kind="tls", subject=cert.subject.rfc4514_string(), sans=tuple(sans),
                     address=address)
+
+
+def peer_address(peer: object) -> str | None:
+    """``host:port`` of a socket peer (``[v6]:port`` for IPv6), for identities and logs."""
+    if not isinstance(peer, tuple) or len(peer) < 2:
+        return None
+    host, port = str(peer[0]), peer[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_tls_address(address: str) -> tuple[str, int]:

@@ -36,7 +36,11 @@ async def _stdio() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
 
 async def run_tunnel(addresses: list[str], cert: str, key: str, ca: str,
                      timeout: float) -> int:
-    ctx = client_context(cert, key, ca)
+    try:
+        ctx = client_context(cert, key, ca)
+    except ValueError as e:
+        print(f"p11gate tunnel: {e}", file=sys.stderr)
+        return 2
     try:
         r, w, _ = await open_tls(addresses, ctx, timeout)
     except NoGateway as e:

@@ -1,0 +1,120 @@
+"""Checks of the PEM files TLS uses, with messages an operator can act on.
+
+The `ssl` module reports a bad file late (when the listener starts or the first connection
+is made) and vaguely ("[SSL] PEM lib"); an encrypted key even makes OpenSSL prompt for a
+passphrase on the terminal, which hangs an application whose `p11gate tunnel` is waiting.
+These checks run when the configuration is read (`check-config` shows them) and before
+the tunnel or agent connects. Messages name files, never their contents.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{path!r} does not exist (give the path of {what})") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path!r} is a directory (give the path of {what})") from None
+    except PermissionError:
+        raise ValueError(f"{path!r} is not readable by this user (fix its owner or "
+                         "permissions)") from None
+
+
+def certificates(path: str, what: str = "a PEM certificate file") -> list[x509.Certificate]:
+    """The certificates in a PEM file (at least one)."""
+    data = _read(path, what)
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certs = []
+    if not certs:
+        raise ValueError(f"{path!r} holds no PEM certificate (expected '-----BEGIN "
+                         "CERTIFICATE-----' blocks)")
+    return certs
+
+
+def check_key(key_path: str, cert_path: str | None) -> None:
+    """The key is an unencrypted PEM private key and, given a certificate file, belongs to
+    its first certificate."""
+    data = _read(key_path, "a PEM private key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise ValueError(f"{key_path!r} is encrypted: give an unencrypted key (e.g. "
+                         "`openssl pkey -in KEY -out KEY.plain`) and make it readable "
+                         "only by p11gate (mode 0600)") from None
+    except Exception:  # cryptography raises several types for junk
+        raise ValueError(f"{key_path!r} holds no PEM private key") from None
+    if cert_path is None:
+        return
+    try:
+        leaf = certificates(cert_path)[0]
+    except ValueError:
+        return  # reported for the certificate itself
+    if leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) != key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
+        raise ValueError(f"{key_path!r} is not the key of the certificate in {cert_path!r} "
+                         "(give the matching pair)")
+
+
+def check_crl(crl_path: str, ca_path: str | None) -> dict[str, dt.datetime]:
+    """Every CRL in the file parses, is current, and was issued by one of the CAs.
+    Returns each issuer's (RFC 4514) nextUpdate: when it needs a fresh CRL."""
+    data = _read(crl_path, "a PEM CRL file")
+    blocks = [b for b in data.split(b"-----END X509 CRL-----") if b"-----BEGIN X509 CRL" in b]
+    if not blocks:
+        raise ValueError(f"{crl_path!r} holds no PEM CRL (expected '-----BEGIN X509 "
+                         "CRL-----' blocks)")
+    issuers: set[x509.Name] = set()
+    if ca_path is not None:
+        try:
+            issuers = {c.subject for c in certificates(ca_path)}
+        except ValueError:
+            pass  # reported for client_ca itself
+    now = dt.datetime.now(dt.UTC)
+    due: dict[str, dt.datetime] = {}
+    for b in blocks:
+        try:
+            crl = x509.load_pem_x509_crl(b + b"-----END X509 CRL-----\n")
+        except ValueError:
+            raise ValueError(f"{crl_path!r}: a CRL in it does not parse") from None
+        nxt = crl.next_update_utc
+        if nxt is not None:
+            name = crl.issuer.rfc4514_string()
+            due[name] = max(nxt, due.get(name, nxt))
+        if nxt is not None and nxt < now:
+            raise ValueError(
+                f"{crl_path!r}: the CRL of {crl.issuer.rfc4514_string()!r} expired on "
+                f"{nxt:%Y-%m-%d %H:%M} UTC; every client would be refused: publish a fresh CRL"
+            )
+        if issuers and crl.issuer not in issuers:
+            raise ValueError(
+                f"{crl_path!r}: the CRL of {crl.issuer.rfc4514_string()!r} is not from a CA "
+                "in client_ca (give the CRL of each client CA)"
+            )
+    if ca_path is not None and issuers:
+        covered = {x509.load_pem_x509_crl(b + b"-----END X509 CRL-----\n").issuer
+                   for b in blocks}
+        missing = [n.rfc4514_string() for n in issuers if n not in covered]
+        if missing:
+            raise ValueError(
+                f"{crl_path!r} has no CRL for {', '.join(sorted(missing))}: with a CRL, "
+                "every client CA needs one, or its clients are all refused"
+            )
+    return due
+
+
+def no_passphrase() -> bytes:
+    """`password` callback for `load_cert_chain`: never prompt on the terminal."""
+    raise ValueError("the private key is encrypted: give an unencrypted key")
