@@ -155,7 +155,8 @@ def test_kill_and_hang_members_under_load_without_a_failed_call(pool: dict[str, 
         "after": [dt for t, dt in calls if t >= t_up],
     }
     report = {k: {"calls": len(v), "p50_ms": round(_percentiles(v)[0], 2),
-                  "p99_ms": round(_percentiles(v)[1], 2)} for k, v in phases.items()}
+                  "p99_ms": round(_percentiles(v)[1], 2),
+                  "max_ms": round(max(v, default=0) * 1000, 1)} for k, v in phases.items()}
     report["back_in_rotation_s"] = round(t_up - t_back, 2)  # type: ignore[assignment]
     st = status(pool)["pools"][0]
     report["failovers"] = st["failovers"]
