@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from cryptography.hazmat.primitives.serialization import load_der_public_key
-from tests.gateway_proc import CLIENT_MODULE, Gateway, wait_for
+from tests.gateway_proc import CLIENT_MODULE, Gateway, RawClient, wait_for
 from tests.pools.members import PIN, key_material, make_member, pool_config
 
 from p11gate.admin import query
@@ -114,6 +114,23 @@ def test_1000_client_sessions_share_at_most_4_backend_sessions_per_member(
             assert m["calls"] > 0
         assert query(str(tmp_path / "state" / "admin.sock"))["pools"][0][
             "logical_sessions"] >= 1  # the token's own control session remains
+        # balancing is per operation: one client session's operations use every member
+        before = [m["calls"] for m in members_status(tmp_path)]
+        asyncio.run(_thousand_sessions(gw.path, 1, 1))
+        c = RawClient(gw.path)
+        c.initialize()
+        (slots,) = c.call(C_GetSlotList, [1, 4])
+        (h,) = c.call(C_OpenSession, [slots[0], 6])
+        c.call(C_Login, [h, 1, PIN.encode()])
+        c.call(C_FindObjectsInit, [h, [Attribute(0, 3, 8), Attribute(3, b"ec1", 3)]])
+        (found,) = c.call(C_FindObjects, [h, 4])
+        c.call(C_FindObjectsFinal, [h])
+        key = next(k for k in found)
+        for _ in range(30):
+            c.call(C_SignInit, [h, Mechanism(0x1041, None), key])
+            c.call(C_Sign, [h, bytes(32), 256])
+        after = [m["calls"] for m in members_status(tmp_path)]
+        assert all(a - b >= 10 for a, b in zip(after, before, strict=True)), (before, after)
     finally:
         gw.stop()
 

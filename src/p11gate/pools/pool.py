@@ -192,12 +192,18 @@ class PoolBackend(Backend):
     # ------------------------------------------------------------ routing
 
     def _candidates(self, tried: set[int], pinned: int | None) -> list[Member]:
+        """Usable members, best first. Members whose expected wait is within 1.5× of the
+        best are taken in turn, so that even one client's sequential operations spread
+        over equivalent members instead of sticking to the fastest one."""
         ms = [m for m in self.members if m.usable and m.index not in tried
               and (pinned is None or m.index == pinned)]
-        # best expected wait first; a rotating tie-break spreads equal members
-        k = next(self._rr)
-        ms.sort(key=lambda m: (m.score(), (m.index + k) % len(self.members)))
-        return ms
+        if len(ms) < 2:
+            return ms
+        ms.sort(key=Member.score)
+        best = ms[0].score()
+        tier = [m for m in ms if m.score() <= best * 1.5]
+        k = next(self._rr) % len(tier)
+        return tier[k:] + tier[:k] + ms[len(tier):]
 
     def _pinned_member(self, call_id: int, args: list[Any]) -> int | None:
         """Session objects, and keys that could not be copied, live on one member: calls
@@ -420,6 +426,7 @@ class PoolBackend(Backend):
         pinned = self._pinned_member(call_id, args)
         tried: set[int] = set()
         lacking = False
+        failures = 0
         while True:
             cands = self._candidates(tried, pinned)
             if not cands:
@@ -444,6 +451,10 @@ class PoolBackend(Backend):
                 reply = await self._after(m, call_id, args, reply)
             except MemberDown as e:
                 self._failed_over(m, call_id, str(e))
+                failures += 1
+                if failures >= self.cfg.max_attempts:
+                    raise BackendUnavailable(
+                        f"pool {self.name}: failed on {failures} members") from None
                 continue
             if self.replicator is not None:
                 await self._replicate(m, call_id, args, reply)
@@ -600,6 +611,10 @@ class PoolBackend(Backend):
             except MemberDown as e:
                 await m.release(sess, epoch, broken=True)
                 self._failed_over(m, op.call_id, str(e))
+                if len(tried) >= self.cfg.max_attempts:
+                    raise BackendUnavailable(
+                        f"pool {self.name}: operation failed on {len(tried)} members"
+                    ) from None
                 continue
             except BaseException:
                 await m.release(sess, epoch, broken=bool(op.updates))
