@@ -226,10 +226,10 @@ def test_tenants_list_use_and_destroy_only_their_own_keys(env: dict[str, Any]) -
     assert "team-a-key" in listing_a and "team-b-key" not in listing_a
     assert "team-b-key" in listing_b and "team-a-key" not in listing_b
     # keys on the shared token that no tenant created are outside both namespaces
-    assert "ec1" not in listing_a and "rsa1" not in listing_b
+    assert "label:      ec1\n" not in listing_a and "label:      rsa1\n" not in listing_b
     # the officer (no namespace) sees everything
     listing_root = ok(tool_as(0, gw, *login, "-O"))
-    assert all(k in listing_root for k in ("team-a-key", "team-b-key", "ec1"))
+    assert all(f"label:      {k}\n" in listing_root for k in ("team-a-key", "team-b-key", "ec1"))
 
     data = out / "data"
     data.write_bytes(os.urandom(32))
@@ -449,7 +449,7 @@ def test_mapped_pins_are_per_identity_and_the_backend_pin_never_shows(
     # pkcs11-tool signs with the mapped PIN
     r = tool_as(A, gw, "--token-label", "mapped", "--login", "--pin", A_PIN, "-O",
                 "--type", "privkey")
-    assert "ec1" in ok(r)
+    assert "label:      ec1\n" in ok(r)
     # throttling: three wrong PINs lock the identity out, even for the right PIN
     res = as_uid(A, _mapped_login, gw.path, ["bad1", "bad2", "bad3", A_PIN])
     assert res == [ckr.PIN_INCORRECT] * 3 + [ckr.PIN_LOCKED]

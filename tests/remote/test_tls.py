@@ -179,7 +179,7 @@ def test_two_certificate_tenants_through_the_tunnel(setup: dict[str, Any],
          "--id", "b0", "--label", "remote-b")
     list_a = tool(env_a, "--login", "--pin", pin, "-O").stdout
     list_b = tool(env_b, "--login", "--pin", pin, "-O").stdout
-    assert "remote-a" in list_a and "remote-b" not in list_a and "ec1" not in list_a
+    assert "remote-a" in list_a and "remote-b" not in list_a and "label:      ec1\n" not in list_a
     assert "remote-b" in list_b and "remote-a" not in list_b
     sign_and_verify(env_a, pin, "a0", tmp_path)
     sign_and_verify(env_b, pin, "b0", tmp_path)
