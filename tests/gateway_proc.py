@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from p11gate.codec import (
     HANDSHAKE,
     V0241,
@@ -176,3 +178,22 @@ def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return bool(pred())
+
+
+def is_worker(cmdline: list[str]) -> bool:
+    """A `p11gate worker` process. Matched on the argument vector, not on a substring:
+    a child between fork and exec still carries the gateway's command line, whose
+    config path can contain the word (pytest names directories after the test)."""
+    return cmdline[1:4] == ["-m", "p11gate.cli", "worker"]
+
+
+def worker_pids(gw: Gateway) -> list[int]:
+    """Live worker processes of the gateway (dead ones not yet reaped are not counted)."""
+    out = []
+    for p in psutil.Process(gw.proc.pid).children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and is_worker(p.cmdline()):
+                out.append(p.pid)
+        except psutil.Error:
+            continue
+    return out

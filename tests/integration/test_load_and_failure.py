@@ -11,9 +11,8 @@ import sys
 import time
 from collections.abc import Iterator
 
-import psutil
 import pytest
-from tests.gateway_proc import CLIENT_MODULE, Gateway, write_config
+from tests.gateway_proc import CLIENT_MODULE, Gateway, worker_pids, write_config
 from tests.softhsm import make_token
 
 # Forks N children after importing python-pkcs11 but before loading the module: each child
@@ -127,13 +126,7 @@ def test_100_connections_sign_for_10_seconds(gw: Gateway) -> None:
 
 
 def worker_pid(gw: Gateway) -> int:
-    found = []
-    for p in psutil.Process(gw.proc.pid).children(recursive=True):
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE and "worker" in " ".join(p.cmdline()):
-                found.append(p.pid)
-        except psutil.Error:
-            continue
+    found = worker_pids(gw)
     assert len(found) == 1, found
     return found[0]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from tests.gateway_proc import Gateway, wait_for, write_config
+from tests.gateway_proc import Gateway, wait_for, worker_pids, write_config
 from tests.robustness.test_malformed import good_client, sign_once
 
 from p11gate.codec import Attribute, ReplyError, ckr
@@ -29,17 +29,6 @@ def process_gateway(token: dict, tmp_path: Path) -> Iterator[Gateway]:
     gw.stop()
 
 
-def worker_pids(gw: Gateway) -> list[int]:
-    """Live worker processes of the gateway (dead ones not yet reaped are not counted)."""
-    out = []
-    for p in psutil.Process(gw.proc.pid).children(recursive=True):
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE and "worker" in " ".join(p.cmdline()):
-                out.append(p.pid)
-        except psutil.Error:
-            continue
-    return out
-
 
 def test_hung_worker_is_killed_and_replaced(process_gateway: Gateway) -> None:
     gw = process_gateway
@@ -48,9 +37,12 @@ def test_hung_worker_is_killed_and_replaced(process_gateway: Gateway) -> None:
     (pid,) = worker_pids(gw)
     os.kill(pid, signal.SIGSTOP)  # a hang, as a stuck HSM driver would
     try:
+        assert wait_for(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, 5)
         t0 = time.monotonic()
         with pytest.raises(ReplyError) as e:
             sign_once(c, sess, key)
+            pytest.fail(f"signed with worker {pid} stopped; workers now {worker_pids(gw)}; "
+                        f"log: {gw.log()[-3000:]}")
         elapsed = time.monotonic() - t0
         assert e.value.rv == ckr.DEVICE_ERROR
         assert 1.0 < elapsed < 6.0, f"deadline not applied: {elapsed:.1f}s"

@@ -10,6 +10,7 @@ handle cache) when its back end answers again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -64,7 +65,7 @@ class Member:
         self.leased = 0
         self.open_max = 0  # high-water mark of open sessions, control session included
         self.waiting = 0
-        self._cond = asyncio.Condition()
+        self._waiters: collections.deque[asyncio.Future[int | None]] = collections.deque()
         #: object id → handle on this member (this epoch)
         self.handles: dict[int, int] = {}
         #: handle → object id (this epoch), for find results and new objects
@@ -109,8 +110,8 @@ class Member:
         self.missing.clear()
         self.state = "up"
         self.down_reason = ""
-        async with self._cond:
-            self._cond.notify_all()
+        while self._waiters:  # waiting from before: the old sessions are gone, retry
+            self._wake(None)
 
     def mark_down(self, reason: str) -> None:
         if self.state == "down":
@@ -119,12 +120,7 @@ class Member:
         self.down_reason = reason
         self.downs += 1
         log.warning("pool member down", extra={"member": self.name, "reason": reason})
-        # whoever waits for a lease here must go elsewhere
-        asyncio.get_running_loop().create_task(self._wake_all())
-
-    async def _wake_all(self) -> None:
-        async with self._cond:
-            self._cond.notify_all()
+        self._fail_waiters()  # whoever waits for a lease here must go elsewhere
 
     # ------------------------------------------------------------ calls
 
@@ -154,23 +150,37 @@ class Member:
 
     async def lease(self) -> tuple[int, int]:
         """A logged-in session of this member, for one call or one operation: (session,
-        epoch). Waits while all sessions are leased; raises MemberDown if the member
-        goes down meanwhile."""
-        self.waiting += 1
-        try:
-            async with self._cond:
-                while True:
-                    if not self.usable:
-                        raise MemberDown(self.down_reason or "member down")
-                    if self.idle:
-                        self.leased += 1
-                        return self.idle.pop(), self.epoch
-                    if self.open + 1 < self.max_sessions:
-                        self.open += 1
-                        break
-                    await self._cond.wait()
-        finally:
-            self.waiting -= 1
+        epoch). Waits (first come, first served) while all sessions are leased; raises
+        MemberDown if the member goes down meanwhile."""
+        first = False  # a waiter woken for a freed slot goes before those still queued
+        while True:
+            if not self.usable:
+                raise MemberDown(self.down_reason or "member down")
+            may = first or not self._waiters
+            if self.idle and may:
+                self.leased += 1
+                return self.idle.pop(), self.epoch
+            if self.open + 1 < self.max_sessions and may:
+                return await self._open_one()
+            first = False
+            fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            self.waiting += 1
+            try:
+                session = await fut
+            finally:
+                self.waiting -= 1
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+            if session is not None:
+                self.leased += 1
+                return session, self.epoch
+            # None: a slot was freed (a session closed) or the pool was reset: try again,
+            # ahead of the queue
+            first = True
+
+    async def _open_one(self) -> tuple[int, int]:
+        self.open += 1
         epoch = self.epoch
         try:
             (session,) = await self.call(
@@ -178,6 +188,7 @@ class Member:
         except BaseException:
             if epoch == self.epoch:
                 self.open -= 1
+                self._wake(None)
             raise
         if epoch != self.epoch:
             raise MemberDown("member restarted while opening a session")
@@ -185,18 +196,32 @@ class Member:
         self.open_max = max(self.open_max, self.open + 1)
         return int(session), epoch
 
+    def _wake(self, session: int | None) -> bool:
+        """Hand ``session`` (or a retry, for None) to the first waiter; False if none."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(session)
+                return True
+        return False
+
     async def release(self, session: int, epoch: int, broken: bool = False) -> None:
         if epoch != self.epoch:
             return  # from a dead instance: nothing to give back
         self.leased -= 1
-        async with self._cond:
-            if broken:
-                self.open -= 1
-                with contextlib.suppress(Exception):
-                    await self.backend.call(ID["C_CloseSession"], [session])
-            else:
-                self.idle.append(session)
-            self._cond.notify(1)
+        if broken:
+            self.open -= 1
+            self._wake(None)
+            with contextlib.suppress(Exception):
+                await self.backend.call(ID["C_CloseSession"], [session])
+        elif not self._wake(session):
+            self.idle.append(session)
+
+    def _fail_waiters(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(MemberDown(self.down_reason or "member down"))
 
     # ------------------------------------------------------------ objects
 
