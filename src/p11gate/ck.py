@@ -7,6 +7,7 @@ CKA_CLASS = 0x0
 CKA_TOKEN = 0x1
 CKA_PRIVATE = 0x2
 CKA_LABEL = 0x3
+CKA_UNIQUE_ID = 0x4
 CKA_ID = 0x102
 
 # object classes

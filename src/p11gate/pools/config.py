@@ -27,6 +27,13 @@ class PoolConfig(_Strict):
     #: "external": members are kept identical by the vendor; "gateway": objects created
     #: through the pool are made on every live member
     replication: Literal["external", "gateway"] = "external"
+    #: how an object is known across members. "attributes": CKA_CLASS + CKA_ID +
+    #: CKA_LABEL. "unique-id": CKA_CLASS + CKA_UNIQUE_ID where the member's module reports
+    #: it (falling back to the attributes where it does not) -- for vendor clusters whose
+    #: cloned partitions keep an object's CKA_UNIQUE_ID, so that objects sharing a label
+    #: and id stay apart. Only with external replication: copies the gateway makes get a
+    #: new CKA_UNIQUE_ID on each member.
+    identity: Literal["attributes", "unique-id"] = "attributes"
     #: gateway replication: CKA_LABEL of an AES key present on every member (CKA_WRAP and
     #: CKA_UNWRAP), under which generated keys are copied between members
     wrapping_key: str | None = None
@@ -43,4 +50,7 @@ class PoolConfig(_Strict):
     def _wrapping(self) -> PoolConfig:
         if self.wrapping_key is not None and self.replication != "gateway":
             raise ValueError("wrapping_key is only used with replication = 'gateway'")
+        if self.identity == "unique-id" and self.replication != "external":
+            raise ValueError("identity = 'unique-id' needs replication = 'external' (the "
+                             "gateway's copies get a different CKA_UNIQUE_ID on each member)")
         return self

@@ -1,6 +1,8 @@
 """Object identity across members.
 
-A token object is known by (CKA_CLASS, CKA_ID, CKA_LABEL), not by a handle: each
+A token object is known by (CKA_CLASS, CKA_ID, CKA_LABEL) -- or, in pools configured
+with ``identity = "unique-id"``, by (CKA_CLASS, CKA_UNIQUE_ID) where the module reports
+it -- not by a handle: each
 member resolves that identity to its own handle, lazily (see Member.find_by_identity).
 The pool hands the frontend an object id per identity, kept in the registry so the
 same object keeps the same id across gateway restarts. A session object lives on one
@@ -10,14 +12,16 @@ member's instance only: its id maps to (member, epoch, handle) and dies with the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .. import ck
 from ..codec import Attribute
 from ..registry import Registry
 
-#: (CKA_CLASS, CKA_ID, CKA_LABEL); None = the object has no such attribute (data objects
-#: have no CKA_ID), which a find template must then leave out
-Key = tuple[int, bytes | None, bytes | None]
+#: (CKA_CLASS, CKA_ID, CKA_LABEL, CKA_UNIQUE_ID); None = not part of the identity: the
+#: object has no such attribute (data objects have no CKA_ID), which a find template must
+#: then leave out. Either the unique id is set and CKA_ID/CKA_LABEL are None, or not.
+Key = tuple[int, bytes | None, bytes | None, bytes | None]
 
 #: session object ids live above this (token object ids come from the registry below it)
 SESSION_OID_BASE = 0x40000000
@@ -25,7 +29,7 @@ SESSION_OID_BASE = 0x40000000
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS pool_object (
         pool TEXT NOT NULL, oid INTEGER NOT NULL, class INTEGER NOT NULL,
-        id BLOB, label BLOB, PRIMARY KEY (pool, oid))""",
+        id BLOB, label BLOB, uid BLOB, PRIMARY KEY (pool, oid))""",
     # gateway replication: where an object was made, whether it could not be copied
     # (pinned to its origin) and whether it was destroyed (members that missed the
     # destruction catch up when they return)
@@ -47,12 +51,14 @@ class ObjectIds:
         self.pool = pool
         self.registry = registry
         registry.ensure(*_SCHEMA)
+        columns = {row[1] for row in registry.query("PRAGMA table_info(pool_object)")}
+        if "uid" not in columns:  # a registry written before CKA_UNIQUE_ID identities
+            registry.ensure("ALTER TABLE pool_object ADD COLUMN uid BLOB")
         self.by_key: dict[Key, int] = {}
         self.by_oid: dict[int, Key] = {}
-        for oid, cls, cid, label in registry.query(
-                "SELECT oid, class, id, label FROM pool_object WHERE pool=?", (pool,)):
-            key = (int(cls), None if cid is None else bytes(cid),
-                   None if label is None else bytes(label))
+        for oid, cls, cid, label, uid in registry.query(
+                "SELECT oid, class, id, label, uid FROM pool_object WHERE pool=?", (pool,)):
+            key = (int(cls), _blob(cid), _blob(label), _blob(uid))
             self.by_key[key] = int(oid)
             self.by_oid[int(oid)] = key
         self._next = max(self.by_oid, default=0) + 1
@@ -78,8 +84,8 @@ class ObjectIds:
             oid = self._next
             self._next += 1
             self.registry.execute(
-                "INSERT INTO pool_object (pool, oid, class, id, label) VALUES (?, ?, ?, ?, ?)",
-                (self.pool, oid, key[0], key[1], key[2]))
+                "INSERT INTO pool_object (pool, oid, class, id, label, uid) "
+                "VALUES (?, ?, ?, ?, ?, ?)", (self.pool, oid, *key))
             self.by_key[key] = oid
             self.by_oid[oid] = key
         return oid
@@ -108,8 +114,9 @@ class ObjectIds:
             return
         if old is not None:
             self.by_key.pop(old, None)
-        self.registry.execute("INSERT OR REPLACE INTO pool_object (pool, oid, class, id, label) "
-                              "VALUES (?, ?, ?, ?, ?)", (self.pool, oid, key[0], key[1], key[2]))
+        self.registry.execute("INSERT OR REPLACE INTO pool_object "
+                              "(pool, oid, class, id, label, uid) VALUES (?, ?, ?, ?, ?, ?)",
+                              (self.pool, oid, *key))
         self.by_key[key] = oid
         self.by_oid[oid] = key
 
@@ -122,6 +129,8 @@ class ObjectIds:
     def template(key: Key) -> list[Attribute]:
         """A find template that matches this identity (token objects only)."""
         out = [Attribute(ck.CKA_TOKEN, 1, 1), Attribute(ck.CKA_CLASS, key[0], 8)]
+        if key[3] is not None:
+            out.append(Attribute(ck.CKA_UNIQUE_ID, key[3], len(key[3])))
         if key[1] is not None:
             out.append(Attribute(ck.CKA_ID, key[1], len(key[1])))
         if key[2] is not None:
@@ -130,3 +139,7 @@ class ObjectIds:
 
     def __len__(self) -> int:
         return len(self.by_oid)
+
+
+def _blob(v: Any) -> bytes | None:
+    return None if v is None else bytes(v)

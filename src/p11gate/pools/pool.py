@@ -505,15 +505,24 @@ class PoolBackend(Backend):
         return reply
 
     async def _read_key(self, m: Member, handle: int) -> Key | None:
+        """The identity of a token object (None for a session object)."""
         reqs = [AttrRequest(ck.CKA_TOKEN, 1), AttrRequest(ck.CKA_CLASS, 8),
                 AttrRequest(ck.CKA_ID, 1024), AttrRequest(ck.CKA_LABEL, 1024)]
+        if self.cfg.identity == "unique-id":
+            # a module without the attribute answers CKR_ATTRIBUTE_TYPE_INVALID for it
+            # and still fills in the others
+            reqs.append(AttrRequest(ck.CKA_UNIQUE_ID, 1024))
         attrs, _ = await m.call(ID["C_GetAttributeValue"], [m.control, handle, reqs])
         vals = {a.type: a.value for a in attrs if a.length is not None}
         if not vals.get(ck.CKA_TOKEN):
             return None
+        cls = int(vals.get(ck.CKA_CLASS, 0))
+        uid = vals.get(ck.CKA_UNIQUE_ID)
+        if uid:
+            return (cls, None, None, bytes(uid))
         cid, label = vals.get(ck.CKA_ID), vals.get(ck.CKA_LABEL)
-        return (int(vals.get(ck.CKA_CLASS, 0)), None if cid is None else bytes(cid),
-                None if label is None else bytes(label))
+        return (cls, None if cid is None else bytes(cid),
+                None if label is None else bytes(label), None)
 
     # ------------------------------------------------------------ finds
 
@@ -678,21 +687,26 @@ class PoolBackend(Backend):
 
 def _matches(template: list[Any], key: Key | None) -> bool:
     """True if ``template`` certainly matches a token object of identity ``key`` (only
-    CKA_CLASS, CKA_ID, CKA_LABEL and CKA_TOKEN can be judged without the object)."""
+    CKA_CLASS, CKA_ID, CKA_LABEL, CKA_UNIQUE_ID and CKA_TOKEN can be judged without the
+    object, and CKA_ID and CKA_LABEL only when they are the identity)."""
     if key is None:
         return False
+    by_attributes = key[3] is None
     for a in template:
         if a.length is None:
             return False
         if a.type == ck.CKA_CLASS and a.value != key[0]:
             return False
-        if a.type == ck.CKA_ID and a.value != key[1]:
+        if a.type == ck.CKA_ID and (not by_attributes or a.value != key[1]):
             return False
-        if a.type == ck.CKA_LABEL and a.value != key[2]:
+        if a.type == ck.CKA_LABEL and (not by_attributes or a.value != key[2]):
+            return False
+        if a.type == ck.CKA_UNIQUE_ID and a.value != key[3]:
             return False
         if a.type == ck.CKA_TOKEN and not a.value:
             return False
-        if a.type not in (ck.CKA_CLASS, ck.CKA_ID, ck.CKA_LABEL, ck.CKA_TOKEN):
+        if a.type not in (ck.CKA_CLASS, ck.CKA_ID, ck.CKA_LABEL, ck.CKA_UNIQUE_ID,
+                          ck.CKA_TOKEN):
             return False
     return True
 
