@@ -4,6 +4,8 @@ the real p11-kit-client.so and pkcs11-tool against real SoftHSMv2."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import ssl
@@ -22,6 +24,7 @@ from tests.gateway_proc import CLIENT_MODULE, Gateway, RawClient, wait_for
 from tests.remote.pki import make_pki
 from tests.softhsm import make_token
 
+from p11gate.admin import query
 from p11gate.codec import HANDSHAKE, V0241, build_frame, encode_request
 
 C_GetSlotList, C_GetTokenInfo = 4, 6
@@ -104,6 +107,14 @@ def tls_socket(pki: dict[str, Path], port: int, client: str | None,
     return ctx.wrap_socket(raw, server_hostname="127.0.0.1")
 
 
+def log_records(gw: Gateway) -> list[dict[str, Any]]:
+    out = []
+    for line in gw.log().splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
+
+
 def refused(pki: dict[str, Path], port: int, client: str | None, tls12: bool = False) -> bool:
     """True if the gateway serves this client no RPC reply at all."""
     try:
@@ -118,11 +129,22 @@ def refused(pki: dict[str, Path], port: int, client: str | None, tls12: bool = F
 
 def test_tls_refuses_missing_untrusted_revoked_and_tls12_clients(setup: dict[str, Any]) -> None:
     pki, port, gw = setup["pki"], setup["port"], setup["gw"]
+    admin = str(setup["base"] / "gw1" / "state" / "admin.sock")
     assert not refused(pki, port, "tenant-a")  # the probe itself can tell
+    before = query(admin)["tls_refused"]
     assert refused(pki, port, None)
     assert refused(pki, port, "untrusted")
     assert refused(pki, port, "revoked")
     assert refused(pki, port, "tenant-a", tls12=True)
+    # each refusal is logged with its peer and why, and counted in the status
+    assert wait_for(lambda: query(admin)["tls_refused"] - before == 4)
+    reasons = [r["reason"] for r in log_records(gw) if r.get("msg") == "TLS client refused"]
+    assert all(r for r in reasons) and len(reasons) >= 4, reasons
+    text = " ".join(reasons)
+    assert "peer did not return a certificate" in text
+    assert "unable to get local issuer certificate" in text  # untrusted
+    assert "certificate revoked" in text
+    assert "unsupported protocol" in text  # TLS 1.2
     # the gateway is still up and serves a trusted client over TLS 1.3
     assert gw.alive()
     s = tls_socket(pki, port, "tenant-a")

@@ -29,6 +29,7 @@ from ..remote.tls import (
     watch_crl,
 )
 from .connection import ClientConnection
+from .tls_listener import TlsListener
 from .token import VirtualToken
 
 log = logging.getLogger("p11gate.server")
@@ -69,7 +70,8 @@ class Gateway:
         self.tokens_by_slot = {t.slot_id: t for t in self.tokens}
         self.connections: set[ClientConnection] = set()
         self.background: set[asyncio.Task[Any]] = set()
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[asyncio.AbstractServer | TlsListener] = []
+        self._tls: list[TlsListener] = []
         self.admin: AdminServer | None = None
         for b in self.backends.values():
             b.on_restart = self._reattach_hook(b)
@@ -130,12 +132,11 @@ class Gateway:
         assert self.cfg.tls is not None  # the configuration checks it
         host, port = parse_tls_address(address)
         ctx = server_context(self.cfg.tls)
-        server = await asyncio.get_running_loop().create_server(
-            lambda: _TlsClientConnection(self), host, port, ssl=ctx,
-            backlog=1024, ssl_handshake_timeout=10.0,
-        )
-        watch_crl(server, ctx, self.cfg.tls)
-        self._servers.append(server)
+        listener = TlsListener(lambda: _TlsClientConnection(self), ctx)
+        await listener.start(host, port)
+        watch_crl(listener, ctx, self.cfg.tls)
+        self._servers.append(listener)
+        self._tls.append(listener)
         log.info("listening", extra={"address": address, "tls": "1.3, client certificates"})
 
     def _new_connection(self) -> ClientConnection:
@@ -192,6 +193,8 @@ class Gateway:
             "connections": len(self.connections),
             "clients": sorted({c.peer for c in self.connections}),
             "audit_records": self.audit.records,
+            # handshakes refused: no certificate, untrusted, revoked, old protocol
+            "tls_refused": sum(t.refused for t in self._tls),
             "backends": [b.describe() for b in self.backends.values()],
             "pools": [p.describe() for p in self.pools.values()],
             "tokens": [
@@ -206,10 +209,8 @@ class Gateway:
 
 
 class _TlsClientConnection(ClientConnection):
-    """A TLS client joins the gateway's connections once its handshake has succeeded:
-    asyncio makes the protocol at accept time but calls neither connection_made nor
-    connection_lost when the handshake fails, so registering it earlier would keep every
-    refused client forever."""
+    """A TLS client joins the gateway's connections once its handshake has succeeded
+    (connection_made is not called for a refused one, nor connection_lost)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.gw.connections.add(self)

@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 import os
 import ssl
+from typing import Protocol
 
 from cryptography import x509
 
@@ -38,7 +39,13 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
-def watch_crl(server: asyncio.AbstractServer, ctx: ssl.SSLContext, cfg: TlsConfig) -> None:
+class Serving(Protocol):
+    """A listener (asyncio server or TlsListener): the CRL is watched while it serves."""
+
+    def is_serving(self) -> bool: ...
+
+
+def watch_crl(server: Serving, ctx: ssl.SSLContext, cfg: TlsConfig) -> None:
     """Reload ``cfg.crl`` into the listener's context when the file changes, while the
     listener serves: new revocations apply to the next handshakes, and a fresh CRL
     replaces one that expires (an expired CRL refuses every client). OpenSSL keeps the
@@ -59,7 +66,7 @@ def _file_version(path: str) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-async def _watch_crl(server: asyncio.AbstractServer, ctx: ssl.SSLContext, cfg: TlsConfig,
+async def _watch_crl(server: Serving, ctx: ssl.SSLContext, cfg: TlsConfig,
                      path: str) -> None:
     seen = _file_version(path)
     # each CA's latest nextUpdate among the CRLs loaded (OpenSSL keeps them all and
