@@ -4,6 +4,7 @@ sessions per member, and the capacity benchmark (3 members vs 1)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -32,6 +33,14 @@ def members_status(base: Path) -> list[dict[str, Any]]:
     return list(query(str(base / "state" / "admin.sock"))["pools"][0]["members"])
 
 
+def _records(gw: Gateway) -> list[dict[str, Any]]:
+    out = []
+    for line in gw.log().splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
+
+
 def sign_once(gw: Gateway, tmp: Path) -> subprocess.CompletedProcess[str]:
     data = tmp / "data"
     data.write_bytes(b"\x01" * 32)
@@ -46,7 +55,7 @@ def test_a_member_down_at_start_up_does_not_stop_the_others(tmp_path: Path) -> N
     members = [make_member(tmp_path, i, keys) for i in range(3)]
     late_conf = tmp_path / "late" / "softhsm2.conf"  # does not exist yet: m2 cannot start
     confs = [members[0]["conf"], members[1]["conf"], str(late_conf)]
-    gw = Gateway(pool_config(tmp_path, members, confs=confs))
+    gw = Gateway(pool_config(tmp_path, members, confs=confs, extra_pool="stats_interval = 0.5"))
     try:
         r = sign_once(gw, tmp_path)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -60,6 +69,16 @@ def test_a_member_down_at_start_up_does_not_stop_the_others(tmp_path: Path) -> N
         for _ in range(12):
             assert sign_once(gw, tmp_path).returncode == 0
         assert members_status(tmp_path)[2]["calls"] > 0  # and takes work
+        # the log has the figures too: the down member and why, then every member's load
+        stats = [r for r in _records(gw) if r.get("msg") == "pool stats"]
+        assert any(r["members"]["m2"]["state"] == "down" for r in stats), stats[:2]
+        assert wait_for(lambda: any(
+            r["members"]["m2"]["state"] == "up" and r["members"]["m2"]["calls"] > 0
+            for r in _records(gw) if r.get("msg") == "pool stats"), timeout=5)
+        last = stats[-1]["members"]["m0"]
+        assert {"outstanding", "latency_ms", "failovers", "sessions_leased"} <= set(last)
+        assert any(r.get("msg") == "pool member up" and r.get("member") == "m2"
+                   for r in _records(gw))
     finally:
         gw.stop()
 

@@ -43,6 +43,9 @@ class PoolConfig(_Strict):
     replay_buffer: int = Field(default=1 << 20, ge=0)
     #: seconds between attempts to bring a down member back
     probe_interval: float = Field(default=0.5, gt=0)
+    #: seconds between "pool stats" log records (each member's state, outstanding
+    #: calls, latency, failovers, sessions leased); 0 = none
+    stats_interval: float = Field(default=60.0, ge=0)
     #: how many members one call may be tried on before the client gets the error
     max_attempts: int = Field(default=3, ge=1)
 

@@ -136,12 +136,29 @@ class PoolBackend(Backend):
         return self.up
 
     async def _probe(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_stats = loop.time() + self.cfg.stats_interval
         while True:
             await asyncio.sleep(self.cfg.probe_interval)
             try:
                 await self._probe_once()
             except Exception:
                 log.exception("pool probe failed", extra={"pool": self.name})
+            if self.cfg.stats_interval and loop.time() >= next_stats:
+                next_stats = loop.time() + self.cfg.stats_interval
+                self.log_stats()
+
+    def log_stats(self) -> None:
+        """One log record with each member's state and load (the `status` figures)."""
+        log.info("pool stats", extra={
+            "pool": self.name, "failovers": self.failovers, "replays": self.replays,
+            "logical_sessions": len(self.sessions),
+            "members": {m.name: {"state": m.state, "outstanding": m.outstanding,
+                                 "latency_ms": round(m.latency * 1000, 3),
+                                 "failovers": m.failovers, "sessions_leased": m.leased,
+                                 "sessions_open": m.open, "waiting": m.waiting,
+                                 "calls": m.calls}
+                        for m in self.members}})
 
     async def _probe_once(self) -> None:
         for m in self.members:
