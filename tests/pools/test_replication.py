@@ -19,10 +19,11 @@ import pkcs11  # before forking client processes
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
-from tests.gateway_proc import CLIENT_MODULE, Gateway, wait_for
-from tests.pools.members import PIN, make_member, pool_config
+from tests.gateway_proc import CLIENT_MODULE, Gateway, RawClient, wait_for
+from tests.pools.members import PIN, key_material, make_member, pool_config
 
 from p11gate.admin import query
+from p11gate.codec import Attribute, Mechanism, ReplyError, ckr
 
 WRAP_VALUE = bytes(range(32))
 
@@ -55,6 +56,10 @@ def _client(address: str, action: str, label: str, q: Any) -> None:
                 s.create_object({Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True,
                                  Attribute.LABEL: label, Attribute.VALUE: b"x",
                                  Attribute.PRIVATE: False})
+                q.put(("ok", None))
+            elif action == "disable-sign":
+                s.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)[
+                    Attribute.SIGN] = False
                 q.put(("ok", None))
             elif action == "destroy":
                 for o in s.get_objects({Attribute.LABEL: label}):
@@ -102,6 +107,27 @@ def labels_on(member: dict[str, Any]) -> str:
     return r.stdout
 
 
+def pool_status_of(admin: str) -> dict[str, Any]:
+    return dict(query(admin)["pools"][0])
+
+
+def take_member_down(members: list[dict[str, Any]], admin: str, name: str) -> None:
+    """Kill the member's worker with its configuration moved aside: it stays down."""
+    i = int(name[1:])
+    conf = Path(members[i]["conf"])
+    shutil.move(conf, conf.with_suffix(".away"))  # its restart will fail
+    pid = next(b["pid"] for b in query(admin)["backends"] if b["name"] == name)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: pool_status_of(admin)["members"][i]["state"] == "down", timeout=10)
+
+
+def bring_member_back(members: list[dict[str, Any]], admin: str, name: str) -> None:
+    i = int(name[1:])
+    conf = Path(members[i]["conf"])
+    shutil.move(conf.with_suffix(".away"), conf)
+    assert wait_for(lambda: pool_status_of(admin)["members"][i]["state"] == "up", timeout=20)
+
+
 def test_gateway_replication_copies_keys_pins_unwrappable_ones_and_catches_up(
     tmp_path: Path,
 ) -> None:
@@ -112,21 +138,13 @@ def test_gateway_replication_copies_keys_pins_unwrappable_ones_and_catches_up(
     admin = str(tmp_path / "state" / "admin.sock")
 
     def pool_status() -> dict[str, Any]:
-        return dict(query(admin)["pools"][0])
+        return pool_status_of(admin)
 
     def take_down(name: str) -> None:
-        i = int(name[1:])
-        conf = Path(members[i]["conf"])
-        shutil.move(conf, conf.with_suffix(".away"))  # its restart will fail
-        pid = next(b["pid"] for b in query(admin)["backends"] if b["name"] == name)
-        os.kill(pid, signal.SIGKILL)
-        assert wait_for(lambda: pool_status()["members"][i]["state"] == "down", timeout=10)
+        take_member_down(members, admin, name)
 
     def bring_back(name: str) -> None:
-        i = int(name[1:])
-        conf = Path(members[i]["conf"])
-        shutil.move(conf.with_suffix(".away"), conf)
-        assert wait_for(lambda: pool_status()["members"][i]["state"] == "up", timeout=20)
+        bring_member_back(members, admin, name)
 
     try:
         assert client(gw, "wrapping-key", "pool-wrap") == ("ok", None)
@@ -181,5 +199,69 @@ def test_gateway_replication_copies_keys_pins_unwrappable_ones_and_catches_up(
         status, res = client(gw, "sign", "stuck")  # its member is back
         assert status == "ok", res
         verify(res)
+    finally:
+        gw.stop()
+
+
+def private_key_signs(member: dict[str, Any]) -> bool:
+    """The member's own ec1 private key has CKA_SIGN (pkcs11-tool's Usage line)."""
+    block = labels_on(member).split("Private Key Object", 1)[1].split("Object;", 1)[0]
+    usage = next(line for line in block.splitlines() if "Usage:" in line)
+    return "sign" in usage.split(":", 1)[1].replace(" ", "").split(",")
+
+
+def raw_sign(gw: Gateway) -> int:
+    """Sign with ec1 straight through the RPC (a PKCS#11 library would check CKA_SIGN
+    itself first): CKR_OK or the error the gateway answered."""
+    c = RawClient(gw.path)
+    try:
+        c.initialize()
+        (slots,) = c.call(4, [1, 4])
+        (sess,) = c.call(10, [slots[0], 6])
+        c.call(18, [sess, 1, PIN.encode()])
+        c.call(26, [sess, [Attribute(0, 3, 8), Attribute(3, b"ec1", 3)]])
+        (found,) = c.call(27, [sess, 4])
+        c.call(28, [sess])
+        assert len(found) == 1, found
+        c.call(42, [sess, Mechanism(0x1041, None), found[0]])  # CKM_ECDSA
+        (sig,) = c.call(43, [sess, bytes(32), 128])
+        assert len(sig) == 64
+        return ckr.OK
+    except ReplyError as e:
+        return e.rv
+    finally:
+        c.close()
+
+
+def test_a_member_that_missed_a_change_never_serves_its_old_copy(tmp_path: Path) -> None:
+    """CKA_SIGN is turned off while m2 is away. m2 comes back with a key that still
+    signs; with only m2 up, signing must fail rather than use that copy, and once an
+    up-to-date member is back the answer is CKR_KEY_FUNCTION_NOT_PERMITTED."""
+    keys = key_material(tmp_path / "keys", rsa_key=False)
+    members = [make_member(tmp_path, i, keys) for i in range(3)]  # ec1 on each
+    gw = Gateway(pool_config(tmp_path, members, extra_pool='replication = "gateway"'))
+    admin = str(tmp_path / "state" / "admin.sock")
+    try:
+        assert raw_sign(gw) == ckr.OK
+        take_member_down(members, admin, "m2")
+        assert client(gw, "disable-sign", "ec1") == ("ok", None)
+        assert [m["stale_objects"] for m in pool_status_of(admin)["members"]] == [0, 0, 1]
+        assert "member missed a creation or change" in gw.log()
+        assert raw_sign(gw) == ckr.KEY_FUNCTION_NOT_PERMITTED
+
+        bring_member_back(members, admin, "m2")
+        assert "kept out of rotation for objects it missed changes to" in gw.log()
+        assert private_key_signs(members[2])  # the danger is real
+        take_member_down(members, admin, "m0")
+        take_member_down(members, admin, "m1")
+        assert raw_sign(gw) == ckr.DEVICE_ERROR  # not a signature
+        assert private_key_signs(members[2])  # untouched, just not used
+
+        bring_member_back(members, admin, "m0")
+        assert raw_sign(gw) == ckr.KEY_FUNCTION_NOT_PERMITTED
+        # the stale mark is in the registry: it outlives a gateway restart
+        gw.stop()
+        gw = Gateway(pool_config(tmp_path, members, extra_pool='replication = "gateway"'))
+        assert pool_status_of(admin)["members"][2]["stale_objects"] == 1
     finally:
         gw.stop()

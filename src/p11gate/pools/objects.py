@@ -36,6 +36,12 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS pool_object_state (
         pool TEXT NOT NULL, oid INTEGER NOT NULL, origin TEXT, pinned TEXT,
         destroyed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (pool, oid))""",
+    # gateway replication: a member that missed a creation or change of an object (it
+    # was down, or the call failed there) holds no copy or an out-of-date one, and is
+    # not used for that object
+    """CREATE TABLE IF NOT EXISTS pool_object_stale (
+        pool TEXT NOT NULL, oid INTEGER NOT NULL, member TEXT NOT NULL,
+        PRIMARY KEY (pool, oid, member))""",
 )
 
 
@@ -75,6 +81,11 @@ class ObjectIds:
                 self.pinned[int(oid)] = str(pinned)
             if destroyed:
                 self.destroyed.add(int(oid))
+        #: oid → members whose copy is missing or out of date
+        self.stale: dict[int, set[str]] = {}
+        for oid, member in registry.query(
+                "SELECT oid, member FROM pool_object_stale WHERE pool=?", (pool,)):
+            self.stale.setdefault(int(oid), set()).add(str(member))
         self.sessions: dict[int, SessionObject] = {}
         self._next_session = SESSION_OID_BASE
 
@@ -106,6 +117,29 @@ class ObjectIds:
             "INSERT OR REPLACE INTO pool_object_state (pool, oid, origin, pinned, destroyed) "
             "VALUES (?, ?, ?, ?, ?)",
             (self.pool, oid, self.origin.get(oid), pinned, 1 if destroyed else 0))
+
+    def is_stale(self, oid: int, member: str) -> bool:
+        return member in self.stale.get(oid, ())
+
+    def mark_stale(self, oid: int, member: str) -> None:
+        if self.is_stale(oid, member):
+            return
+        self.stale.setdefault(oid, set()).add(member)
+        self.registry.execute("INSERT OR IGNORE INTO pool_object_stale (pool, oid, member) "
+                              "VALUES (?, ?, ?)", (self.pool, oid, member))
+
+    def clear_stale(self, oid: int, member: str) -> None:
+        if not self.is_stale(oid, member):
+            return
+        self.stale[oid].discard(member)
+        if not self.stale[oid]:
+            del self.stale[oid]
+        self.registry.execute("DELETE FROM pool_object_stale WHERE pool=? AND oid=? AND "
+                              "member=?", (self.pool, oid, member))
+
+    def stale_count(self, member: str) -> int:
+        return sum(1 for o, ms in self.stale.items()
+                   if member in ms and o not in self.destroyed)
 
     def rekey(self, oid: int, key: Key) -> None:
         """Object ``oid`` now has identity ``key`` (its CKA_ID or CKA_LABEL changed)."""

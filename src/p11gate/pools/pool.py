@@ -188,7 +188,8 @@ class PoolBackend(Backend):
             "replays": self.replays, "objects": len(self.objects),
             "logical_sessions": len(self.sessions),
             "operations_active": sum(1 for s in self.sessions.values() if s.op is not None),
-            "members": [m.describe() for m in self.members],
+            "members": [{**m.describe(), "stale_objects": self.objects.stale_count(m.name)}
+                        for m in self.members],
             "pinned_objects": [
                 {"class": self.objects.by_oid[o][0], "id": _text(self.objects.by_oid[o][1], True),
                  "label": _text(self.objects.by_oid[o][2]),
@@ -234,13 +235,18 @@ class PoolBackend(Backend):
                 return next(m.index for m in self.members if m.name == name)
         return None
 
-    def _unavailable(self, pinned: int | None, lacking: bool, what: str) -> Pkcs11Error:
+    def _unavailable(self, pinned: int | None, lacking: bool, what: str,
+                     oids: list[int] | None = None) -> Pkcs11Error:
+        stale = any(self.objects.stale.get(o) for o in oids or ())
         if pinned is not None:
             m = self.members[pinned]
             log.warning("object pinned to a member that is down",
                         extra={"pool": self.name, "member": m.name, "reason": m.down_reason})
             return Pkcs11Error(ckr.DEVICE_ERROR,
                                f"{what} lives only on member {m.name}, which is down")
+        if lacking and stale:
+            return Pkcs11Error(ckr.DEVICE_ERROR, f"{what} is up to date only on members "
+                                                 "that are down")
         if lacking:
             return Pkcs11Error(ckr.OBJECT_HANDLE_INVALID, f"{what}: on no usable member")
         return BackendUnavailable(f"pool {self.name}: no member could serve the call")
@@ -267,6 +273,8 @@ class PoolBackend(Backend):
         pinned = self.objects.pinned.get(oid)
         if pinned is not None and pinned != m.name:
             return None
+        if self.objects.is_stale(oid, m.name):
+            return None  # its copy is missing or out of date: never a wrong object
         return await m.find_by_identity(oid, ObjectIds.template(key))
 
     async def translate(self, m: Member, call_id: int, args: list[Any]) -> list[Any] | None:
@@ -476,7 +484,7 @@ class PoolBackend(Backend):
             if self.replicator is not None:
                 await self._replicate(m, call_id, args, reply)
             return reply
-        raise self._unavailable(pinned, lacking, "the object")
+        raise self._unavailable(pinned, lacking, "the object", self._oids_in(call_id, args))
 
     async def _replicate(self, m: Member, call_id: int, args: list[Any],
                          reply: list[Any]) -> None:
@@ -569,6 +577,12 @@ class PoolBackend(Backend):
                     and self._member_named(name) != "up" \
                     and _matches(args[1], self.objects.by_oid.get(oid)):
                 found.append(oid)
+                seen.add(oid)
+        # so do objects whose up-to-date copies are all on members that are down
+        for oid in self.objects.stale:
+            if oid not in seen and oid not in self.objects.destroyed \
+                    and _matches(args[1], self.objects.by_oid.get(oid)):
+                found.append(oid)
         s.find = found
         return []
 
@@ -594,7 +608,10 @@ class PoolBackend(Backend):
             raise
         finally:
             await m.release(sess, epoch, broken)
-        return [await self._oid_for(m, h) for h in handles]
+        oids = [await self._oid_for(m, h) for h in handles]
+        # a member's out-of-date copy does not count: its attributes may not be the
+        # object's (_find_init lists the object by identity when no good copy is up)
+        return [o for o in oids if not self.objects.is_stale(o, m.name)]
 
     # ------------------------------------------------------------ operations
 
@@ -613,7 +630,8 @@ class PoolBackend(Backend):
         while True:
             cands = self._candidates(tried, pinned)
             if not cands:
-                raise self._unavailable(pinned, lacking, "the key")
+                raise self._unavailable(pinned, lacking, "the key",
+                                        self._oids_in(op.call_id, op.args))
             m = cands[0]
             tried.add(m.index)
             try:

@@ -10,8 +10,11 @@
   registry records it, status and logs report it, and when that member is down its use
   fails with CKR_DEVICE_ERROR instead of ever reaching another member's object.
 * Destructions are remembered (tombstones): a member that missed one while it was down
-  has the object destroyed when it returns. A member that missed a creation is simply
-  never chosen for that object (it cannot resolve its identity).
+  has the object destroyed when it returns. A member that missed a creation or a change
+  (it was down, or the call failed there) is marked *stale* for that object in the
+  registry and never chosen for it: it holds no copy, or one with old attributes (a key
+  whose CKA_SIGN was turned off, say), and serving that would be wrong. Status reports
+  each member's stale objects.
 """
 
 from __future__ import annotations
@@ -63,10 +66,17 @@ class Replicator:
         token_oids = [o for o in new_oids if o not in self.objects.sessions]
         for oid in token_oids:
             self.objects.set_state(oid, origin=origin.name)
+            self.objects.clear_stale(oid, origin.name)
         if not token_oids:
             return
-        others = [m for m in self.pool.members if m is not origin and m.usable]
-        for m in others:
+        for m in self.pool.members:
+            if m is origin:
+                continue
+            if not m.usable:
+                # it may even hold an older object of the same identity (destroyed and
+                # made again while it was away): it must not serve this one
+                self._missed(m, token_oids, "member is down")
+                continue
             try:
                 if call_id in DETERMINISTIC:
                     await self._run_on(m, call_id, args)
@@ -74,9 +84,18 @@ class Replicator:
                     for oid in token_oids:
                         await self._copy(origin, m, oid)
             except (MemberDown, Pkcs11Error) as e:
-                log.warning("object not replicated to member; it will not serve it",
-                            extra={"pool": self.pool.name, "member": m.name,
-                                   "error": str(e)})
+                self._missed(m, token_oids, str(e))
+            else:
+                for oid in token_oids:
+                    m.forget_handle(oid)
+                    self.objects.clear_stale(oid, m.name)
+
+    def _missed(self, m: Member, oids: list[int], why: str) -> None:
+        for oid in oids:
+            if oid not in self.objects.pinned:  # a pinned key is used on its member only
+                self.objects.mark_stale(oid, m.name)
+        log.warning("member missed a creation or change; it will not serve the object",
+                    extra={"pool": self.pool.name, "member": m.name, "reason": why})
 
     async def _run_on(self, m: Member, call_id: int, args: list[Any]) -> None:
         margs = await self.pool.translate(m, call_id, args)
@@ -185,20 +204,43 @@ class Replicator:
         oid = args[1]
         if oid in self.objects.sessions:
             return
+        destroy = call_id == ID["C_DestroyObject"]
         for m in self.pool.members:
-            if m is first or not m.usable:
+            if m is first:
+                continue
+            if destroy and self.objects.is_stale(oid, m.name) and m.usable:
+                await self._destroy_stale(m, oid)
+                continue
+            if not m.usable:
+                if not destroy:  # a missed destruction is caught up by its tombstone
+                    self._missed(m, [oid], "member is down")
                 continue
             try:
                 await self._run_on(m, call_id, args)
             except (MemberDown, Pkcs11Error) as e:
-                log.info("change not applied on member",
-                         extra={"pool": self.pool.name, "member": m.name, "error": str(e)})
-            if call_id == ID["C_DestroyObject"]:
+                if not destroy:
+                    self._missed(m, [oid], str(e))
+                else:
+                    log.info("destruction not applied on member; it will be on its return",
+                             extra={"pool": self.pool.name, "member": m.name,
+                                    "error": str(e)})
+            if destroy:
                 m.forget_handle(oid)
         if call_id == ID["C_DestroyObject"]:
             # remembered, so that members that missed it destroy it when they return
             self.objects.set_state(oid, origin=self.objects.origin.get(oid),
                                    pinned=None, destroyed=True)
+
+    async def _destroy_stale(self, m: Member, oid: int) -> None:
+        """Destroy ``m``'s out-of-date copy of an object destroyed through the pool."""
+        key = self.objects.by_oid.get(oid)
+        if key is None:
+            return
+        with contextlib.suppress(MemberDown, Pkcs11Error):
+            h = await m.find_by_identity(oid, ObjectIds.template(key))
+            if h is not None:
+                await m.call(ID["C_DestroyObject"], [m.control, h])
+        m.forget_handle(oid)
 
     async def catch_up(self, m: Member) -> None:
         """A member (re)joined: destroy on it what was destroyed while it was away."""
@@ -216,3 +258,7 @@ class Replicator:
             except Pkcs11Error as e:
                 log.warning("catch-up failed", extra={"member": m.name, "error": str(e)})
             m.forget_handle(oid)
+        stale = self.objects.stale_count(m.name)
+        if stale:
+            log.warning("member is kept out of rotation for objects it missed changes to",
+                        extra={"pool": self.pool.name, "member": m.name, "objects": stale})
