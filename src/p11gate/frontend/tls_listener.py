@@ -16,6 +16,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -24,6 +25,8 @@ from ..remote.tls import peer_address
 log = logging.getLogger("p11gate.server")
 
 HANDSHAKE_TIMEOUT = 10.0
+#: refusals logged one by one per second; the rest are counted
+LOG_BURST = 20
 
 
 class TlsListener:
@@ -38,6 +41,9 @@ class TlsListener:
         self._socks: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._serving = False
+        self._window = 0.0
+        self._in_window = 0
+        self._suppressed = 0
 
     async def start(self, host: str, port: int, backlog: int = 1024) -> None:
         loop = asyncio.get_running_loop()
@@ -95,7 +101,22 @@ class TlsListener:
         except (OSError, TimeoutError, ValueError) as e:  # ssl.SSLError is an OSError
             sock.close()
             self.refused += 1
-            log.warning("TLS client refused", extra={"peer": peer, "reason": reason(e)})
+            self._log_refusal(peer, reason(e))
+
+    def _log_refusal(self, peer: str, why: str) -> None:
+        # a flood of bad handshakes must not flood the log: at most LOG_BURST records
+        # per second, then one summary of how many were left out
+        now = time.monotonic()
+        if now - self._window >= 1.0:
+            if self._suppressed:
+                log.warning("TLS clients refused (not logged one by one)",
+                            extra={"count": self._suppressed})
+            self._window, self._in_window, self._suppressed = now, 0, 0
+        self._in_window += 1
+        if self._in_window > LOG_BURST:
+            self._suppressed += 1
+            return
+        log.warning("TLS client refused", extra={"peer": peer, "reason": why})
 
     def is_serving(self) -> bool:
         return self._serving
