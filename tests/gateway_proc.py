@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import struct
@@ -74,6 +76,14 @@ class Gateway:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def records(self) -> list[dict[str, Any]]:
+        """The JSON log records so far (log_format = "json"); other lines are skipped."""
+        out = []
+        for line in self.log().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -157,6 +167,13 @@ class RawClient:
 
     def initialize(self) -> None:
         self.call(1, [HANDSHAKE, 0, b"\0"])
+
+    def find(self, session: int, template: list[Any], max_count: int = 64) -> list[int]:
+        """C_FindObjectsInit, one C_FindObjects, C_FindObjectsFinal: the handles."""
+        self.call(26, [session, template])
+        (found,) = self.call(27, [session, max_count])
+        self.call(28, [session])
+        return list(found)
 
     def close(self) -> None:
         self.sock.close()

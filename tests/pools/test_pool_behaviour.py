@@ -4,7 +4,6 @@ sessions per member, and the capacity benchmark (3 members vs 1)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import shutil
 import subprocess
@@ -31,14 +30,6 @@ C_SignInit, C_Sign = 42, 43
 
 def members_status(base: Path) -> list[dict[str, Any]]:
     return list(query(str(base / "state" / "admin.sock"))["pools"][0]["members"])
-
-
-def _records(gw: Gateway) -> list[dict[str, Any]]:
-    out = []
-    for line in gw.log().splitlines():
-        with contextlib.suppress(ValueError):
-            out.append(json.loads(line))
-    return out
 
 
 def sign_once(gw: Gateway, tmp: Path) -> subprocess.CompletedProcess[str]:
@@ -70,15 +61,15 @@ def test_a_member_down_at_start_up_does_not_stop_the_others(tmp_path: Path) -> N
             assert sign_once(gw, tmp_path).returncode == 0
         assert members_status(tmp_path)[2]["calls"] > 0  # and takes work
         # the log has the figures too: the down member and why, then every member's load
-        stats = [r for r in _records(gw) if r.get("msg") == "pool stats"]
+        stats = [r for r in gw.records() if r.get("msg") == "pool stats"]
         assert any(r["members"]["m2"]["state"] == "down" for r in stats), stats[:2]
         assert wait_for(lambda: any(
             r["members"]["m2"]["state"] == "up" and r["members"]["m2"]["calls"] > 0
-            for r in _records(gw) if r.get("msg") == "pool stats"), timeout=5)
+            for r in gw.records() if r.get("msg") == "pool stats"), timeout=5)
         last = stats[-1]["members"]["m0"]
         assert {"outstanding", "latency_ms", "failovers", "sessions_leased"} <= set(last)
         assert any(r.get("msg") == "pool member up" and r.get("member") == "m2"
-                   for r in _records(gw))
+                   for r in gw.records())
     finally:
         gw.stop()
 

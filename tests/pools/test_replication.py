@@ -219,9 +219,7 @@ def raw_sign(gw: Gateway) -> int:
         (slots,) = c.call(4, [1, 4])
         (sess,) = c.call(10, [slots[0], 6])
         c.call(18, [sess, 1, PIN.encode()])
-        c.call(26, [sess, [Attribute(0, 3, 8), Attribute(3, b"ec1", 3)]])
-        (found,) = c.call(27, [sess, 4])
-        c.call(28, [sess])
+        found = c.find(sess, [Attribute(0, 3, 8), Attribute(3, b"ec1", 3)])
         assert len(found) == 1, found
         c.call(42, [sess, Mechanism(0x1041, None), found[0]])  # CKM_ECDSA
         (sig,) = c.call(43, [sess, bytes(32), 128])

@@ -29,7 +29,6 @@ from p11gate.codec import Attribute, AttrRequest, Mechanism
 
 SHIM = Path(__file__).with_name("unique_id_module.py")
 C_GetSlotList, C_OpenSession, C_Login, C_GetAttributeValue = 4, 10, 18, 24
-C_FindObjectsInit, C_FindObjects, C_FindObjectsFinal = 26, 27, 28
 C_SignInit, C_Sign = 42, 43
 CKO_PRIVATE_KEY, CKA_MODULUS, CKM_SHA256_RSA_PKCS = 3, 0x120, 0x40
 
@@ -45,13 +44,6 @@ def _members(tmp: Path) -> tuple[list[dict[str, str]], list[rsa.RSAPublicKey]]:
         assert isinstance(pub, rsa.RSAPublicKey)
         pubs.append(pub)
     return members, pubs
-
-
-def _find(c: RawClient, sess: int, template: list[Attribute]) -> list[int]:
-    c.call(C_FindObjectsInit, [sess, template])
-    (found,) = c.call(C_FindObjects, [sess, 64])
-    c.call(C_FindObjectsFinal, [sess])
-    return list(found)
 
 
 def _session(gw: Gateway) -> tuple[RawClient, int]:
@@ -77,9 +69,9 @@ def test_unique_id_identity_keeps_keys_with_one_label_apart(tmp_path: Path) -> N
     gw = Gateway(cfg)
     try:
         c, sess = _session(gw)
-        rsa1 = _find(c, sess, [Attribute(0, CKO_PRIVATE_KEY, 8), Attribute(3, b"rsa1", 4)])
+        rsa1 = c.find(sess, [Attribute(0, CKO_PRIVATE_KEY, 8), Attribute(3, b"rsa1", 4)])
         assert len(rsa1) == 2, rsa1  # two keys, each once (not once per member)
-        privs = _find(c, sess, [Attribute(0, CKO_PRIVATE_KEY, 8)])
+        privs = c.find(sess, [Attribute(0, CKO_PRIVATE_KEY, 8)])
         assert sorted(privs) == sorted({*privs}) and len(privs) == 3  # + ec1, by attributes
         # each handle is its own key: match it to its public key by modulus
         by_handle = {}
@@ -131,7 +123,7 @@ def test_unique_id_identity_keeps_keys_with_one_label_apart(tmp_path: Path) -> N
     gw = Gateway(cfg)
     try:
         c, sess = _session(gw)
-        assert sorted(_find(c, sess, [Attribute(0, CKO_PRIVATE_KEY, 8),
+        assert sorted(c.find(sess, [Attribute(0, CKO_PRIVATE_KEY, 8),
                                       Attribute(3, b"rsa1", 4)])) == sorted(by_handle)
         for h, pub in by_handle.items():
             _sign_and_verify(c, sess, h, pub)
@@ -151,7 +143,7 @@ def test_attribute_identity_cannot_tell_them_apart(tmp_path: Path) -> None:
                              worker_command=[sys.executable, str(SHIM), SOFTHSM]))
     try:
         c, sess = _session(gw)
-        rsa1 = _find(c, sess, [Attribute(0, CKO_PRIVATE_KEY, 8), Attribute(3, b"rsa1", 4)])
+        rsa1 = c.find(sess, [Attribute(0, CKO_PRIVATE_KEY, 8), Attribute(3, b"rsa1", 4)])
         assert len(rsa1) == 1, rsa1
         c.close()
     finally:

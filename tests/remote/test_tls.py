@@ -4,8 +4,6 @@ the real p11-kit-client.so and pkcs11-tool against real SoftHSMv2."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import socket
 import ssl
@@ -107,14 +105,6 @@ def tls_socket(pki: dict[str, Path], port: int, client: str | None,
     return ctx.wrap_socket(raw, server_hostname="127.0.0.1")
 
 
-def log_records(gw: Gateway) -> list[dict[str, Any]]:
-    out = []
-    for line in gw.log().splitlines():
-        with contextlib.suppress(ValueError):
-            out.append(json.loads(line))
-    return out
-
-
 def refused(pki: dict[str, Path], port: int, client: str | None, tls12: bool = False) -> bool:
     """True if the gateway serves this client no RPC reply at all."""
     try:
@@ -138,7 +128,7 @@ def test_tls_refuses_missing_untrusted_revoked_and_tls12_clients(setup: dict[str
     assert refused(pki, port, "tenant-a", tls12=True)
     # each refusal is logged with its peer and why, and counted in the status
     assert wait_for(lambda: query(admin)["tls_refused"] - before == 4)
-    reasons = [r["reason"] for r in log_records(gw) if r.get("msg") == "TLS client refused"]
+    reasons = [r["reason"] for r in gw.records() if r.get("msg") == "TLS client refused"]
     assert all(r for r in reasons) and len(reasons) >= 4, reasons
     text = " ".join(reasons)
     assert "peer did not return a certificate" in text

@@ -11,7 +11,7 @@ from p11gate.codec import Attribute, Mechanism, ckr
 
 CKU_SO, CKU_USER = 0, 1
 C_GetSlotList, C_OpenSession, C_CloseSession, C_GetSessionInfo = 4, 10, 11, 13
-C_Login, C_Logout, C_FindObjectsInit, C_FindObjects, C_FindObjectsFinal = 18, 19, 26, 27, 28
+C_Login, C_Logout = 18, 19
 C_SignInit, C_Sign, C_CreateObject, C_GenerateKey = 42, 43, 20, 58
 CKO_PRIVATE_KEY = 3
 
@@ -25,10 +25,7 @@ def session(gw: Gateway) -> tuple[RawClient, int]:
 
 
 def find(c: RawClient, s: int, template: list[Attribute]) -> list[int]:
-    c.call(C_FindObjectsInit, [s, template])
-    (found,) = c.call(C_FindObjects, [s, 32])
-    c.call(C_FindObjectsFinal, [s])
-    return list(found)
+    return c.find(s, template, 32)
 
 
 PRIVATE_KEYS = [Attribute(0, CKO_PRIVATE_KEY, 8)]

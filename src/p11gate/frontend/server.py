@@ -71,7 +71,6 @@ class Gateway:
         self.connections: set[ClientConnection] = set()
         self.background: set[asyncio.Task[Any]] = set()
         self._servers: list[asyncio.AbstractServer | TlsListener] = []
-        self._tls: list[TlsListener] = []
         self.admin: AdminServer | None = None
         for b in self.backends.values():
             b.on_restart = self._reattach_hook(b)
@@ -136,7 +135,6 @@ class Gateway:
         await listener.start(host, port)
         watch_crl(listener, ctx, self.cfg.tls)
         self._servers.append(listener)
-        self._tls.append(listener)
         log.info("listening", extra={"address": address, "tls": "1.3, client certificates"})
 
     def _new_connection(self) -> ClientConnection:
@@ -194,7 +192,8 @@ class Gateway:
             "clients": sorted({c.peer for c in self.connections}),
             "audit_records": self.audit.records,
             # handshakes refused: no certificate, untrusted, revoked, old protocol
-            "tls_refused": sum(t.refused for t in self._tls),
+            "tls_refused": sum(s.refused for s in self._servers
+                               if isinstance(s, TlsListener)),
             "backends": [b.describe() for b in self.backends.values()],
             "pools": [p.describe() for p in self.pools.values()],
             "tokens": [

@@ -50,8 +50,9 @@ class TlsListener:
         infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
         try:
-            for family, type_, proto, _, addr in dict.fromkeys(
-                    (i[0], i[1], i[2], None, i[4]) for i in infos):
+            # one socket per distinct address (getaddrinfo may repeat one)
+            for family, type_, proto, addr in dict.fromkeys(
+                    (i[0], i[1], i[2], i[4]) for i in infos):
                 s = socket.socket(family, type_, proto)
                 self._socks.append(s)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

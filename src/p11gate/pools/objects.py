@@ -64,7 +64,7 @@ class ObjectIds:
         self.by_oid: dict[int, Key] = {}
         for oid, cls, cid, label, uid in registry.query(
                 "SELECT oid, class, id, label, uid FROM pool_object WHERE pool=?", (pool,)):
-            key = (int(cls), _blob(cid), _blob(label), _blob(uid))
+            key = (int(cls), as_bytes(cid), as_bytes(label), as_bytes(uid))
             self.by_key[key] = int(oid)
             self.by_oid[int(oid)] = key
         self._next = max(self.by_oid, default=0) + 1
@@ -175,5 +175,6 @@ class ObjectIds:
         return len(self.by_oid)
 
 
-def _blob(v: Any) -> bytes | None:
+def as_bytes(v: Any) -> bytes | None:
+    """A registry BLOB or attribute value as bytes (None stays None)."""
     return None if v is None else bytes(v)

@@ -34,7 +34,7 @@ from ..frontend.tables import NEW_OBJECTS, OBJECT_ARGS, OPTIONAL_OBJECT_ARGS
 from ..registry import Registry
 from .config import PoolConfig
 from .member import ID, Member, MemberDown
-from .objects import Key, ObjectIds, SessionObject
+from .objects import Key, ObjectIds, SessionObject, as_bytes
 from .replication import DETERMINISTIC, EVERYWHERE, GENERATED, Replicator
 
 log = logging.getLogger("p11gate.pool")
@@ -153,12 +153,7 @@ class PoolBackend(Backend):
         log.info("pool stats", extra={
             "pool": self.name, "failovers": self.failovers, "replays": self.replays,
             "logical_sessions": len(self.sessions),
-            "members": {m.name: {"state": m.state, "outstanding": m.outstanding,
-                                 "latency_ms": round(m.latency * 1000, 3),
-                                 "failovers": m.failovers, "sessions_leased": m.leased,
-                                 "sessions_open": m.open, "waiting": m.waiting,
-                                 "calls": m.calls}
-                        for m in self.members}})
+            "members": {m.name: m.describe() for m in self.members}})
 
     async def _probe_once(self) -> None:
         for m in self.members:
@@ -237,17 +232,16 @@ class PoolBackend(Backend):
 
     def _unavailable(self, pinned: int | None, lacking: bool, what: str,
                      oids: list[int] | None = None) -> Pkcs11Error:
-        stale = any(self.objects.stale.get(o) for o in oids or ())
         if pinned is not None:
             m = self.members[pinned]
             log.warning("object pinned to a member that is down",
                         extra={"pool": self.name, "member": m.name, "reason": m.down_reason})
             return Pkcs11Error(ckr.DEVICE_ERROR,
                                f"{what} lives only on member {m.name}, which is down")
-        if lacking and stale:
-            return Pkcs11Error(ckr.DEVICE_ERROR, f"{what} is up to date only on members "
-                                                 "that are down")
         if lacking:
+            if any(o in self.objects.stale for o in oids or ()):
+                return Pkcs11Error(ckr.DEVICE_ERROR, f"{what} is up to date only on "
+                                                     "members that are down")
             return Pkcs11Error(ckr.OBJECT_HANDLE_INVALID, f"{what}: on no usable member")
         return BackendUnavailable(f"pool {self.name}: no member could serve the call")
 
@@ -545,9 +539,7 @@ class PoolBackend(Backend):
         uid = vals.get(ck.CKA_UNIQUE_ID)
         if uid:
             return (cls, None, None, bytes(uid))
-        cid, label = vals.get(ck.CKA_ID), vals.get(ck.CKA_LABEL)
-        return (cls, None if cid is None else bytes(cid),
-                None if label is None else bytes(label), None)
+        return (cls, as_bytes(vals.get(ck.CKA_ID)), as_bytes(vals.get(ck.CKA_LABEL)), None)
 
     # ------------------------------------------------------------ finds
 

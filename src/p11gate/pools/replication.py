@@ -231,33 +231,32 @@ class Replicator:
             self.objects.set_state(oid, origin=self.objects.origin.get(oid),
                                    pinned=None, destroyed=True)
 
-    async def _destroy_stale(self, m: Member, oid: int) -> None:
-        """Destroy ``m``'s out-of-date copy of an object destroyed through the pool."""
+    async def _destroy_copy(self, m: Member, oid: int) -> bool:
+        """Destroy ``m``'s copy of object ``oid``, found by its identity; False if ``m``
+        has none."""
         key = self.objects.by_oid.get(oid)
-        if key is None:
-            return
-        with contextlib.suppress(MemberDown, Pkcs11Error):
-            h = await m.find_by_identity(oid, ObjectIds.template(key))
+        h = None if key is None else await m.find_by_identity(oid, ObjectIds.template(key))
+        try:
             if h is not None:
                 await m.call(ID["C_DestroyObject"], [m.control, h])
-        m.forget_handle(oid)
+        finally:
+            m.forget_handle(oid)
+        return h is not None
+
+    async def _destroy_stale(self, m: Member, oid: int) -> None:
+        """Destroy ``m``'s out-of-date copy of an object destroyed through the pool."""
+        with contextlib.suppress(MemberDown, Pkcs11Error):
+            await self._destroy_copy(m, oid)
 
     async def catch_up(self, m: Member) -> None:
         """A member (re)joined: destroy on it what was destroyed while it was away."""
         for oid in list(self.objects.destroyed):
-            key = self.objects.by_oid.get(oid)
-            if key is None:
-                continue
-            h = await m.find_by_identity(oid, ObjectIds.template(key))
-            if h is None:
-                continue
             try:
-                await m.call(ID["C_DestroyObject"], [m.control, h])
-                log.info("member caught up: destroyed an object it missed",
-                         extra={"pool": self.pool.name, "member": m.name})
+                if await self._destroy_copy(m, oid):
+                    log.info("member caught up: destroyed an object it missed",
+                             extra={"pool": self.pool.name, "member": m.name})
             except Pkcs11Error as e:
                 log.warning("catch-up failed", extra={"member": m.name, "error": str(e)})
-            m.forget_handle(oid)
         stale = self.objects.stale_count(m.name)
         if stale:
             log.warning("member is kept out of rotation for objects it missed changes to",
