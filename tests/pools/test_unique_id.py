@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -73,14 +74,7 @@ def test_unique_id_identity_keeps_keys_with_one_label_apart(tmp_path: Path) -> N
         assert len(rsa1) == 2, rsa1  # two keys, each once (not once per member)
         privs = c.find(sess, [Attribute(0, CKO_PRIVATE_KEY, 8)])
         assert sorted(privs) == sorted({*privs}) and len(privs) == 3  # + ec1, by attributes
-        # each handle is its own key: match it to its public key by modulus
-        by_handle = {}
-        for h in rsa1:
-            (attrs, _rv) = c.call(C_GetAttributeValue, [sess, h, [AttrRequest(CKA_MODULUS, 512)]])
-            n = int.from_bytes(bytes(attrs[0].value), "big")
-            (pub,) = [p for p in pubs if p.public_numbers().n == n]
-            by_handle[h] = pub
-        assert len({id(p) for p in by_handle.values()}) == 2
+        by_handle = _keys_by_handle(c, sess, rsa1, pubs)
         for h, pub in by_handle.items():
             for _ in range(6):  # spread over the members
                 _sign_and_verify(c, sess, h, pub)
@@ -118,18 +112,40 @@ def test_unique_id_identity_keeps_keys_with_one_label_apart(tmp_path: Path) -> N
         c.close()
     finally:
         gw.stop()
-    # the identity map is in the registry: after a restart the same handles name the
-    # same keys
+    # the identity map is in the registry: after a restart the same identities are
+    # recognised (no new pool ids) and each handle still signs with its own key.
+    # (Client handles belong to a connection, so they are matched to keys afresh.)
+    registry = tmp_path / "state" / "registry.sqlite3"
+    ids_before = _pool_ids(registry)
+    assert sum(1 for _oid, cls, uid in ids_before if cls == CKO_PRIVATE_KEY and uid) == 2
     gw = Gateway(cfg)
     try:
         c, sess = _session(gw)
-        assert sorted(c.find(sess, [Attribute(0, CKO_PRIVATE_KEY, 8),
-                                      Attribute(3, b"rsa1", 4)])) == sorted(by_handle)
-        for h, pub in by_handle.items():
+        rsa1 = c.find(sess, [Attribute(0, CKO_PRIVATE_KEY, 8), Attribute(3, b"rsa1", 4)])
+        for h, pub in _keys_by_handle(c, sess, rsa1, pubs).items():
             _sign_and_verify(c, sess, h, pub)
         c.close()
     finally:
         gw.stop()
+    assert _pool_ids(registry) == ids_before
+
+
+def _keys_by_handle(c: RawClient, sess: int, handles: list[int],
+                    pubs: list[rsa.RSAPublicKey]) -> dict[int, rsa.RSAPublicKey]:
+    """Each handle's public key, matched by modulus; every handle a different key."""
+    out = {}
+    for h in handles:
+        (attrs, _rv) = c.call(C_GetAttributeValue, [sess, h, [AttrRequest(CKA_MODULUS, 512)]])
+        n = int.from_bytes(bytes(attrs[0].value), "big")
+        (pub,) = [p for p in pubs if p.public_numbers().n == n]
+        out[h] = pub
+    assert len({id(p) for p in out.values()}) == len(handles) == 2
+    return out
+
+
+def _pool_ids(registry: Path) -> list[tuple[Any, ...]]:
+    with contextlib.closing(sqlite3.connect(registry)) as db:
+        return list(db.execute("SELECT oid, class, uid FROM pool_object ORDER BY oid"))
 
 
 def _status(base: Path) -> list[dict[str, Any]]:
