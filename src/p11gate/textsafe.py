@@ -3,8 +3,11 @@
 A certificate subject, a SAN or a label can hold any character, a newline among them:
 printed as is into a line-oriented log it starts what looks like a new record. Every
 character that is not printable (control characters, line and paragraph separators,
-bidirectional overrides, ...) is written as a Python-style escape instead, and the
-backslash itself is doubled so an escape can never be faked.
+bidirectional overrides, ...) is written as a Python-style escape instead (``\n``,
+``\x1b``, ``\u2028``). The backslash itself is left alone, so text escaped twice (an
+identity's description, then a log record) reads the same: these escapes keep records
+whole; they are not meant to be undone (a certificate subject in RFC 4514 form already
+writes a backslash of its own as ``\\``).
 """
 
 from __future__ import annotations
@@ -13,13 +16,11 @@ import re
 
 # Unicode categories Cc, Cf, Cs, Co, Cn, Zl, Zp are what ``str.isprintable`` refuses
 # (besides the space, which is fine)
-_UNSAFE = re.compile(r"[\\]|[^\x20-\x7e]")
+_UNSAFE = re.compile(r"[^\x20-\x7e]")
 
 
 def _escape(m: re.Match[str]) -> str:
     ch = m.group()
-    if ch == "\\":
-        return "\\\\"
     if ch.isprintable():
         return ch  # printable non-ASCII (é, 日本) stays readable
     o = ord(ch)
@@ -29,7 +30,7 @@ def _escape(m: re.Match[str]) -> str:
 
 
 def one_line(text: str) -> str:
-    """``text`` with every unprintable character (and the backslash) escaped."""
-    if text.isprintable() and "\\" not in text:
+    """``text`` with every unprintable character escaped."""
+    if text.isprintable():
         return text  # the common case, without a regex pass
     return _UNSAFE.sub(_escape, text)
