@@ -30,6 +30,11 @@ def check_config(config_path: str) -> None:
             f"token {t.name!r}: slot {t.virtual_slot_id:#x} on backend {b.name!r} "
             f"({b.module}, isolation={b.isolation})"
         )
+    if cfg.tls is not None:
+        from .remote.tls_notes import client_ca_notes
+
+        for line in client_ca_notes(cfg):
+            click.echo(line)
     click.echo(f"{config_path}: OK")
 
 

@@ -146,6 +146,16 @@ class TokenConfig(_Strict):
             raise ValueError("pins are only used with pin_mode = 'mapped'")
         return self
 
+    @field_validator("backend_pin_env")
+    @classmethod
+    def _pin_env_private(cls, v: str | None) -> str | None:
+        from .backends.worker_env import INHERITED
+
+        if v is not None and v in INHERITED:
+            raise ValueError(f"{v!r} is passed on to every worker process: keep the backend "
+                             "PIN in a variable of its own (e.g. HSM_PIN)")
+        return v
+
     def backend_pin(self) -> bytes:
         """The credential for mapped/none tokens (read when needed, never logged)."""
         if self.backend_pin_file is not None:
@@ -225,6 +235,18 @@ class Config(_Strict):
         ids = [t.virtual_slot_id for t in self.token]
         if len(set(ids)) != len(ids):
             raise ValueError("two tokens have the same slot id: set slot_id on one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _pin_env_not_exported(self) -> Config:
+        # a worker gets its backend's env: that must not hand it a backend PIN
+        pin_vars = {t.backend_pin_env: t.name for t in self.token if t.backend_pin_env}
+        for i, b in enumerate(self.backend):
+            for var in b.env:
+                if var in pin_vars:
+                    raise ValueError(f"backend[{i}].env sets {var}, the backend_pin_env of "
+                                     f"token {pin_vars[var]!r}: the worker would see the "
+                                     "backend PIN; remove it from env")
         return self
 
     def backend_named(self, name: str) -> BackendConfig:

@@ -11,6 +11,8 @@ import logging
 import sys
 import time
 
+from .textsafe import one_line
+
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
@@ -32,14 +34,22 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """One line per record: the message and every field have their control characters
+    escaped (a newline in a certificate's CN must not start a forged record); a
+    traceback follows on lines of its own, each indented, so that no line of it can
+    pass for a record either."""
+
     def format(self, record: logging.LogRecord) -> str:
         extra = " ".join(
-            f"{k}={v}" for k, v in vars(record).items() if k not in _STD and not k.startswith("_")
+            f"{one_line(k)}={one_line(str(v))}" for k, v in vars(record).items()
+            if k not in _STD and not k.startswith("_")
         )
-        base = f"{record.levelname.lower():7} {record.name}: {record.getMessage()}"
+        base = f"{record.levelname.lower():7} {record.name}: {one_line(record.getMessage())}"
+        line = f"{base} {extra}".rstrip()
         if record.exc_info:
-            base += "\n" + self.formatException(record.exc_info)
-        return f"{base} {extra}".rstrip()
+            line += "".join("\n    " + one_line(t)
+                            for t in self.formatException(record.exc_info).splitlines())
+        return line
 
 
 def setup(level: str = "info", fmt: str = "json") -> None:
