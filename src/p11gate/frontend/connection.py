@@ -58,6 +58,7 @@ from .tables import (
     ATTR_REQUEST_ARG,
     CAPACITY_ARGS,
     CREATE_TEMPLATES,
+    KEY_ARGS,
     KEY_USE,
     MECHANISM_CALLS,
     NEW_OBJECTS,
@@ -354,7 +355,13 @@ class ClientConnection(asyncio.Protocol):
             return m
         p = m.param
         if isinstance(p, HandleParam):
-            return Mechanism(m.type, HandleParam(self.object_for(p.handle, token).backend_handle))
+            try:
+                ref = self.object_for(p.handle, token)
+            except Pkcs11Error as e:  # the parameter's handle is a key's
+                if e.rv == ckr.OBJECT_HANDLE_INVALID:
+                    raise Pkcs11Error(ckr.KEY_HANDLE_INVALID) from None
+                raise
+            return Mechanism(m.type, HandleParam(ref.backend_handle))
         if isinstance(p, KyberParams) and p.secret_handle:
             bh = self.object_for(p.secret_handle, token).backend_handle
             return Mechanism(m.type, p._replace(secret_handle=bh))
@@ -380,7 +387,13 @@ class ClientConnection(asyncio.Protocol):
         for pos in OBJECT_ARGS.get(call.id, ()):
             if bargs[pos] == 0 and call.id in OPTIONAL_OBJECT_ARGS:
                 continue
-            ref = self.object_for(bargs[pos], token)
+            try:
+                ref = self.object_for(bargs[pos], token)
+            except Pkcs11Error as e:
+                role = KEY_ARGS.get((call.id, pos))
+                if e.rv == ckr.OBJECT_HANDLE_INVALID and role is not None:
+                    raise Pkcs11Error(role) from None
+                raise
             bargs[pos] = ref.backend_handle
             if call.id in OPERATION_OF_INIT and pos == OBJECT_ARGS[call.id][0]:
                 note_key_init(s, call.id, ref, token in self.logins)
@@ -493,6 +506,11 @@ class ClientConnection(asyncio.Protocol):
             s.tail = task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            return
+        except Exception:
+            # a fault of the gateway's own costs this call, never the connection
+            log.exception("internal error", extra={"conn": self.id, "call": call.name})
+            self._reply(code, encode_error(ckr.GENERAL_ERROR))
             return
         s.tail = fut  # type: ignore[assignment]
 
@@ -618,7 +636,8 @@ class ClientConnection(asyncio.Protocol):
         if not flags & ck.CKF_SERIAL_SESSION:
             raise Pkcs11Error(ckr.SESSION_PARALLEL_NOT_SUPPORTED)
         if not flags & ck.CKF_RW_SESSION and self.logins.get(t) == ck.CKU_SO:
-            raise Pkcs11Error(ckr.SESSION_READ_ONLY_EXISTS)
+            # PKCS#11 §5.6: no read-only session while the SO is logged in
+            raise Pkcs11Error(ckr.SESSION_READ_WRITE_SO_EXISTS)
         if flags & ck.CKF_RW_SESSION and self.grants[t].write_protected:
             # PKCS#11: a read/write session on a write-protected token
             raise Denied(ckr.TOKEN_WRITE_PROTECTED, self.grants[t].rule,

@@ -42,11 +42,24 @@ OBJECT_ARGS: dict[int, tuple[int, ...]] = {
     _id("C_UnwrapKey"): (2,),
     _id("C_DeriveKey"): (2,),
     _id("C_DeriveKey2"): (2,),
-    _id("C_SetOperationState"): (3, 4),
+    # session, saved state, encryption key, authentication key
+    _id("C_SetOperationState"): (2, 3),
 }
 for _c in CALLS:
     if _c.request == "uMu":  # every *Init with a key
         OBJECT_ARGS[_c.id] = (2,)
+
+_KEY, _WRAPPING, _UNWRAPPING = 0x60, 0x113, 0xF0  # CKR_(UN)(WRAPPING_)KEY_HANDLE_INVALID
+#: (call id, position) → the code for an unknown handle where the argument's role is a
+#: key (PKCS#11); object calls keep CKR_OBJECT_HANDLE_INVALID
+KEY_ARGS: dict[tuple[int, int], int] = {
+    **{(c.id, 2): _KEY for c in CALLS if c.request == "uMu"},
+    (_id("C_DigestKey"), 1): _KEY,
+    (_id("C_WrapKey"), 2): _WRAPPING, (_id("C_WrapKey"), 3): _KEY,
+    (_id("C_UnwrapKey"), 2): _UNWRAPPING,
+    (_id("C_DeriveKey"), 2): _KEY, (_id("C_DeriveKey2"), 2): _KEY,
+    (_id("C_SetOperationState"), 2): _KEY, (_id("C_SetOperationState"), 3): _KEY,
+}
 
 #: positions whose handle may be 0 (CK_INVALID_HANDLE means "none")
 OPTIONAL_OBJECT_ARGS = {_id("C_SetOperationState")}
