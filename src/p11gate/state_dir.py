@@ -74,12 +74,18 @@ def _read_pid(fd: int) -> int:
 def tighten(state_dir: str) -> list[str]:
     """Make the state directory 0700 and every file in it 0600 (subdirectories 0700);
     returns what was changed ("path: 0755 -> 0700"). Sockets and symlinks are left as
-    they are (their creators set them); files that cannot be changed are reported."""
+    they are (their creators set them), and so are files of other users; files that
+    cannot be changed are reported. A shared sticky directory (state_dir = "/tmp") is
+    never walked: its other files are not ours to change."""
     changed: list[str] = []
+    me = os.geteuid()
 
     def fix(path: str, st: os.stat_result) -> None:
         mode = stat.S_IMODE(st.st_mode)
         if not mode & 0o077:
+            return
+        if st.st_uid != me:
+            changed.append(f"{path}: {mode:04o}, owned by uid {st.st_uid}: not changed")
             return
         new = mode & 0o700
         try:
@@ -92,6 +98,9 @@ def tighten(state_dir: str) -> list[str]:
         top = os.lstat(state_dir)
     except FileNotFoundError:
         return changed
+    if top.st_mode & stat.S_ISVTX:
+        return [f"{state_dir}: a shared directory (sticky bit): not changed; give "
+                "[server] state_dir a directory of its own"]
     fix(state_dir, top)
     for root, dirs, files in os.walk(state_dir):
         for name in dirs + files:
