@@ -212,4 +212,3 @@ class _TlsClientConnection(ClientConnection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.gw.connections.add(self)
         super().connection_made(transport)
-
