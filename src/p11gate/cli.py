@@ -35,7 +35,17 @@ def check_config(config_path: str) -> None:
 
         for line in client_ca_notes(cfg):
             click.echo(line)
-    click.echo(f"{config_path}: OK")
+    from .config_checks import check
+
+    findings = check(cfg)
+    for w in findings.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if findings.errors:
+        for err in findings.errors:
+            click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    warned = f" ({len(findings.warnings)} warnings)" if findings.warnings else ""
+    click.echo(f"{config_path}: OK{warned}")
 
 
 @main.command("serve")

@@ -41,7 +41,7 @@ class ServerConfig(_Strict):
     max_frame: int = Field(default=16 * 1024 * 1024, ge=4096, le=1 << 30)
     #: largest output buffer a client may ask the backend to fill, bytes
     max_buffer: int = Field(default=16 * 1024 * 1024, ge=1024, le=1 << 30)
-    #: permissions of the unix socket file
+    #: permissions of the unix socket file: an integer (0o660) or an octal string ("0660")
     socket_mode: int = 0o660
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
@@ -68,6 +68,16 @@ class ServerConfig(_Strict):
                     f"{a!r}: listeners are 'unix:path=/absolute/path' or 'tls:HOST:PORT'"
                 )
         return v
+
+    #: log to this file instead of stderr (reopened on SIGHUP, for logrotate)
+    log_file: str | None = None
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _permission_mode(cls, v: object) -> object:
+        from .modes import parse_mode
+
+        return parse_mode(v)
 
 
 class BackendConfig(_Strict):

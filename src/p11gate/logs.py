@@ -52,10 +52,40 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup(level: str = "info", fmt: str = "json") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+class ReopenableFileHandler(logging.FileHandler):
+    """A log file that can be closed and opened again by name, so that logrotate can
+    rename it and the next records go to a new file (on SIGHUP)."""
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            new = self._open()  # before closing: a failed open keeps the old file
+            old, self.stream = self.stream, new
+            if old is not None:
+                old.close()
+        finally:
+            self.release()
+
+
+def setup(level: str = "info", fmt: str = "json", file: str | None = None) -> None:
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    handler: logging.Handler
+    if file is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = ReopenableFileHandler(file, encoding="utf-8")
+    handler.setFormatter(formatter)
     root = logging.getLogger("p11gate")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+
+
+def reopen() -> list[str]:
+    """Reopen every log file (SIGHUP); returns their paths (none when logging to stderr)."""
+    out = []
+    for h in logging.getLogger("p11gate").handlers:
+        if isinstance(h, ReopenableFileHandler):
+            h.reopen()
+            out.append(h.baseFilename)
+    return out
