@@ -54,6 +54,25 @@ def rv(c: RawClient, name: str, *args: Any) -> int:
     return 0
 
 
+def send(c: RawClient, name: str, *args: Any) -> tuple[int, int, list[Any]]:
+    """Send one request without waiting for its reply (see :func:`answer`)."""
+    c.code += 1
+    c.send_raw(build_frame(c.code, encode_request(ID(name), list(args), c.dialect),
+                           b"client"))
+    return c.code, ID(name), list(args)
+
+
+def answer(c: RawClient, sent: tuple[int, int, list[Any]]) -> int:
+    """The CK_RV of the reply to a request made with :func:`send` (the next frame)."""
+    frame = c.recv_frame()
+    assert frame is not None and frame[0] == sent[0], "no reply, or another call's"
+    try:
+        decode_reply(frame[1], c.dialect, sent[1], sent[2])
+    except ReplyError as e:
+        return e.rv
+    return 0
+
+
 def pipeline(c: RawClient, requests: list[tuple[str, list[Any]]]) -> list[int]:
     """Send every request before reading any reply; the CK_RV of each, in request order
     (replies are matched by call code, as p11-kit clients do)."""

@@ -29,11 +29,13 @@ from tests.adversarial.hostile import (
     CKS_RO_PUBLIC,
     CKU_USER,
     aes_template,
+    answer,
     b,
     call,
     pipeline,
     rv,
     s,
+    send,
     u,
 )
 from tests.gateway_proc import Gateway, RawClient
@@ -54,6 +56,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     shared = make_token(hsm, label="shared")
     make_token(hsm, label="mapped", pin="Backend-Secret-1", keys=False)
     make_token(hsm, label="pt", pin="pt-right-pin", keys=False)
+    make_token(hsm, label="mapped2", pin="Backend-Secret-1", keys=False)
     (base / "mapped.pin").write_text("Backend-Secret-1\n")
     (base / "mapped.pin").chmod(0o600)
     sockdir = shared_socket_dir()
@@ -89,6 +92,15 @@ max_pin_failures = 3
 pin_lockout = 60.0
 
 [[token]]
+name = "mapped2"
+backend = "softhsm"
+select = {{ label = "mapped2" }}
+pin_mode = "mapped"
+backend_pin_file = "{base / 'mapped.pin'}"
+pins = {{ "uid:{FLOOD}" = "{hash_pin(A_PIN.encode())}" }}
+max_pin_failures = 3
+
+[[token]]
 name = "pt"
 backend = "softhsm"
 select = {{ label = "pt" }}
@@ -122,7 +134,7 @@ role = "readonly"
 [[rule]]
 name = "flood"
 uid = [{FLOOD}]
-tokens = ["mapped", "pt"]
+tokens = ["mapped", "mapped2", "pt"]
 role = "user"
 
 [[rule]]
@@ -397,6 +409,25 @@ def test_pin_attempts_sent_at_once_are_counted_before_they_are_checked(
     assert pt["right"] == ckr.PIN_LOCKED
     refused = [r for r in audit(env) if r.get("throttled") and r["token"] in ("mapped", "pt")]
     assert len(refused) >= 390
+
+
+def test_right_pins_sent_at_once_all_succeed(env: dict[str, Any]) -> None:
+    """Counting attempts when they start must not refuse honest concurrent logins:
+    more than max_pin_failures of them wait for the ones in flight, then succeed."""
+    assert as_uid(FLOOD, _state_after_parallel_logins, env["gw"].path, 8) == [1] * 8
+
+
+def _state_after_parallel_logins(path: str, n: int) -> list[int]:
+    conns = [raw(path) for _ in range(n)]
+    sessions = [session(c, "mapped2", rw=False) for c in conns]
+    codes = [send(c, "C_Login", h, CKU_USER, A_PIN.encode())
+             for c, h in zip(conns, sessions, strict=True)]
+    out = []
+    for c, h, code in zip(conns, sessions, codes, strict=True):
+        assert answer(c, code) == 0
+        out.append(call(c, "C_GetSessionInfo", h)[1])  # CKS_RO_USER_FUNCTIONS
+        c.close()
+    return out
 
 
 def _login_logout_pairs(path: str, pin: str, n: int) -> int:

@@ -51,7 +51,7 @@ async def h_login(c: ClientConnection, call: Call, args: list[Any]) -> list[Any]
         # the gateway holds the backend's user login; SO functions need passthrough
         raise Pkcs11Error(ckr.USER_TYPE_INVALID, f"pin_mode {t.pin_mode}: no SO login")
     who = c.identity.key
-    wait = t.throttle.begin(who)
+    wait = await t.throttle.acquire(who)
     if wait > 0:
         _refuse_locked(c, call, t, user_type, wait)
     try:

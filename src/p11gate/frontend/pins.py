@@ -9,6 +9,7 @@ identity is refused with CKR_PIN_LOCKED for a lock-out period that doubles each 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -60,7 +61,8 @@ class PinThrottle:
     """Wrong PINs per identity, counted *before* they are checked: an attempt takes a
     slot when it starts, so logins sent at once cannot all be checked before the first
     failures count. At most ``max_failures`` attempts (failed or still in flight) are
-    allowed in a row; then the identity is locked out."""
+    allowed in a row; further attempts wait for those in flight to end (a right PIN
+    frees the way, wrong ones lock the identity out)."""
 
     def __init__(self, max_failures: int, lockout: float) -> None:
         self.max_failures = max_failures
@@ -69,6 +71,8 @@ class PinThrottle:
         self._state: dict[str, tuple[int, float, float]] = {}
         #: identity key → attempts started and not yet finished
         self._inflight: dict[str, int] = {}
+        #: identity key → attempts waiting for one in flight to end
+        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
 
     def locked_for(self, who: str) -> float:
         """Seconds ``who`` must still wait (0 = may try)."""
@@ -91,12 +95,33 @@ class PinThrottle:
         self._inflight[who] = inflight + 1
         return 0.0
 
+    async def acquire(self, who: str) -> float:
+        """Like :meth:`begin`, but an attempt that only has to wait for others in flight
+        waits (instead of being refused): 0 = go ahead, else seconds locked out."""
+        while True:
+            wait = self.begin(who)
+            if wait == 0 or self._inflight.get(who, 0) == 0 or self.locked_for(who) > 0:
+                return wait
+            fut = asyncio.get_running_loop().create_future()
+            self._waiting.setdefault(who, []).append(fut)
+            try:
+                await fut
+            finally:
+                waiters = self._waiting.get(who)
+                if waiters is not None and fut in waiters:
+                    waiters.remove(fut)
+                    if not waiters:
+                        del self._waiting[who]
+
     def _end(self, who: str) -> None:
         n = self._inflight.get(who, 0) - 1
         if n > 0:
             self._inflight[who] = n
         else:
             self._inflight.pop(who, None)
+        for fut in self._waiting.pop(who, ()):
+            if not fut.done():
+                fut.set_result(None)
 
     def failed(self, who: str) -> None:
         self._end(who)
