@@ -38,6 +38,7 @@ from ..codec import (
     encode_reply,
     reply_rv,
 )
+from ..codec.param_kinds import raw_parameter_refusal
 from ..codec.values import HandleParam, KyberParams
 from ..errors import BackendUnavailable, Pkcs11Error
 from ..identity import UNKNOWN, Identity
@@ -340,6 +341,10 @@ class ClientConnection(asyncio.Protocol):
             return Mechanism(m.type, p._replace(secret_handle=bh))
         if m.type in ck.HANDLE_IN_RAW_PARAM and p is not None:
             raise Pkcs11Error(ckr.MECHANISM_PARAM_INVALID, "parameter carries a handle")
+        if isinstance(p, bytes):  # no serializer built it: only a flat parameter passes
+            why = raw_parameter_refusal(m.type, len(p), token.backend.raw_parameter_mechanisms)
+            if why is not None:
+                raise Pkcs11Error(ckr.MECHANISM_PARAM_INVALID, why)
         return m
 
     # ------------------------------------------------------------ generic session call
