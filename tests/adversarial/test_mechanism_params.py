@@ -15,14 +15,17 @@ from typing import Any
 
 import pytest
 from tests.adversarial.mechparams_env import (
-    C_DeriveKey,
-    C_EncryptInit,
-    C_SignInit,
     CKM_AES_ECB_ENCRYPT_DATA,
+    DERIVED,
     HOSTILE_STRING_DATA,
     LISTED_VENDOR,
     RO,
+    SESSION_AES,
     UNLISTED_VENDOR,
+    C_DeriveKey,
+    C_EncryptInit,
+    C_GenerateKey,
+    C_SignInit,
     connect,
     gateway,
     random_ok,
@@ -31,8 +34,12 @@ from tests.adversarial.mechparams_env import (
 )
 from tests.gateway_proc import Gateway, worker_pids
 from tests.policy.tenants import CKF_SERIAL, C_OpenSession, as_uid, slot_of
+from tests.softhsm import make_token
+from tests.unit.test_worker import WORKER, Peer
 
-from p11gate.codec import ckr
+from p11gate.backends.native import NativeModule
+from p11gate.codec import HANDSHAKE, Mechanism, ReplyError, ckr
+from p11gate.errors import Pkcs11Error
 
 CKM_AES_ECB, CKM_AES_CBC, CKM_AES_CCM, CKM_AES_XCBC_MAC = 0x1081, 0x1082, 0x1088, 0x108C
 CKM_AES_KEY_WRAP = 0x2109
@@ -133,23 +140,60 @@ def test_flat_and_empty_parameters_still_work(gw: Gateway, version: int) -> None
                    "xcbc": ckr.MECHANISM_INVALID}, got
 
 
-def test_worker_refuses_raw_pointer_parameter_itself(gw: Gateway) -> None:
-    """Defence in depth: the worker (or in-process native layer) refuses the raw struct
-    even when the frontend's check is bypassed (here: called directly)."""
-    from p11gate.backends.native.module import NativeModule
-    from p11gate.codec import Mechanism
-    from p11gate.errors import Pkcs11Error
+@pytest.fixture(scope="module")
+def hsm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return make_token(tmp_path_factory.mktemp("softhsm-direct"), label="direct")
 
-    mod = NativeModule.__new__(NativeModule)
-    mod.raw_parameter_mechanisms = frozenset({LISTED_VENDOR})
-    keep: list[Any] = []
-    with pytest.raises(Pkcs11Error) as e:
-        mod._mechanism(Mechanism(CKM_AES_ECB_ENCRYPT_DATA, HOSTILE_STRING_DATA), keep, None)
-    assert e.value.rv == ckr.MECHANISM_PARAM_INVALID
-    with pytest.raises(Pkcs11Error):
-        mod._mechanism(Mechanism(UNLISTED_VENDOR, HOSTILE_STRING_DATA), keep, None)
-    assert mod._mechanism(Mechanism(LISTED_VENDOR, HOSTILE_STRING_DATA), keep, None)
-    assert mod._mechanism(Mechanism(CKM_AES_CBC, b"\0" * 16), keep, None).ulParameterLen == 16
-    empty = mod._mechanism(Mechanism(CKM_AES_ECB, b""), keep, None)
-    assert empty.ulParameterLen == 0
 
+def test_worker_refuses_raw_pointer_parameter_itself(hsm: dict[str, Any]) -> None:
+    """Defence in depth: a `p11gate worker` spoken to directly (no frontend in front of
+    it) refuses the raw struct too, and passes the vendor mechanism it was told to."""
+    peer = Peer([*WORKER, hsm["module"], "--raw-parameter-mechanism", f"{LISTED_VENDOR:#x}"],
+                hsm["env"])
+    try:
+        peer.handshake(0)
+        peer.call(1, [HANDSHAKE, 0, b"\0"])
+        (slots,) = peer.call(4, [1, 16])
+        (s,) = peer.call(C_OpenSession, [slots[0], CKF_SERIAL])
+        (key,) = peer.call(C_GenerateKey, [s, Mechanism(0x1080, None), SESSION_AES])
+
+        def rv(call_id: int, mtype: int, param: bytes) -> int:
+            args: list[Any] = [s, Mechanism(mtype, param), key]
+            if call_id == C_DeriveKey:
+                args.append(DERIVED)
+            try:
+                peer.call(call_id, args)
+            except ReplyError as e:
+                return e.rv
+            return ckr.OK
+
+        assert rv(C_DeriveKey, CKM_AES_ECB_ENCRYPT_DATA, HOSTILE_STRING_DATA) == \
+            ckr.MECHANISM_PARAM_INVALID
+        assert rv(C_EncryptInit, UNLISTED_VENDOR, HOSTILE_STRING_DATA) == \
+            ckr.MECHANISM_PARAM_INVALID
+        assert rv(C_EncryptInit, LISTED_VENDOR, HOSTILE_STRING_DATA) == ckr.MECHANISM_INVALID
+        assert peer.proc.poll() is None
+    finally:
+        peer.close()
+
+
+def test_native_layer_refuses_raw_pointer_parameter(hsm: dict[str, Any],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same check in the in-process native layer (isolation = "none")."""
+    monkeypatch.setenv("SOFTHSM2_CONF", hsm["conf"])
+    mod = NativeModule(hsm["module"], raw_parameter_mechanisms=[LISTED_VENDOR])
+    mod.initialize()
+    try:
+        (slots,) = mod.call(4, [1, 16])
+        (s,) = mod.call(C_OpenSession, [slots[0], CKF_SERIAL])
+        (key,) = mod.call(C_GenerateKey, [s, Mechanism(0x1080, None), SESSION_AES])
+        with pytest.raises(Pkcs11Error) as e:
+            mod.call(C_DeriveKey, [s, Mechanism(CKM_AES_ECB_ENCRYPT_DATA, HOSTILE_STRING_DATA),
+                                   key, DERIVED])
+        assert e.value.rv == ckr.MECHANISM_PARAM_INVALID
+        with pytest.raises(Pkcs11Error) as e:
+            mod.call(C_EncryptInit, [s, Mechanism(LISTED_VENDOR, HOSTILE_STRING_DATA), key])
+        assert e.value.rv == ckr.MECHANISM_INVALID  # reached SoftHSM
+        mod.call(C_EncryptInit, [s, Mechanism(CKM_AES_CBC, b"\0" * 16), key])
+    finally:
+        mod.finalize()
