@@ -32,7 +32,7 @@ from tests.adversarial.mechparams_env import (
     raw_call_rv,
     ro_session_with_key,
 )
-from tests.gateway_proc import Gateway, worker_pids
+from tests.gateway_proc import Gateway, rv_of, worker_pids
 from tests.policy.tenants import CKF_SERIAL, C_OpenSession, as_uid, slot_of
 from tests.softhsm import make_token
 from tests.unit.test_worker import WORKER, Peer
@@ -43,6 +43,7 @@ from p11gate.errors import Pkcs11Error
 
 CKM_AES_ECB, CKM_AES_CBC, CKM_AES_CCM, CKM_AES_XCBC_MAC = 0x1081, 0x1082, 0x1088, 0x108C
 CKM_AES_KEY_WRAP = 0x2109
+C_EncryptMessage, C_SignMessageBegin = 69, 80
 
 
 @pytest.fixture(scope="module", params=["process", "none"])
@@ -140,6 +141,28 @@ def test_flat_and_empty_parameters_still_work(gw: Gateway, version: int) -> None
                    "xcbc": ckr.MECHANISM_INVALID}, got
 
 
+def message_calls(path: str) -> dict[str, int]:
+    """PKCS#11 3.0 message-based calls carry a per-message parameter (CK_GCM_MESSAGE_PARAMS
+    {pIv, …, pTag, …}) as raw bytes: refused when non-empty; a NULL one still reaches the
+    module (SoftHSM 2.6 has no message functions and says so)."""
+    c = connect(path, 2)
+    s, _ = ro_session_with_key(c)
+    out = {
+        "encrypt": rv_of(c, C_EncryptMessage, [s, HOSTILE_STRING_DATA, b"", b"data", 64]),
+        "sign_begin": rv_of(c, C_SignMessageBegin, [s, HOSTILE_STRING_DATA]),
+        "null": rv_of(c, C_EncryptMessage, [s, None, b"", b"data", 64]),
+    }
+    c.close()
+    return out
+
+
+def test_message_parameters_refused(gw: Gateway) -> None:
+    got = as_uid(RO, message_calls, gw.path)
+    assert got == {"encrypt": ckr.MECHANISM_PARAM_INVALID,
+                   "sign_begin": ckr.MECHANISM_PARAM_INVALID,
+                   "null": ckr.FUNCTION_NOT_SUPPORTED}, got
+
+
 @pytest.fixture(scope="module")
 def hsm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return make_token(tmp_path_factory.mktemp("softhsm-direct"), label="direct")
@@ -194,6 +217,9 @@ def test_native_layer_refuses_raw_pointer_parameter(hsm: dict[str, Any],
         with pytest.raises(Pkcs11Error) as e:
             mod.call(C_EncryptInit, [s, Mechanism(LISTED_VENDOR, HOSTILE_STRING_DATA), key])
         assert e.value.rv == ckr.MECHANISM_INVALID  # reached SoftHSM
+        with pytest.raises(Pkcs11Error) as e:
+            mod.call(C_EncryptMessage, [s, HOSTILE_STRING_DATA, b"", b"data", 64])
+        assert e.value.rv == ckr.MECHANISM_PARAM_INVALID
         mod.call(C_EncryptInit, [s, Mechanism(CKM_AES_CBC, b"\0" * 16), key])
     finally:
         mod.finalize()

@@ -23,7 +23,7 @@ from tests.softhsm import MODULE, requires_softhsm
 from p11gate import ck
 from p11gate.backends.native import NativeModule
 from p11gate.backends.native.cdef import ULONG_SIZE, ffi
-from p11gate.codec import V0241, V025, V026, Mechanism, ckr
+from p11gate.codec import CALLS, V0241, V025, V026, Mechanism, ckr
 from p11gate.codec import param_kinds as pk
 from p11gate.codec.param_kinds_data import MECHANISM_PARAMETERS
 from p11gate.config import BackendConfig
@@ -267,3 +267,11 @@ def test_worker_cli_refuses_a_standard_mechanism() -> None:
                         "--raw-parameter-mechanism", "0x1104"], capture_output=True,
                        text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert r.returncode != 0 and "not a vendor mechanism" in r.stderr, r.stderr
+
+
+def test_message_parameters_are_never_raw() -> None:
+    names = {CALLS[c].name for c in pk.MESSAGE_PARAMETER_CALLS}
+    assert names == {f"C_{op}Message{part}" for op in ("Encrypt", "Decrypt", "Sign", "Verify")
+                     for part in ("", "Begin", "Next")}
+    assert pk.message_parameter_refusal(b"\x41" * 16)
+    assert pk.message_parameter_refusal(b"") is None and pk.message_parameter_refusal(None) is None

@@ -26,6 +26,7 @@ import struct
 from collections.abc import Collection
 from typing import NamedTuple
 
+from .calls import CALLS
 from .param_kinds_data import MECHANISM_PARAMETERS
 
 CKM_VENDOR_DEFINED = 0x80000000
@@ -147,3 +148,20 @@ def check_vendor_list(values: Collection[int]) -> list[int]:
                 "(0x80000000) to 0xfffffffe may be listed; standard mechanisms are "
                 "classified by the gateway")
     return sorted(set(values))
+
+
+#: PKCS#11 3.0 message-based calls (C_EncryptMessage, C_SignMessageBegin, ...): argument 1
+#: is a per-message parameter whose struct depends on the mechanism of the Message*Init.
+#: Every such struct of the 3.1 headers holds pointers (CK_GCM_MESSAGE_PARAMS,
+#: CK_CCM_MESSAGE_PARAMS, CK_SALSA20_CHACHA20_POLY1305_MSG_PARAMS) and p11-kit carries it
+#: as the client's raw bytes, for which the gateway has no serializer.
+MESSAGE_PARAMETER_CALLS: frozenset[int] = frozenset(
+    c.id for c in CALLS if "Message" in c.name and c.req_codes[1:2] == ("ay",))
+
+
+def message_parameter_refusal(param: object) -> str | None:
+    """Why a per-message parameter must not reach a module (any non-empty one), or None."""
+    if isinstance(param, bytes | bytearray) and param:
+        return ("a per-message parameter holds pointers the gateway cannot build from raw "
+                "bytes")
+    return None

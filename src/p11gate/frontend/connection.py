@@ -38,7 +38,11 @@ from ..codec import (
     encode_reply,
     reply_rv,
 )
-from ..codec.param_kinds import raw_parameter_refusal
+from ..codec.param_kinds import (
+    MESSAGE_PARAMETER_CALLS,
+    message_parameter_refusal,
+    raw_parameter_refusal,
+)
 from ..codec.values import HandleParam, KyberParams
 from ..errors import BackendUnavailable, Pkcs11Error
 from ..identity import UNKNOWN, Identity
@@ -366,6 +370,8 @@ class ClientConnection(asyncio.Protocol):
             bargs[pos] = self.object_for(bargs[pos], token).backend_handle
         if call.id in MECHANISM_CALLS:
             bargs[1] = self._mechanism(bargs[1], token)
+        elif call.id in MESSAGE_PARAMETER_CALLS and message_parameter_refusal(bargs[1]):
+            raise Pkcs11Error(ckr.MECHANISM_PARAM_INVALID, "per-message parameter")
         caps = CAPACITY_ARGS.get(call.id)
         if caps is not None:
             self._bound_outputs(bargs, caps)

@@ -26,7 +26,11 @@ from typing import Any
 
 from ...codec import ckr
 from ...codec.calls import CALLS
-from ...codec.param_kinds import raw_parameter_refusal
+from ...codec.param_kinds import (
+    MESSAGE_PARAMETER_CALLS,
+    message_parameter_refusal,
+    raw_parameter_refusal,
+)
 from ...codec.tables import V026, AttrClass, Dialect
 from ...codec.values import (
     Attribute,
@@ -866,6 +870,10 @@ class NativeModule:
             raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED, f"call id {call_id!r}") from None
         if spec is None:
             raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED, f"call id {call_id} is not a call")
+        if call_id in MESSAGE_PARAMETER_CALLS and len(args) > 1:
+            why = message_parameter_refusal(args[1])  # defence in depth, as for mechanisms
+            if why is not None:
+                raise Pkcs11Error(ckr.MECHANISM_PARAM_INVALID, why)
         fn = self._fns[call_id]
         if fn is None:
             raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED, spec.c_name)
