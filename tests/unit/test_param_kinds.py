@@ -29,6 +29,9 @@ from p11gate.codec.param_kinds_data import MECHANISM_PARAMETERS
 from p11gate.config import BackendConfig
 from p11gate.errors import Pkcs11Error
 from p11gate.frontend.connection import ClientConnection
+from p11gate.pools.config import MemberConfig, PoolConfig
+from p11gate.pools.pool import PoolBackend
+from p11gate.registry import Registry
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 VENDOR_LISTED = 0x80000101
@@ -275,3 +278,16 @@ def test_message_parameters_are_never_raw() -> None:
                      for part in ("", "Begin", "Next")}
     assert pk.message_parameter_refusal(b"\x41" * 16)
     assert pk.message_parameter_refusal(b"") is None and pk.message_parameter_refusal(None) is None
+
+
+class _Member:
+    def __init__(self, raw: set[int]) -> None:
+        self.raw_parameter_mechanisms = frozenset(raw)
+        self.name, self.up, self.generation = "m", True, 0
+
+
+def test_a_pool_allows_what_every_member_allows(tmp_path: Path) -> None:
+    cfg = PoolConfig(name="ha", members=[MemberConfig(backend="a"), MemberConfig(backend="b")])
+    members = {"a": _Member({0x80000001, 0x80000002}), "b": _Member({0x80000002})}
+    pool = PoolBackend(cfg, cast(Any, members), Registry(tmp_path))
+    assert pool.raw_parameter_mechanisms == {0x80000002}

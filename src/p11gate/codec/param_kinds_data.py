@@ -3,7 +3,10 @@
 One row per ``#define CKM_`` of OASIS pkcs11t.h 3.1 (aliases included): value, name
 without ``CKM_``, and the kind of its parameter, read from the 3.1 specification's text
 for that mechanism (and the 2.40 historical-mechanisms document for the old ones), never
-from what the codec happens to serialize. Kinds (see :mod:`param_kinds`):
+from what the codec happens to serialize; tests/unit/test_param_kinds.py checks every
+``struct``/``ptr`` row against the struct declarations of the 3.1 header. Where the text
+does not settle a parameter, the row says ``unverified`` and raw bytes are refused (fail
+closed). Kinds (see :mod:`param_kinds`):
 
 * ``none``: takes no parameter;
 * ``ulong``: a CK_ULONG (CK_MAC_GENERAL_PARAMS, CK_RC2_PARAMS, CK_EXTRACT_PARAMS, ...);
