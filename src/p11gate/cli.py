@@ -187,11 +187,21 @@ def agent(cert: str, key: str, ca: str, listen: str, socket_mode: str, timeout: 
 @click.argument("module")
 @click.option("--threads", default=4, show_default=True)
 @click.option("--init-reserved", default=None)
-def worker(module: str, threads: int, init_reserved: str | None) -> None:
+@click.option("--raw-parameter-mechanism", "raw_mechs", multiple=True,
+              help="a vendor mechanism (0x8…) whose raw parameter bytes may reach the module")
+def worker(
+    module: str, threads: int, init_reserved: str | None, raw_mechs: tuple[str, ...]
+) -> None:
     """Serve one PKCS#11 module over p11-kit RPC on stdin/stdout (started by the gateway)."""
+    from .codec.param_kinds import check_vendor_list
     from .worker import main as worker_main
 
-    sys.exit(worker_main(module, threads=threads, init_reserved=init_reserved))
+    try:
+        raw = check_vendor_list([int(v, 0) for v in raw_mechs])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--raw-parameter-mechanism") from None
+    sys.exit(worker_main(module, threads=threads, init_reserved=init_reserved,
+                         raw_parameter_mechanisms=raw))
 
 
 def _register_optional() -> None:

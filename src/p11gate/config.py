@@ -100,6 +100,10 @@ class BackendConfig(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
     #: seconds between restart attempts of a dead worker
     restart_delay: float = Field(default=0.2, ge=0)
+    #: vendor mechanisms (>= CKM_VENDOR_DEFINED 0x80000000) whose parameter is passed to
+    #: the module as the client's raw bytes: list one only when the vendor documents its
+    #: parameter as a struct without pointers (others get CKR_MECHANISM_PARAM_INVALID)
+    raw_parameter_mechanisms: list[int] = Field(default_factory=list)
 
     @field_validator("module")
     @classmethod
@@ -109,6 +113,13 @@ class BackendConfig(_Strict):
         if not os.path.exists(v):
             raise ValueError(f"{v!r} does not exist: install the vendor module or fix the path")
         return v
+
+    @field_validator("raw_parameter_mechanisms")
+    @classmethod
+    def _vendor_mechanisms(cls, v: list[int]) -> list[int]:
+        from .codec.param_kinds import check_vendor_list
+
+        return check_vendor_list(v)
 
 
 class TokenConfig(_Strict):

@@ -31,6 +31,7 @@ import select
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, cast
 
 from .backends.native import NativeModule
@@ -309,11 +310,14 @@ class _Server:
         return encode_reply(C_Initialize, [], self.dialect)
 
 
-def main(module: str, threads: int = 4, init_reserved: str | None = None) -> int:
-    """Run the worker on stdin/stdout until the stream ends; return the exit status."""
+def main(module: str, threads: int = 4, init_reserved: str | None = None,
+         raw_parameter_mechanisms: Sequence[int] = ()) -> int:
+    """Run the worker on stdin/stdout until the stream ends; return the exit status.
+    ``raw_parameter_mechanisms``: vendor mechanisms whose raw parameter bytes may reach
+    the module (every other raw parameter is checked against the flat list)."""
     in_fd, out_fd = _claim_stdio()
     try:
-        mod = NativeModule(module)
+        mod = NativeModule(module, raw_parameter_mechanisms=raw_parameter_mechanisms)
     except (OSError, Pkcs11Error) as e:
         _log(str(e))
         return 1

@@ -33,6 +33,9 @@ class Backend(ABC):
     generation: int = 0
     #: called (no arguments) after a restart, so owners can re-establish state
     on_restart: Callable[[], Awaitable[None]] | None = None
+    #: vendor mechanisms whose raw parameter bytes the operator lets reach this back
+    #: end's module (config ``raw_parameter_mechanisms``; see codec.param_kinds)
+    raw_parameter_mechanisms: frozenset[int] = frozenset()
 
     @abstractmethod
     async def start(self) -> None:

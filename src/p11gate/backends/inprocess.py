@@ -28,7 +28,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..codec.calls import CALLS
@@ -64,8 +64,10 @@ class InProcessBackend(Backend):
         init_reserved: str | None = None,
         max_buffer: int = DEFAULT_MAX_BUFFER,
         env: Mapping[str, str] | None = None,
+        raw_parameter_mechanisms: Iterable[int] = (),
     ) -> None:
         self.name = name
+        self.raw_parameter_mechanisms = frozenset(raw_parameter_mechanisms)
         self.env = dict(env or {})
         self.module_path = module_path
         self.threads = max(1, threads)
@@ -105,7 +107,8 @@ class InProcessBackend(Backend):
             os.environ[key] = value
 
         def load() -> NativeModule:
-            m = NativeModule(self.module_path, self.init_reserved, max_buffer=self.max_buffer)
+            m = NativeModule(self.module_path, self.init_reserved, max_buffer=self.max_buffer,
+                             raw_parameter_mechanisms=self.raw_parameter_mechanisms)
             m.initialize()
             return m
 

@@ -36,6 +36,7 @@ class WorkerBackend(Backend):
     def __init__(self, cfg: BackendConfig) -> None:
         self.name = cfg.name
         self.cfg = cfg
+        self.raw_parameter_mechanisms = frozenset(cfg.raw_parameter_mechanisms)
         self._chan: RpcChannel | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._up = False
@@ -61,6 +62,8 @@ class WorkerBackend(Backend):
                "--threads", str(self.cfg.threads)]
         if self.cfg.init_reserved is not None:
             cmd += ["--init-reserved", self.cfg.init_reserved]
+        for mtype in self.cfg.raw_parameter_mechanisms:
+            cmd += ["--raw-parameter-mechanism", f"{mtype:#x}"]
         return cmd
 
     async def start(self) -> None:

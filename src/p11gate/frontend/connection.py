@@ -38,6 +38,11 @@ from ..codec import (
     encode_reply,
     reply_rv,
 )
+from ..codec.param_kinds import (
+    MESSAGE_PARAMETER_CALLS,
+    message_parameter_refusal,
+    raw_parameter_refusal,
+)
 from ..codec.values import HandleParam, KyberParams
 from ..errors import BackendUnavailable, Pkcs11Error
 from ..identity import UNKNOWN, Identity
@@ -367,6 +372,10 @@ class ClientConnection(asyncio.Protocol):
             return Mechanism(m.type, p._replace(secret_handle=bh))
         if m.type in ck.HANDLE_IN_RAW_PARAM and p is not None:
             raise Pkcs11Error(ckr.MECHANISM_PARAM_INVALID, "parameter carries a handle")
+        if isinstance(p, bytes):  # no serializer built it: only a flat parameter passes
+            why = raw_parameter_refusal(m.type, len(p), token.backend.raw_parameter_mechanisms)
+            if why is not None:
+                raise Pkcs11Error(ckr.MECHANISM_PARAM_INVALID, why)
         return m
 
     # ------------------------------------------------------------ generic session call
@@ -399,6 +408,8 @@ class ClientConnection(asyncio.Protocol):
                 note_key_init(s, call.id, ref, token in self.logins)
         if call.id in MECHANISM_CALLS:
             bargs[1] = self._mechanism(bargs[1], token)
+        elif call.id in MESSAGE_PARAMETER_CALLS and message_parameter_refusal(bargs[1]):
+            raise Pkcs11Error(ckr.MECHANISM_PARAM_INVALID, "per-message parameter")
         caps = CAPACITY_ARGS.get(call.id)
         if caps is not None:
             self._bound_outputs(bargs, caps)

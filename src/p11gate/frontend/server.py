@@ -42,6 +42,7 @@ def make_backend(cfg: BackendConfig) -> Backend:
         return InProcessBackend(
             cfg.name, cfg.module, threads=cfg.threads, call_timeout=cfg.call_timeout,
             init_reserved=cfg.init_reserved, env=cfg.env,
+            raw_parameter_mechanisms=cfg.raw_parameter_mechanisms,
         )
     from ..backends.worker_process import WorkerBackend
 

@@ -106,6 +106,10 @@ class PoolBackend(Backend):
         self.failovers = 0
         self.replays = 0
         self.replicator = Replicator(self) if cfg.replication == "gateway" else None
+        # a call may land on any member: a raw vendor parameter passes only where every
+        # member's operator trusts it (the intersection of their lists)
+        self.raw_parameter_mechanisms = frozenset.intersection(
+            *(m.backend.raw_parameter_mechanisms for m in self.members))
 
     # ------------------------------------------------------------ life cycle
 

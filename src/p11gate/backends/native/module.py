@@ -21,11 +21,16 @@ allocated, and pointers the module writes are never dereferenced. Malformed valu
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ...codec import ckr
 from ...codec.calls import CALLS
+from ...codec.param_kinds import (
+    MESSAGE_PARAMETER_CALLS,
+    message_parameter_refusal,
+    raw_parameter_refusal,
+)
 from ...codec.tables import V026, AttrClass, Dialect
 from ...codec.values import (
     Attribute,
@@ -754,8 +759,11 @@ class NativeModule:
         *,
         max_buffer: int = DEFAULT_MAX_BUFFER,
         dialect: Dialect = V026,
+        raw_parameter_mechanisms: Iterable[int] = (),
     ) -> None:
         self.path = path
+        #: vendor mechanisms whose raw parameter bytes the operator lets through
+        self.raw_parameter_mechanisms = frozenset(raw_parameter_mechanisms)
         self.max_buffer = max(1, int(max_buffer))
         self._init_reserved = (
             init_reserved.encode() if isinstance(init_reserved, str) else init_reserved
@@ -862,6 +870,10 @@ class NativeModule:
             raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED, f"call id {call_id!r}") from None
         if spec is None:
             raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED, f"call id {call_id} is not a call")
+        if call_id in MESSAGE_PARAMETER_CALLS and len(args) > 1:
+            why = message_parameter_refusal(args[1])  # defence in depth, as for mechanisms
+            if why is not None:
+                raise Pkcs11Error(ckr.MECHANISM_PARAM_INVALID, why)
         fn = self._fns[call_id]
         if fn is None:
             raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED, spec.c_name)
@@ -887,6 +899,13 @@ class NativeModule:
         mech = ffi.new("CK_MECHANISM *")
         mech.mechanism = m.type
         param = m.param
+        if isinstance(param, bytes | bytearray):
+            # defence in depth: raw bytes only for a parameter without pointers
+            why = raw_parameter_refusal(m.type, len(param), self.raw_parameter_mechanisms)
+            if why is not None:
+                raise Pkcs11Error(ckr.MECHANISM_PARAM_INVALID, why)
+            if not param:
+                return mech  # an empty parameter is a NULL one
         if param is not None:
             builder = _PARAM_BUILDERS.get(param.__class__)
             if builder is None:
