@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -30,6 +31,13 @@ def check_config(config_path: str) -> None:
             f"token {t.name!r}: slot {t.virtual_slot_id:#x} on backend {b.name!r} "
             f"({b.module}, isolation={b.isolation})"
         )
+    if os.path.isdir(cfg.server.state_dir):
+        from .registry import check_registry
+
+        problem = check_registry(cfg.server.state_dir)  # read-only: a gateway may be running
+        if problem is not None:
+            click.echo(f"{config_path}: {problem}", err=True)
+            sys.exit(2)
     click.echo(f"{config_path}: OK")
 
 

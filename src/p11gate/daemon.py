@@ -11,6 +11,7 @@ from pathlib import Path
 from . import logs
 from .config import Config, ConfigError, load_config, parse_config
 from .frontend.server import Gateway
+from .registry import RegistryError, RegistryUnusable
 
 log = logging.getLogger("p11gate")
 
@@ -32,6 +33,13 @@ def _load(config_path: str | None, state_dir: str | None, listen: str | None) ->
 async def _serve(cfg: Config, demo: bool) -> int:
     try:
         gw = Gateway(cfg)
+    except RegistryUnusable as e:
+        print(f"{cfg.source}: {e}", file=sys.stderr)  # one line: the file and the fix
+        return 2
+    except RegistryError as e:
+        print(f"{cfg.source}: registry {e.path}: {e.reason}; free space on its file system "
+              "and make it writable by the gateway's user", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"{cfg.source}: server.state_dir / audit.file: cannot use "
               f"{e.filename or cfg.server.state_dir}: {e.strerror}; set [server] state_dir "
