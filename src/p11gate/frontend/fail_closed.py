@@ -56,7 +56,7 @@ TERMINATORS: dict[int, tuple[int, Callable[[int, int], list[Any]]]] = {
 _NOTHING_LEFT = frozenset({ID["C_WrapKey"]})
 
 #: sessions whose operation is being ended: calls queued on them wait
-_ENDING: dict[Session, asyncio.Task[None]] = {}
+ENDING: dict[Session, asyncio.Task[None]] = {}
 
 
 def unaudited_reply(c: ClientConnection, call: Call, s: Session | None,
@@ -65,8 +65,8 @@ def unaudited_reply(c: ClientConnection, call: Call, s: Session | None,
     the backend but could not be audited; ends what it started in the background."""
     if s is not None and call.id not in _NOTHING_LEFT and call.id not in NEW_OBJECTS:
         task = asyncio.get_running_loop().create_task(end_operation(c, s, call.id))
-        _ENDING[s] = task
-        task.add_done_callback(lambda _t: _ENDING.pop(s, None))
+        ENDING[s] = task
+        task.add_done_callback(lambda _t: ENDING.pop(s, None))
         c.gw.background.add(task)
         task.add_done_callback(c.gw.background.discard)
         if s.tail is current:
@@ -76,8 +76,8 @@ def unaudited_reply(c: ClientConnection, call: Call, s: Session | None,
 
 async def settle(c: ClientConnection, handle: Any) -> None:
     """Wait while an unaudited operation on this session is being ended."""
-    s = c.handles.sessions.get(handle) if _ENDING else None
-    task = _ENDING.get(s) if s is not None else None
+    s = c.handles.sessions.get(handle)
+    task = ENDING.get(s) if s is not None else None
     if task is not None:
         await asyncio.wait((task,))
 
