@@ -336,3 +336,94 @@ def test_corrupt_registry_one_line_in_serve_and_check_config(
     assert not (sockdir / "gw.sock").exists()
     with pytest.raises(OSError):
         socket.socket(socket.AF_UNIX).connect(str(sockdir / "gw.sock"))
+
+
+# ------------------------------------------------------------------ mapped PIN override
+
+C_SetPIN = 15
+TENANT_PIN, NEW_PIN = "tenant-pin-1", "tenant-pin-2"
+
+
+def _mapped_config(tmp_path: Path, hsm: dict[str, Any], sockdir: Path) -> Path:
+    from p11gate.frontend.pins import hash_pin
+
+    (tmp_path / "backend.pin").write_text(hsm["pin"] + "\n")
+    cfg = tmp_path / "mapped.toml"
+    cfg.write_text(f"""
+[server]
+listen = "unix:path={sockdir / 'gw.sock'}"
+state_dir = "{tmp_path / 'state'}"
+socket_mode = 0o666
+log_format = "json"
+
+[audit]
+file = "{tmp_path / 'audit.jsonl'}"
+
+[[backend]]
+name = "softhsm"
+module = "{hsm['module']}"
+env = {{ SOFTHSM2_CONF = "{hsm['conf']}" }}
+
+[[token]]
+name = "shared"
+backend = "softhsm"
+select = {{ label = "{hsm['label']}" }}
+pin_mode = "mapped"
+backend_pin_file = "{tmp_path / 'backend.pin'}"
+pins = {{ "uid:{TENANT}" = "{hash_pin(TENANT_PIN.encode())}" }}
+
+[[rule]]
+name = "tenant"
+uid = [{TENANT}]
+tokens = ["shared"]
+""")
+    return cfg
+
+
+def _set_pin(path: str) -> int:
+    c, s = tenant_session(path, TENANT_PIN)
+    return rv_of(c, C_SetPIN, [s, TENANT_PIN.encode(), NEW_PIN.encode()])
+
+
+def _login_with(path: str, pin: str) -> int:
+    c = raw(path)
+    (s,) = c.call(C_OpenSession, [slot_of(c, "shared"), CKF_SERIAL])
+    return rv_of(c, C_Login, [s, CKU_USER, pin.encode()])
+
+
+def test_mapped_pin_change_that_cannot_be_recorded_changes_nothing(
+    tmp_path: Path, hsm: dict[str, Any], sockdir: Path
+) -> None:
+    cfg = _mapped_config(tmp_path, hsm, sockdir)
+    Gateway(cfg).stop()  # makes the registry
+    registry = tmp_path / "state" / "registry.sqlite3"
+    subprocess.run(["chattr", "+i", str(registry)], check=True)
+    try:
+        gw = Gateway(cfg)
+        try:
+            rv = as_uid(TENANT, _set_pin, gw.path)
+            # the override could not be kept: the old PIN still works, the new one not
+            after = (as_uid(TENANT, _login_with, gw.path, TENANT_PIN),
+                     as_uid(TENANT, _login_with, gw.path, NEW_PIN))
+            errors = _registry_errors(gw)
+        finally:
+            gw.stop()
+    finally:
+        subprocess.run(["chattr", "-i", str(registry)], check=True)
+    assert rv == ckr.DEVICE_ERROR
+    assert after == (0, ckr.PIN_INCORRECT)
+    assert len(errors) == 1 and errors[0]["path"] == str(registry)
+    records = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [r["result"] for r in records if r["op"] == "C_SetPIN"] == [
+        "PENDING", "CKR_DEVICE_ERROR"]
+    # writable again: the change goes through and survives a restart
+    gw = Gateway(cfg)
+    try:
+        assert as_uid(TENANT, _set_pin, gw.path) == 0
+    finally:
+        gw.stop()
+    gw = Gateway(cfg)
+    try:
+        assert as_uid(TENANT, _login_with, gw.path, NEW_PIN) == 0
+    finally:
+        gw.stop()
