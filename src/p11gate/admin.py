@@ -9,13 +9,14 @@ that only report those).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .unix_socket import BoundSocket, bind_unix
 
 #: requests the admin socket understands
 COMMANDS = ("status",)
@@ -30,25 +31,21 @@ class AdminServer:
         self.path = path
         self._status = status
         self._server: asyncio.AbstractServer | None = None
+        self._bound: BoundSocket | None = None
 
     async def start(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        # create the socket file with 0600 from the start, not chmod after the fact
-        old = os.umask(0o177)
-        try:
-            self._server = await asyncio.get_running_loop().create_unix_server(
-                lambda: _AdminProtocol(self._status), path=self.path
-            )
-        finally:
-            os.umask(old)
+        # created 0600 from the start; a live gateway's admin socket is never taken over
+        self._bound = bind_unix(self.path, 0o600, what="admin socket")
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            lambda: _AdminProtocol(self._status), sock=self._bound.sock
+        )
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if self._bound is not None:
+            self._bound.unlink()  # only the file this process created
 
 
 class _AdminProtocol(asyncio.Protocol):

@@ -139,6 +139,15 @@ class AuditLog:
         except AuditError:
             pass
 
+    def reopen(self) -> None:
+        """Open the file again by name (SIGHUP: logrotate renamed it); the record count
+        goes on. A failed open keeps writing to the old file and raises OSError."""
+        if self._fd is None or self.path is None:
+            return
+        new = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        old, self._fd = self._fd, new
+        os.close(old)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

@@ -31,6 +31,20 @@ def check_config(config_path: str) -> None:
             f"token {t.name!r}: slot {t.virtual_slot_id:#x} on backend {b.name!r} "
             f"({b.module}, isolation={b.isolation})"
         )
+    if cfg.tls is not None:
+        from .remote.tls_notes import client_ca_notes
+
+        for line in client_ca_notes(cfg):
+            click.echo(line)
+    from .config_checks import check
+
+    findings = check(cfg)
+    for w in findings.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if findings.errors:
+        for err in findings.errors:
+            click.echo(f"error: {err}", err=True)
+        sys.exit(2)
     if os.path.isdir(cfg.server.state_dir):
         from .registry import check_registry
 
@@ -38,7 +52,8 @@ def check_config(config_path: str) -> None:
         if problem is not None:
             click.echo(f"{config_path}: {problem}", err=True)
             sys.exit(2)
-    click.echo(f"{config_path}: OK")
+    warned = f" ({len(findings.warnings)} warnings)" if findings.warnings else ""
+    click.echo(f"{config_path}: OK{warned}")
 
 
 @main.command("serve")

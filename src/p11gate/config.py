@@ -41,7 +41,7 @@ class ServerConfig(_Strict):
     max_frame: int = Field(default=16 * 1024 * 1024, ge=4096, le=1 << 30)
     #: largest output buffer a client may ask the backend to fill, bytes
     max_buffer: int = Field(default=16 * 1024 * 1024, ge=1024, le=1 << 30)
-    #: permissions of the unix socket file
+    #: permissions of the unix socket file: an integer (0o660) or an octal string ("0660")
     socket_mode: int = 0o660
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
@@ -68,6 +68,16 @@ class ServerConfig(_Strict):
                     f"{a!r}: listeners are 'unix:path=/absolute/path' or 'tls:HOST:PORT'"
                 )
         return v
+
+    #: log to this file instead of stderr (reopened on SIGHUP, for logrotate)
+    log_file: str | None = None
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _permission_mode(cls, v: object) -> object:
+        from .modes import parse_mode
+
+        return parse_mode(v)
 
 
 class BackendConfig(_Strict):
@@ -145,6 +155,16 @@ class TokenConfig(_Strict):
         if self.pins and self.pin_mode != "mapped":
             raise ValueError("pins are only used with pin_mode = 'mapped'")
         return self
+
+    @field_validator("backend_pin_env")
+    @classmethod
+    def _pin_env_private(cls, v: str | None) -> str | None:
+        from .backends.worker_env import INHERITED
+
+        if v is not None and v in INHERITED:
+            raise ValueError(f"{v!r} is passed on to every worker process: keep the backend "
+                             "PIN in a variable of its own (e.g. HSM_PIN)")
+        return v
 
     def backend_pin(self) -> bytes:
         """The credential for mapped/none tokens (read when needed, never logged)."""
@@ -228,6 +248,18 @@ class Config(_Strict):
         ids = [t.virtual_slot_id for t in self.token]
         if len(set(ids)) != len(ids):
             raise ValueError("two tokens have the same slot id: set slot_id on one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _pin_env_not_exported(self) -> Config:
+        # a worker gets its backend's env: that must not hand it a backend PIN
+        pin_vars = {t.backend_pin_env: t.name for t in self.token if t.backend_pin_env}
+        for i, b in enumerate(self.backend):
+            for var in b.env:
+                if var in pin_vars:
+                    raise ValueError(f"backend[{i}].env sets {var}, the backend_pin_env of "
+                                     f"token {pin_vars[var]!r}: the worker would see the "
+                                     "backend PIN; remove it from env")
         return self
 
     def backend_named(self, name: str) -> BackendConfig:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
 from . import logs
 from .config import Config, ConfigError, load_config, parse_config
+from .config_checks import check
 from .frontend.server import Gateway
 from .registry import RegistryError, RegistryUnusable
+from .state_dir import DAEMON_UMASK, StateDirInUse, StateLock, tighten_and_warn
+from .unix_socket import SocketInUse
 
 log = logging.getLogger("p11gate")
 
@@ -30,7 +34,25 @@ def _load(config_path: str | None, state_dir: str | None, listen: str | None) ->
     return cfg
 
 
+def _hangup(gw: Gateway | None) -> None:
+    """SIGHUP (logrotate, `systemctl reload`): reopen the log and audit files by name."""
+    files = logs.reopen()
+    if gw is not None and gw.audit.enabled:
+        try:
+            gw.audit.reopen()
+            files.append(str(gw.audit.path))
+        except OSError as e:
+            log.error("SIGHUP: cannot reopen the audit log; still writing to the old file",
+                      extra={"path": gw.audit.path, "error": e.strerror})
+    log.warning("SIGHUP: reopened logs; configuration reload is not implemented, restart "
+                "to apply changes", extra={"reopened": files})
+
+
 async def _serve(cfg: Config, demo: bool) -> int:
+    loop = asyncio.get_running_loop()
+    current: list[Gateway] = []
+    # first thing on the loop: a SIGHUP while the back ends start must not kill us
+    loop.add_signal_handler(signal.SIGHUP, lambda: _hangup(current[0] if current else None))
     try:
         gw = Gateway(cfg)
     except RegistryUnusable as e:
@@ -45,15 +67,19 @@ async def _serve(cfg: Config, demo: bool) -> int:
               f"{e.filename or cfg.server.state_dir}: {e.strerror}; set [server] state_dir "
               "(and [audit] file) to a writable directory", file=sys.stderr)
         return 2
+    current.append(gw)
     try:
         await gw.start()
+    except SocketInUse as e:  # another live gateway: leave its files alone
+        print(f"{cfg.source}: {e}", file=sys.stderr)
+        await gw.stop()
+        return 2
     except OSError as e:  # a listener: port in use, no permission, …
         print(f"{cfg.source}: server.listen: {e}; free the address or change [server] listen",
               file=sys.stderr)
         await gw.stop()
         return 2
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     local = [a for a in cfg.server.listen if a.startswith("unix:")]
@@ -73,18 +99,61 @@ async def _serve(cfg: Config, demo: bool) -> int:
     return 0
 
 
+def _lock(config_path: str | None, state_dir: str | None) -> tuple[StateLock, Config]:
+    """Lock the state directory before anything else touches it, then load the
+    configuration (demo mode creates its token there)."""
+    if config_path is None:
+        from .demo import default_state_dir
+
+        lock = StateLock(str(Path(state_dir) if state_dir else default_state_dir()))
+        return lock, _load(config_path, state_dir, None)
+    cfg = load_config(config_path)
+    return StateLock(cfg.server.state_dir), cfg
+
+
 def run(config_path: str | None, state_dir: str | None = None, listen: str | None = None) -> int:
+    # everything the daemon creates (registry, audit, lock, demo token) is owner-only;
+    # sockets get their configured mode explicitly
+    os.umask(DAEMON_UMASK)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the event loop handles it
     try:
-        cfg = _load(config_path, state_dir, listen)
+        lock, cfg = _lock(config_path, state_dir)
+        if listen is not None:
+            server = cfg.server.model_copy(update={"listen": [listen]})
+            cfg = cfg.model_copy(update={"server": server})
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
-    logs.setup(cfg.server.log_level, cfg.server.log_format)
-    if cfg.server.uvloop:
+    except StateDirInUse as e:
+        print(f"p11gate: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"p11gate: server.state_dir: cannot use {e.filename}: {e.strerror}; set "
+              "[server] state_dir to a directory this user can write", file=sys.stderr)
+        return 2
+    try:
         try:
-            import uvloop
+            logs.setup(cfg.server.log_level, cfg.server.log_format, cfg.server.log_file)
+        except OSError as e:
+            print(f"{cfg.source}: server.log_file: cannot open {e.filename}: {e.strerror}",
+                  file=sys.stderr)
+            return 2
+        tighten_and_warn(cfg.server.state_dir)
+        if config_path is not None:
+            findings = check(cfg)
+            for w in findings.warnings:
+                log.warning(w)
+            if findings.errors:
+                for err in findings.errors:
+                    print(err, file=sys.stderr)
+                return 2
+        if cfg.server.uvloop:
+            try:
+                import uvloop
 
-            return uvloop.run(_serve(cfg, config_path is None))
-        except ImportError:
-            pass
-    return asyncio.run(_serve(cfg, config_path is None))
+                return uvloop.run(_serve(cfg, config_path is None))
+            except ImportError:
+                pass
+        return asyncio.run(_serve(cfg, config_path is None))
+    finally:
+        lock.release()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .textsafe import one_line
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -23,20 +25,37 @@ class Identity:
     sans: tuple[str, ...] = field(default_factory=tuple)
     #: remote address for TLS ("host:port"), informational only
     address: str | None = None
+    #: TLS: the client CA this certificate chains to -- the first certificate of the
+    #: verified chain, going up from the client's, that is in ``client_ca`` -- as its
+    #: RFC 4514 subject, e.g. "CN=Clients CA A,O=Example"
+    issuer: str | None = None
+    #: TLS: that CA's id, "sha256:" + 32 hex digits of the SHA-256 of its public key
+    ca_id: str | None = None
+    #: TLS: that CA's position among the distinct CAs of ``client_ca`` (0 = the first)
+    ca_index: int | None = None
 
     def describe(self) -> str:
-        """A short, log-safe description (no secrets in an identity)."""
+        """A short, log-safe description (no secrets in an identity; characters a
+        certificate may carry that would break a log line are escaped). The CA comes
+        first: it is the operator's text, the subject the certificate holder's."""
         if self.kind == "unix":
             return f"uid={self.uid} gid={self.gid} pid={self.pid}"
-        return f"cert={self.subject}" + (f" from {self.address}" if self.address else "")
+        ca = f"ca={one_line(self.issuer)} " if self.issuer is not None else ""
+        return (f"{ca}cert={one_line(self.subject or '')}"
+                + (f" from {self.address}" if self.address else ""))
 
     @property
     def key(self) -> str:
         """A stable key for per-identity state (PIN hashes, throttling, ownership):
-        the uid locally, the certificate subject remotely; not the pid or address."""
+        the uid locally; remotely the certificate subject and its CA: ``cert:<subject>``
+        for the first CA of ``client_ca`` (as before there could be several), and
+        ``cert:<ca_id>/<subject>`` for the others, so the same subject from two CAs is
+        two identities. Not the pid or address."""
         if self.kind == "unix":
             return f"uid:{self.uid}"
-        return f"cert:{self.subject}"
+        if self.ca_index == 0:
+            return f"cert:{self.subject}"
+        return f"cert:{self.ca_id}/{self.subject}"
 
 
 UNKNOWN = Identity(kind="none")

@@ -11,6 +11,8 @@ import logging
 import sys
 import time
 
+from .textsafe import one_line
+
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
@@ -32,20 +34,58 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """One line per record: the message and every field have their control characters
+    escaped (a newline in a certificate's CN must not start a forged record); a
+    traceback follows on lines of its own, each indented, so that no line of it can
+    pass for a record either."""
+
     def format(self, record: logging.LogRecord) -> str:
         extra = " ".join(
-            f"{k}={v}" for k, v in vars(record).items() if k not in _STD and not k.startswith("_")
+            f"{one_line(k)}={one_line(str(v))}" for k, v in vars(record).items()
+            if k not in _STD and not k.startswith("_")
         )
-        base = f"{record.levelname.lower():7} {record.name}: {record.getMessage()}"
+        base = f"{record.levelname.lower():7} {record.name}: {one_line(record.getMessage())}"
+        line = f"{base} {extra}".rstrip()
         if record.exc_info:
-            base += "\n" + self.formatException(record.exc_info)
-        return f"{base} {extra}".rstrip()
+            line += "".join("\n    " + one_line(t)
+                            for t in self.formatException(record.exc_info).splitlines())
+        return line
 
 
-def setup(level: str = "info", fmt: str = "json") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+class ReopenableFileHandler(logging.FileHandler):
+    """A log file that can be closed and opened again by name, so that logrotate can
+    rename it and the next records go to a new file (on SIGHUP)."""
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            new = self._open()  # before closing: a failed open keeps the old file
+            old, self.stream = self.stream, new
+            if old is not None:
+                old.close()
+        finally:
+            self.release()
+
+
+def setup(level: str = "info", fmt: str = "json", file: str | None = None) -> None:
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    handler: logging.Handler
+    if file is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = ReopenableFileHandler(file, encoding="utf-8")
+    handler.setFormatter(formatter)
     root = logging.getLogger("p11gate")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+
+
+def reopen() -> list[str]:
+    """Reopen every log file (SIGHUP); returns their paths (none when logging to stderr)."""
+    out = []
+    for h in logging.getLogger("p11gate").handlers:
+        if isinstance(h, ReopenableFileHandler):
+            h.reopen()
+            out.append(h.baseFilename)
+    return out

@@ -72,6 +72,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     make_token(hsm, label="nopin", pin="nopin-backend-pin")
     (base / "mapped.pin").write_text(BACKEND_PIN + "\n")
     (base / "nopin.pin").write_text("nopin-backend-pin\n")
+    for pin_file in ("mapped.pin", "nopin.pin"):
+        (base / pin_file).chmod(0o600)  # serve refuses a PIN file others can read
     sockdir = shared_socket_dir()
     cfg = base / "p11gate.toml"
     cfg.write_text(f"""

@@ -18,6 +18,7 @@ from tests.remote.pki import CA, make_pki
 from tests.softhsm import MODULE
 
 from p11gate.config import ConfigError, parse_config
+from p11gate.remote.client_cas import ClientCAs
 from p11gate.remote.tls import client_context, parse_tls_address, peer_address, peer_identity
 
 
@@ -121,12 +122,16 @@ def test_crls_that_would_refuse_everyone_are_errors(tmp_path: Path) -> None:
 
 
 class _FakeSSL:
-    def __init__(self, der: bytes | None) -> None:
+    def __init__(self, der: bytes | None, chain: list[bytes] | None = None) -> None:
         self.der = der
+        self.chain = chain
 
     def getpeercert(self, binary_form: bool = False) -> bytes | None:
         assert binary_form
         return self.der
+
+    def get_verified_chain(self) -> list[bytes] | None:
+        return self.chain
 
 
 def test_identity_from_a_certificate_has_subject_and_every_san_type() -> None:
@@ -137,15 +142,19 @@ def test_identity_from_a_certificate_has_subject_and_every_san_type() -> None:
         x509.RFC822Name("app1@example.org"),
         x509.IPAddress(ipaddress.ip_address("10.1.2.3")),
     ])
-    ident = peer_identity(_FakeSSL(cert.public_bytes(serialization.Encoding.DER)),  # type: ignore[arg-type]
-                          "192.0.2.7:51000")
+    der = cert.public_bytes(serialization.Encoding.DER)
+    chain = [der, ca.cert.public_bytes(serialization.Encoding.DER)]
+    ident = peer_identity(_FakeSSL(der, chain), "192.0.2.7:51000",  # type: ignore[arg-type]
+                          ClientCAs([ca.cert]))
     assert ident is not None and ident.kind == "tls"
     assert ident.subject == "CN=app1,O=p11gate tests"
     assert ident.sans == ("DNS:app1.example", "URI:spiffe://example/app1",
                           "EMAIL:app1@example.org", "IP:10.1.2.3")
     assert ident.address == "192.0.2.7:51000"
     assert ident.key == "cert:CN=app1,O=p11gate tests"
-    assert ident.describe() == "cert=CN=app1,O=p11gate tests from 192.0.2.7:51000"
+    assert ident.issuer == "CN=test CA,O=p11gate tests" and ident.ca_index == 0
+    assert ident.describe() == ("ca=CN=test CA,O=p11gate tests cert=CN=app1,O=p11gate tests "
+                                "from 192.0.2.7:51000")
     # no certificate, no identity (the connection is closed before any call)
     assert peer_identity(_FakeSSL(None), "192.0.2.7:51000") is None  # type: ignore[arg-type]
     assert peer_identity(None, None) is None

@@ -12,7 +12,7 @@ import psutil
 from tests.gateway_proc import Gateway, RawClient
 from tests.robustness.test_malformed import good_client, sign_once
 
-CAPTURES = Path(__file__).resolve().parents[3] / "shared" / "p11kit-rpc" / "captures"
+CAPTURES = Path(__file__).resolve().parents[1] / "vectors" / "captures"
 
 
 def capture_frames() -> list[bytes]:

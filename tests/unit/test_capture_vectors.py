@@ -1,9 +1,8 @@
 """Every frame of every real capture decodes to the values its .txt lists and re-encodes
-to the identical bytes (shared/p11kit-rpc/captures, recorded from p11-kit 0.24.1/0.26.4)."""
+to the identical bytes (tests/vectors/captures, recorded from p11-kit 0.24.1/0.26.4)."""
 
 from __future__ import annotations
 
-import os
 import re
 import struct
 from pathlib import Path
@@ -26,13 +25,7 @@ from p11gate.codec import (
     encode_request,
 )
 
-
-def shared_dir() -> Path:
-    env = os.environ.get("P11GATE_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared"
-
-
-CAPTURES = shared_dir() / "p11kit-rpc" / "captures"
+CAPTURES = Path(__file__).resolve().parents[1] / "vectors" / "captures"
 FILES = sorted(CAPTURES.glob("*.hex"))
 
 # the release of each side (captures/README.md): 20/21 have a 0.26.4 client, 20/22 a
@@ -42,7 +35,7 @@ SERVER_NEW = {"20", "22"}
 
 
 def test_captures_are_there() -> None:
-    # CI runs with ../shared beside the repository: missing vectors are a failure
+    # the vectors are part of the repository: missing ones are a failure
     assert len(FILES) >= 18, f"captures not found under {CAPTURES}"
 
 
@@ -157,3 +150,15 @@ def test_dialect_choice() -> None:
     assert dialect_for_version(2) is V026
     assert dialect_for_version(255) is V026
     assert not dialect_for_version(1).new_mechanisms and dialect_for_version(1).version == 1
+
+
+def test_the_codec_tables_are_generated_from_the_vectors() -> None:
+    """src/p11gate/codec/tables_data.py is what scripts/gen_tables_data.py makes of
+    tests/vectors/tables.json (the per-release p11-kit tables), byte for byte."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, str(root / "scripts" / "gen_tables_data.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

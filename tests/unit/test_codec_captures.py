@@ -1,18 +1,17 @@
 """Every frame of every recorded capture against the codec.
 
-For each frame of ``shared/p11kit-rpc/captures/*.hex`` the matching line of the ``.txt``
+For each frame of ``tests/vectors/captures/*.hex`` the matching line of the ``.txt``
 (an independent field-by-field decoding, see captures/README.md) is parsed, the frame is
 decoded with the sending side's dialect, every field the notation carries is compared
 with the decoded value, and the values are re-encoded to the identical bytes.
 
-The vectors live beside the repository (``../shared``, or ``$P11GATE_SHARED``); CI runs
+The vectors are test data in the repository (``tests/vectors/``); CI runs
 with them present, so their absence is a failure, not a skip.
 """
 
 from __future__ import annotations
 
 import ast
-import os
 import re
 import struct
 from dataclasses import dataclass
@@ -45,15 +44,7 @@ from p11gate.codec.calls import split_signature
 from p11gate.codec.tables import AttrClass
 from p11gate.codec.values import Ecdh1Params, PssParams
 
-
-def shared_dir() -> Path:
-    env = os.environ.get("P11GATE_SHARED")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared"
-
-
-CAPTURES = shared_dir() / "p11kit-rpc" / "captures"
+CAPTURES = Path(__file__).resolve().parents[1] / "vectors" / "captures"
 FILES = sorted(CAPTURES.glob("*.hex"))
 
 # captures/README.md: 20/21 have a 0.26.4 client, 20/22 a 0.26.4 server; all others are

@@ -21,7 +21,8 @@ from p11gate.registry import Registry
 TOKENS = ["shared", "vault", "hsm"]
 ALICE = Identity("unix", uid=1001, gid=100, pid=7)
 BOB = Identity("unix", uid=1002, gid=200, pid=8)
-APP = Identity("tls", subject="CN=app1,O=Example", sans=("DNS:app1.team-a.example",))
+APP = Identity("tls", subject="CN=app1,O=Example", sans=("DNS:app1.team-a.example",),
+               issuer="CN=Clients CA A,O=Example", ca_id="sha256:" + "a" * 32, ca_index=0)
 
 
 def rule(**kw: object) -> RuleConfig:

@@ -23,6 +23,7 @@ from ..config import BackendConfig
 from ..errors import BackendUnavailable
 from .base import Backend
 from .rpc_client import RpcChannel, RpcClientProtocol
+from .worker_env import worker_environment
 
 log = logging.getLogger("p11gate.backend")
 
@@ -81,7 +82,9 @@ class WorkerBackend(Backend):
                 *self.command(),
                 stdin=child.fileno(),
                 stdout=child.fileno(),
-                env={**os.environ, **self.cfg.env},
+                # only what a program needs plus the backend's env: never the
+                # gateway's own secrets (the backend PIN's variable among them)
+                env=worker_environment(self.cfg.env),
                 # its own process group: a terminal's ^C goes to the gateway, which
                 # then stops workers in order
                 start_new_session=True,

@@ -53,18 +53,22 @@ from .handles import (
     ObjectRef,
     Session,
 )
+from .operations import check_fence, duplicate_type, lift_fence, note_key_init
 from .tables import (
     ATTR_REQUEST_ARG,
     CAPACITY_ARGS,
     CREATE_TEMPLATES,
+    KEY_ARGS,
     KEY_USE,
     MECHANISM_CALLS,
     NEW_OBJECTS,
     OBJECT_ARGS,
+    OPERATION_OF_INIT,
     OPTIONAL_OBJECT_ARGS,
     RELAYABLE_REPLIES,
     SESSION_CALLS,
     SLOT_CALLS,
+    TEMPLATE_ARGS,
 )
 from .token import VirtualToken, pad
 
@@ -160,12 +164,17 @@ class ClientConnection(asyncio.Protocol):
         handler = HANDLERS.get(call.id)
         if handler is None:
             raise ProtocolError(f"call {call.name} not served")
+        templates = TEMPLATE_ARGS.get(call.id)
+        if templates is not None and self._duplicated(call, args, templates):
+            self._reply(code, encode_error(ckr.TEMPLATE_INCONSISTENT))
+            return
         # calls on one session run in order; others run concurrently
         session = None
         if call.id in SESSION_CALLS:
             session = self.handles.sessions.get(args[0])
         prev = session.tail if session is not None else self._tail
-        if handler is _FORWARD and session is not None and (prev is None or prev.done()):
+        if (handler is _FORWARD and session is not None and (prev is None or prev.done())
+                and not session.fenced):
             self._forward_now(code, call, args, session)
             return
         task = asyncio.get_running_loop().create_task(
@@ -178,6 +187,18 @@ class ClientConnection(asyncio.Protocol):
             self._tail = fut if call.id not in _UNORDERED else self._tail
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _duplicated(self, call: Call, args: list[Any], positions: tuple[int, ...]) -> bool:
+        """A template that names one attribute type twice: the gateway would check one
+        value and the module apply another. Refused before policy or the module."""
+        for pos in positions:
+            dup = duplicate_type(args[pos])
+            if dup is not None:
+                log.warning("template names an attribute twice", extra={
+                    "conn": self.id, "peer": self.peer, "call": call.name,
+                    "attribute": f"{dup:#x}"})
+                return True
+        return False
 
     async def _run(
         self,
@@ -337,7 +358,13 @@ class ClientConnection(asyncio.Protocol):
             return m
         p = m.param
         if isinstance(p, HandleParam):
-            return Mechanism(m.type, HandleParam(self.object_for(p.handle, token).backend_handle))
+            try:
+                ref = self.object_for(p.handle, token)
+            except Pkcs11Error as e:  # the parameter's handle is a key's
+                if e.rv == ckr.OBJECT_HANDLE_INVALID:
+                    raise Pkcs11Error(ckr.KEY_HANDLE_INVALID) from None
+                raise
+            return Mechanism(m.type, HandleParam(ref.backend_handle))
         if isinstance(p, KyberParams) and p.secret_handle:
             bh = self.object_for(p.secret_handle, token).backend_handle
             return Mechanism(m.type, p._replace(secret_handle=bh))
@@ -356,12 +383,23 @@ class ClientConnection(asyncio.Protocol):
         token = s.token
         if call.id in KEY_USE:
             self.require(token, "use", "key use")
+        if s.fenced:
+            check_fence(s, call.id)
         bargs = list(args)
         bargs[0] = s.backend_handle
         for pos in OBJECT_ARGS.get(call.id, ()):
             if bargs[pos] == 0 and call.id in OPTIONAL_OBJECT_ARGS:
                 continue
-            bargs[pos] = self.object_for(bargs[pos], token).backend_handle
+            try:
+                ref = self.object_for(bargs[pos], token)
+            except Pkcs11Error as e:
+                role = KEY_ARGS.get((call.id, pos))
+                if e.rv == ckr.OBJECT_HANDLE_INVALID and role is not None:
+                    raise Pkcs11Error(role) from None
+                raise
+            bargs[pos] = ref.backend_handle
+            if call.id in OPERATION_OF_INIT and pos == OBJECT_ARGS[call.id][0]:
+                note_key_init(s, call.id, ref, token in self.logins)
         if call.id in MECHANISM_CALLS:
             bargs[1] = self._mechanism(bargs[1], token)
         caps = CAPACITY_ARGS.get(call.id)
@@ -420,8 +458,6 @@ class ClientConnection(asyncio.Protocol):
         self._reply(code, body)
 
     async def forward(self, call: Call, args: list[Any]) -> list[Any]:
-        if fail_closed.ENDING:  # rare: an unaudited operation is being ended
-            await fail_closed.settle(self, args[0])
         for _ in range(4):
             try:
                 s, bargs, private = self._prepare(call, args)
@@ -447,6 +483,8 @@ class ClientConnection(asyncio.Protocol):
             except AuditError:
                 await fail_closed.undo_key_use(self, call, s, reply)
                 raise
+        if s.fenced:
+            lift_fence(s, call.id)
         return self._finish(call, s, private, reply)
 
     def _forward_now(self, code: int, call: Call, args: list[Any], s: Session) -> None:
@@ -479,6 +517,11 @@ class ClientConnection(asyncio.Protocol):
             s.tail = task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            return
+        except Exception:
+            # a fault of the gateway's own costs this call, never the connection
+            log.exception("internal error", extra={"conn": self.id, "call": call.name})
+            self._reply(code, encode_error(ckr.GENERAL_ERROR))
             return
         s.tail = fut  # type: ignore[assignment]
 
@@ -537,10 +580,14 @@ class ClientConnection(asyncio.Protocol):
     async def h_initialize(self, call: Call, args: list[Any]) -> list[Any]:
         if args[0] != HANDSHAKE:
             raise Pkcs11Error(ckr.GENERAL_ERROR, "bad handshake")
+        if self.initialized:
+            raise Pkcs11Error(ckr.CRYPTOKI_ALREADY_INITIALIZED)
         self.initialized = True
         return []
 
     async def h_finalize(self, call: Call, args: list[Any]) -> list[Any]:
+        # from here on only C_Initialize is served (the check in _run and _forward_now)
+        self.initialized = False
         await self._cleanup()
         return []
 
@@ -603,7 +650,8 @@ class ClientConnection(asyncio.Protocol):
         if not flags & ck.CKF_SERIAL_SESSION:
             raise Pkcs11Error(ckr.SESSION_PARALLEL_NOT_SUPPORTED)
         if not flags & ck.CKF_RW_SESSION and self.logins.get(t) == ck.CKU_SO:
-            raise Pkcs11Error(ckr.SESSION_READ_ONLY_EXISTS)
+            # PKCS#11 §5.6: no read-only session while the SO is logged in
+            raise Pkcs11Error(ckr.SESSION_READ_WRITE_SO_EXISTS)
         if flags & ck.CKF_RW_SESSION and self.grants[t].write_protected:
             # PKCS#11: a read/write session on a write-protected token
             raise Denied(ckr.TOKEN_WRITE_PROTECTED, self.grants[t].rule,
@@ -623,12 +671,19 @@ class ClientConnection(asyncio.Protocol):
             await s.token.backend.call(call.id, [s.backend_handle])
         except BackendUnavailable:
             pass
+        await self._logout_if_last(s.token)
         return []
 
     async def h_close_all_sessions(self, call: Call, args: list[Any]) -> list[Any]:
         t = self._token(args[0])
         await self._close_sessions(t)
+        await self._logout_if_last(t)
         return []
+
+    async def _logout_if_last(self, t: VirtualToken) -> None:
+        """PKCS#11: closing an application's last session with a token logs it out."""
+        if t in self.logins and not any(x.token is t for x in self.handles.sessions.values()):
+            await login_calls.logout(self, t)
 
     async def _close_sessions(self, t: VirtualToken) -> None:
         mine = [s for s in self.handles.sessions.values() if s.token is t]
@@ -671,7 +726,7 @@ class ClientConnection(asyncio.Protocol):
         never the backend's."""
         for t in list(self.logins):
             try:
-                await login_calls.logout(self, t)
+                await login_calls.logout(self, t, closing=True)
             except Exception:
                 log.exception("logout at close failed", extra={"conn": self.id})
         for t in {s.token for s in self.handles.sessions.values()}:

@@ -11,9 +11,11 @@ audit error, and what the backend did must not stay usable:
 * objects a key use made (C_UnwrapKey, C_DeriveKey) are destroyed;
 * a wrapped key (C_WrapKey) is simply not returned.
 
-Until the operation is ended, calls already queued on that session wait for it
-(:func:`settle`), so a client that pipelined C_Sign behind a failed C_SignInit gets
-CKR_OPERATION_NOT_INITIALIZED, not a signature.
+The session is *fenced* for that kind of operation at once, in the callback that
+answers the Init (see operations.py): continuation calls already queued behind it, as a
+client that pipelined C_Sign behind C_SignInit has them, get
+CKR_OPERATION_NOT_INITIALIZED, never a signature; the fence lifts when a new Init of
+that kind succeeds and is audited.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..codec import Call, ckr, encode_error
 from ..errors import Pkcs11Error
 from .common import ID
 from .handles import Session
-from .tables import NEW_OBJECTS
+from .tables import NEW_OBJECTS, OPERATION_OF_INIT
 
 if TYPE_CHECKING:
     from .connection import ClientConnection
@@ -52,34 +54,24 @@ TERMINATORS: dict[int, tuple[int, Callable[[int, int], list[Any]]]] = {
     ID["C_VerifyInit"]: (ID["C_Verify"], lambda bh, cap: [bh, b"\0", b"\0"]),
     ID["C_DigestKey"]: (ID["C_DigestFinal"], lambda bh, cap: [bh, cap]),
 }
-#: key uses that leave nothing behind on the backend to undo
-_NOTHING_LEFT = frozenset({ID["C_WrapKey"]})
-
-#: sessions whose operation is being ended: calls queued on them wait
-ENDING: dict[Session, asyncio.Task[None]] = {}
 
 
 def unaudited_reply(c: ClientConnection, call: Call, s: Session | None,
                     current: asyncio.Future[Any] | None, err: AuditError) -> bytes:
     """From a done-callback (the hot path): the reply for a key use that succeeded on
-    the backend but could not be audited; ends what it started in the background."""
-    if s is not None and call.id not in _NOTHING_LEFT and call.id not in NEW_OBJECTS:
+    the backend but could not be audited; fences the operation and ends it on the
+    backend in the background."""
+    op = OPERATION_OF_INIT.get(call.id)
+    if s is not None and op is not None:
+        if s.fenced is None:
+            s.fenced = set()
+        s.fenced.add(op)  # synchronous: nothing queued can continue it
         task = asyncio.get_running_loop().create_task(end_operation(c, s, call.id))
-        ENDING[s] = task
-        task.add_done_callback(lambda _t: ENDING.pop(s, None))
         c.gw.background.add(task)
         task.add_done_callback(c.gw.background.discard)
         if s.tail is current:
             s.tail = task  # calls dispatched from now on wait for it
     return encode_error(err.rv)
-
-
-async def settle(c: ClientConnection, handle: Any) -> None:
-    """Wait while an unaudited operation on this session is being ended."""
-    s = c.handles.sessions.get(handle)
-    task = ENDING.get(s) if s is not None else None
-    if task is not None:
-        await asyncio.wait((task,))
 
 
 async def undo_key_use(c: ClientConnection, call: Call, s: Session,
@@ -95,7 +87,11 @@ async def undo_key_use(c: ClientConnection, call: Call, s: Session,
                 await s.token.backend.call(ID["C_DestroyObject"],
                                            [s.backend_handle, reply[pos]])
         return
-    if call.id not in _NOTHING_LEFT:
+    op = OPERATION_OF_INIT.get(call.id)
+    if op is not None:
+        if s.fenced is None:
+            s.fenced = set()
+        s.fenced.add(op)
         await end_operation(c, s, call.id)
 
 

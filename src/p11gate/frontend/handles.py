@@ -20,7 +20,8 @@ IDENTITY_UNKNOWN, IDENTITY_PENDING, IDENTITY_KNOWN, IDENTITY_NONE = range(4)
 
 
 class Session:
-    __slots__ = ("backend_handle", "find", "flags", "generation", "handle", "tail", "token")
+    __slots__ = ("backend_handle", "fenced", "find", "flags", "generation", "handle",
+                 "private_ops", "tail", "token")
 
     def __init__(
         self, handle: int, token: VirtualToken, backend_handle: int, generation: int, flags: int
@@ -34,6 +35,11 @@ class Session:
         self.find: str | None = None
         #: the last queued call on this session: calls on one session run in order
         self.tail: asyncio.Future[None] | None = None
+        #: operations started with a (maybe) private key while logged in: ended at logout
+        self.private_ops: set[str] | None = None
+        #: operations ended at a logout: their continuation calls are refused until a new
+        #: one of the kind starts (see operations.py)
+        self.fenced: set[str] | None = None
 
 
 class ObjectRef:

@@ -18,6 +18,7 @@ from ..codec import AttrRequest, Call, ckr
 from ..errors import BackendUnavailable, Pkcs11Error
 from ..policy import Denied
 from .common import ID
+from .operations import end_private_operations
 from .pins import hash_pin, verify_pin
 from .token import VirtualToken
 
@@ -51,23 +52,23 @@ async def h_login(c: ClientConnection, call: Call, args: list[Any]) -> list[Any]
         # the gateway holds the backend's user login; SO functions need passthrough
         raise Pkcs11Error(ckr.USER_TYPE_INVALID, f"pin_mode {t.pin_mode}: no SO login")
     who = c.identity.key
-    wait = t.throttle.locked_for(who)
+    wait = t.throttle.begin(who)
     if wait > 0:
-        log.warning("login refused: too many wrong PINs", extra={
-            "conn": c.id, "peer": c.peer, "token": t.name,
-            "retry_in_s": round(wait, 1)})
-        c.gw.audit.record_best_effort(call.name, ckr.PIN_LOCKED, c.peer, t.name,
-                                      user_type=user_type, throttled=True)
-        raise Pkcs11Error(ckr.PIN_LOCKED)
+        _refuse_locked(c, call, t, user_type, wait)
     try:
         if t.gateway_login:
             await login_virtual(c, t, user_type, pin)
         else:
             await login_passthrough(c, call, args, t, user_type, pin)
     except Pkcs11Error as e:
-        if e.rv in (ckr.PIN_INCORRECT, ckr.PIN_INVALID, ckr.PIN_LEN_RANGE):
+        if e.rv in _WRONG_PIN:
             t.throttle.failed(who)
+        else:
+            t.throttle.abandoned(who)
         c.gw.audit.record_best_effort(call.name, e.rv, c.peer, t.name, user_type=user_type)
+        raise
+    except BaseException:
+        t.throttle.abandoned(who)
         raise
     t.throttle.succeeded(who)
     try:
@@ -79,6 +80,22 @@ async def h_login(c: ClientConnection, call: Call, args: list[Any]) -> list[Any]
         raise
     log.info("login", extra={"conn": c.id, "token": t.name, "user_type": user_type})
     return []
+
+
+_WRONG_PIN = (ckr.PIN_INCORRECT, ckr.PIN_INVALID, ckr.PIN_LEN_RANGE)
+#: per-token key of the attempts that reach the backend unverified (passthrough, nobody
+#: logged in): every identity's wrong PINs count against the device's own retry counter
+_BACKEND = "\0backend:"
+
+
+def _refuse_locked(c: ClientConnection, call: Call, t: VirtualToken, user_type: int,
+                   wait: float, backend: bool = False) -> None:
+    log.warning("login refused: too many wrong PINs", extra={
+        "conn": c.id, "peer": c.peer, "token": t.name, "retry_in_s": round(wait, 1),
+        "scope": "token (backend PIN attempts)" if backend else "identity"})
+    c.gw.audit.record_best_effort(call.name, ckr.PIN_LOCKED, c.peer, t.name,
+                                  user_type=user_type, throttled=True)
+    raise Pkcs11Error(ckr.PIN_LOCKED)
 
 
 async def login_virtual(c: ClientConnection, t: VirtualToken, user_type: int, pin: bytes) -> None:
@@ -111,7 +128,7 @@ async def login_passthrough(c: ClientConnection, call: Call, args: list[Any], t:
         if st.user_type is not None:
             if st.user_type != user_type:
                 raise Pkcs11Error(ckr.USER_ANOTHER_ALREADY_LOGGED_IN)
-            if not st.verify(pin):
+            if not await asyncio.to_thread(st.verify, pin):
                 log.info("login refused", extra={"conn": c.id, "token": t.name,
                                                  "rv": "CKR_PIN_INCORRECT"})
                 raise Pkcs11Error(ckr.PIN_INCORRECT)
@@ -122,12 +139,27 @@ async def login_passthrough(c: ClientConnection, call: Call, args: list[Any], t:
             ):
                 raise Pkcs11Error(ckr.SESSION_READ_ONLY_EXISTS)
             await t.ensure()
+            # The PIN goes to the device unverified: one at a time per token (the lock),
+            # and no more wrong ones in a row, from all identities together, than the
+            # token's max_pin_failures, so clients cannot trip the device's own counter.
+            key = f"{_BACKEND}{user_type}"
+            wait = t.throttle.begin(key)
+            if wait > 0:
+                _refuse_locked(c, call, t, user_type, wait, backend=True)
             bargs = [t.control_session, *args[1:]]
             try:
                 await t.backend.call(call.id, bargs)
             except BackendUnavailable:
+                t.throttle.abandoned(key)
                 raise Pkcs11Error(ckr.DEVICE_ERROR) from None
-            st.set(user_type, pin)
+            except Pkcs11Error as e:
+                (t.throttle.failed if e.rv in _WRONG_PIN else t.throttle.abandoned)(key)
+                raise
+            except BaseException:
+                t.throttle.abandoned(key)
+                raise
+            t.throttle.succeeded(key)
+            await asyncio.to_thread(st.set, user_type, pin)
         st.holders.add(c.id)
         c.logins[t] = user_type
 
@@ -140,11 +172,14 @@ async def h_logout(c: ClientConnection, call: Call, args: list[Any]) -> list[Any
     return []
 
 
-async def logout(c: ClientConnection, t: VirtualToken) -> None:
-    """Drop this connection's login on ``t``: first its handles to private objects
-    (while the backend can still tell which are private), then the backend login if
-    no other connection holds it."""
+async def logout(c: ClientConnection, t: VirtualToken, closing: bool = False) -> None:
+    """Drop this connection's login on ``t``: first its finds and private-key
+    operations and its handles to private objects (while the backend can still tell
+    which are private), then the backend login if no other connection holds it.
+    ``closing``: the connection's sessions are about to be closed anyway."""
     c.logins.pop(t, None)
+    if not closing:
+        await end_private_operations(c, t)
     await drop_private_handles(c, t)
     async with t.login_lock:
         st = t.login
@@ -216,7 +251,7 @@ async def h_set_pin(c: ClientConnection, call: Call, args: list[Any]) -> list[An
         raise
     c.gw.audit.record_best_effort(call.name, ckr.OK, c.peer, t.name)
     if t in c.logins and new:
-        t.login.change_pin(new)
+        await asyncio.to_thread(t.login.change_pin, new)
     return reply
 
 

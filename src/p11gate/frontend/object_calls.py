@@ -16,10 +16,10 @@ from .. import ck
 from ..audit import object_fields
 from ..codec import Attribute, AttrRequest, Call, Mechanism, Null, ckr
 from ..errors import Pkcs11Error
-from ..policy import Denied
 from ..registry import RegistryError
 from .common import ID, PRIVATE_FALSE, ObjectInfo, Stale, attr_bool, attr_value
 from .handles import IDENTITY_KNOWN, IDENTITY_UNKNOWN, ObjectRef, Session
+from .identity_checks import check_new_identity, check_unique
 from .tables import CREATE_TEMPLATES, MECHANISM_CALLS, NEW_OBJECTS
 from .token import VirtualToken
 
@@ -196,8 +196,11 @@ async def h_set_attribute(c: ClientConnection, call: Call, args: list[Any]) -> l
         new_id = attr_value(template, ck.CKA_ID, info[2])
         new_label = attr_value(template, ck.CKA_LABEL, info[3])
         new_info = (info[0], info[1], new_id, new_label)
-        if info[0] and new_info != info:
-            check_new_identity(c, t, new_info, renaming=info)
+        if info[0] and new_info[1:] != info[1:]:
+            # a rename is a creation of the new identity: the same checks, before the
+            # module sees it
+            check_new_identity(c, t, new_info)
+            await check_unique(c, s, new_info, already=0)
     fields = c.object_fields_of(ref) if info is None else object_fields(*info[1:])
     changed = [f"{a.type:#x}" for a in template]
     renamed = info is not None and new_info is not None and info[0] and new_info != info
@@ -235,23 +238,6 @@ def release_ownership(c: ClientConnection, t: VirtualToken, info: ObjectInfo) ->
         c.gw.ownership.release(t.name, info[1:])
 
 
-def check_new_identity(c: ClientConnection, t: VirtualToken, info: ObjectInfo,
-                        renaming: ObjectInfo | None = None) -> None:
-    """A namespaced tenant may only give token objects identities inside its
-    namespace, and never one another identity owns."""
-    g = c.grants[t]
-    ns = g.namespace
-    owner = c.gw.ownership.owner(t.name, info[1:])
-    if owner is not None and owner != c.identity.key:
-        raise Denied(ckr.ATTRIBUTE_VALUE_INVALID, g.rule,
-                     "an object identity owned by another tenant", t.name)
-    if ns is None:
-        return
-    if not ns.prefix_match(info[2], info[3]) and not ns.owned:
-        raise Denied(ckr.TEMPLATE_INCONSISTENT, g.rule,
-                     "an object outside the namespace (CKA_ID/CKA_LABEL prefix)", t.name)
-
-
 # ------------------------------------------------------------ object creation
 
 
@@ -270,6 +256,10 @@ async def h_create(c: ClientConnection, call: Call, args: list[Any]) -> list[Any
             token_objects = True
     c.require(t, "create" if token_objects else "use",
                   "creating a token object" if token_objects else "creating an object")
+    for planned in planned_identities(call.id, args):
+        # refused before the object exists even for a moment (checked again after)
+        check_new_identity(c, t, planned)
+        await check_unique(c, s, planned, already=0)
     mech = args[1] if call.id in MECHANISM_CALLS else None
     extra: dict[str, Any] = {}
     if isinstance(mech, Mechanism):
@@ -290,8 +280,7 @@ async def h_create(c: ClientConnection, call: Call, args: list[Any]) -> list[Any
                 continue
             if info[0]:
                 check_new_identity(c, t, info)
-                if c.grants[t].namespace is not None:
-                    await check_unique(c, s, info)
+                await check_unique(c, s, info)
     except Pkcs11Error:
         await undo_creation(c, s, made)
         raise
@@ -329,24 +318,34 @@ async def h_create(c: ClientConnection, call: Call, args: list[Any]) -> list[Any
     return reply
 
 
-async def check_unique(c: ClientConnection, s: Session, info: ObjectInfo) -> None:
-    """A namespaced tenant may not create an object whose identity another object on
-    the token already has: the identity is what ownership and namespaces go by."""
-    template = [Attribute(ck.CKA_TOKEN, 1, 1), Attribute(ck.CKA_CLASS, info[1], 8),
-                Attribute(ck.CKA_ID, info[2], len(info[2])),
-                Attribute(ck.CKA_LABEL, info[3], len(info[3]))]
-    t = s.token
-    async with t.control_lock:
-        try:
-            await t.backend.call(ID["C_FindObjectsInit"], [t.control_session, template])
-            (found,) = await t.backend.call(ID["C_FindObjects"], [t.control_session, 2])
-        finally:
-            with contextlib.suppress(Pkcs11Error):
-                await t.backend.call(ID["C_FindObjectsFinal"], [t.control_session])
-    if isinstance(found, list) and len(found) > 1:
-        g = c.grants[t]
-        raise Denied(ckr.ATTRIBUTE_VALUE_INVALID, g.rule,
-                     "an object identity (class, CKA_ID, CKA_LABEL) already in use", t.name)
+#: the class an object made by each call has when its template does not say
+_IMPLIED_CLASS: dict[int, tuple[int | None, ...]] = {
+    ID["C_CreateObject"]: (None,),
+    ID["C_GenerateKey"]: (ck.CKO_SECRET_KEY,),
+    ID["C_GenerateKeyPair"]: (ck.CKO_PUBLIC_KEY, ck.CKO_PRIVATE_KEY),
+    ID["C_UnwrapKey"]: (None,),
+    ID["C_DeriveKey"]: (ck.CKO_SECRET_KEY,),
+    ID["C_DeriveKey2"]: (ck.CKO_SECRET_KEY,),
+}
+
+
+def planned_identities(call_id: int, args: list[Any]) -> list[ObjectInfo]:
+    """The identities of the token objects a creation will make, where its templates
+    name them fully (class known, CKA_ID and CKA_LABEL given)."""
+    out: list[ObjectInfo] = []
+    for pos, implied in zip(CREATE_TEMPLATES[call_id], _IMPLIED_CLASS.get(call_id, ()),
+                            strict=False):
+        template: list[Attribute] = args[pos]
+        if not attr_bool(template, ck.CKA_TOKEN):
+            continue
+        cls = next((a.value for a in template if a.type == ck.CKA_CLASS
+                    and a.length is not None and isinstance(a.value, int)), implied)
+        cka_id, label = (next((a.value for a in template if a.type == kind
+                               and a.length is not None and isinstance(a.value, bytes)), None)
+                         for kind in (ck.CKA_ID, ck.CKA_LABEL))
+        if cls is not None and cka_id is not None and label is not None:
+            out.append((True, cls, cka_id, label))
+    return out
 
 
 async def undo_creation(c: ClientConnection, s: Session, made: list[ObjectRef]) -> None:

@@ -57,11 +57,18 @@ def valid_hash(stored: str) -> bool:
 
 
 class PinThrottle:
+    """Wrong PINs per identity, counted *before* they are checked: an attempt takes a
+    slot when it starts, so logins sent at once cannot all be checked before the first
+    failures count. At most ``max_failures`` attempts (failed or still in flight) are
+    allowed in a row; then the identity is locked out."""
+
     def __init__(self, max_failures: int, lockout: float) -> None:
         self.max_failures = max_failures
         self.lockout = lockout
         #: identity key → (consecutive failures, locked until (monotonic), next lock-out)
         self._state: dict[str, tuple[int, float, float]] = {}
+        #: identity key → attempts started and not yet finished
+        self._inflight: dict[str, int] = {}
 
     def locked_for(self, who: str) -> float:
         """Seconds ``who`` must still wait (0 = may try)."""
@@ -70,7 +77,29 @@ class PinThrottle:
             return 0.0
         return max(0.0, st[1] - time.monotonic())
 
+    def begin(self, who: str) -> float:
+        """Start an attempt: 0 when it may go ahead (then call :meth:`failed`,
+        :meth:`succeeded` or :meth:`abandoned`), else the seconds to wait (locked out,
+        or as many attempts in flight as may still fail)."""
+        wait = self.locked_for(who)
+        if wait > 0:
+            return wait
+        fails = self._state.get(who, (0, 0.0, 0.0))[0]
+        inflight = self._inflight.get(who, 0)
+        if fails + inflight >= self.max_failures:
+            return max(self.lockout, 1.0)
+        self._inflight[who] = inflight + 1
+        return 0.0
+
+    def _end(self, who: str) -> None:
+        n = self._inflight.get(who, 0) - 1
+        if n > 0:
+            self._inflight[who] = n
+        else:
+            self._inflight.pop(who, None)
+
     def failed(self, who: str) -> None:
+        self._end(who)
         fails, _, next_lock = self._state.get(who, (0, 0.0, self.lockout))
         fails += 1
         if fails >= self.max_failures:
@@ -79,7 +108,12 @@ class PinThrottle:
             self._state[who] = (fails, 0.0, next_lock)
 
     def succeeded(self, who: str) -> None:
+        self._end(who)
         self._state.pop(who, None)
+
+    def abandoned(self, who: str) -> None:
+        """The attempt ended without a PIN verdict (a device error, a busy token)."""
+        self._end(who)
 
 
 class MappedPins:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -28,6 +27,7 @@ from ..remote.tls import (
     server_context,
     watch_crl,
 )
+from ..unix_socket import BoundSocket, bind_unix, make_socket_dir
 from .connection import ClientConnection
 from .tls_listener import TlsListener
 from .token import VirtualToken
@@ -72,6 +72,7 @@ class Gateway:
         self.background: set[asyncio.Task[Any]] = set()
         self._servers: list[asyncio.AbstractServer | TlsListener] = []
         self.admin: AdminServer | None = None
+        self._sockets: list[BoundSocket] = []
         for b in self.backends.values():
             b.on_restart = self._reattach_hook(b)
 
@@ -115,15 +116,14 @@ class Gateway:
             await self._listen_tls(address)
             return
         path = unix_path(address)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.exists(path) and not _socket_alive(path):
-                os.unlink(path)
+        make_socket_dir(path)
+        # never takes over (or later deletes) the socket of another live gateway
+        bound = bind_unix(path, self.cfg.server.socket_mode)
+        self._sockets.append(bound)
         loop = asyncio.get_running_loop()
         server = await loop.create_unix_server(
-            lambda: self._new_connection(), path=path, backlog=1024
+            lambda: self._new_connection(), sock=bound.sock, backlog=1024
         )
-        os.chmod(path, self.cfg.server.socket_mode)
         self._servers.append(server)
         log.info("listening", extra={"address": address})
 
@@ -181,10 +181,8 @@ class Gateway:
             await b.stop()
         self.audit.close()
         self.registry.close()
-        for address in self.cfg.server.listen:
-            if address.startswith("unix:"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(unix_path(address))
+        for bound in self._sockets:
+            bound.unlink()  # only the files this gateway created
 
     def status(self) -> dict[str, Any]:
         return {
@@ -215,14 +213,3 @@ class _TlsClientConnection(ClientConnection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.gw.connections.add(self)
         super().connection_made(transport)
-
-
-def _socket_alive(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()

@@ -102,12 +102,25 @@ def _matches(rule: RuleConfig, ident: Identity) -> bool:
             ident.gid is not None and ident.gid in rule.gid
         )
     if ident.kind == "tls":
+        if not _from_ca(rule, ident):
+            return False
+        if not (rule.subject or rule.san):
+            return bool(rule.issuer)  # an issuer-only rule: every client of those CAs
         if ident.subject is not None and any(
             fnmatch.fnmatchcase(ident.subject, p) for p in rule.subject
         ):
             return True
         return any(fnmatch.fnmatchcase(s, p) for s in ident.sans for p in rule.san)
     return False
+
+
+def _from_ca(rule: RuleConfig, ident: Identity) -> bool:
+    """The certificate is from a CA the rule names, or, when it names none, from the
+    first CA of client_ca: a second CA cannot issue a first-CA tenant's subject."""
+    if not rule.issuer:
+        return ident.ca_index == 0
+    return ident.issuer is not None and any(
+        fnmatch.fnmatchcase(ident.issuer, p) for p in rule.issuer)
 
 
 def require(grant: Grant, permission: str, what: str, token: str | None = None) -> None:

@@ -28,11 +28,14 @@ log = logging.getLogger("p11gate.pool")
 
 ID = {c: CALLS_BY_NAME[c].id for c in CALLS_BY_NAME}
 
-#: results that say "this member (or its session) is broken", not "this request is wrong"
+#: results that say "this member (or its session) is broken", not "this request is
+#: wrong". CKR_GENERAL_ERROR and CKR_DEVICE_MEMORY are not among them: modules give them
+#: for a client's malformed or oversized input (SoftHSM: a C_Decrypt of garbage), and one
+#: client's bad request must not take members down and be retried on the others
 DEVICE_ERRORS = frozenset({
-    ckr.DEVICE_ERROR, ckr.DEVICE_REMOVED, ckr.DEVICE_MEMORY, ckr.TOKEN_NOT_PRESENT,
+    ckr.DEVICE_ERROR, ckr.DEVICE_REMOVED, ckr.TOKEN_NOT_PRESENT,
     ckr.TOKEN_NOT_RECOGNIZED, ckr.SESSION_CLOSED, ckr.SESSION_HANDLE_INVALID,
-    ckr.CRYPTOKI_NOT_INITIALIZED, ckr.GENERAL_ERROR,
+    ckr.CRYPTOKI_NOT_INITIALIZED,
 })
 
 #: how long "this object is not on that member" is believed, seconds

@@ -19,6 +19,7 @@ from cryptography import x509
 
 from ..identity import Identity
 from . import pem
+from .client_cas import ClientCAs, register, registered
 from .config import TlsConfig
 
 log = logging.getLogger("p11gate.tls")
@@ -33,6 +34,13 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_cert_chain(cfg.cert, cfg.key, password=pem.no_passphrase)
     ctx.load_verify_locations(cafile=cfg.client_ca)
+    # the same file, read for the identities: which CA each client chains to
+    cas = ClientCAs(pem.certificates(cfg.client_ca))
+    register(ctx, cas)
+    if len(cas.cas) > 1:
+        log.info("several client CAs: a rule without issuer matches only certificates "
+                 "of the first; identities of the others are cert:<ca id>/<subject>",
+                 extra={"client_ca": cfg.client_ca, "cas": cas.summary()})
     if cfg.crl is not None:
         ctx.load_verify_locations(cafile=cfg.crl)
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
@@ -124,14 +132,25 @@ def client_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
 
 
 def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None,
-                  address: str | None) -> Identity | None:
-    """The identity of a verified client certificate, or None without one."""
+                  address: str | None, cas: ClientCAs | None = None) -> Identity | None:
+    """The identity of a verified client certificate, or None without one, or when
+    its CA among ``cas`` (default: those of the ssl object's context, registered by
+    :func:`server_context`) cannot be told (fail closed)."""
     if ssl_object is None:
         return None
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         return None
     cert = x509.load_der_x509_certificate(der)
+    if cas is None:
+        cas = registered(getattr(ssl_object, "context", None))
+    ca = cas.ca_of(ssl_object, cert) if cas is not None else None
+    if ca is None:
+        log.warning("TLS client refused: its CA in client_ca cannot be told (a client "
+                    "certificate must be issued by a listed CA, or by an intermediate "
+                    "it sends that a listed CA issued)",
+                    extra={"peer": address, "subject": cert.subject.rfc4514_string()})
+        return None
     sans: list[str] = []
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -142,7 +161,7 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None,
     except x509.ExtensionNotFound:
         pass
     return Identity(kind="tls", subject=cert.subject.rfc4514_string(), sans=tuple(sans),
-                    address=address)
+                    address=address, issuer=ca.subject, ca_id=ca.id, ca_index=ca.index)
 
 
 def peer_address(peer: object) -> str | None:

@@ -1,0 +1,116 @@
+"""Operations that must not outlive the login they were started under, and templates
+that must not say two things at once.
+
+A find started while logged in lists private objects; a signature, decryption or key
+digest started while logged in holds a private key. When the connection logs out (or
+closes its last session on the token, which logs it out), each such operation on its
+sessions is ended on the backend (the gateway calls its Final, or its single-part call,
+with empty data and throws the result away) and *fenced*: until the client starts a new
+operation of that kind, its continuation calls get CKR_OPERATION_NOT_INITIALIZED, so even
+a module that did not end it cannot be driven any further.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+from ..codec import Attribute, ckr
+from ..errors import Pkcs11Error
+from .common import ID
+from .tables import OPERATION_OF_INIT, OPERATION_PHASES
+
+if TYPE_CHECKING:
+    from .connection import ClientConnection
+    from .handles import ObjectRef, Session
+    from .token import VirtualToken
+
+#: output capacity for the calls that end a stale operation (the result is discarded)
+_DRAIN_CAPACITY = 1 << 16
+
+#: how to end each kind of operation: calls tried in order until one is not refused as
+#: "not this phase" (a multi-part operation needs its Final, a single-part one its call)
+_DRAIN: dict[str, tuple[tuple[str, tuple[Any, ...]], ...]] = {
+    "Encrypt": (("C_EncryptFinal", (_DRAIN_CAPACITY,)), ("C_Encrypt", (b"", _DRAIN_CAPACITY))),
+    "Decrypt": (("C_DecryptFinal", (_DRAIN_CAPACITY,)), ("C_Decrypt", (b"", _DRAIN_CAPACITY))),
+    "Digest": (("C_DigestFinal", (_DRAIN_CAPACITY,)),),
+    "Sign": (("C_SignFinal", (_DRAIN_CAPACITY,)), ("C_Sign", (b"", _DRAIN_CAPACITY))),
+    "SignRecover": (("C_SignRecover", (b"", _DRAIN_CAPACITY)),),
+    "Verify": (("C_VerifyFinal", (b"",)), ("C_Verify", (b"", b""))),
+    "VerifyRecover": (("C_VerifyRecover", (b"", _DRAIN_CAPACITY)),),
+    "MessageEncrypt": (("C_MessageEncryptFinal", ()),),
+    "MessageDecrypt": (("C_MessageDecryptFinal", ()),),
+    "MessageSign": (("C_MessageSignFinal", ()),),
+    "MessageVerify": (("C_MessageVerifyFinal", ()),),
+}
+#: answers that mean "this call does not end the operation in its current phase"
+_WRONG_PHASE = {ckr.OPERATION_ACTIVE, ckr.OPERATION_NOT_INITIALIZED, ckr.BUFFER_TOO_SMALL,
+                ckr.FUNCTION_NOT_SUPPORTED}
+
+
+def duplicate_type(template: list[Attribute], depth: int = 0) -> int | None:
+    """An attribute type named twice in ``template`` (or in a template nested in it),
+    else None."""
+    seen: set[int] = set()
+    for a in template:
+        if a.type in seen:
+            return a.type
+        seen.add(a.type)
+        if isinstance(a.value, list) and a.value and isinstance(a.value[0], Attribute):
+            inner = duplicate_type(a.value, depth + 1)
+            if inner is not None:
+                return inner
+    return None
+
+
+def note_key_init(s: Session, call_id: int, ref: ObjectRef, logged_in: bool) -> None:
+    """Remember an operation started with a key that may be private while logged in."""
+    op = OPERATION_OF_INIT[call_id]
+    if logged_in and ref.private is not False:
+        if s.private_ops is None:
+            s.private_ops = set()
+        s.private_ops.add(op)
+
+
+def check_fence(s: Session, call_id: int) -> None:
+    """Refuse continuing an operation that was ended at a logout."""
+    fenced = s.fenced
+    if not fenced:
+        return
+    ops = OPERATION_PHASES.get(call_id)
+    if ops is not None and not fenced.isdisjoint(ops):
+        raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED, "operation ended at logout")
+
+
+def lift_fence(s: Session, call_id: int) -> None:
+    """A new operation of a fenced kind started successfully."""
+    if s.fenced and call_id in OPERATION_OF_INIT:
+        s.fenced.discard(OPERATION_OF_INIT[call_id])
+
+
+async def end_private_operations(c: ClientConnection, t: VirtualToken) -> None:
+    """At logout: end this connection's finds and private-key operations on ``t``."""
+    for s in list(c.handles.sessions.values()):
+        if s.token is not t or s.generation != t.backend.generation:
+            continue
+        if s.find is not None:
+            mode, s.find = s.find, None
+            if mode == "backend":
+                with contextlib.suppress(Pkcs11Error):
+                    await t.backend.call(ID["C_FindObjectsFinal"], [s.backend_handle])
+        ops, s.private_ops = s.private_ops, None
+        for op in ops or ():
+            if s.fenced is None:
+                s.fenced = set()
+            s.fenced.add(op)
+            await _drain(t, s, op)
+
+
+async def _drain(t: VirtualToken, s: Session, op: str) -> None:
+    for name, rest in _DRAIN[op]:
+        try:
+            await t.backend.call(ID[name], [s.backend_handle, *rest])
+        except Pkcs11Error as e:
+            if e.rv in _WRONG_PHASE:
+                continue
+        return
