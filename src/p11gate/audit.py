@@ -4,10 +4,17 @@ Records carry who (identity), where (token), what (operation, object identity,
 mechanism) and the result — never a PIN, key material or data. The file is opened in
 append mode and each record is written with one ``write`` call, so concurrent readers
 (and log shippers) see whole lines.
+
+Fail closed: with ``required`` (``[audit] required = true``, the default) a record that
+cannot be written raises :class:`AuditError`, and the caller fails (and, where the
+backend already acted, undoes) the audited operation; without it the failure is only
+logged. Each failure is logged either way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -16,6 +23,7 @@ from typing import Any
 
 from . import ck
 from .codec import ckr
+from .errors import Pkcs11Error
 
 log = logging.getLogger("p11gate.audit")
 
@@ -36,9 +44,26 @@ def object_fields(cls: int | None, cka_id: bytes | None, label: bytes | None) ->
     return out
 
 
+#: errnos that mean "no room": the client gets CKR_DEVICE_MEMORY, as for the registry
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class AuditError(Pkcs11Error):
+    """An audit record that had to be written was not: the audited operation fails with
+    CKR_DEVICE_MEMORY (disk full) or CKR_DEVICE_ERROR (any other write error)."""
+
+    def __init__(self, rv: int, reason: str) -> None:
+        super().__init__(rv, f"audit log: {reason}")
+        self.reason = reason
+
+
 class AuditLog:
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, required: bool = True) -> None:
         self.path = path
+        #: a record that cannot be written fails the operation (fail closed)
+        self.required = required
+        #: records that could not be written (status)
+        self.failures = 0
         self._fd: int | None = None
         if path:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -51,6 +76,12 @@ class AuditLog:
 
     def record(self, op: str, rv: int, identity: str, token: str | None = None,
                **fields: Any) -> None:
+        """One record; raises AuditError when it cannot be written and audit is
+        required."""
+        self._write(op, ckr.name(rv), identity, token, fields)
+
+    def _write(self, op: str, result: str, identity: str, token: str | None,
+               fields: dict[str, Any]) -> None:
         if self._fd is None:
             return
         rec: dict[str, Any] = {
@@ -59,15 +90,54 @@ class AuditLog:
             "identity": identity,
             "token": token,
             "op": op,
-            "result": ckr.name(rv),
+            "result": result,
         }
         rec.update(fields)
+        line = json.dumps(rec, separators=(",", ":")).encode() + b"\n"
         try:
-            os.write(self._fd, json.dumps(rec, separators=(",", ":")).encode() + b"\n")
-            self.records += 1
+            n = os.write(self._fd, line)
         except OSError as e:
-            log.error("cannot write the audit log", extra={"path": self.path,
-                                                           "error": e.strerror})
+            self._failed(op, e.errno, e.strerror or str(e))
+            return
+        if n != len(line):
+            # a short write (the disk filled up mid-record): cut the torn line off (this
+            # process is the file's only writer), or at least end it so the next record
+            # starts on its own line; either way this record counts as not written
+            try:
+                os.ftruncate(self._fd, os.fstat(self._fd).st_size - n)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.write(self._fd, b"\n")
+            self._failed(op, errno.ENOSPC, f"short write ({n} of {len(line)} bytes)")
+            return
+        self.records += 1
+
+    def _failed(self, op: str, err: int | None, reason: str) -> None:
+        self.failures += 1
+        log.error("cannot write the audit log", extra={
+            "path": self.path, "error": reason, "op": op,
+            "action": "operation refused" if self.required else "operation goes on"})
+        if self.required:
+            raise AuditError(ckr.DEVICE_MEMORY if err in _NO_ROOM else ckr.DEVICE_ERROR,
+                             reason)
+
+    def attempt(self, op: str, identity: str, token: str | None = None,
+                **fields: Any) -> None:
+        """Before an operation that cannot be undone (destroying an object, changing a
+        PIN): a record with result ``PENDING``; raises AuditError (required audit) so
+        that nothing is done that the log does not show. The result follows as a
+        best-effort record."""
+        self._write(op, "PENDING", identity, token, fields)
+
+    def record_best_effort(self, op: str, rv: int, identity: str, token: str | None = None,
+                           **fields: Any) -> None:
+        """A record of something that failed anyway (a refusal, an error result, an
+        undone action): written if possible, logged if not, never raises — the client
+        already gets an error."""
+        try:
+            self.record(op, rv, identity, token, **fields)
+        except AuditError:
+            pass
 
     def reopen(self) -> None:
         """Open the file again by name (SIGHUP: logrotate renamed it); the record count

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -44,6 +45,13 @@ def check_config(config_path: str) -> None:
         for err in findings.errors:
             click.echo(f"error: {err}", err=True)
         sys.exit(2)
+    if os.path.isdir(cfg.server.state_dir):
+        from .registry import check_registry
+
+        problem = check_registry(cfg.server.state_dir)  # read-only: a gateway may be running
+        if problem is not None:
+            click.echo(f"{config_path}: {problem}", err=True)
+            sys.exit(2)
     warned = f" ({len(findings.warnings)} warnings)" if findings.warnings else ""
     click.echo(f"{config_path}: OK{warned}")
 

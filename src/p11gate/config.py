@@ -205,6 +205,9 @@ class AuditConfig(_Strict):
     #: append-only JSON lines; default <state_dir>/audit.jsonl
     file: str | None = None
     enabled: bool = True
+    #: fail closed: an audited operation whose record cannot be written (full disk, I/O
+    #: error) fails with CKR_DEVICE_MEMORY / CKR_DEVICE_ERROR; false = log and go on
+    required: bool = True
 
 
 class Config(_Strict):

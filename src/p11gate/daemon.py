@@ -13,6 +13,7 @@ from . import logs
 from .config import Config, ConfigError, load_config, parse_config
 from .config_checks import check
 from .frontend.server import Gateway
+from .registry import RegistryError, RegistryUnusable
 from .state_dir import DAEMON_UMASK, StateDirInUse, StateLock, tighten_and_warn
 from .unix_socket import SocketInUse
 
@@ -54,6 +55,13 @@ async def _serve(cfg: Config, demo: bool) -> int:
     loop.add_signal_handler(signal.SIGHUP, lambda: _hangup(current[0] if current else None))
     try:
         gw = Gateway(cfg)
+    except RegistryUnusable as e:
+        print(f"{cfg.source}: {e}", file=sys.stderr)  # one line: the file and the fix
+        return 2
+    except RegistryError as e:
+        print(f"{cfg.source}: registry {e.path}: {e.reason}; free space on its file system "
+              "and make it writable by the gateway's user", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"{cfg.source}: server.state_dir / audit.file: cannot use "
               f"{e.filename or cfg.server.state_dir}: {e.strerror}; set [server] state_dir "

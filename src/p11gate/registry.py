@@ -4,10 +4,17 @@ Each component that keeps state (pools: object identities and member state; poli
 object ownership) declares its own tables with :meth:`Registry.ensure`. Writes are
 small and rare (object creation, member state changes), so they run synchronously on
 the event loop with WAL journaling; reads are served from the components' own caches.
+
+Fail closed: a write that fails (full disk, read-only file, lock held too long) raises
+:class:`RegistryError`, a PKCS#11 error the caller turns into undoing the action it was
+recording; it is logged once, with the file and the reason. A registry that cannot be
+opened at all (not an SQLite file, unreadable) raises :class:`RegistryUnusable` with a
+one-line message for the operator.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -15,7 +22,85 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .codec import ckr
+from .errors import Pkcs11Error
+
 FILE_NAME = "registry.sqlite3"
+
+log = logging.getLogger("p11gate.registry")
+
+#: SQLite result codes (primary, the low byte) that mean "no space left"
+_FULL = {sqlite3.SQLITE_FULL}
+
+
+class RegistryError(Pkcs11Error):
+    """A registry write failed. CKR_DEVICE_MEMORY when the disk is full (the gateway has
+    no room to record what it would make), CKR_DEVICE_ERROR otherwise."""
+
+    def __init__(self, path: Path, error: sqlite3.Error) -> None:
+        code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+        self.reason = f"{error} ({getattr(error, 'sqlite_errorname', 'SQLITE_ERROR')})"
+        super().__init__(ckr.DEVICE_MEMORY if code in _FULL else ckr.DEVICE_ERROR,
+                         f"registry {path}: {self.reason}")
+        self.path = path
+
+
+class RegistryUnusable(Exception):
+    """The registry file cannot be opened or is not an SQLite database. ``str()`` is
+    one line naming the file and the fix."""
+
+
+def _unusable(path: Path, error: sqlite3.Error | OSError) -> RegistryUnusable:
+    name = getattr(error, "sqlite_errorname", "")
+    if isinstance(error, OSError):
+        why = error.strerror or str(error)
+        fix = "make the state directory readable and writable by the gateway's user"
+    elif name == "SQLITE_NOTADB" or name.startswith("SQLITE_CORRUPT"):
+        why = f"not a usable SQLite database ({error})"
+        fix = ("restore it from a backup, or move it away to start with an empty registry "
+               "(ownership, PIN changes and pool identities it held are then forgotten)")
+    elif name.startswith("SQLITE_FULL"):
+        why = "the disk is full"
+        fix = "free space on the state directory's file system"
+    elif name.startswith("SQLITE_READONLY"):
+        why = f"read-only ({error})"
+        fix = "make the file and the state directory writable by the gateway's user"
+    elif name.startswith("SQLITE_BUSY") or name.startswith("SQLITE_LOCKED"):
+        why = f"locked by another process ({error})"
+        fix = "stop the other process that holds it (another gateway on this state_dir?)"
+    else:
+        why = f"cannot be opened ({error})"
+        fix = ("check that the file and the state directory are readable and writable "
+               "by the gateway's user")
+    return RegistryUnusable(f"registry {path}: {why}; {fix}")
+
+
+def _check(db: sqlite3.Connection) -> None:
+    """Read the schema and check the pages: a file that is not SQLite, or is damaged,
+    fails here instead of on the first write."""
+    db.execute("SELECT count(*) FROM sqlite_master").fetchall()
+    rows = db.execute("PRAGMA quick_check(1)").fetchall()
+    if rows and rows[0][0] != "ok":
+        err = sqlite3.DatabaseError(f"integrity check: {rows[0][0]}")
+        err.sqlite_errorname = "SQLITE_CORRUPT"
+        raise err
+
+
+def check_registry(state_dir: str | os.PathLike[str]) -> str | None:
+    """For `check-config`: open an existing registry read-only and check it. Returns the
+    one-line problem, or None when it is usable (or does not exist yet)."""
+    path = Path(state_dir) / FILE_NAME
+    if not path.exists():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            _check(db)
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        return str(_unusable(path, e))
+    return None
 
 
 class Registry:
@@ -23,37 +108,66 @@ class Registry:
         path = Path(state_dir)
         path.mkdir(parents=True, exist_ok=True)
         self.path = path / FILE_NAME
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None,
+                                       check_same_thread=False)
+        except sqlite3.Error as e:
+            raise _unusable(self.path, e) from None
+        try:
+            self._db.execute("PRAGMA busy_timeout=5000")
+            _check(self._db)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as e:
+            self._db.close()
+            raise _unusable(self.path, e) from None
         self._lock = threading.Lock()
+
+    def _failed(self, e: sqlite3.Error, what: str = "write") -> RegistryError:
+        err = RegistryError(self.path, e)
+        # once per failure: the caller turns it into a PKCS#11 error without logging again
+        log.error(f"registry {what} failed", extra={"path": str(self.path),
+                                                    "error": err.reason})
+        return err
 
     def ensure(self, *statements: str) -> None:
         """Create a component's tables and indexes (``CREATE … IF NOT EXISTS``)."""
         with self._lock:
             for sql in statements:
-                self._db.execute(sql)
+                try:
+                    self._db.execute(sql)
+                except sqlite3.Error as e:
+                    raise _unusable(self.path, e) from None
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        """Run one write; returns the last row id."""
+        """Run one write; returns the last row id. Raises RegistryError."""
         with self._lock:
-            cur = self._db.execute(sql, params)
+            try:
+                cur = self._db.execute(sql, params)
+            except sqlite3.Error as e:
+                raise self._failed(e) from None
             return int(cur.lastrowid or 0)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         with self._lock:
-            self._db.execute("BEGIN")
             try:
-                self._db.executemany(sql, rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                self._db.execute("BEGIN")
+                try:
+                    self._db.executemany(sql, rows)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:
+                raise self._failed(e) from None
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
-            return list(self._db.execute(sql, params))
+            try:
+                return list(self._db.execute(sql, params))
+            except sqlite3.Error as e:
+                raise self._failed(e, "read") from None
 
     def close(self) -> None:
         with self._lock:

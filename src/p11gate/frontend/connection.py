@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from .. import ck
-from ..audit import object_fields
+from ..audit import AuditError, object_fields
 from ..codec import (
     HANDSHAKE,
     MAX_VERSION,
@@ -47,7 +47,7 @@ from ..codec.values import HandleParam, KyberParams
 from ..errors import BackendUnavailable, Pkcs11Error
 from ..identity import UNKNOWN, Identity
 from ..policy import Denied, Grant, require
-from . import login_calls, object_calls
+from . import fail_closed, login_calls, object_calls
 from .common import ID, PRIVATE_FALSE, RESTART_WAIT, Stale
 from .handles import (
     IDENTITY_KNOWN,
@@ -256,11 +256,13 @@ class ClientConnection(asyncio.Protocol):
         log.warning("denied by policy", extra={
             "conn": self.id, "peer": self.peer, "call": call.name, "token": e.token,
             "what": e.what, "rule": e.rule, "rv": ckr.name(e.rv)})
-        self.gw.audit.record(call.name, e.rv, self.peer, e.token, denied=e.what, rule=e.rule)
+        self.gw.audit.record_best_effort(call.name, e.rv, self.peer, e.token, denied=e.what,
+                                        rule=e.rule)
 
     def _audit_key_use(self, call: Call, args: list[Any], rv: int) -> None:
         """One audit record per key use: who, which key (its identity when known),
-        which mechanism, and the result. Never data or key material."""
+        which mechanism, and the result. Never data or key material. Raises AuditError
+        (required audit) only for a success: a failed call fails anyway."""
         audit = self.gw.audit
         if not audit.enabled:
             return
@@ -271,7 +273,8 @@ class ClientConnection(asyncio.Protocol):
         m = args[1] if call.id in MECHANISM_CALLS else None
         if isinstance(m, Mechanism):
             fields["mechanism"] = f"{m.type:#x}"
-        audit.record(call.name, rv, self.peer, s.token.name if s else None, **fields)
+        record = audit.record if rv == ckr.OK else audit.record_best_effort
+        record(call.name, rv, self.peer, s.token.name if s else None, **fields)
 
     @staticmethod
     def object_fields_of(ref: ObjectRef) -> dict[str, Any]:
@@ -458,7 +461,11 @@ class ClientConnection(asyncio.Protocol):
             log.exception("internal error", extra={"conn": self.id, "call": call.name})
             body = encode_error(ckr.GENERAL_ERROR)
         if args is not None:
-            self._audit_key_use(call, args, reply_rv(body))
+            try:
+                self._audit_key_use(call, args, reply_rv(body))
+            except AuditError as e:
+                s = self.handles.sessions.get(args[0])
+                body = fail_closed.unaudited_reply(self, call, s, f, e)
         self._reply(code, body)
 
     async def forward(self, call: Call, args: list[Any]) -> list[Any]:
@@ -482,7 +489,11 @@ class ClientConnection(asyncio.Protocol):
                 self._audit_key_use(call, args, e.rv)
             raise
         if call.id in KEY_USE:
-            self._audit_key_use(call, args, ckr.OK)
+            try:
+                self._audit_key_use(call, args, ckr.OK)
+            except AuditError:
+                await fail_closed.undo_key_use(self, call, s, reply)
+                raise
         if s.fenced:
             lift_fence(s, call.id)
         return self._finish(call, s, private, reply)
@@ -537,7 +548,10 @@ class ClientConnection(asyncio.Protocol):
                 log.exception("internal error", extra={"conn": self.id, "call": call.name})
                 body = encode_error(ckr.GENERAL_ERROR)
             if call.id in KEY_USE:
-                self._audit_key_use(call, args, reply_rv(body))
+                try:
+                    self._audit_key_use(call, args, reply_rv(body))
+                except AuditError as e:
+                    body = fail_closed.unaudited_reply(self, call, s, f, e)
             self._reply(code, body)
 
         fut.add_done_callback(done)

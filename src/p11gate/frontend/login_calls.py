@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .. import ck
+from ..audit import AuditError
 from ..codec import AttrRequest, Call, ckr
 from ..errors import BackendUnavailable, Pkcs11Error
 from ..policy import Denied
@@ -64,13 +65,19 @@ async def h_login(c: ClientConnection, call: Call, args: list[Any]) -> list[Any]
             t.throttle.failed(who)
         else:
             t.throttle.abandoned(who)
-        c.gw.audit.record(call.name, e.rv, c.peer, t.name, user_type=user_type)
+        c.gw.audit.record_best_effort(call.name, e.rv, c.peer, t.name, user_type=user_type)
         raise
     except BaseException:
         t.throttle.abandoned(who)
         raise
     t.throttle.succeeded(who)
-    c.gw.audit.record(call.name, ckr.OK, c.peer, t.name, user_type=user_type)
+    try:
+        c.gw.audit.record(call.name, ckr.OK, c.peer, t.name, user_type=user_type)
+    except AuditError:
+        # fail closed: a login nobody can trace is not granted (the backend login of a
+        # passthrough token is undone unless another connection holds it)
+        await logout(c, t)
+        raise
     log.info("login", extra={"conn": c.id, "token": t.name, "user_type": user_type})
     return []
 
@@ -86,8 +93,8 @@ def _refuse_locked(c: ClientConnection, call: Call, t: VirtualToken, user_type: 
     log.warning("login refused: too many wrong PINs", extra={
         "conn": c.id, "peer": c.peer, "token": t.name, "retry_in_s": round(wait, 1),
         "scope": "token (backend PIN attempts)" if backend else "identity"})
-    c.gw.audit.record(call.name, ckr.PIN_LOCKED, c.peer, t.name,
-                      user_type=user_type, throttled=True)
+    c.gw.audit.record_best_effort(call.name, ckr.PIN_LOCKED, c.peer, t.name,
+                                  user_type=user_type, throttled=True)
     raise Pkcs11Error(ckr.PIN_LOCKED)
 
 
@@ -220,21 +227,29 @@ async def h_set_pin(c: ClientConnection, call: Call, args: list[Any]) -> list[An
         stored = t.mapped_pins.get(c.identity.key)
         if stored is None or not await asyncio.to_thread(verify_pin, old, stored):
             t.throttle.failed(c.identity.key)
-            c.gw.audit.record(call.name, ckr.PIN_INCORRECT, c.peer, t.name)
+            c.gw.audit.record_best_effort(call.name, ckr.PIN_INCORRECT, c.peer, t.name)
             raise Pkcs11Error(ckr.PIN_INCORRECT)
-        t.mapped_pins.set(c.identity.key, await asyncio.to_thread(hash_pin, new))
-        c.gw.audit.record(call.name, ckr.OK, c.peer, t.name)
+        new_hash = await asyncio.to_thread(hash_pin, new)
+        c.gw.audit.attempt(call.name, c.peer, t.name)
+        try:
+            # the registry first: if it cannot be written the PIN stays as it was
+            t.mapped_pins.set(c.identity.key, new_hash)
+        except Pkcs11Error as e:
+            c.gw.audit.record_best_effort(call.name, e.rv, c.peer, t.name)
+            raise
+        c.gw.audit.record_best_effort(call.name, ckr.OK, c.peer, t.name)
         return []
     if t.gateway_login:
         raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED, "pin_mode none has no PIN")
     # passthrough: this changes the backend's PIN, shared by every client
     c.require(t, "so", "C_SetPIN of the shared backend PIN")
+    c.gw.audit.attempt(call.name, c.peer, t.name)  # cannot be undone: audited before
     try:
         reply = await c.forward(call, args)
     except Pkcs11Error as e:
-        c.gw.audit.record(call.name, e.rv, c.peer, t.name)
+        c.gw.audit.record_best_effort(call.name, e.rv, c.peer, t.name)
         raise
-    c.gw.audit.record(call.name, ckr.OK, c.peer, t.name)
+    c.gw.audit.record_best_effort(call.name, ckr.OK, c.peer, t.name)
     if t in c.logins and new:
         await asyncio.to_thread(t.login.change_pin, new)
     return reply
@@ -243,10 +258,11 @@ async def h_set_pin(c: ClientConnection, call: Call, args: list[Any]) -> list[An
 async def h_init_pin(c: ClientConnection, call: Call, args: list[Any]) -> list[Any]:
     s = c.session_for(args[0])
     c.require(s.token, "so", "C_InitPIN")
+    c.gw.audit.attempt(call.name, c.peer, s.token.name)  # cannot be undone: audited before
     try:
         reply = await c.forward(call, args)
     except Pkcs11Error as e:
-        c.gw.audit.record(call.name, e.rv, c.peer, s.token.name)
+        c.gw.audit.record_best_effort(call.name, e.rv, c.peer, s.token.name)
         raise
-    c.gw.audit.record(call.name, ckr.OK, c.peer, s.token.name)
+    c.gw.audit.record_best_effort(call.name, ckr.OK, c.peer, s.token.name)
     return reply

@@ -16,6 +16,7 @@ from .. import ck
 from ..audit import object_fields
 from ..codec import Attribute, AttrRequest, Call, Mechanism, Null, ckr
 from ..errors import Pkcs11Error
+from ..registry import RegistryError
 from .common import ID, PRIVATE_FALSE, ObjectInfo, Stale, attr_bool, attr_value
 from .handles import IDENTITY_KNOWN, IDENTITY_UNKNOWN, ObjectRef, Session
 from .identity_checks import check_new_identity, check_unique
@@ -163,17 +164,20 @@ async def h_destroy(c: ClientConnection, call: Call, args: list[Any]) -> list[An
     if info is None or info[0]:
         c.require(t, "destroy", "destroying a token object")
     fields = c.object_fields_of(ref) if info is None else object_fields(*info[1:])
+    c.gw.audit.attempt(call.name, c.peer, t.name, object=fields)  # cannot be undone
     try:
         reply = await c.forward(call, args)
     except Pkcs11Error as e:
-        c.gw.audit.record(call.name, e.rv, c.peer, t.name, object=fields)
+        c.gw.audit.record_best_effort(call.name, e.rv, c.peer, t.name, object=fields)
         raise
     c.handles.drop_object(args[1])
     if info is not None and info[0]:
-        if c.gw.ownership.owner(t.name, info[1:]) is not None:
-            c.gw.ownership.release(t.name, info[1:])
+        # released after the object is gone: if the registry cannot be written, what
+        # remains is a claim on an identity that no object has (its owner may make it
+        # again; no one else may), never an object on the token that no one owns
+        release_ownership(c, t, info)
     t.session_objects.pop((ref.generation, ref.backend_handle), None)
-    c.gw.audit.record(call.name, ckr.OK, c.peer, t.name, object=fields)
+    c.gw.audit.record_best_effort(call.name, ckr.OK, c.peer, t.name, object=fields)
     return reply
 
 
@@ -199,23 +203,39 @@ async def h_set_attribute(c: ClientConnection, call: Call, args: list[Any]) -> l
             await check_unique(c, s, new_info, already=0)
     fields = c.object_fields_of(ref) if info is None else object_fields(*info[1:])
     changed = [f"{a.type:#x}" for a in template]
+    renamed = info is not None and new_info is not None and info[0] and new_info != info
+    owner = c.gw.ownership.owner(t.name, info[1:]) if renamed and info else None
+    c.gw.audit.attempt(call.name, c.peer, t.name, object=fields, attributes=changed)
+    if owner is not None and new_info is not None:
+        # the new identity is claimed before the object takes it (a registry that
+        # cannot be written refuses the rename), the old one released after
+        c.gw.ownership.claim(t.name, new_info[1:], owner)
     try:
         reply = await c.forward(call, args)
     except Pkcs11Error as e:
-        c.gw.audit.record(call.name, e.rv, c.peer, t.name, object=fields,
-                             attributes=changed)
+        if owner is not None and new_info is not None:
+            release_ownership(c, t, new_info)
+        c.gw.audit.record_best_effort(call.name, e.rv, c.peer, t.name, object=fields,
+                                      attributes=changed)
         raise
-    if info is not None and new_info is not None and info[0] and new_info != info:
-        owner = c.gw.ownership.owner(t.name, info[1:])
+    if renamed and info is not None and new_info is not None:
         if owner is not None:
-            c.gw.ownership.release(t.name, info[1:])
-            c.gw.ownership.claim(t.name, new_info[1:], owner)
+            release_ownership(c, t, info)
         ref.identity = None
         ref.identity_state = IDENTITY_UNKNOWN
         remember_identity(c, ref, new_info)
-    c.gw.audit.record(call.name, ckr.OK, c.peer, t.name, object=fields,
-                         attributes=changed)
+    c.gw.audit.record_best_effort(call.name, ckr.OK, c.peer, t.name, object=fields,
+                                  attributes=changed)
     return reply
+
+
+def release_ownership(c: ClientConnection, t: VirtualToken, info: ObjectInfo) -> None:
+    """Forget an identity's owner, where leaving the claim behind is the safe side: a
+    registry write error is logged (by the registry) and goes no further."""
+    if c.gw.ownership.owner(t.name, info[1:]) is None:
+        return
+    with contextlib.suppress(RegistryError):
+        c.gw.ownership.release(t.name, info[1:])
 
 
 # ------------------------------------------------------------ object creation
@@ -247,7 +267,7 @@ async def h_create(c: ClientConnection, call: Call, args: list[Any]) -> list[Any
     try:
         reply = await c.forward(call, args)
     except Pkcs11Error as e:
-        c.gw.audit.record(call.name, e.rv, c.peer, t.name, **extra)
+        c.gw.audit.record_best_effort(call.name, e.rv, c.peer, t.name, **extra)
         raise
     new_positions = NEW_OBJECTS[call.id]
     if call.id == ID["C_DeriveKey2"] and len(reply) < 3:
@@ -264,23 +284,37 @@ async def h_create(c: ClientConnection, call: Call, args: list[Any]) -> list[Any
     except Pkcs11Error:
         await undo_creation(c, s, made)
         raise
+    ns = c.grants[t].namespace
+    claimed: list[ObjectInfo] = []
+    try:
+        # fail closed: what cannot be recorded (ownership, then audit) is undone on
+        # the backend, so the gateway never leaves an object it does not know
+        for info in infos:
+            if info is not None and info[0] and ns is not None and ns.owned:
+                c.gw.ownership.claim(t.name, info[1:], c.identity.key)
+                claimed.append(info)
+        for ref, info in zip(made, infos, strict=True):
+            what = ({"object": {"handle": ref.handle}} if info is None else
+                    {"object": object_fields(*info[1:]), "token_object": info[0]})
+            c.gw.audit.record(call.name, ckr.OK, c.peer, t.name, **what, **extra)
+    except Pkcs11Error as e:
+        await undo_creation(c, s, made)
+        for info in claimed:
+            release_ownership(c, t, info)
+        log.error("creation undone: it could not be recorded", extra={
+            "conn": c.id, "peer": c.peer, "token": t.name, "call": call.name,
+            "rv": ckr.name(e.rv)})
+        c.gw.audit.record_best_effort(call.name, e.rv, c.peer, t.name, undone=True, **extra)
+        raise
     for ref, info in zip(made, infos, strict=True):
         if info is None:
-            c.gw.audit.record(call.name, ckr.OK, c.peer, t.name,
-                                 object={"handle": ref.handle}, **extra)
             continue
         remember_identity(c, ref, info)
-        ns = c.grants[t].namespace
         key = (ref.generation, ref.backend_handle)
         if info[0]:
             t.session_objects.pop(key, None)
-            if ns is not None and ns.owned:
-                c.gw.ownership.claim(t.name, info[1:], c.identity.key)
         else:
             t.session_objects[key] = c.id
-        c.gw.audit.record(call.name, ckr.OK, c.peer, t.name,
-                             object=object_fields(*info[1:]),
-                             token_object=info[0], **extra)
     return reply
 
 
@@ -316,7 +350,12 @@ def planned_identities(call_id: int, args: list[Any]) -> list[ObjectInfo]:
 
 async def undo_creation(c: ClientConnection, s: Session, made: list[ObjectRef]) -> None:
     for ref in made:
-        with contextlib.suppress(Pkcs11Error):
+        try:
             await s.token.backend.call(ID["C_DestroyObject"],
                                        [s.backend_handle, ref.backend_handle])
+        except Pkcs11Error as e:
+            # the one way left to an object the gateway does not know: say so loudly
+            log.error("cannot undo a creation: object left on the token", extra={
+                "conn": c.id, "token": s.token.name, "rv": ckr.name(e.rv),
+                "object": c.object_fields_of(ref)})
         c.handles.drop_object(ref.handle)

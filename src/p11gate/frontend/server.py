@@ -63,7 +63,7 @@ class Gateway:
         audit_path = None
         if cfg.audit.enabled:
             audit_path = cfg.audit.file or os.path.join(cfg.server.state_dir, "audit.jsonl")
-        self.audit = AuditLog(audit_path)
+        self.audit = AuditLog(audit_path, cfg.audit.required)
         self.pools: dict[str, PoolBackend] = {
             p.name: PoolBackend(p, self.backends, self.registry) for p in cfg.pool}
         served: dict[str, Backend] = {**self.backends, **self.pools}
@@ -190,6 +190,7 @@ class Gateway:
             "connections": len(self.connections),
             "clients": sorted({c.peer for c in self.connections}),
             "audit_records": self.audit.records,
+            "audit_failures": self.audit.failures,
             # handshakes refused: no certificate, untrusted, revoked, old protocol
             "tls_refused": sum(s.refused for s in self._servers
                                if isinstance(s, TlsListener)),
