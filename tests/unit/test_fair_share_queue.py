@@ -116,6 +116,24 @@ def test_a_queued_call_of_a_closed_client_or_an_old_backend_is_dropped() -> None
     asyncio.run(main())
 
 
+def test_a_client_that_hangs_up_has_its_queued_calls_dropped_at_once() -> None:
+    async def main() -> None:
+        b = FakeBackend()
+        share = FairShare(b, limit=1, max_queued=8)
+        gone, here = Conn(), Conn()
+        share.submit("uid:A", 1, [], gone)
+        mine = [share.submit("uid:A", 2 + i, [], gone) for i in range(3)]
+        theirs = share.submit("uid:A", 9, [], here)
+        assert share.drop_queued(gone) == 3
+        assert all(isinstance(f.exception(), BackendUnavailable) for f in mine)
+        assert share.waiting("uid:A") == 1
+        b.finish(1)
+        await _settle()
+        assert [c for c, _ in b.sent] == [1, 9] and not theirs.done()
+
+    asyncio.run(main())
+
+
 def test_a_failed_call_passes_its_slot_on() -> None:
     async def main() -> None:
         b = FakeBackend()

@@ -7,13 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from tests.softhsm import MODULE
 
 from p11gate.backends.limits_config import KeyBitsConfig
 from p11gate.codec import Attribute, Mechanism, ckr
 from p11gate.config import parse_config
 from p11gate.errors import Pkcs11Error
 from p11gate.frontend import key_limits as kl
-from tests.softhsm import MODULE
 
 LIMITS = KeyBitsConfig()
 GEN_KEY, GEN_PAIR = kl.C_GenerateKey, kl.C_GenerateKeyPair
@@ -139,7 +139,7 @@ def test_config_defaults_bounds_and_pool_limits() -> None:
     from p11gate.config import ConfigError
 
     raw["backend"][0]["max_calls_per_identity"] = 5
-    with pytest.raises(ConfigError, match="max_calls_per_identity .* more than threads"):
+    with pytest.raises(ConfigError, match=r"max_calls_per_identity .* more than threads"):
         parse_config(raw, "f.toml")
     raw["backend"][0]["max_calls_per_identity"] = 1
     raw["backend"][0]["max_key_bits"] = {"rsa": 100}

@@ -140,6 +140,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         log.info("client disconnected", extra={"conn": self.id})
         self.gw.forget(self)
+        self.gw.fair_share.drop_queued(self)
         t = asyncio.get_running_loop().create_task(self._cleanup())
         self.gw.background.add(t)
         t.add_done_callback(self.gw.background.discard)

@@ -184,6 +184,23 @@ class FairShare:
                 out.set_result(inner.result())
         self._release(who, inner)
 
+    def drop_queued(self, owner: Owner) -> int:
+        """A client hung up: its calls still waiting are failed, never started."""
+        dropped = 0
+        for who, q in list(self._queues.items()):
+            keep = collections.deque(w for w in q if w.owner is not owner)
+            if len(keep) == len(q):
+                continue
+            for w in q:
+                if w.owner is owner and not w.out.done():
+                    w.out.set_exception(BackendUnavailable("client gone"))
+            dropped += len(q) - len(keep)
+            if keep:
+                self._queues[who] = keep
+            else:
+                del self._queues[who]
+        return dropped
+
     # ------------------------------------------------------------ status
 
     def in_flight(self, who: str) -> int:
@@ -226,6 +243,10 @@ class FairShares:
     def submit_raw(self, backend: Backend, who: str, call_id: int,
                    args: list[Any]) -> asyncio.Future[bytes] | None:
         return self.of(backend).submit_raw(who, call_id, args)
+
+    def drop_queued(self, owner: Owner) -> None:
+        for share in self._by_backend.values():
+            share.drop_queued(owner)
 
     def describe(self) -> list[dict[str, Any]]:
         return [s.describe() for s in self._by_backend.values()]
