@@ -92,7 +92,7 @@ class BackendConfig(_Strict):
     #: seconds between restart attempts of a dead worker
     restart_delay: float = Field(default=0.2, ge=0)
     #: fair share: calls of one identity in flight on this backend at once (default
-    #: threads // 2, at least 1), so that one tenant never holds every thread; its
+    #: threads - 1, at least 1), so that one tenant never holds every thread; its
     #: further calls wait in a queue while other identities' calls go ahead
     max_calls_per_identity: int | None = Field(default=None, ge=1, le=256)
     #: calls of one identity waiting for its share; beyond, CKR_FUNCTION_FAILED
@@ -112,10 +112,13 @@ class BackendConfig(_Strict):
 
     @property
     def calls_per_identity(self) -> int:
-        """The fair share: half the threads leaves the other half to everyone else."""
+        """The fair share. threads - 1 keeps a thread free for everyone else whatever
+        one identity does, and costs a deployment with one application a single thread
+        (threads // 2 would cost it half its capacity). With threads = 1 there is
+        nothing to share: give a backend that serves several tenants 2 or more."""
         if self.max_calls_per_identity is not None:
             return self.max_calls_per_identity
-        return max(1, self.threads // 2)
+        return max(1, self.threads - 1)
 
     @field_validator("module")
     @classmethod

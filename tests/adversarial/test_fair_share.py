@@ -7,7 +7,7 @@ frames; uid B is a bystander that signs.
 * A starts six RSA key-pair generations at the largest size allowed (8192 bits, tens of
   seconds each here) from three connections at once, while B signs in a loop. Before:
   four of them held every worker thread, B's calls waited, and at the 3 s call_timeout
-  the worker was killed with every session on it. Now: A holds its fair share (2 of 4
+  the worker was killed with every session on it. Now: A holds its fair share (3 of 4
   threads), the rest of its calls queue, key generation has its own keygen_timeout, and
   B sees no error and short latencies; the worker is never restarted.
 * RSA-16384 is refused with CKR_KEY_SIZE_RANGE at once, before the backend sees it (the
@@ -245,11 +245,11 @@ def test_a_bystander_keeps_signing_while_another_tenant_runs_the_slowest_calls_a
     time.sleep(1.0)
     threads[1].start()
     try:
-        # A's six generations are in: two hold its share, four wait in its queue
+        # A's six generations are in: three hold its share, three wait in its queue
         assert _wait(lambda: _share_of(gw["admin"])["waiting"].get(f"uid:{A}", 0) >= 3, 10), \
             _share_of(gw["admin"])
         during = _share_of(gw["admin"])
-        assert during["in_flight"].get(f"uid:{A}") == 2  # threads // 2
+        assert during["in_flight"].get(f"uid:{A}") == 3  # threads - 1
     finally:
         threads[0].join(WINDOW + 90)
         after = _share_of(gw["admin"])
@@ -266,7 +266,7 @@ def test_a_bystander_keeps_signing_while_another_tenant_runs_the_slowest_calls_a
           f"{during['in_flight']}, waiting {during['waiting']}; results {a_results}")
     assert bystander["errors"] == []
     assert len(lat) > 20 and lat[-1] < 10.0  # generous: before, a call waited 3 s and died
-    assert after["queued_total"] >= 4 and after["refused_total"] == 0
+    assert after["queued_total"] >= 3 and after["refused_total"] == 0
     # A's calls ran past call_timeout under keygen_timeout: nothing was killed
     assert worker_pids(g) == [worker]
     assert not [r for r in g.records() if r.get("msg") == "backend down"]

@@ -148,3 +148,30 @@ def test_a_failed_call_passes_its_slot_on() -> None:
         assert [c for c, _ in b.sent] == [1, 3]
 
     asyncio.run(main())
+
+
+def test_a_pool_share_follows_its_usable_members() -> None:
+    async def main() -> None:
+        b = FakeBackend()
+        live = [2]  # e.g. one member of share 2 usable
+        share = FairShare(b, limit=1, max_queued=8, pool_limit=lambda: live[0])
+        calls = [share.submit("uid:A", i, []) for i in range(5)]
+        assert [c for c, _ in b.sent] == [0, 1]
+        live[0] = 4  # a second member came back: the queued calls go before new ones
+        late = share.submit("uid:A", 9, [])
+        assert [c for c, _ in b.sent] == [0, 1] and share.waiting("uid:A") == 4
+        b.finish(0)
+        await _settle()
+        assert [c for c, _ in b.sent] == [0, 1, 2, 3, 4]
+        live[0] = 1  # members went down: nothing new starts until A is below the share
+        b.finish(1)
+        b.finish(2)
+        await _settle()
+        assert [c for c, _ in b.sent] == [0, 1, 2, 3, 4] and not late.done()
+        b.finish(3)
+        b.finish(4)
+        await _settle()
+        assert [c for c, _ in b.sent] == [0, 1, 2, 3, 4, 9]
+        assert all(f.done() for f in calls)
+
+    asyncio.run(main())

@@ -132,8 +132,8 @@ def test_config_defaults_bounds_and_pool_limits() -> None:
     }
     cfg = parse_config(raw, "f.toml")
     b = cfg.backend_named("b")
-    assert (b.max_key_bits.rsa, b.keygen_timeout, b.calls_per_identity) == (8192, 300.0, 4)
-    assert cfg.backend_named("a").calls_per_identity == 2
+    assert (b.max_key_bits.rsa, b.keygen_timeout, b.calls_per_identity) == (8192, 300.0, 7)
+    assert cfg.backend_named("a").calls_per_identity == 3
     pooled = kl.limits_for(cfg, "p")
     assert (pooled.rsa, pooled.ec, pooled.dh) == (4096, 384, 4096)
     from p11gate.config import ConfigError

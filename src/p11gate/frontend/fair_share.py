@@ -13,9 +13,12 @@ Cost on the hot path, under the share: one dict lookup, one counter, one done-ca
 no task and no coroutine. Only a call that has to wait allocates anything.
 
 Pools: the share applies to the pool token as a whole (the frontend's view of the
-backend), with the strictest share of its members: the pool may route every call of
-an identity to one member, so no member ever sees more of one identity's calls than its
-own share allows.
+backend): an identity may have as many calls in flight on a pool as the shares of its
+usable members add up to (each member backend counted once), recomputed at every call,
+so that when members go down the share shrinks with the pool's capacity. The pool
+balances by outstanding calls, so an identity's calls spread over the members; routing
+does not know identities, so one member may for a moment see more of one identity's
+calls than its own share, but never the whole pool's threads.
 
 Only calls forwarded for a client session pass through here. The gateway's own calls
 (attaching tokens, logins, reading an object's identity, pool replication) and the
@@ -29,13 +32,14 @@ import collections
 import functools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from ..backends.base import Backend
 from ..codec import ckr
 from ..config import BackendConfig, Config
 from ..errors import BackendUnavailable, Pkcs11Error
+from ..pools.pool import PoolBackend
 
 log = logging.getLogger("p11gate.share")
 
@@ -65,9 +69,12 @@ class _Waiting:
 class FairShare:
     """One backend's share book: calls in flight per identity and their queues."""
 
-    def __init__(self, backend: Backend, limit: int, max_queued: int) -> None:
+    def __init__(self, backend: Backend, limit: int, max_queued: int,
+                 pool_limit: Callable[[], int] | None = None) -> None:
         self.backend = backend
         self.limit = max(1, limit)
+        #: a pool's share depends on which members are usable now
+        self._pool_limit = pool_limit
         self.max_queued = max_queued
         self._active: dict[str, int] = {}
         self._queues: dict[str, collections.deque[_Waiting]] = {}
@@ -84,7 +91,9 @@ class FairShare:
         else queue it. Raises BackendUnavailable (backend down) or Pkcs11Error (queue
         full) synchronously."""
         n = self._active.get(who, 0)
-        if n < self.limit:
+        if (n < self.limit if self._pool_limit is None
+                # a pool's share can grow while calls wait: they go first
+                else n < self._pool_limit() and who not in self._queues):
             fut = self.backend.submit(call_id, args)
             self._active[who] = n + 1
             fut.add_done_callback(functools.partial(self._release, who))
@@ -96,8 +105,8 @@ class FairShare:
         """Like ``Backend.submit_raw``; None when the call must go through
         :meth:`submit` instead (not relayable, or it has to queue)."""
         n = self._active.get(who, 0)
-        if n >= self.limit:
-            return None
+        if n >= self.limit or self._pool_limit is not None:
+            return None  # pools relay nothing raw
         raw = self.backend.submit_raw(call_id, args)
         if raw is None:
             return None
@@ -140,15 +149,17 @@ class FairShare:
     def _release(self, who: str, _done: asyncio.Future[Any]) -> None:
         """One of ``who``'s calls ended: its slot goes to ``who``'s next queued call,
         or is freed."""
-        q = self._queues.get(who)
-        while q:
-            w = q.popleft()
-            if not q:
-                del self._queues[who]
-            if self._start(who, w):
-                return  # the slot passes on: the count stays
-            q = self._queues.get(who)
         n = self._active.get(who, 1) - 1
+        q = self._queues.get(who)
+        if q:
+            limit = self.limit if self._pool_limit is None else self._pool_limit()
+            while q and n < limit:
+                w = q.popleft()
+                if not q:
+                    del self._queues[who]
+                if self._start(who, w):
+                    n += 1
+                q = self._queues.get(who)
         if n > 0:
             self._active[who] = n
         else:
@@ -210,7 +221,8 @@ class FairShare:
         return len(self._queues.get(who, ()))
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.backend.name, "max_calls_per_identity": self.limit,
+        limit = self.limit if self._pool_limit is None else self._pool_limit()
+        return {"backend": self.backend.name, "max_calls_per_identity": limit,
                 "max_queued_per_identity": self.max_queued,
                 "in_flight": dict(self._active),
                 "waiting": {k: len(v) for k, v in self._queues.items()},
@@ -228,7 +240,15 @@ class FairShares:
                 continue
             limit = min(b.calls_per_identity for b in confs)
             queued = min(b.max_queued_per_identity for b in confs)
-            self._by_backend[backend] = FairShare(backend, limit, queued)
+            pool_limit = None
+            if isinstance(backend, PoolBackend):
+                pool_limit = functools.partial(self._pool_share, backend)
+            self._by_backend[backend] = FairShare(backend, limit, queued, pool_limit)
+
+    def _pool_share(self, pool: PoolBackend) -> int:
+        """The shares of the pool's usable member backends, added up (at least 1)."""
+        live = {m.backend for m in pool.members if m.usable}
+        return max(1, sum(self._by_backend[b].limit for b in live if b in self._by_backend))
 
     def of(self, backend: Backend) -> FairShare:
         share = self._by_backend.get(backend)
