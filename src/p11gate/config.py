@@ -96,7 +96,7 @@ class BackendConfig(_Strict):
     #: further calls wait in a queue while other identities' calls go ahead
     max_calls_per_identity: int | None = Field(default=None, ge=1, le=256)
     #: calls of one identity waiting for its share; beyond, CKR_FUNCTION_FAILED
-    max_queued_per_identity: int = Field(default=64, ge=0, le=65536)
+    max_queued_per_identity: int = Field(default=4096, ge=0, le=1 << 20)
     #: deadline of C_GenerateKey/C_GenerateKeyPair (key and parameter generation is
     #: slow by nature), seconds; other calls have call_timeout
     keygen_timeout: float = Field(default=300.0, gt=0)

@@ -51,6 +51,9 @@ class Conn:
     closed = False
 
 
+GEN, C_SIGN = 59, 43  # C_GenerateKeyPair, C_Sign
+
+
 async def _settle() -> None:
     for _ in range(3):
         await asyncio.sleep(0)
@@ -150,28 +153,39 @@ def test_a_failed_call_passes_its_slot_on() -> None:
     asyncio.run(main())
 
 
-def test_a_pool_share_follows_its_usable_members() -> None:
+class FakePool(FakeBackend):
+    """Tells calls apart by their first argument (pools count generations only)."""
+
+    def submit(self, call_id: int, args: list[Any]) -> asyncio.Future[list[Any]]:
+        return super().submit(args[0] if call_id == GEN else -call_id, args)
+
+
+def test_a_pool_share_counts_generations_and_follows_its_usable_members() -> None:
     async def main() -> None:
-        b = FakeBackend()
+        b = FakePool()
         live = [2]  # e.g. one member of share 2 usable
         share = FairShare(b, limit=1, max_queued=8, pool_limit=lambda: live[0])
-        calls = [share.submit("uid:A", i, []) for i in range(5)]
+        calls = [share.submit("uid:A", GEN, [i]) for i in range(5)]
         assert [c for c, _ in b.sent] == [0, 1]
+        # other calls are not counted on a pool: an operation's C_Sign must never wait
+        # behind C_SignInit calls that wait inside the pool for a member session
+        share.submit("uid:A", C_SIGN, [7])
+        assert [c for c, _ in b.sent] == [0, 1, -C_SIGN]
         live[0] = 4  # a second member came back: the queued calls go before new ones
-        late = share.submit("uid:A", 9, [])
-        assert [c for c, _ in b.sent] == [0, 1] and share.waiting("uid:A") == 4
+        late = share.submit("uid:A", GEN, [9])
+        assert share.waiting("uid:A") == 4
         b.finish(0)
         await _settle()
-        assert [c for c, _ in b.sent] == [0, 1, 2, 3, 4]
+        assert [c for c, _ in b.sent] == [0, 1, -C_SIGN, 2, 3, 4]
         live[0] = 1  # members went down: nothing new starts until A is below the share
         b.finish(1)
         b.finish(2)
         await _settle()
-        assert [c for c, _ in b.sent] == [0, 1, 2, 3, 4] and not late.done()
+        assert len(b.sent) == 6 and not late.done()
         b.finish(3)
         b.finish(4)
         await _settle()
-        assert [c for c, _ in b.sent] == [0, 1, 2, 3, 4, 9]
+        assert [c for c, _ in b.sent][-1] == 9
         assert all(f.done() for f in calls)
 
     asyncio.run(main())

@@ -13,12 +13,16 @@ Cost on the hot path, under the share: one dict lookup, one counter, one done-ca
 no task and no coroutine. Only a call that has to wait allocates anything.
 
 Pools: the share applies to the pool token as a whole (the frontend's view of the
-backend): an identity may have as many calls in flight on a pool as the shares of its
-usable members add up to (each member backend counted once), recomputed at every call,
-so that when members go down the share shrinks with the pool's capacity. The pool
-balances by outstanding calls, so an identity's calls spread over the members; routing
-does not know identities, so one member may for a moment see more of one identity's
-calls than its own share, but never the whole pool's threads.
+backend), and only to the calls that are slow by nature (key and parameter generation,
+``backends.deadlines.SLOW_CALLS``). A pool leases a member session to an operation from
+its Init to its end, and a call may wait inside the pool for a lease; counting such a
+wait as a call in flight would let an identity's C_SignInit calls, waiting for leases,
+hold its share while the C_Sign calls that would free those leases wait in its queue
+behind them: a deadlock. Generation holds a lease only while it runs. An identity may
+have as many generations in flight on a pool as the shares of its usable members add up
+to (each member backend counted once), recomputed at every call, so the share shrinks
+with the pool's capacity when members go down. The pool's own bound on member sessions
+(``max_sessions_per_member``) bounds everything else.
 
 Only calls forwarded for a client session pass through here. The gateway's own calls
 (attaching tokens, logins, reading an object's identity, pool replication) and the
@@ -36,6 +40,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from ..backends.base import Backend
+from ..backends.deadlines import SLOW_CALLS
 from ..codec import ckr
 from ..config import BackendConfig, Config
 from ..errors import BackendUnavailable, Pkcs11Error
@@ -91,14 +96,18 @@ class FairShare:
         else queue it. Raises BackendUnavailable (backend down) or Pkcs11Error (queue
         full) synchronously."""
         n = self._active.get(who, 0)
-        if (n < self.limit if self._pool_limit is None
-                # a pool's share can grow while calls wait: they go first
-                else n < self._pool_limit() and who not in self._queues):
-            fut = self.backend.submit(call_id, args)
-            self._active[who] = n + 1
-            fut.add_done_callback(functools.partial(self._release, who))
-            return fut
-        return self._enqueue(who, call_id, args, owner)
+        if self._pool_limit is None:
+            if n >= self.limit:
+                return self._enqueue(who, call_id, args, owner)
+        elif call_id not in SLOW_CALLS:
+            return self.backend.submit(call_id, args)  # see the module docstring: pools
+        elif n >= self._pool_limit() or who in self._queues:
+            # (a pool's share can grow while calls wait: those go first)
+            return self._enqueue(who, call_id, args, owner)
+        fut = self.backend.submit(call_id, args)
+        self._active[who] = n + 1
+        fut.add_done_callback(functools.partial(self._release, who))
+        return fut
 
     def submit_raw(self, who: str, call_id: int,
                    args: list[Any]) -> asyncio.Future[bytes] | None:
