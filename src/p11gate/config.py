@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .backends.limits_config import KeyBitsConfig
 from .config_select import TokenSelect
 from .policy.config import RuleConfig
 from .pools.config import PoolConfig
@@ -104,6 +105,34 @@ class BackendConfig(_Strict):
     #: the module as the client's raw bytes: list one only when the vendor documents its
     #: parameter as a struct without pointers (others get CKR_MECHANISM_PARAM_INVALID)
     raw_parameter_mechanisms: list[int] = Field(default_factory=list)
+    #: fair share: calls of one identity in flight on this backend at once (default
+    #: threads - 1, at least 1), so that one tenant never holds every thread; its
+    #: further calls wait in a queue while other identities' calls go ahead
+    max_calls_per_identity: int | None = Field(default=None, ge=1, le=256)
+    #: calls of one identity waiting for its share; beyond, CKR_FUNCTION_FAILED
+    max_queued_per_identity: int = Field(default=4096, ge=0, le=1 << 20)
+    #: deadline of C_GenerateKey/C_GenerateKeyPair (key and parameter generation is
+    #: slow by nature), seconds; other calls have call_timeout
+    keygen_timeout: float = Field(default=300.0, gt=0)
+    #: largest keys a client may generate; beyond, CKR_KEY_SIZE_RANGE
+    max_key_bits: KeyBitsConfig = Field(default_factory=KeyBitsConfig)
+
+    @model_validator(mode="after")
+    def _share_fits(self) -> BackendConfig:
+        if self.max_calls_per_identity is not None and self.max_calls_per_identity > self.threads:
+            raise ValueError(f"max_calls_per_identity ({self.max_calls_per_identity}) is more "
+                             f"than threads ({self.threads}): lower it or raise threads")
+        return self
+
+    @property
+    def calls_per_identity(self) -> int:
+        """The fair share. threads - 1 keeps a thread free for everyone else whatever
+        one identity does, and costs a deployment with one application a single thread
+        (threads // 2 would cost it half its capacity). With threads = 1 there is
+        nothing to share: give a backend that serves several tenants 2 or more."""
+        if self.max_calls_per_identity is not None:
+            return self.max_calls_per_identity
+        return max(1, self.threads - 1)
 
     @field_validator("module")
     @classmethod

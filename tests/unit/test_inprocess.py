@@ -79,6 +79,7 @@ def test_missed_deadline(token: dict[str, Any]) -> None:
         await b.start()
         session = await _session(b, token)
         b.call_timeout = 0.001  # an RSA-4096 key pair takes far longer
+        b.keygen_timeout = 0.001  # (key generation has its own deadline)
         pub = [Attribute(0x121, 4096, 8), Attribute(0x1, 0, 1)]  # MODULUS_BITS, TOKEN=false
         slow = b.submit(C_GenerateKeyPair, [session, Mechanism(0x0), pub, [Attribute(0x1, 0, 1)]])
         queued = b.submit(C_GetInfo, [])  # waits for the only thread

@@ -34,6 +34,7 @@ from typing import Any
 from ..codec.calls import CALLS
 from ..errors import BackendUnavailable, Pkcs11Error
 from .base import Backend
+from .deadlines import deadline
 from .native import DEFAULT_MAX_BUFFER, NativeModule
 
 log = logging.getLogger("p11gate.backend")
@@ -65,6 +66,7 @@ class InProcessBackend(Backend):
         max_buffer: int = DEFAULT_MAX_BUFFER,
         env: Mapping[str, str] | None = None,
         raw_parameter_mechanisms: Iterable[int] = (),
+        keygen_timeout: float | None = None,
     ) -> None:
         self.name = name
         self.raw_parameter_mechanisms = frozenset(raw_parameter_mechanisms)
@@ -72,6 +74,8 @@ class InProcessBackend(Backend):
         self.module_path = module_path
         self.threads = max(1, threads)
         self.call_timeout = call_timeout
+        #: deadline of key and parameter generation (see deadlines.py)
+        self.keygen_timeout = keygen_timeout if keygen_timeout is not None else call_timeout
         self.init_reserved = init_reserved
         self.max_buffer = max_buffer
         self._module: NativeModule | None = None
@@ -188,7 +192,8 @@ class InProcessBackend(Backend):
             raise BackendUnavailable(f"backend {self.name} is not running")
         out: asyncio.Future[list[Any]] = loop.create_future()
         job = _Job(call_id, args, out)
-        job.timer = loop.call_later(self.call_timeout, self._expire, job)
+        timeout = deadline(call_id, self.call_timeout, self.keygen_timeout)
+        job.timer = loop.call_later(timeout, self._expire, job, timeout)
         calls.put(job)
         return out
 
@@ -239,7 +244,7 @@ class InProcessBackend(Backend):
             else:
                 out.set_result(job.result)
 
-    def _expire(self, job: _Job) -> None:
+    def _expire(self, job: _Job, timeout: float) -> None:
         out = job.out
         if out.done():
             return
@@ -250,17 +255,17 @@ class InProcessBackend(Backend):
             job.cancelled = waiting
         if waiting:  # still waiting for a thread: nothing is stuck in the module
             out.set_exception(
-                BackendUnavailable(f"{name}: no free thread within {self.call_timeout}s")
+                BackendUnavailable(f"{name}: no free thread within {timeout}s")
             )
             return
         # A thread cannot be killed: it stays inside the module until the module returns.
-        self._hung[job] = time.monotonic() - self.call_timeout
+        self._hung[job] = time.monotonic() - timeout
         log.error(
             "call missed its deadline; its thread is hung in the module",
-            extra={"backend": self.name, "call": name, "timeout": self.call_timeout,
+            extra={"backend": self.name, "call": name, "timeout": timeout,
                    "hung_calls": len(self._hung)},
         )
-        out.set_exception(BackendUnavailable(f"{name} missed its {self.call_timeout}s deadline"))
+        out.set_exception(BackendUnavailable(f"{name} missed its {timeout}s deadline"))
 
     def describe(self) -> dict[str, Any]:
         m = self._module

@@ -22,6 +22,7 @@ from typing import Any
 from ..config import BackendConfig
 from ..errors import BackendUnavailable
 from .base import Backend
+from .deadlines import SLOW_CALLS
 from .rpc_client import RpcChannel, RpcClientProtocol
 from .worker_env import worker_environment
 
@@ -182,18 +183,20 @@ class WorkerBackend(Backend):
         chan = self._chan
         if chan is None:
             raise BackendUnavailable(f"backend {self.name} is restarting")
-        return chan.submit(call_id, args, None, self._deadline_missed)
+        timeout = self.cfg.keygen_timeout if call_id in SLOW_CALLS else None
+        return chan.submit(call_id, args, timeout, self._deadline_missed)
 
     def submit_raw(self, call_id: int, args: list[Any]) -> asyncio.Future[bytes] | None:
         chan = self._chan
         if chan is None:
             raise BackendUnavailable(f"backend {self.name} is restarting")
-        if call_id > chan.dialect.max_call_id:
+        if call_id > chan.dialect.max_call_id or call_id in SLOW_CALLS:
             return None
         return chan.submit_raw(call_id, args, self._deadline_missed)
 
     def _deadline_missed(self) -> None:
-        self._down(f"a call missed its {self.cfg.call_timeout}s deadline")
+        self._down(f"a call missed its deadline (call_timeout {self.cfg.call_timeout}s, "
+                   f"keygen_timeout {self.cfg.keygen_timeout}s)")
 
     async def wait_up(self, timeout: float) -> bool:
         if not self._up and not self._stopping:

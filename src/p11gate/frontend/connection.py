@@ -149,6 +149,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         log.info("client disconnected", extra={"conn": self.id})
         self.gw.forget(self)
+        self.gw.fair_share.drop_queued(self)
         t = asyncio.get_running_loop().create_task(self._cleanup())
         self.gw.background.add(t)
         t.add_done_callback(self.gw.background.discard)
@@ -478,7 +479,8 @@ class ClientConnection(asyncio.Protocol):
         else:
             raise Pkcs11Error(ckr.DEVICE_ERROR, "backend restarting repeatedly")
         try:
-            reply = await s.token.backend.submit(call.id, bargs)
+            reply = await self.gw.fair_share.submit(
+                s.token.backend, self.identity.key, call.id, bargs, self)
         except (BackendUnavailable, TimeoutError):
             # in flight when the backend died or hung; the session is gone with it
             if call.id in KEY_USE:
@@ -507,13 +509,15 @@ class ClientConnection(asyncio.Protocol):
                 raise Pkcs11Error(ckr.CRYPTOKI_NOT_INITIALIZED)
             s, bargs, private = self._prepare(call, args)
             if call.id in RELAYABLE_REPLIES:
-                raw = s.token.backend.submit_raw(call.id, bargs)
+                raw = self.gw.fair_share.submit_raw(
+                    s.token.backend, self.identity.key, call.id, bargs)
                 if raw is not None:
                     s.tail = raw  # type: ignore[assignment]
                     raw.add_done_callback(functools.partial(
                         self._relay, code, call, args if call.id in KEY_USE else None))
                     return
-            fut = s.token.backend.submit(call.id, bargs)
+            fut = self.gw.fair_share.submit(
+                s.token.backend, self.identity.key, call.id, bargs, self)
         except Denied as e:
             self._denied(call, e)
             self._reply(code, encode_error(e.rv))

@@ -17,6 +17,7 @@ from ..audit import object_fields
 from ..codec import Attribute, AttrRequest, Call, Mechanism, Null, ckr
 from ..errors import Pkcs11Error
 from ..registry import RegistryError
+from . import key_limits
 from .common import ID, PRIVATE_FALSE, ObjectInfo, Stale, attr_bool, attr_value
 from .handles import IDENTITY_KNOWN, IDENTITY_UNKNOWN, ObjectRef, Session
 from .identity_checks import check_new_identity, check_unique
@@ -265,6 +266,7 @@ async def h_create(c: ClientConnection, call: Call, args: list[Any]) -> list[Any
     if isinstance(mech, Mechanism):
         extra["mechanism"] = f"{mech.type:#x}"
     try:
+        key_limits.check_request(c.gw.cfg, t.backend.name, call.id, args, c.identity.key)
         reply = await c.forward(call, args)
     except Pkcs11Error as e:
         c.gw.audit.record_best_effort(call.name, e.rv, c.peer, t.name, **extra)

@@ -29,6 +29,7 @@ from ..remote.tls import (
 )
 from ..unix_socket import BoundSocket, bind_unix, make_socket_dir
 from .connection import ClientConnection
+from .fair_share import FairShares
 from .tls_listener import TlsListener
 from .token import VirtualToken
 
@@ -41,7 +42,7 @@ def make_backend(cfg: BackendConfig) -> Backend:
 
         return InProcessBackend(
             cfg.name, cfg.module, threads=cfg.threads, call_timeout=cfg.call_timeout,
-            init_reserved=cfg.init_reserved, env=cfg.env,
+            init_reserved=cfg.init_reserved, env=cfg.env, keygen_timeout=cfg.keygen_timeout,
             raw_parameter_mechanisms=cfg.raw_parameter_mechanisms,
         )
     from ..backends.worker_process import WorkerBackend
@@ -69,6 +70,7 @@ class Gateway:
         served: dict[str, Backend] = {**self.backends, **self.pools}
         self.tokens = [VirtualToken(t, served[t.backend], self.registry) for t in cfg.token]
         self.tokens_by_slot = {t.slot_id: t for t in self.tokens}
+        self.fair_share = FairShares(cfg, served)
         self.connections: set[ClientConnection] = set()
         self.background: set[asyncio.Task[Any]] = set()
         self._servers: list[asyncio.AbstractServer | TlsListener] = []
@@ -196,6 +198,7 @@ class Gateway:
                                if isinstance(s, TlsListener)),
             "backends": [b.describe() for b in self.backends.values()],
             "pools": [p.describe() for p in self.pools.values()],
+            "fair_share": self.fair_share.describe(),
             "tokens": [
                 {"name": t.name, "slot": t.slot_id, "backend": t.backend.name,
                  "present": t.present, "pin_mode": t.pin_mode,

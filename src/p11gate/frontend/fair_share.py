@@ -1,0 +1,295 @@
+"""A fair share of each backend per identity.
+
+A backend serves a few calls at once (``threads``). Without a share, one tenant that
+starts that many slow calls (key generation) holds every thread, and every other
+client's calls wait behind them until a deadline kills the worker. Here each identity
+(``Identity.key``: the uid, the certificate subject) may have at most
+``max_calls_per_identity`` calls in flight on a backend; its further calls wait in a
+FIFO queue of their own (bounded by ``max_queued_per_identity``, beyond which the call
+is refused with CKR_FUNCTION_FAILED) while other identities' calls go straight on. A
+queued call starts when one of the same identity's calls ends, in the order they came.
+
+Cost on the hot path, under the share: one dict lookup, one counter, one done-callback;
+no task and no coroutine. Only a call that has to wait allocates anything.
+
+Pools: the share applies to the pool token as a whole (the frontend's view of the
+backend), and only to the calls that are slow by nature (key and parameter generation,
+``backends.deadlines.SLOW_CALLS``). A pool leases a member session to an operation from
+its Init to its end, and a call may wait inside the pool for a lease; counting such a
+wait as a call in flight would let an identity's C_SignInit calls, waiting for leases,
+hold its share while the C_Sign calls that would free those leases wait in its queue
+behind them: a deadlock. Generation holds a lease only while it runs. An identity may
+have as many generations in flight on a pool as the shares of its usable members add up
+to (each member backend counted once), recomputed at every call, so the share shrinks
+with the pool's capacity when members go down. The pool's own bound on member sessions
+(``max_sessions_per_member``) bounds everything else.
+
+Only calls forwarded for a client session pass through here. The gateway's own calls
+(attaching tokens, logins, reading an object's identity, pool replication) and the
+session-less ones are short and are not counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from ..backends.base import Backend
+from ..backends.deadlines import SLOW_CALLS
+from ..codec import ckr
+from ..config import BackendConfig, Config
+from ..errors import BackendUnavailable, Pkcs11Error
+from ..pools.pool import PoolBackend
+
+log = logging.getLogger("p11gate.share")
+
+#: at most one "queue full" log record per identity and backend in this many seconds
+_LOG_EVERY = 10.0
+
+
+class Owner(Protocol):
+    """Who queued a call: a queued call of a connection that closed meanwhile is
+    dropped instead of started."""
+
+    closed: bool
+
+
+class _Waiting:
+    __slots__ = ("args", "call_id", "generation", "out", "owner")
+
+    def __init__(self, call_id: int, args: list[Any], generation: int, owner: Owner | None,
+                 out: asyncio.Future[list[Any]]) -> None:
+        self.call_id = call_id
+        self.args = args
+        self.generation = generation
+        self.owner = owner
+        self.out = out
+
+
+class FairShare:
+    """One backend's share book: calls in flight per identity and their queues."""
+
+    def __init__(self, backend: Backend, limit: int, max_queued: int,
+                 pool_limit: Callable[[], int] | None = None) -> None:
+        self.backend = backend
+        self.limit = max(1, limit)
+        #: a pool's share depends on which members are usable now
+        self._pool_limit = pool_limit
+        self.max_queued = max_queued
+        self._active: dict[str, int] = {}
+        self._queues: dict[str, collections.deque[_Waiting]] = {}
+        #: counters for status: calls that had to wait, calls refused (queue full)
+        self.queued = 0
+        self.refused = 0
+        self._logged: dict[str, float] = {}
+
+    # ------------------------------------------------------------ submitting
+
+    def submit(self, who: str, call_id: int, args: list[Any],
+               owner: Owner | None = None) -> asyncio.Future[list[Any]]:
+        """Like ``Backend.submit``: start the call now if ``who`` is under its share,
+        else queue it. Raises BackendUnavailable (backend down) or Pkcs11Error (queue
+        full) synchronously."""
+        n = self._active.get(who, 0)
+        if self._pool_limit is None:
+            if n >= self.limit:
+                return self._enqueue(who, call_id, args, owner)
+        elif call_id not in SLOW_CALLS:
+            return self.backend.submit(call_id, args)  # see the module docstring: pools
+        elif n >= self._pool_limit() or who in self._queues:
+            # (a pool's share can grow while calls wait: those go first)
+            return self._enqueue(who, call_id, args, owner)
+        fut = self.backend.submit(call_id, args)
+        self._active[who] = n + 1
+        fut.add_done_callback(functools.partial(self._release, who))
+        return fut
+
+    def submit_raw(self, who: str, call_id: int,
+                   args: list[Any]) -> asyncio.Future[bytes] | None:
+        """Like ``Backend.submit_raw``; None when the call must go through
+        :meth:`submit` instead (not relayable, or it has to queue)."""
+        n = self._active.get(who, 0)
+        if n >= self.limit or self._pool_limit is not None:
+            return None  # pools relay nothing raw
+        raw = self.backend.submit_raw(call_id, args)
+        if raw is None:
+            return None
+        self._active[who] = n + 1
+        raw.add_done_callback(functools.partial(self._release, who))
+        return raw
+
+    def _enqueue(self, who: str, call_id: int, args: list[Any],
+                 owner: Owner | None) -> asyncio.Future[list[Any]]:
+        if not self.backend.up:
+            raise BackendUnavailable(f"backend {self.backend.name} is restarting")
+        q = self._queues.get(who)
+        if q is None:
+            q = self._queues[who] = collections.deque()
+        if len(q) >= self.max_queued:
+            self.refused += 1
+            self._log_refusal(who)
+            if not q:
+                del self._queues[who]
+            raise Pkcs11Error(ckr.FUNCTION_FAILED, "fair share: too many calls queued")
+        out: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        # handles in ``args`` belong to the backend instance of now: checked at start
+        q.append(_Waiting(call_id, args, self.backend.generation, owner, out))
+        self.queued += 1
+        return out
+
+    def _log_refusal(self, who: str) -> None:
+        now = time.monotonic()
+        if now - self._logged.get(who, -_LOG_EVERY) < _LOG_EVERY:
+            return
+        self._logged[who] = now
+        if len(self._logged) > 4096:  # forget old entries rather than grow
+            self._logged = {who: now}
+        log.warning("fair share: call refused, queue full", extra={
+            "backend": self.backend.name, "identity": who, "in_flight": self._active.get(who),
+            "max_queued": self.max_queued, "rv": "CKR_FUNCTION_FAILED"})
+
+    # ------------------------------------------------------------ completion
+
+    def _release(self, who: str, _done: asyncio.Future[Any]) -> None:
+        """One of ``who``'s calls ended: its slot goes to ``who``'s next queued call,
+        or is freed."""
+        n = self._active.get(who, 1) - 1
+        q = self._queues.get(who)
+        if q:
+            limit = self.limit if self._pool_limit is None else self._pool_limit()
+            while q and n < limit:
+                w = q.popleft()
+                if not q:
+                    del self._queues[who]
+                if self._start(who, w):
+                    n += 1
+                q = self._queues.get(who)
+        if n > 0:
+            self._active[who] = n
+        else:
+            self._active.pop(who, None)
+
+    def _start(self, who: str, w: _Waiting) -> bool:
+        out = w.out
+        if out.done():  # cancelled while waiting
+            return False
+        if w.owner is not None and w.owner.closed:
+            out.set_exception(BackendUnavailable("client gone while its call was queued"))
+            return False
+        if w.generation != self.backend.generation:
+            # the backend restarted while the call waited: its handles are dead
+            out.set_exception(BackendUnavailable("backend restarted while the call was queued"))
+            return False
+        try:
+            inner = self.backend.submit(w.call_id, w.args)
+        except BackendUnavailable as e:
+            out.set_exception(e)
+            return False
+        inner.add_done_callback(functools.partial(self._finished, who, out))
+        return True
+
+    def _finished(self, who: str, out: asyncio.Future[list[Any]],
+                  inner: asyncio.Future[list[Any]]) -> None:
+        if not out.done():
+            if inner.cancelled():
+                out.cancel()
+            elif (exc := inner.exception()) is not None:
+                out.set_exception(exc)
+            else:
+                out.set_result(inner.result())
+        self._release(who, inner)
+
+    def drop_queued(self, owner: Owner) -> int:
+        """A client hung up: its calls still waiting are failed, never started."""
+        dropped = 0
+        for who, q in list(self._queues.items()):
+            keep = collections.deque(w for w in q if w.owner is not owner)
+            if len(keep) == len(q):
+                continue
+            for w in q:
+                if w.owner is owner and not w.out.done():
+                    w.out.set_exception(BackendUnavailable("client gone"))
+            dropped += len(q) - len(keep)
+            if keep:
+                self._queues[who] = keep
+            else:
+                del self._queues[who]
+        return dropped
+
+    # ------------------------------------------------------------ status
+
+    def in_flight(self, who: str) -> int:
+        return self._active.get(who, 0)
+
+    def waiting(self, who: str) -> int:
+        return len(self._queues.get(who, ()))
+
+    def describe(self) -> dict[str, Any]:
+        limit = self.limit if self._pool_limit is None else self._pool_limit()
+        return {"backend": self.backend.name, "max_calls_per_identity": limit,
+                "max_queued_per_identity": self.max_queued,
+                "in_flight": dict(self._active),
+                "waiting": {k: len(v) for k, v in self._queues.items()},
+                "queued_total": self.queued, "refused_total": self.refused}
+
+
+class FairShares:
+    """The share book of every backend and pool the gateway serves tokens from."""
+
+    def __init__(self, cfg: Config, served: dict[str, Backend]) -> None:
+        self._by_backend: dict[Backend, FairShare] = {}
+        for name, backend in served.items():
+            confs = list(member_backends(cfg, name))
+            if not confs:
+                continue
+            limit = min(b.calls_per_identity for b in confs)
+            queued = min(b.max_queued_per_identity for b in confs)
+            pool_limit = None
+            if isinstance(backend, PoolBackend):
+                pool_limit = functools.partial(self._pool_share, backend)
+            self._by_backend[backend] = FairShare(backend, limit, queued, pool_limit)
+
+    def _pool_share(self, pool: PoolBackend) -> int:
+        """The shares of the pool's usable member backends, added up (at least 1)."""
+        live = {m.backend for m in pool.members if m.usable}
+        return max(1, sum(self._by_backend[b].limit for b in live if b in self._by_backend))
+
+    def of(self, backend: Backend) -> FairShare:
+        share = self._by_backend.get(backend)
+        if share is None:  # a backend made after start: the safe default
+            share = self._by_backend[backend] = FairShare(backend, 1, 64)
+        return share
+
+    def submit(self, backend: Backend, who: str, call_id: int, args: list[Any],
+               owner: Owner | None = None) -> asyncio.Future[list[Any]]:
+        return self.of(backend).submit(who, call_id, args, owner)
+
+    def submit_raw(self, backend: Backend, who: str, call_id: int,
+                   args: list[Any]) -> asyncio.Future[bytes] | None:
+        return self.of(backend).submit_raw(who, call_id, args)
+
+    def drop_queued(self, owner: Owner) -> None:
+        for share in self._by_backend.values():
+            share.drop_queued(owner)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [s.describe() for s in self._by_backend.values()]
+
+
+def member_backends(cfg: Config, name: str) -> Iterable[BackendConfig]:
+    """The [[backend]] configurations behind a served name: the backend itself, or
+    each member of a pool."""
+    for b in cfg.backend:
+        if b.name == name:
+            yield b
+            return
+    for p in cfg.pool:
+        if p.name == name:
+            for m in p.members:
+                yield cfg.backend_named(m.backend)
+            return
