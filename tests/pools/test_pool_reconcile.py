@@ -58,10 +58,14 @@ print(json.dumps(out))
 
 def objects_on(member: dict[str, Any]) -> list[tuple[int, str | None, str]]:
     """(class, CKA_ID hex, label) of every object on the member token, read straight
-    from SoftHSM (not through the gateway)."""
+    from SoftHSM (not through the gateway; also while its configuration is moved aside
+    to keep the gateway from reaching it)."""
+    conf = Path(member["conf"])
+    if not conf.exists():
+        conf = conf.with_suffix(".away")
     r = subprocess.run([sys.executable, "-c", LIST_OBJECTS, member["module"],
                         member["label"], PIN],
-                       env={**member["env"], "SOFTHSM2_CONF": member["conf"]},
+                       env={**member["env"], "SOFTHSM2_CONF": str(conf)},
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return [tuple(o) for o in json.loads(r.stdout)]  # type: ignore[misc]
@@ -191,36 +195,46 @@ def check_members(members: list[dict[str, Any]], told: set[str], state: Path,
     return {"present_everywhere": present_everywhere}
 
 
-def test_kill_9_during_pool_key_generation_is_reconciled_on_restart(tmp_path: Path) -> None:
+def start_pool(tmp_path: Path) -> tuple[list[dict[str, Any]], Path, Gateway]:
     members = [make_member(tmp_path, i, None) for i in range(3)]
     cfg = pool_config(tmp_path, members, call_timeout=30.0,
                       extra_pool=f'replication = "gateway"\nwrapping_key = "{WRAP_LABEL}"')
+    gw = Gateway(cfg)
+    c, sess = logged_in(gw)
+    wrap = [A(0x0, 4), A(0x100, 0x1F), A(0x11, bytes(range(32))), A(0x1, True),
+            A(0x3, WRAP_LABEL.encode()), A(0x106, True), A(0x107, True),
+            A(0x103, True), A(0x162, False), A(0x2, True)]
+    c.call(20, [sess, wrap])  # on every member (a deterministic creation)
+    c.close()
+    return members, cfg, gw
+
+
+def run_and_kill(gw: Gateway, prefix: str, delay: float) -> tuple[list[str], list[str]]:
+    """Clients generate key pairs; the gateway is killed after ``delay`` seconds."""
+    told: list[str] = []
+    untold: list[str] = []
+    threads = [threading.Thread(target=client_loop, args=(gw, f"{prefix}c{i}", told, untold))
+               for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    time.sleep(delay)
+    kill_gateway(gw)
+    for t in threads:
+        t.join(60)
+    return told, untold
+
+
+def test_kill_9_during_pool_key_generation_is_reconciled_on_restart(tmp_path: Path) -> None:
     state = tmp_path / "state"
     admin = str(state / "admin.sock")
     rng = random.Random(8)
     told: set[str] = set()
     untold_all: set[str] = set()
     found_at_start, destroyed, refused_as_done = 0, 0, 0
-    gw = Gateway(cfg)
+    members, cfg, gw = start_pool(tmp_path)
     try:
-        c, sess = logged_in(gw)
-        wrap = [A(0x0, 4), A(0x100, 0x1F), A(0x11, bytes(range(32))), A(0x1, True),
-                A(0x3, WRAP_LABEL.encode()), A(0x106, True), A(0x107, True),
-                A(0x103, True), A(0x162, False), A(0x2, True)]
-        c.call(20, [sess, wrap])  # on every member (a deterministic creation)
-        c.close()
         for rnd in range(ROUNDS):
-            round_told: list[str] = []
-            untold: list[str] = []
-            threads = [threading.Thread(target=client_loop,
-                                        args=(gw, f"r{rnd}c{i}", round_told, untold))
-                       for i in range(CLIENTS)]
-            for t in threads:
-                t.start()
-            time.sleep(rng.uniform(1.5, 3.0))
-            kill_gateway(gw)
-            for t in threads:
-                t.join(60)
+            round_told, untold = run_and_kill(gw, f"r{rnd}", rng.uniform(1.5, 3.0))
             told |= set(round_told)
             untold_all |= set(untold)
 
@@ -245,11 +259,58 @@ def test_kill_9_during_pool_key_generation_is_reconciled_on_restart(tmp_path: Pa
                     assert rv == ckr.OK, (label, ckr.name(rv))
                 told.add(label)
             check_members(members, told, state, set())
+        # an identity already on the pool is not made twice
+        assert generate(gw, sorted(told)[0]) == ckr.ATTRIBUTE_VALUE_INVALID
+        check_members(members, told, state, set())
         records = [r for r in gw.records() if "pool reconcile: destroyed" in r.get("msg", "")]
         print(f"\nPOOL RECONCILE rounds={ROUNDS} told={len(told)} untold={len(untold_all)} "
               f"intents_found={found_at_start} objects_destroyed={destroyed} "
               f"untold_but_done={refused_as_done} destroy_log_records_last_run={len(records)}")
         # the kills did land in the window: there was something to reconcile
         assert found_at_start >= 1 and untold_all
+    finally:
+        gw.stop()
+
+
+def test_a_member_down_at_restart_is_reconciled_when_it_rejoins(tmp_path: Path) -> None:
+    """m2 cannot start after the crash: m0 and m1 are reconciled at login and serve the
+    retries; m2 gets no copy of those identities (it may hold an untold one) and is
+    cleaned when it rejoins, which settles the last intents."""
+    state = tmp_path / "state"
+    admin = str(state / "admin.sock")
+    members, cfg, gw = start_pool(tmp_path)
+    try:
+        told, untold = run_and_kill(gw, "d", 2.0)
+        m2_conf = Path(members[2]["conf"])
+        m2_conf.rename(m2_conf.with_suffix(".away"))  # its worker will fail to start
+        gw = Gateway(cfg)
+        logged_in(gw)[0].close()
+        st = query(admin)["pools"][0]
+        assert st["members"][2]["state"] == "down"
+        assert st["intents_found_at_start"] >= 1
+        # every intent still names m2: it may hold parts no client knows
+        assert st["intents_unsettled"] == st["intents_found_at_start"]
+        check_members(members[:2], set(told), state, set(untold))
+        for label in untold:
+            assert generate(gw, label) == ckr.OK, label
+        check_members(members[:2], set(told) | set(untold), state, set())
+
+        # a client stays logged in: m2 attaches logged in and is cleaned of private
+        # objects too (with nobody logged in, that waits for the next login)
+        keeper, _ = logged_in(gw)
+        m2_conf.with_suffix(".away").rename(m2_conf)
+        assert wait_for(lambda: query(admin)["pools"][0]["members"][2]["state"] == "up",
+                        timeout=30)
+        assert wait_for(lambda: query(admin)["pools"][0]["intents_unsettled"] == 0,
+                        timeout=30)
+        assert pending_intents(state) == 0
+        on_m2 = collections.Counter(objects_on(members[2]))
+        assert all(n == 1 for n in on_m2.values()), on_m2
+        assert not [k for k in on_m2 if k[2] in untold]  # stale there: no copy, no orphan
+        for label in told:
+            assert (CKO_PRIVATE_KEY, label.encode().hex(), label) in on_m2
+        keeper.close()
+        print(f"\nPOOL RECONCILE REJOIN intents={st['intents_found_at_start']} "
+              f"destroyed_total={query(admin)['pools'][0]['reconcile_destroyed']}")
     finally:
         gw.stop()
