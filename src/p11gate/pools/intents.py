@@ -93,14 +93,22 @@ class IntentLog:
                               (self.pool, it.id))
         self.open.pop(it.id, None)
 
-    def begin(self, keys: list[Key], members: list[str]) -> Intent:
-        """Record, durably, that ``keys`` are about to be created on ``members``
-        (raises if the registry cannot be written: then nothing may be created)."""
+    def reserve(self, keys: list[Key], members: list[str]) -> Intent:
+        """Claim ``keys`` for a creation in this process (not written yet: the call
+        first checks that they are not on the pool already)."""
         it = Intent(next(self._ids), keys, set(members))
         it.avoid = self.unsettled_for(keys)
-        self._write(it)
         self.open[it.id] = it
         return it
+
+    def begin(self, it: Intent) -> None:
+        """Record, durably, that ``it`` is about to be created (raises if the registry
+        cannot be written: then nothing may be created)."""
+        try:
+            self._write(it)
+        except BaseException:
+            self.open.pop(it.id, None)
+            raise
 
     def done(self, it: Intent) -> None:
         """The client is told: only the members whose outcome is unknown stay to clean."""
@@ -129,7 +137,7 @@ class IntentLog:
     def discard(self, it: Intent) -> None:
         """The creation was refused before any member was asked: nothing to clean."""
         it.live = False
-        self._drop(it)
+        self.open.pop(it.id, None)
 
     def in_flight(self, keys: list[Key]) -> bool:
         wanted = set(keys)

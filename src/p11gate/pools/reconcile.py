@@ -152,20 +152,22 @@ class Reconciler:
         if self.intents.in_flight(keys):
             raise Pkcs11Error(ckr.ATTRIBUTE_VALUE_INVALID,
                               "an object of this class, CKA_ID and CKA_LABEL is being created")
+        # claimed in memory, then checked, then written: a row is never written for an
+        # identity that exists (a crash would have its objects destroyed)
+        it = self.intents.reserve(keys, [m.name for m in self.pool.members])
         try:
-            it = self.intents.begin(keys, [m.name for m in self.pool.members])
+            await self._refuse_duplicates(it)
+        except BaseException:
+            self.intents.discard(it)
+            raise
+        try:
+            self.intents.begin(it)
         except Exception as e:
             log.error("pool creation refused: its intent cannot be recorded",
                       extra={"pool": self.pool.name, "error": str(e)})
             raise Pkcs11Error(ckr.GENERAL_ERROR, "the registry cannot be written") from None
         token = CURRENT.set(it)
         try:
-            try:
-                await self._refuse_duplicates(it)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    self.intents.discard(it)
-                raise
             try:
                 reply = await call({m.index for m in self.pool.members if m.name in it.avoid})
                 self.intents.done(it)
