@@ -120,10 +120,11 @@ class IntentLog:
         else:
             self._drop(it)
 
-    def failed(self, it: Intent) -> None:
-        """The creation failed: every member may hold a part of it until cleaned."""
+    def failed(self, it: Intent, members: set[str]) -> None:
+        """The creation failed: ``members`` may hold a part of it until cleaned."""
         it.live = False
         it.state = "failed"
+        it.unsettled = set(members)
         self._write(it)
 
     def settle(self, it: Intent, member: str) -> None:

@@ -167,12 +167,15 @@ class Reconciler:
                       extra={"pool": self.pool.name, "error": str(e)})
             raise Pkcs11Error(ckr.GENERAL_ERROR, "the registry cannot be written") from None
         token = CURRENT.set(it)
+        # a member down for the whole call was never asked: a failure need not wait for it
+        asked = {m.name for m in self.pool.members if m.usable}
         try:
             try:
                 reply = await call({m.index for m in self.pool.members if m.name in it.avoid})
                 self.intents.done(it)
             except BaseException as e:
-                await self._undo(it, e)
+                asked |= {m.name for m in self.pool.members if m.usable}
+                await self._undo(it, e, asked | it.doubtful)
                 if isinstance(e, Exception) and not isinstance(e, Pkcs11Error):
                     log.error("pool creation undone: it could not be recorded",
                               extra={"pool": self.pool.name, "error": str(e)})
@@ -204,15 +207,15 @@ class Reconciler:
                         ckr.ATTRIBUTE_VALUE_INVALID,
                         "an object of this class, CKA_ID and CKA_LABEL exists on the pool")
 
-    async def _undo(self, it: Intent, why: BaseException) -> None:
+    async def _undo(self, it: Intent, why: BaseException, asked: set[str]) -> None:
         """The creation failed: nothing of it may stay where no client knows it."""
         log.warning("pool creation failed; undoing it on the members",
                     extra={"pool": self.pool.name, "intent": it.id,
                            "error": str(why) or why.__class__.__name__})
         try:
-            self.intents.failed(it)
+            self.intents.failed(it, asked)
         except Exception as e:  # still 'pending' in the registry: cleaned at next start
-            it.live, it.state = False, "failed"
+            it.live, it.state, it.unsettled = False, "failed", set(asked)
             log.error("intent not updated", extra={"pool": self.pool.name, "error": str(e)})
         self._tombstone(it)
         for m in self.pool.members:
@@ -270,17 +273,33 @@ class Reconciler:
 
     async def _destroy_all(self, m: Member, it: Intent, key: Key) -> None:
         oid = self.objects.by_key.get(key)
-        while True:
-            found = await self._find_all(m, key, _FIND_BATCH)
-            for h in found:
-                await self._destroy_one(m, it, key, h)
-            if len(found) < _FIND_BATCH:
-                break
+        await self._destroy_matching(m, it, key, "destroyed")
         if oid is not None:
             m.forget_handle(oid)
             m.missing.pop(oid, None)
+        # A module may leave a half-made object when a creation fails or its process
+        # dies in it: SoftHSM keeps the object with default attributes (no CKA_ID, no
+        # CKA_LABEL) when C_CreateObject/C_UnwrapKey fail after making it. Such a
+        # fragment of this class goes too -- unless the registry knows an object with
+        # that empty identity, which could then not be told from it.
+        fragment: Key = (key[0], None if key[1] is None else b"", b"", None)
+        if fragment == key:
+            return
+        known = self.objects.by_key.get(fragment)
+        if known is not None and known not in self.objects.destroyed:
+            return
+        await self._destroy_matching(m, it, fragment, "destroyed a fragment")
 
-    async def _destroy_one(self, m: Member, it: Intent, key: Key, h: int) -> None:
+    async def _destroy_matching(self, m: Member, it: Intent, key: Key, action: str) -> None:
+        while True:
+            found = await self._find_all(m, key, _FIND_BATCH)
+            for h in found:
+                await self._destroy_one(m, it, key, h, action)
+            if len(found) < _FIND_BATCH:
+                break
+
+    async def _destroy_one(self, m: Member, it: Intent, key: Key, h: int,
+                           action: str) -> None:
         await m.call(ID["C_DestroyObject"], [m.control, h])
         self.destroyed += 1
         log.warning("pool reconcile: destroyed an object no client was told about",
@@ -289,7 +308,7 @@ class Reconciler:
                            "id": None if key[1] is None else key[1].hex(),
                            "label": None if key[2] is None
                            else key[2].decode("utf-8", "replace"),
-                           "action": "destroyed"})
+                           "action": action})
 
     async def _find_all(self, m: Member, key: Key, limit: int) -> list[int]:
         """Handles of ``m``'s token objects of identity ``key`` (at most ``limit``)."""
