@@ -33,8 +33,10 @@ from ..errors import BackendUnavailable, Pkcs11Error
 from ..frontend.tables import NEW_OBJECTS, OBJECT_ARGS, OPTIONAL_OBJECT_ARGS
 from ..registry import Registry
 from .config import PoolConfig
+from .intents import note_doubtful
 from .member import ID, Member, MemberDown
 from .objects import Key, ObjectIds, SessionObject, as_bytes
+from .reconcile import CREATING, Reconciler
 from .replication import DETERMINISTIC, EVERYWHERE, GENERATED, Replicator
 
 log = logging.getLogger("p11gate.pool")
@@ -110,12 +112,20 @@ class PoolBackend(Backend):
         # member's operator trusts it (the intersection of their lists)
         self.raw_parameter_mechanisms = frozenset.intersection(
             *(m.backend.raw_parameter_mechanisms for m in self.members))
+        #: gateway replication: creations recorded as intents first, reconciled after
+        #: a crash (see reconcile.py)
+        self.reconciler = Reconciler(self) if self.replicator is not None else None
 
     # ------------------------------------------------------------ life cycle
 
     @property
     def up(self) -> bool:
         return any(m.usable for m in self.members)
+
+    @property
+    def logged_in(self) -> bool:
+        """A client logged the pool in: members attach logged in, private objects show."""
+        return self._login is not None
 
     async def start(self) -> None:
         await self._probe_once()
@@ -170,6 +180,8 @@ class PoolBackend(Backend):
                     m.down_reason = str(e) or e.__class__.__name__
                     continue
                 log.info("pool member up", extra={"pool": self.name, "member": m.name})
+                if self.reconciler is not None:
+                    await self.reconciler.reconcile(m)  # before it serves anything
                 if self.replicator is not None:
                     try:
                         await self.replicator.catch_up(m)
@@ -185,6 +197,7 @@ class PoolBackend(Backend):
             "name": self.name, "kind": "pool", "up": self.up, "generation": self.generation,
             "replication": self.cfg.replication, "failovers": self.failovers,
             "replays": self.replays, "objects": len(self.objects),
+            **(self.reconciler.describe() if self.reconciler is not None else {}),
             "logical_sessions": len(self.sessions),
             "operations_active": sum(1 for s in self.sessions.values() if s.op is not None),
             "members": [{**m.describe(), "stale_objects": self.objects.stale_count(m.name)}
@@ -413,6 +426,8 @@ class PoolBackend(Backend):
             m.mark_down(f"login refused: {ckr.name(err.rv)}")
         if call_id == ID["C_Login"] and isinstance(args[2], bytes):
             self._login = (args[1], bytes(args[2]))  # for members that join later
+        if self.reconciler is not None and self.logged_in:
+            await self.reconciler.reconcile_all()  # private objects are in sight now
         return []
 
     async def _logout_all(self) -> list[Any]:
@@ -446,8 +461,16 @@ class PoolBackend(Backend):
     # ------------------------------------------------------------ single calls
 
     async def _single(self, s: _Session, call_id: int, args: list[Any]) -> list[Any]:
+        if self.reconciler is not None and call_id in CREATING:
+            return await self.reconciler.run(
+                call_id, args, lambda avoid: self._single_call(call_id, args, avoid))
+        return await self._single_call(call_id, args, set())
+
+    async def _single_call(self, call_id: int, args: list[Any],
+                           avoid: set[int]) -> list[Any]:
+        """One call on the best member, failing over; never on members in ``avoid``."""
         pinned = self._pinned_member(call_id, args)
-        tried: set[int] = set()
+        tried: set[int] = set(avoid)
         lacking = False
         failures = 0
         while True:
@@ -495,6 +518,8 @@ class PoolBackend(Backend):
             await self.replicator.everywhere(m, call_id, args)
 
     def _failed_over(self, m: Member, call_id: int, reason: str) -> None:
+        if call_id in CREATING:
+            note_doubtful(m)  # its part of the creation may have been made
         m.failovers += 1
         self.failovers += 1
         log.warning("pool failover", extra={"pool": self.name, "member": m.name,

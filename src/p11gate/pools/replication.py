@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .. import ck
 from ..codec import Attribute, AttrRequest, Mechanism, ckr
 from ..errors import Pkcs11Error
+from .intents import avoided, note_doubtful
 from .member import ID, Member, MemberDown
 from .objects import ObjectIds
 
@@ -77,6 +78,9 @@ class Replicator:
                 # made again while it was away): it must not serve this one
                 self._missed(m, token_oids, "member is down")
                 continue
+            if avoided(m):  # it may hold a copy no client knows: cleaned, never used
+                self._missed(m, token_oids, "member is to be reconciled first")
+                continue
             try:
                 if call_id in DETERMINISTIC:
                     await self._run_on(m, call_id, args)
@@ -84,6 +88,8 @@ class Replicator:
                     for oid in token_oids:
                         await self._copy(origin, m, oid)
             except (MemberDown, Pkcs11Error) as e:
+                if isinstance(e, MemberDown):
+                    note_doubtful(m)  # the copy may have been made before it failed
                 self._missed(m, token_oids, str(e))
             else:
                 for oid in token_oids:

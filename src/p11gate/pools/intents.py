@@ -1,0 +1,176 @@
+"""Creation intents: what a gateway-replicated pool is about to create, recorded first.
+
+A creation through a pool with gateway replication runs on several members, one after
+the other (generate on one, copy to the others). A gateway killed half-way leaves
+objects on some members that no client was told about. So before the first member is
+asked, the pool records an *intent*: the identities (CKA_CLASS, CKA_ID, CKA_LABEL) it is
+about to create and the members that may end up holding them (all of them). The row is
+dropped when the client's reply is ready (done), or kept, naming the members still to
+clean, when the creation failed or some member's outcome is unknown. On start, when a
+member rejoins and when the pool is logged in, :mod:`.reconcile` destroys on those
+members every object of those identities -- no client ever got a handle to them -- and
+drops the member from the intent; an intent with no member left is removed.
+
+Rows: ``state`` is ``pending`` (written before the creation: a gateway that died with
+it pending never answered), ``failed`` (the creation failed and was undone where it
+could be) or ``done`` (the client was told; ``unsettled`` lists members whose part of
+the creation failed mid-way, which hold no good copy and are cleaned when they return).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from ..registry import Registry
+from .member import Member
+from .objects import Key
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS pool_intent (
+        pool TEXT NOT NULL, intent INTEGER NOT NULL, state TEXT NOT NULL,
+        objects TEXT NOT NULL, unsettled TEXT NOT NULL, created REAL NOT NULL,
+        PRIMARY KEY (pool, intent))""",
+)
+
+
+@dataclass
+class Intent:
+    id: int
+    keys: list[Key]
+    #: members that may hold objects of these identities that no client was told about
+    unsettled: set[str]
+    state: str = "pending"
+    #: in flight in this process: its own call cleans up, reconcile leaves it alone
+    live: bool = True
+    #: members whose part of the creation failed mid-way (outcome unknown): they are
+    #: given no copy, and cleaned
+    doubtful: set[str] = field(default_factory=set)
+    #: members the creation must not use: still to be cleaned for one of these identities
+    avoid: set[str] = field(default_factory=set)
+
+
+def _encode_key(key: Key) -> list[int | str | None]:
+    return [key[0], None if key[1] is None else key[1].hex(),
+            None if key[2] is None else key[2].hex()]
+
+
+def _decode_key(raw: list[int | str | None]) -> Key:
+    cls, cid, label = raw
+    return (int(cls or 0), None if cid is None else bytes.fromhex(str(cid)),
+            None if label is None else bytes.fromhex(str(label)), None)
+
+
+class IntentLog:
+    def __init__(self, pool: str, registry: Registry) -> None:
+        self.pool = pool
+        self.registry = registry
+        registry.ensure(*_SCHEMA)
+        #: intents not yet settled: in flight, or left by a failure or an earlier run
+        self.open: dict[int, Intent] = {}
+        for iid, state, objects, unsettled in registry.query(
+                "SELECT intent, state, objects, unsettled FROM pool_intent WHERE pool=?",
+                (pool,)):
+            self.open[int(iid)] = Intent(
+                int(iid), [_decode_key(k) for k in json.loads(objects)],
+                set(json.loads(unsettled)), state=str(state), live=False)
+        #: found at start: the figures the reconcile log line and status report
+        self.found_at_start = len(self.open)
+        self._ids = itertools.count(max(self.open, default=0) + 1)
+
+    def _write(self, it: Intent) -> None:
+        self.registry.execute(
+            "INSERT OR REPLACE INTO pool_intent (pool, intent, state, objects, unsettled, "
+            "created) VALUES (?, ?, ?, ?, ?, ?)",
+            (self.pool, it.id, it.state, json.dumps([_encode_key(k) for k in it.keys]),
+             json.dumps(sorted(it.unsettled)), time.time()))
+
+    def _drop(self, it: Intent) -> None:
+        self.registry.execute("DELETE FROM pool_intent WHERE pool=? AND intent=?",
+                              (self.pool, it.id))
+        self.open.pop(it.id, None)
+
+    def reserve(self, keys: list[Key], members: list[str]) -> Intent:
+        """Claim ``keys`` for a creation in this process (not written yet: the call
+        first checks that they are not on the pool already)."""
+        it = Intent(next(self._ids), keys, set(members))
+        it.avoid = self.unsettled_for(keys)
+        self.open[it.id] = it
+        return it
+
+    def begin(self, it: Intent) -> None:
+        """Record, durably, that ``it`` is about to be created (raises if the registry
+        cannot be written: then nothing may be created)."""
+        try:
+            self._write(it)
+        except BaseException:
+            self.open.pop(it.id, None)
+            raise
+
+    def done(self, it: Intent) -> None:
+        """The client is told: only the members whose outcome is unknown stay to clean."""
+        it.live = False
+        it.state = "done"
+        it.unsettled = set(it.doubtful)
+        if it.unsettled:
+            self._write(it)
+        else:
+            self._drop(it)
+
+    def failed(self, it: Intent, members: set[str]) -> None:
+        """The creation failed: ``members`` may hold a part of it until cleaned."""
+        it.live = False
+        it.state = "failed"
+        it.unsettled = set(members)
+        self._write(it)
+
+    def settle(self, it: Intent, member: str) -> None:
+        """``member`` holds nothing of ``it`` any more."""
+        it.unsettled.discard(member)
+        if it.unsettled:
+            self._write(it)
+        else:
+            self._drop(it)
+
+    def discard(self, it: Intent) -> None:
+        """The creation was refused before any member was asked: nothing to clean."""
+        it.live = False
+        self.open.pop(it.id, None)
+
+    def in_flight(self, keys: list[Key]) -> bool:
+        wanted = set(keys)
+        return any(it.live and wanted.intersection(it.keys) for it in self.open.values())
+
+    def unsettled_for(self, keys: list[Key]) -> set[str]:
+        """Members that still hold, or may hold, objects of ``keys`` no client knows."""
+        wanted = set(keys)
+        out: set[str] = set()
+        for it in self.open.values():
+            if not it.live and wanted.intersection(it.keys):
+                out |= it.unsettled
+        return out
+
+    def unsettled_count(self) -> int:
+        return sum(1 for it in self.open.values() if not it.live)
+
+
+#: the intent of the creation this task is running (members that fail during it are
+#: noted as doubtful: their part may or may not have been made)
+CURRENT: ContextVar[Intent | None] = ContextVar("p11gate_pool_intent", default=None)
+
+
+def note_doubtful(m: Member) -> None:
+    """``m`` failed during the current creation: it gets no copy and is cleaned."""
+    it = CURRENT.get()
+    if it is not None:
+        it.doubtful.add(m.name)
+        it.avoid.add(m.name)
+
+
+def avoided(m: Member) -> bool:
+    """The current creation must not make anything on ``m``."""
+    it = CURRENT.get()
+    return it is not None and m.name in it.avoid
