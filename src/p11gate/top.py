@@ -38,7 +38,8 @@ def _health(st: Status, backend: str) -> Text:
     for b in st.get("backends", []):
         if b.get("name") == backend:
             if b.get("up"):
-                return Text(f"{backend} up (restarts {b.get('restarts', 0)})", style="green")
+                n = b.get("restarts", 0)
+                return Text(f"{backend} up" + (f" ({n} restarts)" if n else ""), style="green")
             why = one_line(str(b.get("last_error") or "down"))[:40]
             return Text(f"{backend} down ({why})", style="bold red")
     return Text(backend)
@@ -49,10 +50,13 @@ def view(st: Status, prev: Status | None, dt: float) -> Table:
                         f"{duration(float(st.get('uptime_s', 0)))} — "
                         f"{st.get('connections', 0)} connections",
                   title_justify="left", expand=False)
-    for col in ("TOKEN", "SLOT", "CALLS/S", "ERRORS/S", "LATENCY", "CALLS", "ERRORS",
-                "HEALTH"):
-        left = col in ("TOKEN", "SLOT", "HEALTH")
-        table.add_column(col, justify="left" if left else "right", no_wrap=True)
+    names = [one_line(t["name"]) for t in st.get("tokens", [])]
+    # names and numbers are never cut short; a narrow terminal folds the health column
+    table.add_column("TOKEN", no_wrap=True, min_width=max(map(len, names), default=5))
+    table.add_column("SLOT", no_wrap=True, min_width=10)
+    for col in ("CALLS/S", "ERR/S", "LATENCY", "CALLS", "ERRORS"):
+        table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
+    table.add_column("HEALTH", overflow="fold")
     before = {t["name"]: t.get("stats", {}) for t in (prev or {}).get("tokens", [])}
     for t in st.get("tokens", []):
         now = t.get("stats", {})
