@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from .cli_ops import admin_options, admin_socket_for, module_file, top
 from .config import ConfigError, load_config
 
 
@@ -17,20 +18,23 @@ def main() -> None:
 
 
 @main.command("check-config")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
-def check_config(config_path: str) -> None:
-    """Validate a configuration file and print what it declares."""
+@click.argument("path", required=False, type=click.Path(dir_okay=False))
+@click.option("--config", "config_opt", default=None, type=click.Path(dir_okay=False),
+              help="the file (same as PATH)")
+def check_config(path: str | None, config_opt: str | None) -> None:
+    """Validate a configuration file (PATH, default /etc/p11gate/p11gate.toml) and print
+    what it declares: listeners, tokens with their PKCS#11 URIs, pools and rules."""
+    from .cli_ops import DEFAULT_CONFIG
+    from .config_report import describe
+
+    config_path = path or config_opt or DEFAULT_CONFIG
     try:
         cfg = load_config(config_path)
     except ConfigError as e:
         click.echo(str(e), err=True)
         sys.exit(2)
-    for t in cfg.token:
-        b = cfg.backend_named(t.backend)
-        click.echo(
-            f"token {t.name!r}: slot {t.virtual_slot_id:#x} on backend {b.name!r} "
-            f"({b.module}, isolation={b.isolation})"
-        )
+    for line in describe(cfg):
+        click.echo(line)
     if cfg.tls is not None:
         from .remote.tls_notes import client_ca_notes
 
@@ -69,34 +73,23 @@ def serve(config_path: str | None, state_dir: str | None, listen: str | None) ->
 
 
 @main.command("status")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="the daemon's configuration file (to find its admin socket)")
-@click.option("--socket", "socket_path", default=None, help="the admin socket path")
-@click.option("--state-dir", default=None, help="state directory (demo mode)")
-def status(config_path: str | None, socket_path: str | None, state_dir: str | None) -> None:
+@admin_options
+@click.option("--json", "as_json", is_flag=True, help="the full status as JSON")
+def status(config_path: str | None, socket_path: str | None, state_dir: str | None,
+           as_json: bool) -> None:
     """Show what a running gateway is doing: tokens, backends, pools, connections."""
     import json
 
-    from .admin import admin_socket_path, query
+    from .admin import query
+    from .status_view import render
 
-    if socket_path is None:
-        if config_path is not None:
-            try:
-                cfg = load_config(config_path)
-            except ConfigError as e:
-                click.echo(str(e), err=True)
-                sys.exit(2)
-            socket_path = admin_socket_path(cfg.server.state_dir, cfg.server.admin_socket)
-        else:
-            from .demo import default_state_dir
-
-            socket_path = admin_socket_path(str(state_dir or default_state_dir()), None)
+    socket_path = admin_socket_for(config_path, socket_path, state_dir)
     try:
         reply = query(socket_path)
     except OSError as e:
         click.echo(f"cannot reach the gateway at {socket_path}: {e.strerror or e}", err=True)
         sys.exit(1)
-    click.echo(json.dumps(reply, indent=2))
+    click.echo(json.dumps(reply, indent=2) if as_json else render(reply), nl=as_json)
 
 
 @main.command("hash-pin")
@@ -210,6 +203,10 @@ def worker(
         raise click.BadParameter(str(e), param_hint="--raw-parameter-mechanism") from None
     sys.exit(worker_main(module, threads=threads, init_reserved=init_reserved,
                          raw_parameter_mechanisms=raw))
+
+
+main.add_command(top)
+main.add_command(module_file)
 
 
 def _register_optional() -> None:

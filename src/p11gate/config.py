@@ -255,39 +255,48 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _references(self) -> Config:
+        # every problem in one run (one line each), not only the first
+        problems: list[str] = []
         backends = [b.name for b in self.backend]
         names = backends + [p.name for p in self.pool]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
-            raise ValueError(f"backend and pool names must be unique: {sorted(dup)}")
+            problems.append(f"backend and pool names must be unique: {sorted(dup)}")
         for i, p in enumerate(self.pool):
             for j, m in enumerate(p.members):
                 if m.backend not in backends:
-                    raise ValueError(f"pool[{i}].members[{j}].backend: no backend named "
-                                     f"{m.backend!r} (defined: {', '.join(backends)})")
+                    problems.append(f"pool[{i}].members[{j}].backend: no backend named "
+                                    f"{m.backend!r} (defined: {', '.join(backends)})")
         for i, t in enumerate(self.token):
             if t.backend not in names:
-                raise ValueError(
+                problems.append(
                     f"token[{i}].backend: no backend or pool named {t.backend!r} (defined: "
                     f"{', '.join(names)})"
                 )
         tnames = [t.name for t in self.token]
-        if len(set(tnames)) != len(tnames):
-            raise ValueError("token names must be unique")
+        dup = {n for n in tnames if tnames.count(n) > 1}
+        if dup:
+            problems.append(f"token names must be unique: {sorted(dup)} given twice")
         if self.tls is None and any(a.startswith("tls:") for a in self.server.listen):
-            raise ValueError("server.listen has a tls: address but there is no [tls] section "
-                             "(cert, key, client_ca)")
+            problems.append("server.listen has a tls: address but there is no [tls] section "
+                            "(cert, key, client_ca)")
         for i, r in enumerate(self.rule):
             for name in r.tokens:
                 if name != "*" and name not in tnames:
-                    raise ValueError(f"rule[{i}] ({r.name}).tokens: no token named {name!r} "
-                                     f"(defined: {', '.join(tnames)})")
+                    problems.append(f"rule[{i}] ({r.name}).tokens: no token named {name!r} "
+                                    f"(defined: {', '.join(tnames)})")
         rnames = [r.name for r in self.rule]
-        if len(set(rnames)) != len(rnames):
-            raise ValueError("rule names must be unique (logs and audit name them)")
+        dup = {n for n in rnames if rnames.count(n) > 1}
+        if dup:
+            problems.append(f"rule names must be unique (logs and audit name them): "
+                            f"{sorted(dup)} given twice")
         ids = [t.virtual_slot_id for t in self.token]
-        if len(set(ids)) != len(ids):
-            raise ValueError("two tokens have the same slot id: set slot_id on one of them")
+        same = sorted(t.name for t in self.token if ids.count(t.virtual_slot_id) > 1)
+        if same:
+            problems.append(f"tokens {same} have the same slot id: set slot_id on one of "
+                            "them")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @model_validator(mode="after")
@@ -335,5 +344,6 @@ def _explain(source: str, e: ValidationError) -> str:
             msg = "unknown key (check the spelling; see the configuration reference in README)"
         elif err["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"{source}: {loc or '(top level)'}: {msg}")
+        # a validator that found several problems says each on a line of its own
+        lines += [f"{source}: {loc or '(top level)'}: {m}" for m in msg.split("\n")]
     return "\n".join(lines)

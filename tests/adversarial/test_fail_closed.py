@@ -252,8 +252,8 @@ def _audit_run(tmp_path: Path, hsm: dict[str, Any], sockdir: Path,
         except BaseException:
             gw.stop()
             raise
-        status = subprocess.run([sys.executable, "-m", "p11gate.cli", "status", "--config",
-                                 str(cfg)], capture_output=True, text=True, timeout=30)
+        status = subprocess.run([sys.executable, "-m", "p11gate.cli", "status", "--json",
+                                 "--config", str(cfg)], capture_output=True, text=True, timeout=30)
         res["status"] = json.loads(status.stdout)
     return res, records, gw
 

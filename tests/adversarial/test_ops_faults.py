@@ -44,7 +44,7 @@ def slots(path: str) -> list[int]:
 
 
 def status(cfg: Path) -> dict[str, Any]:
-    r = p11gate("status", "--config", str(cfg))
+    r = p11gate("status", "--json", "--config", str(cfg))
     assert r.returncode == 0, r.stderr
     out: dict[str, Any] = json.loads(r.stdout)
     return out

@@ -141,7 +141,7 @@ def test_status_reports_tokens_and_backends_over_a_private_admin_socket(tmp_path
     try:
         admin = tmp_path / "state" / "admin.sock"
         assert stat.S_IMODE(admin.stat().st_mode) == 0o600
-        r = p11gate("status", "--config", str(cfg))
+        r = p11gate("status", "--json", "--config", str(cfg))
         assert r.returncode == 0, r.stderr
         st = json.loads(r.stdout)
         assert [t["name"] for t in st["tokens"]] == ["signing"]

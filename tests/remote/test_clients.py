@@ -325,7 +325,7 @@ def test_refused_tls_clients_leave_nothing_behind(setup: dict[str, Any]) -> None
     import json
 
     def connections() -> int:
-        r = subprocess.run([P11GATE, "status", "--config", str(setup["config"])],
+        r = subprocess.run([P11GATE, "status", "--json", "--config", str(setup["config"])],
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
         return int(json.loads(r.stdout)["connections"])

@@ -28,10 +28,9 @@ async def select_slot(backend: Backend, sel: TokenSelect) -> int:
                               f"slot_index {sel.slot_index}: backend has {len(slots)} tokens")
         return int(slots[sel.slot_index])
     for s in slots:
+        if sel.slot_id is not None and int(s) != sel.slot_id:
+            continue  # no need to ask a token that cannot match
         info = await backend.call(C_GetTokenInfo, [s])
-        if sel.label is not None and info[0] == pad(sel.label, 32):
+        if sel.matches(int(s), info):
             return int(s)
-        if sel.serial is not None and info[3] == pad(sel.serial, 16):
-            return int(s)
-    wanted = sel.model_dump(exclude_none=True)
-    raise Pkcs11Error(ckr.TOKEN_NOT_PRESENT, f"no token matches {wanted}")
+    raise Pkcs11Error(ckr.TOKEN_NOT_PRESENT, f"no token matches {sel.describe()}")

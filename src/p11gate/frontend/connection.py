@@ -47,7 +47,7 @@ from ..codec.values import HandleParam, KyberParams
 from ..errors import BackendUnavailable, Pkcs11Error
 from ..identity import UNKNOWN, Identity
 from ..policy import Denied, Grant, require
-from . import fail_closed, login_calls, object_calls
+from . import call_stats, fail_closed, login_calls, object_calls
 from .common import ID, PRIVATE_FALSE, RESTART_WAIT, Stale
 from .handles import (
     IDENTITY_KNOWN,
@@ -110,6 +110,8 @@ class ClientConnection(asyncio.Protocol):
         self._tail: asyncio.Future[None] | None = None  # ordering of session-less calls
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = False
+        #: frame code → (its token's counters, start time), for `status` and `top`
+        self.call_started: dict[int, tuple[call_stats.CallStats, float]] = {}
 
     # ------------------------------------------------------------ transport
 
@@ -170,6 +172,7 @@ class ClientConnection(asyncio.Protocol):
         handler = HANDLERS.get(call.id)
         if handler is None:
             raise ProtocolError(f"call {call.name} not served")
+        call_stats.started(self, code, call.id, args)
         templates = TEMPLATE_ARGS.get(call.id)
         if templates is not None and self._duplicated(call, args, templates):
             self._reply(code, encode_error(ckr.TEMPLATE_INCONSISTENT))
@@ -238,6 +241,7 @@ class ClientConnection(asyncio.Protocol):
         self._reply(code, body)
 
     def _reply(self, code: int, body: bytes) -> None:
+        call_stats.answered(self, code, body)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(build_frame(code, body))
 

@@ -30,6 +30,7 @@ from ..remote.tls import (
 from ..unix_socket import BoundSocket, bind_unix, make_socket_dir
 from .connection import ClientConnection
 from .fair_share import FairShares
+from .status_info import StartTime, gateway_header, token_extras
 from .tls_listener import TlsListener
 from .token import VirtualToken
 
@@ -57,6 +58,7 @@ def unix_path(address: str) -> str:
 class Gateway:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.started = StartTime()
         self.backends: dict[str, Backend] = {b.name: make_backend(b) for b in cfg.backend}
         self.registry = Registry(cfg.server.state_dir)
         self.ownership = OwnershipStore(self.registry)
@@ -189,6 +191,7 @@ class Gateway:
 
     def status(self) -> dict[str, Any]:
         return {
+            **gateway_header(self, self.started),  # version, uptime, listeners
             "connections": len(self.connections),
             "clients": sorted({c.peer for c in self.connections}),
             "audit_records": self.audit.records,
@@ -204,7 +207,7 @@ class Gateway:
                  "present": t.present, "pin_mode": t.pin_mode,
                  "logged_in_clients": len(t.login.holders),
                  "owned_objects": self.ownership.count(t.name),
-                 "last_error": t.last_error}
+                 "last_error": t.last_error, **token_extras(t)}
                 for t in self.tokens
             ],
         }

@@ -13,8 +13,10 @@ from ..codec.calls import CALLS_BY_NAME
 from ..config import ConfigError, TokenConfig
 from ..errors import Pkcs11Error
 from ..registry import Registry
+from .call_stats import CallStats
 from .login import LoginState
 from .pins import MappedPins, PinThrottle
+from .token_uri import client_uri, configured_uri
 
 log = logging.getLogger("p11gate.token")
 
@@ -56,6 +58,10 @@ class VirtualToken:
         #: (generation, backend handle) of session objects → the connection that made
         #: them: a session object belongs to one application (connection) only
         self.session_objects: dict[tuple[int, int], int] = {}
+        #: the PKCS#11 URI clients can name it by (completed from the backend on attach)
+        self.uri = configured_uri(cfg.name)
+        #: calls, errors and latency of the calls on this token (`status`, `p11gate top`)
+        self.stats = CallStats()
 
     @property
     def present(self) -> bool:
@@ -73,6 +79,7 @@ class VirtualToken:
                 return
             try:
                 self.backend_slot = await self._select_slot()
+                self.uri = await client_uri(self)
                 (self.control_session,) = await self.backend.call(
                     C_OpenSession, [self.backend_slot, ck.CKF_SERIAL_SESSION | ck.CKF_RW_SESSION]
                 )
