@@ -90,6 +90,8 @@ class WorkerOutput:
             self._window, self._in_window = now, 0
         self._in_window += 1
         if self._in_window > LINE_BURST:
+            if not self._suppressed:  # the count is logged at the latest in a second
+                asyncio.get_running_loop().call_later(1.0, self._flush_suppressed)
             self._suppressed += 1
             return
         log.warning("worker output", extra={"backend": self.backend, "pid": self.pid,
