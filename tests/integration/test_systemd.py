@@ -222,3 +222,53 @@ def test_without_journal_stream_no_prefixes(tmp_path: Path) -> None:
     finally:
         gw.stop()
     assert gw.records() and not re.search(r"^<\d>", gw.log(), re.M)
+
+
+def test_serves_under_the_units_hardening(tmp_path: Path) -> None:
+    """The service's confinement, rebuilt without systemd (this container has no systemd
+    as PID 1): a private mount namespace with the whole file system read-only except the
+    state/runtime directory (ProtectSystem=strict + StateDirectory/RuntimeDirectory),
+    empty /tmp, /var/tmp and /home (PrivateTmp, ProtectHome; /root, where this test's
+    Python lives, stays read-only), no new privileges and no capabilities at all. The
+    gateway starts, a raw client logs in and finds the token's keys."""
+    for tool in ("unshare", "setpriv", "mount"):
+        assert shutil.which(tool), tool
+    run = Path(f"/run/p11gate-hardening-{os.getpid()}")
+    run.mkdir(mode=0o755)
+    try:
+        token = make_token(run / "softhsm")
+        cfg = write_config(run, token)
+        script = (
+            "set -e; mount --make-rprivate /; mount -o remount,bind,ro /; "
+            f"mount --bind {run} {run}; mount -o remount,bind,rw {run}; "
+            "for d in /tmp /var/tmp /home; do mount -t tmpfs -o mode=1777 tmpfs $d; done; "
+            "exec setpriv --no-new-privs --bounding-set=-all --inh-caps=-all "
+            '--ambient-caps=-all "$@"'
+        )
+        proc = subprocess.Popen(
+            ["unshare", "--mount", "sh", "-c", script, "sh", sys.executable, "-m",
+             "p11gate.cli", "serve", "--config", str(cfg)],
+            stdout=subprocess.PIPE, stderr=open(run / "p11gate.log", "wb"),
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline().decode()
+            assert "P11_KIT_SERVER_ADDRESS=" in line, (run / "p11gate.log").read_text()
+            caps = Path(f"/proc/{proc.pid}/status").read_text()
+            assert re.search(r"^CapEff:\s+0+$", caps, re.M), caps
+            assert re.search(r"^NoNewPrivs:\s+1$", caps, re.M), caps
+            c = RawClient(str(run / "p11gate.sock"))
+            c.initialize()
+            (slots,) = c.call(C_GetSlotList, [1, 16])
+            (session,) = c.call(10, [slots[0], 6])  # C_OpenSession(RW | SERIAL)
+            assert c.call(18, [session, 1, b"1234"]) == []  # C_Login(CKU_USER)
+            assert len(c.find(session, [])) >= 4  # two key pairs
+            c.close()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0, (run / "p11gate.log").read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
