@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -116,15 +117,24 @@ def test_ready_after_listeners_accept_reloading_and_stopping(token: dict,
         notify.close()
 
 
-def _activated(cmd: list[str], sock: socket.socket, env: dict[str, str],
-               log: Path) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` the way systemd does: the listening socket as fd 3, LISTEN_FDS=1,
-    LISTEN_PID = the pid that execs p11gate (the shell's $$ is kept across exec)."""
-    fd = sock.fileno()
+def _activated(cmd: list[str], socks: list[socket.socket], env: dict[str, str],
+               log: Path, names: str = "unix") -> subprocess.Popen[bytes]:
+    """Start ``cmd`` the way systemd does: the listening sockets as fds 3, 4, …,
+    LISTEN_FDS, LISTEN_FDNAMES, and LISTEN_PID = the pid that execs p11gate (the shell's
+    $$ is kept across exec)."""
+    fds = [s.fileno() for s in socks]
+    targets = list(range(3, 3 + len(fds)))
+
+    def place() -> None:
+        # via fresh numbers first: a socket may already sit on another one's target
+        tmp = [os.dup(fd) for fd in fds]
+        for t, fd in zip(targets, tmp, strict=True):
+            os.dup2(fd, t)
+
     return subprocess.Popen(
         ["sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", *cmd],
-        env={**env, "LISTEN_FDS": "1", "LISTEN_FDNAMES": "unix"},
-        pass_fds=(3,), preexec_fn=lambda: os.dup2(fd, 3),
+        env={**env, "LISTEN_FDS": str(len(fds)), "LISTEN_FDNAMES": names},
+        pass_fds=targets, preexec_fn=place,
         stdout=subprocess.PIPE, stderr=open(log, "wb"))
 
 
@@ -140,7 +150,7 @@ def test_socket_activation_serves_and_keeps_the_socket_file(token: dict,
     early = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     early.connect(str(path))
     proc = _activated([sys.executable, "-m", "p11gate.cli", "serve", "--config", str(cfg)],
-                      listener, dict(os.environ), tmp_path / "p11gate.log")
+                      [listener], dict(os.environ), tmp_path / "p11gate.log")
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().decode()
@@ -179,7 +189,7 @@ def test_socket_for_no_listen_address_is_refused(token: dict, tmp_path: Path) ->
     listener.bind(str(other))
     listener.listen(4)
     proc = _activated([sys.executable, "-m", "p11gate.cli", "serve", "--config", str(cfg)],
-                      listener, dict(os.environ), tmp_path / "p11gate.log")
+                      [listener], dict(os.environ), tmp_path / "p11gate.log")
     try:
         assert proc.wait(30) == 2
     finally:
@@ -272,3 +282,51 @@ def test_serves_under_the_units_hardening(tmp_path: Path) -> None:
                 proc.wait()
     finally:
         shutil.rmtree(run, ignore_errors=True)
+
+
+def test_socket_activation_of_the_tls_listener(token: dict, tmp_path: Path) -> None:
+    """Both listeners from systemd (FileDescriptorName unix and tls): a client
+    certificate's TLS connection is served on the passed TCP socket, which systemd
+    (the test) still holds, listening, after the stop."""
+    from tests.adversarial.tls_pki import make_two_ca_pki
+
+    pki = make_two_ca_pki(tmp_path / "pki")
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(16)
+    port = tcp.getsockname()[1]
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(str(tmp_path / "p11gate.sock"))
+    unix.listen(16)
+    cfg = write_config(tmp_path, token)
+    text = cfg.read_text().replace(
+        f'listen = "unix:path={tmp_path / "p11gate.sock"}"',
+        f'listen = ["unix:path={tmp_path / "p11gate.sock"}", "tls:127.0.0.1:{port}"]')
+    text += (f'\n[tls]\ncert = "{pki["server.pem"]}"\nkey = "{pki["server.key"]}"\n'
+             f'client_ca = "{pki["client_ca"]}"\n')
+    cfg.write_text(text)
+    proc = _activated([sys.executable, "-m", "p11gate.cli", "serve", "--config", str(cfg)],
+                      [unix, tcp], dict(os.environ), tmp_path / "p11gate.log", "unix:tls")
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert "P11_KIT_SERVER_ADDRESS=" in line, (tmp_path / "p11gate.log").read_text()
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cafile=pki["ca_a"])
+        ctx.load_cert_chain(pki["tenant-a.pem"], pki["tenant-a.key"])
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        c = RawClient(None, sock=ctx.wrap_socket(raw, server_hostname="127.0.0.1"))
+        c.initialize()
+        (slots,) = c.call(C_GetSlotList, [1, 16])
+        assert len(slots) == 1
+        c.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, (tmp_path / "p11gate.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    probe = socket.create_connection(("127.0.0.1", port), timeout=5)  # still listening
+    probe.close()
+    tcp.close()
+    unix.close()
