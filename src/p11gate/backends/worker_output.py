@@ -33,6 +33,9 @@ LINE_BURST = 20
 LOG_FIRST = 3
 #: seconds between two summaries of a backend that keeps failing to restart
 SUMMARY_EVERY = 60.0
+#: after this many seconds of failing, restarts are tried at most this often
+LONG_FAILURE = 60.0
+LONG_FAILURE_DELAY = 30.0
 
 
 class WorkerOutput:
@@ -128,6 +131,13 @@ class RestartFailures:
     def verbose(self) -> bool:
         """Whether the output of the attempt under way is logged line by line."""
         return self.streak < LOG_FIRST
+
+    def max_delay(self, usual: float) -> float:
+        """The longest pause before the next attempt: ``usual`` at first, longer once
+        the backend has been failing for a while (it is summarised by then anyway)."""
+        if self.streak and time.monotonic() - self._first_failure >= LONG_FAILURE:
+            return max(usual, LONG_FAILURE_DELAY)
+        return usual
 
     def failed(self, reason: str, next_try: float, log_it: bool = True) -> None:
         now = time.monotonic()

@@ -30,8 +30,9 @@ log = logging.getLogger("p11gate.backend")
 
 #: how long a fresh worker may take to answer the version byte and C_Initialize
 START_TIMEOUT = 30.0
-#: longest pause between two restart attempts of a worker that keeps failing
-MAX_RESTART_DELAY = 30.0
+#: longest pause between two restart attempts (a module or token that is missing at
+#: first may appear soon; after a minute of failures RestartFailures stretches it)
+MAX_RESTART_DELAY = 5.0
 #: how long a worker that died at start may take to finish writing its reason
 OUTPUT_GRACE = 1.0
 
@@ -168,7 +169,7 @@ class WorkerBackend(Backend):
                 await self._spawn()
             except BackendUnavailable as e:
                 self.last_error = str(e)
-                delay = min(max(delay * 2, 0.1), MAX_RESTART_DELAY)
+                delay = min(max(delay * 2, 0.1), self.failures.max_delay(MAX_RESTART_DELAY))
                 self.failures.failed(str(e), delay)  # logged a few times, then summarised
                 continue
             self.restarts += 1
