@@ -45,7 +45,7 @@ class ServerConfig(_Strict):
     #: permissions of the unix socket file: an integer (0o660) or an octal string ("0660")
     socket_mode: int = 0o660
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["json", "text"] = "json"
+    log_format: Literal["json", "text", "journal"] = "json"
     #: use uvloop when it is installed (lower latency)
     uvloop: bool = True
     #: the admin socket `p11gate status` talks to (mode 0600); default <state_dir>/admin.sock

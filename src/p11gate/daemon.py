@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import logs
+from . import logs, systemd
 from .config import Config, ConfigError, load_config, parse_config
 from .config_checks import check
 from .frontend.server import Gateway
@@ -35,7 +35,17 @@ def _load(config_path: str | None, state_dir: str | None, listen: str | None) ->
 
 
 def _hangup(gw: Gateway | None) -> None:
-    """SIGHUP (logrotate, `systemctl reload`): reopen the log and audit files by name."""
+    """SIGHUP (logrotate, `systemctl reload`): reopen the log and audit files by name.
+    systemd hears RELOADING=1 before and READY=1 after, so `systemctl reload` returns
+    once it is done."""
+    systemd.reloading()
+    try:
+        _reopen(gw)
+    finally:
+        systemd.notify("READY=1", "STATUS=serving")
+
+
+def _reopen(gw: Gateway | None) -> None:
     files = logs.reopen()
     if gw is not None and gw.audit.enabled:
         try:
@@ -68,8 +78,18 @@ async def _serve(cfg: Config, demo: bool) -> int:
               "(and [audit] file) to a writable directory", file=sys.stderr)
         return 2
     current.append(gw)
+    # socket activation: listeners systemd bound, matched to [server] listen by address
+    gw.inherited = systemd.inherited_sockets()
     try:
         await gw.start()
+        unmatched = gw.inherited.leftovers()
+        if unmatched:
+            print(f"{cfg.source}: server.listen: systemd passed sockets that no listen "
+                  f"address matches: {'; '.join(unmatched)}; make the socket unit's "
+                  "ListenStream= and [server] listen name the same addresses",
+                  file=sys.stderr)
+            await gw.stop()
+            return 2
     except SocketInUse as e:  # another live gateway: leave its files alone
         print(f"{cfg.source}: {e}", file=sys.stderr)
         await gw.stop()
@@ -93,7 +113,15 @@ async def _serve(cfg: Config, demo: bool) -> int:
     if demo:
         print(f"# demo token {cfg.token[0].name!r}, user PIN 1234 (SoftHSMv2 in "
               f"{cfg.server.state_dir})", file=sys.stderr, flush=True)
+    # listeners accept clients and the tokens are attached: systemd may start the units
+    # that need us (Type=notify)
+    systemd.notify("READY=1", f"STATUS=serving {len(gw.tokens)} token(s)",
+                   f"MAINPID={os.getpid()}")
+    watchdog = systemd.start_watchdog()
     await stop.wait()
+    systemd.notify("STOPPING=1")
+    if watchdog is not None:
+        watchdog.cancel()
     log.info("stopping")
     await gw.stop()
     return 0

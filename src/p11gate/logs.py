@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -67,10 +68,52 @@ class ReopenableFileHandler(logging.FileHandler):
             self.release()
 
 
+#: syslog priorities (sd-daemon(3) line prefixes) of the logging levels
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
+             logging.DEBUG: 7}
+
+
+def priority(levelno: int) -> int:
+    for level, prio in _PRIORITY.items():  # highest level first
+        if levelno >= level:
+            return prio
+    return 7
+
+
+class JournalFormatter(logging.Formatter):
+    """Each line starts with ``<N>``, the record's syslog priority, as journald reads a
+    service's stderr (sd-daemon(3)): `journalctl -p warning` then finds the warnings.
+    Every line of a record gets it, so a traceback's lines keep the record's priority."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in self.inner.format(record).split("\n"))
+
+
+def stderr_is_journal() -> bool:
+    """True when stderr is the journal stream systemd connected (JOURNAL_STREAM holds its
+    device and inode): not when a process started from a journal-logged shell writes to
+    a file or a terminal."""
+    want = os.environ.get("JOURNAL_STREAM", "")
+    if not want:
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return want == f"{st.st_dev}:{st.st_ino}"
+
+
 def setup(level: str = "info", fmt: str = "json", file: str | None = None) -> None:
-    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
     handler: logging.Handler
     if file is None:
+        if fmt == "journal" or stderr_is_journal():
+            formatter = JournalFormatter(formatter)
         handler = logging.StreamHandler(sys.stderr)
     else:
         handler = ReopenableFileHandler(file, encoding="utf-8")

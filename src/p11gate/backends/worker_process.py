@@ -25,12 +25,17 @@ from .base import Backend
 from .deadlines import SLOW_CALLS
 from .rpc_client import RpcChannel, RpcClientProtocol
 from .worker_env import worker_environment
+from .worker_output import RestartFailures, WorkerOutput
 
 log = logging.getLogger("p11gate.backend")
 
 #: how long a fresh worker may take to answer the version byte and C_Initialize
 START_TIMEOUT = 30.0
+#: longest pause between two restart attempts (a module or token that is missing at
+#: first may appear soon; after a minute of failures RestartFailures stretches it)
 MAX_RESTART_DELAY = 5.0
+#: how long a worker that died at start may take to finish writing its reason
+OUTPUT_GRACE = 1.0
 
 
 class WorkerBackend(Backend):
@@ -47,6 +52,8 @@ class WorkerBackend(Backend):
         self._watch_task: asyncio.Task[None] | None = None
         self.restarts = 0
         self.last_error = ""
+        self.failures = RestartFailures(cfg.name)
+        self._output: WorkerOutput | None = None
 
     @property
     def up(self) -> bool:
@@ -74,6 +81,7 @@ class WorkerBackend(Backend):
             # keep trying in the background (with backoff): a module or token that is
             # not there yet at start-up may be there soon
             self.last_error = str(e)
+            self.failures.failed(str(e), self.cfg.restart_delay, log_it=False)
             if not self._stopping:
                 self._restart_task = asyncio.create_task(self._restart())
             raise
@@ -86,6 +94,8 @@ class WorkerBackend(Backend):
                 *self.command(),
                 stdin=child.fileno(),
                 stdout=child.fileno(),
+                # its own words (loader errors, vendor messages) become log records
+                stderr=asyncio.subprocess.PIPE,
                 # only what a program needs plus the backend's env: never the
                 # gateway's own secrets (the backend PIN's variable among them)
                 env=worker_environment(self.cfg.env),
@@ -99,6 +109,9 @@ class WorkerBackend(Backend):
         finally:
             child.close()
         self._proc = proc
+        assert proc.stderr is not None
+        output = self._output = WorkerOutput(self.name, proc.pid, proc.stderr,
+                                             self.failures.verbose)
         try:
             _, proto = await loop.create_connection(RpcClientProtocol, sock=parent)
             proto.on_lost = functools.partial(self._lost, proc)
@@ -107,7 +120,11 @@ class WorkerBackend(Backend):
             await asyncio.wait_for(chan.initialize(self.cfg.init_reserved), START_TIMEOUT)
         except BaseException as e:
             self._kill(proc)
-            raise BackendUnavailable(f"worker for {self.name} failed to start: {e!r}") from e
+            # the worker's own last words (the loader's error) say more than a closed pipe
+            await output.finished(OUTPUT_GRACE)
+            why = output.last() or repr(e)
+            raise BackendUnavailable(f"worker for {self.name} failed to start: {why}") from e
+        self.failures.recovered()
         self._chan = chan
         self.generation += 1
         self._up = True
@@ -153,9 +170,8 @@ class WorkerBackend(Backend):
                 await self._spawn()
             except BackendUnavailable as e:
                 self.last_error = str(e)
-                log.warning("backend restart failed", extra={"backend": self.name,
-                                                              "reason": str(e)})
-                delay = min(max(delay * 2, 0.1), MAX_RESTART_DELAY)
+                delay = min(max(delay * 2, 0.1), self.failures.max_delay(MAX_RESTART_DELAY))
+                self.failures.failed(str(e), delay)  # logged a few times, then summarised
                 continue
             self.restarts += 1
             if self.on_restart is not None:
@@ -223,6 +239,11 @@ class WorkerBackend(Backend):
                 await proc.wait()
         if self._watch_task is not None:
             self._watch_task.cancel()
+        if self._output is not None:
+            # what the worker wrote before it exited is read; a grandchild that still
+            # holds the pipe open does not keep the gateway from stopping
+            await self._output.finished(0.5)
+            self._output.task.cancel()
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "isolation": "process", "pid": self.pid,

@@ -27,6 +27,7 @@ from ..remote.tls import (
     server_context,
     watch_crl,
 )
+from ..systemd import Inherited, keep_socket_file
 from ..unix_socket import BoundSocket, bind_unix, make_socket_dir
 from .connection import ClientConnection
 from .fair_share import FairShares
@@ -78,6 +79,8 @@ class Gateway:
         self._servers: list[asyncio.AbstractServer | TlsListener] = []
         self.admin: AdminServer | None = None
         self._sockets: list[BoundSocket] = []
+        #: listening sockets passed by systemd (socket activation), claimed by _listen
+        self.inherited = Inherited()
         for b in self.backends.values():
             b.on_restart = self._reattach_hook(b)
 
@@ -121,23 +124,29 @@ class Gateway:
             await self._listen_tls(address)
             return
         path = unix_path(address)
-        make_socket_dir(path)
-        # never takes over (or later deletes) the socket of another live gateway
-        bound = bind_unix(path, self.cfg.server.socket_mode)
-        self._sockets.append(bound)
+        # socket activation: systemd bound it (and keeps it: never unlinked by us)
+        sock = self.inherited.take_unix(path)
+        activated = sock is not None
+        if sock is None:
+            make_socket_dir(path)
+            # never takes over (or later deletes) the socket of another live gateway
+            bound = bind_unix(path, self.cfg.server.socket_mode)
+            self._sockets.append(bound)
+            sock = bound.sock
         loop = asyncio.get_running_loop()
         server = await loop.create_unix_server(
-            lambda: self._new_connection(), sock=bound.sock, backlog=1024
+            lambda: self._new_connection(), sock=sock, backlog=1024,
+            **(keep_socket_file(loop) if activated else {}),
         )
         self._servers.append(server)
-        log.info("listening", extra={"address": address})
+        log.info("listening", extra={"address": address, "from_systemd": activated})
 
     async def _listen_tls(self, address: str) -> None:
         assert self.cfg.tls is not None  # the configuration checks it
         host, port = parse_tls_address(address)
         ctx = server_context(self.cfg.tls)
         listener = TlsListener(lambda: _TlsClientConnection(self), ctx)
-        await listener.start(host, port)
+        await listener.start(host, port, inherited=self.inherited.take_tcp(host, port))
         watch_crl(listener, ctx, self.cfg.tls)
         self._servers.append(listener)
         log.info("listening", extra={"address": address, "tls": "1.3, client certificates"})

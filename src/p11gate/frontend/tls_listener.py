@@ -45,7 +45,18 @@ class TlsListener:
         self._in_window = 0
         self._suppressed = 0
 
-    async def start(self, host: str, port: int, backlog: int = 1024) -> None:
+    async def start(self, host: str, port: int, backlog: int = 1024,
+                    inherited: list[socket.socket] | None = None) -> None:
+        """Listen on ``host:port``, or serve the ``inherited`` listening sockets (socket
+        activation: systemd bound them) instead of binding new ones."""
+        if inherited:
+            for s in inherited:
+                s.setblocking(False)
+                self._socks.append(s)
+            self._serving = True
+            for s in self._socks:
+                self._spawn(self._accept(s))
+            return
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
