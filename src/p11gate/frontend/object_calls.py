@@ -173,6 +173,7 @@ async def h_destroy(c: ClientConnection, call: Call, args: list[Any]) -> list[An
         if c.gw.ownership.owner(t.name, info[1:]) is not None:
             c.gw.ownership.release(t.name, info[1:])
     t.session_objects.pop((ref.generation, ref.backend_handle), None)
+    c.gw.limits.destroyed(c, ref, info)
     c.gw.audit.record(call.name, ckr.OK, c.peer, t.name, object=fields)
     return reply
 
@@ -250,6 +251,7 @@ async def h_create(c: ClientConnection, call: Call, args: list[Any]) -> list[Any
             token_objects = True
     c.require(t, "create" if token_objects else "use",
                   "creating a token object" if token_objects else "creating an object")
+    c.gw.limits.check_create(c, t, call.id, args)  # object quotas: CKR_DEVICE_MEMORY
     mech = args[1] if call.id in MECHANISM_CALLS else None
     extra: dict[str, Any] = {}
     if isinstance(mech, Mechanism):
@@ -289,6 +291,8 @@ async def h_create(c: ClientConnection, call: Call, args: list[Any]) -> list[Any
                 c.gw.ownership.claim(t.name, info[1:], c.identity.key)
         else:
             t.session_objects[key] = c.id
+        c.gw.limits.created(c, s.handle, ref, info,
+                            claimed=bool(info[0] and ns is not None and ns.owned))
         c.gw.audit.record(call.name, ckr.OK, c.peer, t.name,
                              object=object_fields(*info[1:]),
                              token_object=info[0], **extra)
