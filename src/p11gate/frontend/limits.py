@@ -49,15 +49,15 @@ _SIZE_QUERY = 0xFFFFFFFF
 
 
 class LogLimiter:
-    """At most ``burst`` records per ``period`` seconds for each message; the rest are
-    counted and summarised in one record at the end of the window."""
+    """At most ``burst`` records per ``period`` seconds for each message and limit; the
+    rest are counted and summarised in one record at the end of the window."""
 
     def __init__(self, logger: logging.Logger, burst: int = 20, period: float = 1.0) -> None:
         self.logger = logger
         self.burst = burst
         self.period = period
-        #: message -> [window start, records in window, suppressed in window]
-        self._windows: dict[str, list[float]] = {}
+        #: (message, limit) -> [window start, records in window, suppressed in window]
+        self._windows: dict[tuple[str, Any], list[float]] = {}
 
     def warning(self, msg: str, **fields: Any) -> None:
         self.record(logging.WARNING, msg, **fields)
@@ -67,11 +67,12 @@ class LogLimiter:
 
     def record(self, level: int, msg: str, **fields: Any) -> None:
         now = time.monotonic()
-        w = self._windows.get(msg)
+        key = (msg, fields.get("limit"))
+        w = self._windows.get(key)
         if w is None or now - w[0] >= self.period:
             if w is not None:
-                self._flush(msg)
-            w = self._windows[msg] = [now, 0, 0]
+                self._flush(key, level)
+            w = self._windows[key] = [now, 0, 0]
         w[1] += 1
         if w[1] <= self.burst:
             self.logger.log(level, msg, extra=fields)
@@ -79,13 +80,15 @@ class LogLimiter:
         w[2] += 1
         if w[2] == 1:
             with contextlib.suppress(RuntimeError):  # no loop: summarised at the next one
-                asyncio.get_running_loop().call_later(self.period, self._flush, msg)
+                asyncio.get_running_loop().call_later(self.period, self._flush, key, level)
 
-    def _flush(self, msg: str) -> None:
-        w = self._windows.get(msg)
+    def _flush(self, key: tuple[str, Any], level: int) -> None:
+        w = self._windows.get(key)
         if w is not None and w[2]:
-            self.logger.warning(f"{msg} (more, not logged one by one)",
-                                extra={"count": int(w[2]), "seconds": self.period})
+            msg, limit = key
+            self.logger.log(level, f"{msg} (more, not logged one by one)",
+                            extra={"count": int(w[2]), "seconds": self.period,
+                                   "limit": limit})
             w[2] = 0
 
 
