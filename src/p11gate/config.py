@@ -77,6 +77,11 @@ class ServerConfig(_Strict):
     max_session_objects_per_connection: int = Field(default=1024, ge=1, le=1 << 24)
     #: token objects one identity may own or have created (CKR_DEVICE_MEMORY beyond)
     max_token_objects_per_identity: int = Field(default=1000, ge=1, le=1 << 24)
+    #: per identity: bytes of request frames not complete yet, plus the unsent replies of
+    #: its connections whose client does not read (max_pending_reply_bytes each); a
+    #: connection that takes it beyond is closed at once
+    max_buffered_bytes_per_identity: int = Field(default=64 * 1024 * 1024,
+                                                 ge=1024 * 1024, le=1 << 40)
 
     @field_validator("listen", mode="before")
     @classmethod

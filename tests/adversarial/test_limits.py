@@ -186,6 +186,43 @@ def test_calls_in_flight_are_bounded_without_errors(
         gw.stop()
 
 
+def test_stalled_frames_of_one_identity_share_one_budget(
+        token: dict[str, Any], tmp_path: Path) -> None:
+    """100 connections of one identity each stall a 1 MiB frame (the deadline far
+    away): past max_buffered_bytes_per_identity (64 MiB) each new one is closed at once,
+    so memory stays bounded however many connections the identity may open."""
+    cfg = config(tmp_path, tmp_path / "gw.sock", token, "frame_timeout = 120.0")
+    gw = Gateway(cfg)
+    try:
+        time.sleep(0.5)
+        base = peak = rss(gw)
+        stalled = []
+        for _ in range(100):
+            c = RawClient(gw.path, timeout=30)
+            try:
+                c.send_raw(struct.pack(">III", 0x10, 0, MiB) + b"\0" * (MiB - 1))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # closed while sending: the budget was already spent
+            stalled.append(c)
+            peak = max(peak, rss(gw))
+        time.sleep(1.0)
+        closed = sum(1 for c in stalled if c.closed_by_peer(timeout=0.2))
+        peak = max(peak, rss(gw))
+        for c in stalled:
+            c.close()
+        growth = (peak - base) / MiB
+        print(f"\n100 stalled 1 MiB frames of one uid: {closed} closed at once, "
+              f"{100 - closed} held; RSS growth {growth:.0f} MiB")
+        assert 100 - closed <= 64
+        assert closed >= 30
+        assert growth < 150
+        assert any(r.get("limit") == "max_buffered_bytes_per_identity"
+                   for r in records(gw, "closing client connection: limit reached"))
+        assert sign_n(gw.path, 3)["ok"] == 3
+    finally:
+        gw.stop()
+
+
 # ---------------------------------------------------------------- 2. file descriptors
 
 

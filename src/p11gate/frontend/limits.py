@@ -116,6 +116,16 @@ def _requested_bytes(reqs: list[AttrRequest]) -> int:
     return sum(r.length + (_requested_bytes(r.nested) if r.nested else 0) for r in reqs)
 
 
+class IdentityUsage:
+    """Memory the connections of one identity hold in the gateway."""
+
+    __slots__ = ("buffered", "connections")
+
+    def __init__(self) -> None:
+        self.buffered = 0
+        self.connections: set[ClientConnection] = set()
+
+
 class ConnectionFlow:
     """Back-pressure and the frame deadline for one connection.
 
@@ -134,6 +144,10 @@ class ConnectionFlow:
         #: closes the connection (the reason is logged, rate-limited, by the caller)
         self._abort = abort
         self.transport: asyncio.Transport | None = None
+        #: shared by the connections of this identity (set when admitted)
+        self.usage: IdentityUsage | None = None
+        #: this connection's part of usage.buffered
+        self._held = 0
         self.in_flight = 0
         #: output bytes promised to calls in flight
         self.promised = 0
@@ -183,10 +197,42 @@ class ConnectionFlow:
     def pause_writing(self) -> None:
         self.writer_paused = True
         self._pause()
+        self._account()
 
     def resume_writing(self) -> None:
         self.writer_paused = False
+        self._account()
         self._maybe_resume()
+
+    def _account(self) -> None:
+        """Update this connection's part of its identity's buffered bytes; close it
+        when that takes the identity beyond max_buffered_bytes_per_identity (many
+        stalled frames or unread replies at once are an attack, not a workload)."""
+        u = self.usage
+        if u is None:
+            return
+        held = self.reader.pending()
+        if self.writer_paused:
+            held += self.cfg.max_pending_reply_bytes
+        delta = held - self._held
+        if not delta:
+            return
+        self._held = held
+        u.buffered += delta
+        if delta > 0 and u.buffered > self.cfg.max_buffered_bytes_per_identity:
+            limited_log.warning("closing client connection: limit reached",
+                                conn=self.conn_id, limit="max_buffered_bytes_per_identity",
+                                value=self.cfg.max_buffered_bytes_per_identity)
+            self.release()
+            if self.transport is not None:
+                self.transport.abort()
+
+    def release(self) -> None:
+        """The connection is gone: its bytes no longer count."""
+        if self.usage is not None:
+            self.usage.buffered -= self._held
+            self._held = 0
+            self.usage = None
 
     def receive(self, data: bytes) -> None:
         """Take frames from ``data`` (and what is buffered) while not blocked. Raises
@@ -204,6 +250,8 @@ class ConnectionFlow:
         finally:
             frames.close()
             self._receiving = False
+        if self._held or self.reader.pending() > 65536:
+            self._account()  # cheap enough for every chunk of a big frame
         if self.blocked():
             self._pause()
         else:
@@ -268,6 +316,7 @@ class ConnectionFlow:
 
     def close(self) -> None:
         self._cancel_timer()
+        self.release()
 
 
 def raise_fd_limit() -> int:
@@ -304,7 +353,7 @@ class GatewayLimits:
     def __init__(self, cfg: ServerConfig, ownership: OwnershipStore) -> None:
         self.cfg = cfg
         self.ownership = ownership
-        self.by_identity: dict[str, set[ClientConnection]] = {}
+        self.by_identity: dict[str, IdentityUsage] = {}
         self._key_of: dict[int, str] = {}
         self.refused = 0
         #: sessions being opened per identity (not in a handle table yet)
@@ -325,7 +374,8 @@ class GatewayLimits:
         why = None
         if len(self._key_of) >= self.cfg.max_connections:
             why = "max_connections"
-        elif mine is not None and len(mine) >= self.cfg.max_connections_per_identity:
+        elif mine is not None and len(mine.connections) >= \
+                self.cfg.max_connections_per_identity:
             why = "max_connections_per_identity"
         elif self.fds_short():
             why = "fd_reserve"
@@ -334,7 +384,10 @@ class GatewayLimits:
             limited_log.warning("connection refused: limit reached", limit=why,
                                 peer=ident.describe())
             return False
-        self.by_identity.setdefault(key, set()).add(conn)
+        if mine is None:
+            mine = self.by_identity[key] = IdentityUsage()
+        mine.connections.add(conn)
+        conn.flow.usage = mine
         self._key_of[conn.id] = key
         return True
 
@@ -343,10 +396,11 @@ class GatewayLimits:
         self._session_objects.pop(conn.id, None)
         if key is None:
             return
+        conn.flow.release()
         mine = self.by_identity.get(key)
         if mine is not None:
-            mine.discard(conn)
-            if not mine:
+            mine.connections.discard(conn)
+            if not mine.connections:
                 del self.by_identity[key]
 
     def fds_short(self) -> bool:
@@ -375,7 +429,8 @@ class GatewayLimits:
         """Around C_OpenSession: CKR_SESSION_COUNT when the connection or its identity
         has its quota of sessions (counting opens under way)."""
         key = conn.identity.key
-        conns = self.by_identity.get(key, {conn})
+        usage = self.by_identity.get(key)
+        conns = usage.connections if usage is not None else {conn}
         if len(conn.handles.sessions) >= self.cfg.max_sessions_per_connection:
             _prune_dead_sessions(conn)
             if len(conn.handles.sessions) >= self.cfg.max_sessions_per_connection:
