@@ -44,6 +44,10 @@ class FrameReader:
     def pending(self) -> int:
         return len(self._buf)
 
+    def add(self, data: bytes) -> None:
+        """Buffer ``data`` without parsing it (``feed(b"")`` parses it later)."""
+        self._buf += data
+
     def feed(self, data: bytes) -> Generator[Frame, None, None]:
         buf = self._buf
         buf += data

@@ -239,7 +239,10 @@ class ConnectionFlow:
         the reader's ProtocolError."""
         self._receiving = True
         done = 0
-        frames = self.reader.feed(data)
+        # buffered first: a generator's body (which would add it) runs only when a
+        # frame is asked for, and a blocked connection asks for none
+        self.reader.add(data)
+        frames = self.reader.feed(b"")
         try:
             while not self.blocked():
                 frame = next(frames, None)
