@@ -58,10 +58,12 @@ class ServerConfig(_Strict):
     #: connection is closed (a stalled sender must not hold max_frame bytes forever)
     frame_timeout: float = Field(default=10.0, gt=0, le=3600)
     #: requests of one connection served at once; beyond it the gateway reads no more
-    #: from that connection until one is answered (nothing fails)
+    #: from that connection until one is answered (nothing fails; with none answered for
+    #: 0.5 s, e.g. waiting for a pool session, only max_pending_reply_bytes bounds it)
     max_calls_in_flight: int = Field(default=32, ge=1, le=4096)
-    #: per connection: unsent reply bytes plus output bytes promised to calls in flight;
-    #: above it the gateway reads no more from that connection until its client reads
+    #: per connection: unsent reply bytes plus what calls in flight hold (request bytes,
+    #: 1 KiB each, the output buffers they may fill); above it the gateway reads no more
+    #: from that connection until calls finish and its client reads
     max_pending_reply_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024, le=1 << 32)
     #: connections at once (all clients); more are closed at once
     max_connections: int = Field(default=4096, ge=1, le=1 << 20)

@@ -19,7 +19,7 @@ from p11gate.codec import (
     encode_request,
 )
 from p11gate.config import ServerConfig
-from p11gate.frontend.limits import ConnectionFlow, LogLimiter
+from p11gate.frontend.limits import STALL_SECONDS, ConnectionFlow, LogLimiter
 
 C_GenerateRandom = 64
 
@@ -163,3 +163,25 @@ def test_log_limiter_summarises_a_flood(caplog: pytest.LogCaptureFixture) -> Non
     assert len(msgs) == 5 + 1 + 1
     summary = [r for r in msgs if "not logged one by one" in r.getMessage()]
     assert len(summary) == 1 and summary[0].count == 995  # type: ignore[attr-defined]
+
+
+def test_calls_that_wait_for_unread_requests_do_not_deadlock() -> None:
+    """At the count bound with none answered (they wait, e.g. for a pool session that
+    an operation further down the stream would release), reading goes on after
+    STALL_SECONDS, bounded by the byte budget alone; the bound returns once below it."""
+    async def run() -> None:
+        flow, t, seen, _ = make_flow(max_calls_in_flight=2, max_pending_reply_bytes=64 * 1024)
+        flow.receive(b"".join(random_frame(i, 16) for i in range(1, 201)))
+        assert seen == [1, 2] and t.paused
+        await asyncio.sleep(STALL_SECONDS + 0.3)
+        # read on, but only as far as the bytes budget (about 1 KiB a call) allows
+        assert 2 < len(seen) < 100 and t.paused
+        # answered one by one: every request is served exactly once, never more bytes
+        # promised than the budget (plus the one call that crossed it)
+        done = 0
+        while done < len(seen):
+            flow.finished(seen[done])
+            done += 1
+            assert flow.promised <= 64 * 1024 + 2048
+        assert seen == list(range(1, 201)) and flow.in_flight == 0
+    asyncio.run(run())

@@ -175,7 +175,7 @@ class ClientConnection(asyncio.Protocol):
         handler = HANDLERS.get(call.id)
         if handler is None:
             raise ProtocolError(f"call {call.name} not served")
-        self.flow.started(code, call.id, args)  # released by _reply
+        self.flow.started(code, call.id, args, len(body))  # released by _reply
         # calls on one session run in order; others run concurrently
         session = None
         if call.id in SESSION_CALLS:

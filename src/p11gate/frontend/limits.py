@@ -44,6 +44,12 @@ log = logging.getLogger("p11gate.limits")
 
 #: a reply's frame header and fixed fields, beyond the output buffers it carries
 _REPLY_OVERHEAD = 64
+#: what a call costs while in flight besides its buffers (task, decoded arguments)
+_CALL_OVERHEAD = 1024
+#: at max_calls_in_flight with none answered for this long, the calls in flight may be
+#: waiting for requests not read yet (an operation's next step holds a pool session
+#: another one waits for): read on, bounded by max_pending_reply_bytes alone
+STALL_SECONDS = 0.5
 #: a capacity of 0xFFFFFFFF asks only for the size (no buffer)
 _SIZE_QUERY = 0xFFFFFFFF
 
@@ -158,6 +164,10 @@ class ConnectionFlow:
         self.reading_paused = False
         self._receiving = False
         self._timer: asyncio.TimerHandle | None = None
+        #: the count bound is lifted (see STALL_SECONDS) until in flight is below it
+        self._over_cap = False
+        self._progress = 0.0
+        self._stall: asyncio.TimerHandle | None = None
 
     def attach(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -167,8 +177,9 @@ class ConnectionFlow:
 
     # -- accounting of calls
 
-    def started(self, code: int, call_id: int, args: list[Any]) -> None:
-        p = reply_promise(call_id, args, self.cfg.max_buffer)
+    def started(self, code: int, call_id: int, args: list[Any], size: int = 0) -> None:
+        """A call of ``size`` request bytes is being served."""
+        p = reply_promise(call_id, args, self.cfg.max_buffer) + size + _CALL_OVERHEAD
         self.in_flight += 1
         self.promised += p
         self._promises.setdefault(code, []).append(p)
@@ -183,10 +194,15 @@ class ConnectionFlow:
             del self._promises[code]
         self.in_flight -= 1
         self.promised -= p
+        self._progress = time.monotonic()
+        if self._over_cap and self.in_flight < self.cfg.max_calls_in_flight:
+            self._over_cap = False
         self._maybe_resume()
 
     def blocked(self) -> bool:
-        if self.writer_paused or self.in_flight >= self.cfg.max_calls_in_flight:
+        if self.writer_paused:
+            return True
+        if self.in_flight >= self.cfg.max_calls_in_flight and not self._over_cap:
             return True
         t = self.transport
         unsent = t.get_write_buffer_size() if t is not None else 0
@@ -268,9 +284,10 @@ class ConnectionFlow:
         if not self.transport.is_closing():
             self.transport.pause_reading()
         # ordinary flow control for a client that pipelines a lot: info, not a warning
-        if self.in_flight >= self.cfg.max_calls_in_flight:
+        if self.in_flight >= self.cfg.max_calls_in_flight and not self._over_cap:
             limited_log.info("connection paused: calls in flight at the limit",
                              conn=self.conn_id, limit="max_calls_in_flight")
+            self._watch_stall()
         else:
             limited_log.info("connection paused: replies not read by the client",
                              conn=self.conn_id, limit="max_pending_reply_bytes",
@@ -290,6 +307,25 @@ class ConnectionFlow:
         except ProtocolError as e:
             # a bad frame behind the pause: the same as when it arrived
             self._abort(f"protocol error: {e}")
+
+    def _watch_stall(self) -> None:
+        if self._stall is None:
+            self._stall = asyncio.get_running_loop().call_later(STALL_SECONDS,
+                                                                self._stalled)
+
+    def _stalled(self) -> None:
+        self._stall = None
+        if not self.reading_paused or self.in_flight < self.cfg.max_calls_in_flight:
+            return
+        if time.monotonic() - self._progress < STALL_SECONDS:
+            self._watch_stall()  # calls are being answered: the bound holds
+            return
+        self._over_cap = True
+        limited_log.info("connection resumed over max_calls_in_flight: none answered for "
+                         f"{STALL_SECONDS} s (they may wait for requests not read yet)",
+                         conn=self.conn_id, limit="max_calls_in_flight",
+                         in_flight=self.in_flight)
+        self._maybe_resume()
 
     # -- the frame deadline
 
@@ -319,6 +355,9 @@ class ConnectionFlow:
 
     def close(self) -> None:
         self._cancel_timer()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         self.release()
 
 
@@ -479,10 +518,12 @@ class GatewayLimits:
                 self._hit(conn, "max_token_objects_per_identity", ckr.DEVICE_MEMORY)
 
     def created(self, conn: ClientConnection, session: int, ref: ObjectRef,
-                info: tuple[bool, int, bytes, bytes], claimed: bool) -> None:
-        """After a creation: remember what counts against which quota. ``claimed``:
-        the registry records the owner (it is counted from there)."""
+                info: tuple[bool, int, bytes, bytes]) -> None:
+        """After a creation: remember what counts against which quota. A token object
+        of an owned namespace is counted from the registry's ownership records."""
         t = ref.token
+        ns = conn.grants[t].namespace
+        claimed = ns is not None and ns.owned
         if not info[0]:
             self._session_objects.setdefault(conn.id, {})[
                 (id(t), ref.generation, ref.backend_handle)] = (t, session)

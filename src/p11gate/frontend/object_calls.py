@@ -291,8 +291,7 @@ async def h_create(c: ClientConnection, call: Call, args: list[Any]) -> list[Any
                 c.gw.ownership.claim(t.name, info[1:], c.identity.key)
         else:
             t.session_objects[key] = c.id
-        c.gw.limits.created(c, s.handle, ref, info,
-                            claimed=bool(info[0] and ns is not None and ns.owned))
+        c.gw.limits.created(c, s.handle, ref, info)  # what counts against quotas
         c.gw.audit.record(call.name, ckr.OK, c.peer, t.name,
                              object=object_fields(*info[1:]),
                              token_object=info[0], **extra)
