@@ -29,7 +29,7 @@ from ..remote.tls import (
     watch_crl,
 )
 from .connection import ClientConnection
-from .limits import GatewayLimits, raise_fd_limit
+from .quotas import GatewayLimits, raise_fd_limit
 from .tls_listener import TlsListener
 from .token import VirtualToken
 
