@@ -238,8 +238,11 @@ def _kill_worker_and_wait(gw: Gateway) -> float:
     (old,) = worker_pids(gw)
     t0 = time.monotonic()
     os.kill(old, signal.SIGKILL)
-    assert wait_for(lambda: len(worker_pids(gw)) == 1 and worker_pids(gw)[0] != old,
-                    timeout=20), "the worker was not restarted"
+    def replaced() -> bool:
+        pids = worker_pids(gw)  # once: it changes while the worker is replaced
+        return len(pids) == 1 and pids[0] != old
+
+    assert wait_for(replaced, timeout=20), "the worker was not restarted"
     return time.monotonic() - t0
 
 
