@@ -38,10 +38,12 @@ class ServerConfig(_Strict):
     listen: list[str] = Field(default_factory=lambda: [f"unix:path={DEFAULT_SOCKET}"])
     #: where p11gate keeps its state (demo token, registry)
     state_dir: str = DEFAULT_STATE_DIR
-    #: largest frame (options + body) accepted from a client, bytes
-    max_frame: int = Field(default=16 * 1024 * 1024, ge=4096, le=1 << 30)
+    #: largest frame (options + body) accepted from a client, bytes (1 MiB: a certificate
+    #: chain, an RSA-16384 wrapped key or a data object of some 100 KiB fit many times;
+    #: bulk data goes through the multi-part calls)
+    max_frame: int = Field(default=1024 * 1024, ge=4096, le=1 << 30)
     #: largest output buffer a client may ask the backend to fill, bytes
-    max_buffer: int = Field(default=16 * 1024 * 1024, ge=1024, le=1 << 30)
+    max_buffer: int = Field(default=1024 * 1024, ge=1024, le=1 << 30)
     #: permissions of the unix socket file: an integer (0o660) or an octal string ("0660")
     socket_mode: int = 0o660
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -50,6 +52,39 @@ class ServerConfig(_Strict):
     uvloop: bool = True
     #: the admin socket `p11gate status` talks to (mode 0600); default <state_dir>/admin.sock
     admin_socket: str | None = None
+    # -- limits per connection and per identity (frontend/limits.py); a limit that is hit
+    #    gives the client the PKCS#11 code for it (or, for connections, a closed socket)
+    #    and a log record (rate-limited)
+    #: seconds a request frame may take from its first byte to its last; then the
+    #: connection is closed (a stalled sender must not hold max_frame bytes forever)
+    frame_timeout: float = Field(default=10.0, gt=0, le=3600)
+    #: requests of one connection served at once; beyond it the gateway reads no more
+    #: from that connection until one is answered (nothing fails; with none answered for
+    #: 0.5 s, e.g. waiting for a pool session, only max_pending_reply_bytes bounds it)
+    max_calls_in_flight: int = Field(default=32, ge=1, le=4096)
+    #: per connection: unsent reply bytes plus what calls in flight hold (request bytes,
+    #: 1 KiB each, the output buffers they may fill); above it the gateway reads no more
+    #: from that connection until calls finish and its client reads
+    max_pending_reply_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024, le=1 << 32)
+    #: connections at once (all clients); more are closed at once
+    max_connections: int = Field(default=4096, ge=1, le=1 << 20)
+    #: connections at once per identity (uid locally, certificate subject over TLS)
+    max_connections_per_identity: int = Field(default=256, ge=1, le=1 << 20)
+    #: file descriptors kept free for workers, the admin socket, the registry and logs:
+    #: with fewer free, new connections are closed at once
+    fd_reserve: int = Field(default=64, ge=16, le=1 << 16)
+    #: open sessions per connection / per identity (CKR_SESSION_COUNT beyond)
+    max_sessions_per_connection: int = Field(default=1024, ge=1, le=1 << 24)
+    max_sessions_per_identity: int = Field(default=4096, ge=1, le=1 << 24)
+    #: session objects one connection may hold (CKR_DEVICE_MEMORY beyond)
+    max_session_objects_per_connection: int = Field(default=1024, ge=1, le=1 << 24)
+    #: token objects one identity may own or have created (CKR_DEVICE_MEMORY beyond)
+    max_token_objects_per_identity: int = Field(default=1000, ge=1, le=1 << 24)
+    #: per identity: bytes of request frames not complete yet, plus the unsent replies of
+    #: its connections whose client does not read (max_pending_reply_bytes each); a
+    #: connection that takes it beyond is closed at once
+    max_buffered_bytes_per_identity: int = Field(default=64 * 1024 * 1024,
+                                                 ge=1024 * 1024, le=1 << 40)
 
     @field_validator("listen", mode="before")
     @classmethod

@@ -88,7 +88,10 @@ class WorkerBackend(Backend):
 
     async def _spawn(self) -> None:
         loop = asyncio.get_running_loop()
-        parent, child = socket.socketpair()
+        try:
+            parent, child = socket.socketpair()
+        except OSError as e:  # EMFILE/ENFILE: out of file descriptors
+            raise BackendUnavailable(f"cannot start worker: socketpair: {e}") from e
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.command(),
@@ -168,7 +171,9 @@ class WorkerBackend(Backend):
             await asyncio.sleep(delay)
             try:
                 await self._spawn()
-            except BackendUnavailable as e:
+            except Exception as e:
+                # whatever goes wrong (out of descriptors, a fork failure, a bug), the
+                # supervisor keeps going: log it and retry with back-off
                 self.last_error = str(e)
                 delay = min(max(delay * 2, 0.1), self.failures.max_delay(MAX_RESTART_DELAY))
                 self.failures.failed(str(e), delay)  # logged a few times, then summarised

@@ -4,7 +4,7 @@ body. :class:`FrameReader` reassembles frames from arbitrary stream chunks."""
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Generator
 
 from .errors import ProtocolError
 
@@ -44,7 +44,11 @@ class FrameReader:
     def pending(self) -> int:
         return len(self._buf)
 
-    def feed(self, data: bytes) -> Iterator[Frame]:
+    def add(self, data: bytes) -> None:
+        """Buffer ``data`` without parsing it (``feed(b"")`` parses it later)."""
+        self._buf += data
+
+    def feed(self, data: bytes) -> Generator[Frame, None, None]:
         buf = self._buf
         buf += data
         pos = 0
@@ -60,10 +64,13 @@ class FrameReader:
                 if end - pos < total:
                     break
                 start = pos + HEADER_SIZE
-                yield Frame(
+                frame = Frame(
                     code, bytes(buf[start : start + olen]), bytes(buf[start + olen : pos + total])
                 )
+                # consumed before it is handed out: a reader that stops iterating (a
+                # paused connection) must not see this frame again
                 pos += total
+                yield frame
         finally:
             if pos:
                 del buf[:pos]

@@ -58,6 +58,7 @@ from .handles import (
     ObjectRef,
     Session,
 )
+from .limits import ConnectionFlow
 from .operations import check_fence, duplicate_type, lift_fence, note_key_init
 from .tables import (
     ATTR_REQUEST_ARG,
@@ -112,6 +113,9 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         #: frame code → (its token's counters, start time), for `status` and `top`
         self.call_started: dict[int, tuple[call_stats.CallStats, float]] = {}
+        #: back-pressure and the frame deadline (limits.py)
+        self.flow = ConnectionFlow(gateway.cfg.server, self.reader, self.id, self._dispatch,
+                                   self._abort)
 
     # ------------------------------------------------------------ transport
 
@@ -123,6 +127,10 @@ class ClientConnection(asyncio.Protocol):
             log.warning("connection without identity refused", extra={"conn": self.id})
             self.transport.abort()
             return
+        if not self.gw.limits.admit(self, ident):
+            self.transport.abort()  # a connection beyond a limit: closed at once
+            return
+        self.flow.attach(self.transport)
         self.identity = ident
         self.peer = ident.describe()
         by_name = self.gw.policy.grants_for(ident, [t.name for t in self.gw.tokens])
@@ -142,19 +150,25 @@ class ClientConnection(asyncio.Protocol):
             if not data:
                 return
         try:
-            for frame in self.reader.feed(data):
-                self._dispatch(frame.code, frame.body)
+            self.flow.receive(data)
         except ProtocolError as e:
             self._abort(f"protocol error: {e}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.flow.close()
         log.info("client disconnected", extra={"conn": self.id})
         self.gw.forget(self)
         self.gw.fair_share.drop_queued(self)
         t = asyncio.get_running_loop().create_task(self._cleanup())
         self.gw.background.add(t)
         t.add_done_callback(self.gw.background.discard)
+
+    def pause_writing(self) -> None:
+        self.flow.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.flow.resume_writing()
 
     def _abort(self, reason: str) -> None:
         log.warning("closing client connection", extra={"conn": self.id, "reason": reason})
@@ -167,12 +181,14 @@ class ClientConnection(asyncio.Protocol):
         try:
             call, args = decode_request(body, self.dialect)
         except ArgumentError as e:
+            self.flow.started(code, 0, [])
             self._reply(code, encode_error(e.rv))
             return
         handler = HANDLERS.get(call.id)
         if handler is None:
             raise ProtocolError(f"call {call.name} not served")
         call_stats.started(self, code, call.id, args)
+        self.flow.started(code, call.id, args, len(body))  # released by _reply
         templates = TEMPLATE_ARGS.get(call.id)
         if templates is not None and self._duplicated(call, args, templates):
             self._reply(code, encode_error(ckr.TEMPLATE_INCONSISTENT))
@@ -244,6 +260,7 @@ class ClientConnection(asyncio.Protocol):
         call_stats.answered(self, code, body)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(build_frame(code, body))
+        self.flow.finished(code)
 
     # ------------------------------------------------------------ lookups
 
@@ -675,12 +692,13 @@ class ClientConnection(asyncio.Protocol):
             # PKCS#11: a read/write session on a write-protected token
             raise Denied(ckr.TOKEN_WRITE_PROTECTED, self.grants[t].rule,
                          "read/write session", t.name)
-        gen = t.backend.generation
-        try:
-            (bh,) = await t.backend.call(call.id, [t.backend_slot, flags])
-        except BackendUnavailable:
-            raise Pkcs11Error(ckr.DEVICE_ERROR) from None
-        s = self.handles.add_session(t, bh, gen, flags)
+        with self.gw.limits.opening_session(self):  # CKR_SESSION_COUNT beyond quotas
+            gen = t.backend.generation
+            try:
+                (bh,) = await t.backend.call(call.id, [t.backend_slot, flags])
+            except BackendUnavailable:
+                raise Pkcs11Error(ckr.DEVICE_ERROR) from None
+            s = self.handles.add_session(t, bh, gen, flags)
         return [s.handle]
 
     async def h_close_session(self, call: Call, args: list[Any]) -> list[Any]:
@@ -754,6 +772,7 @@ class ClientConnection(asyncio.Protocol):
             if t.session_objects:
                 for key in [k for k, v in t.session_objects.items() if v == self.id]:
                     del t.session_objects[key]
+        self.gw.limits.finalized(self)
         self.handles = HandleTable()
 
 

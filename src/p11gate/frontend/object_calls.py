@@ -178,6 +178,7 @@ async def h_destroy(c: ClientConnection, call: Call, args: list[Any]) -> list[An
         # again; no one else may), never an object on the token that no one owns
         release_ownership(c, t, info)
     t.session_objects.pop((ref.generation, ref.backend_handle), None)
+    c.gw.limits.destroyed(c, ref, info)
     c.gw.audit.record_best_effort(call.name, ckr.OK, c.peer, t.name, object=fields)
     return reply
 
@@ -257,6 +258,7 @@ async def h_create(c: ClientConnection, call: Call, args: list[Any]) -> list[Any
             token_objects = True
     c.require(t, "create" if token_objects else "use",
                   "creating a token object" if token_objects else "creating an object")
+    c.gw.limits.check_create(c, t, call.id, args)  # object quotas: CKR_DEVICE_MEMORY
     for planned in planned_identities(call.id, args):
         # refused before the object exists even for a moment (checked again after)
         check_new_identity(c, t, planned)
@@ -317,6 +319,7 @@ async def h_create(c: ClientConnection, call: Call, args: list[Any]) -> list[Any
             t.session_objects.pop(key, None)
         else:
             t.session_objects[key] = c.id
+        c.gw.limits.created(c, s.handle, ref, info)  # what counts against quotas
     return reply
 
 

@@ -31,6 +31,7 @@ from ..systemd import Inherited, keep_socket_file
 from ..unix_socket import BoundSocket, bind_unix, make_socket_dir
 from .connection import ClientConnection
 from .fair_share import FairShares
+from .quotas import GatewayLimits, raise_fd_limit
 from .status_info import StartTime, gateway_header, token_extras
 from .tls_listener import TlsListener
 from .token import VirtualToken
@@ -63,6 +64,8 @@ class Gateway:
         self.backends: dict[str, Backend] = {b.name: make_backend(b) for b in cfg.backend}
         self.registry = Registry(cfg.server.state_dir)
         self.ownership = OwnershipStore(self.registry)
+        #: connection, session and object quotas; the file descriptor reserve
+        self.limits = GatewayLimits(cfg.server, self.ownership)
         self.policy = Policy(cfg.rule)
         audit_path = None
         if cfg.audit.enabled:
@@ -97,6 +100,7 @@ class Gateway:
         return hook
 
     async def start(self) -> None:
+        raise_fd_limit()  # systemd's soft limit of 1024 is too few for a gateway
         for b in self.backends.values():
             try:
                 await b.start()
@@ -145,7 +149,8 @@ class Gateway:
         assert self.cfg.tls is not None  # the configuration checks it
         host, port = parse_tls_address(address)
         ctx = server_context(self.cfg.tls)
-        listener = TlsListener(lambda: _TlsClientConnection(self), ctx)
+        listener = TlsListener(lambda: _TlsClientConnection(self), ctx,
+                               can_accept=self.limits.can_accept)
         await listener.start(host, port, inherited=self.inherited.take_tcp(host, port))
         watch_crl(listener, ctx, self.cfg.tls)
         self._servers.append(listener)
@@ -158,6 +163,7 @@ class Gateway:
 
     def forget(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
+        self.limits.release(conn)
 
     def identify(self, transport: asyncio.Transport) -> Identity | None:
         """The identity of a new connection, or None when it has none (then it is
@@ -205,6 +211,8 @@ class Gateway:
             "clients": sorted({c.peer for c in self.connections}),
             "audit_records": self.audit.records,
             "audit_failures": self.audit.failures,
+            # closed at once: beyond max_connections(_per_identity) or the fd reserve
+            "connections_refused": self.limits.refused,
             # handshakes refused: no certificate, untrusted, revoked, old protocol
             "tls_refused": sum(s.refused for s in self._servers
                                if isinstance(s, TlsListener)),

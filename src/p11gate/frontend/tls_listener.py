@@ -33,9 +33,13 @@ class TlsListener:
     """Serves ``host:port`` over TLS with ``ctx``; ``factory`` makes each client's
     protocol, whose ``connection_made`` runs once its handshake has succeeded."""
 
-    def __init__(self, factory: Callable[[], asyncio.Protocol], ctx: ssl.SSLContext) -> None:
+    def __init__(self, factory: Callable[[], asyncio.Protocol], ctx: ssl.SSLContext,
+                 can_accept: Callable[[], bool] | None = None) -> None:
         self.factory = factory
         self.ctx = ctx
+        #: False when the gateway has no room for another connection (limits.py): the
+        #: socket is closed at once, before any handshake holds memory and a descriptor
+        self.can_accept = can_accept
         #: handshakes refused since start
         self.refused = 0
         self._socks: list[socket.socket] = []
@@ -95,6 +99,9 @@ class TlsListener:
             except OSError as e:  # EMFILE and the like: do not spin, do not stop
                 log.error("cannot accept a TLS connection", extra={"error": str(e)})
                 await asyncio.sleep(0.1)
+                continue
+            if self.can_accept is not None and not self.can_accept():
+                sock.close()
                 continue
             self._spawn(self._handshake(sock))
 

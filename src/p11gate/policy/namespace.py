@@ -48,3 +48,7 @@ class OwnershipStore:
 
     def count(self, token: str) -> int:
         return sum(1 for t, _ in self._cache if t == token)
+
+    def count_owned_by(self, owner: str) -> int:
+        """Token objects ``owner`` owns, on every token (its quota counts them)."""
+        return sum(1 for o in self._cache.values() if o == owner)

@@ -1,0 +1,347 @@
+"""Back-pressure per connection (DESIGN decision 9); quotas are in quotas.py.
+
+:class:`ConnectionFlow`: the gateway reads no more of a connection while it has
+``max_calls_in_flight`` calls being served, or while its unsent replies plus what its
+calls in flight hold exceed ``max_pending_reply_bytes``; it reads on when they are
+answered and read. A request frame must arrive within ``frame_timeout`` of its first
+byte. The bytes held by all connections of one identity share one budget.
+
+A limit that is hit gives the PKCS#11 code for it (or a closed connection) and a log
+record, through :class:`LogLimiter` so that a flood does not flood the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..codec import AttrRequest, FrameReader, ProtocolError
+from ..config import ServerConfig
+from .tables import ATTR_REQUEST_ARG, CAPACITY_ARGS
+
+if TYPE_CHECKING:
+    from .connection import ClientConnection
+
+log = logging.getLogger("p11gate.limits")
+
+#: a reply's frame header and fixed fields, beyond the output buffers it carries
+_REPLY_OVERHEAD = 64
+#: what a call costs while in flight besides its buffers (task, decoded arguments)
+_CALL_OVERHEAD = 1024
+#: at max_calls_in_flight with none answered for this long, the calls in flight may be
+#: waiting for requests not read yet (an operation's next step holds a pool session
+#: another one waits for): read on, bounded by max_pending_reply_bytes alone
+STALL_SECONDS = 0.5
+#: a capacity of 0xFFFFFFFF asks only for the size (no buffer)
+_SIZE_QUERY = 0xFFFFFFFF
+
+
+class LogLimiter:
+    """At most ``burst`` records per ``period`` seconds for each message and limit; the
+    rest are counted and summarised in one record at the end of the window."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 20, period: float = 1.0) -> None:
+        self.logger = logger
+        self.burst = burst
+        self.period = period
+        #: (message, limit) -> [window start, records in window, suppressed in window]
+        self._windows: dict[tuple[str, Any], list[float]] = {}
+
+    def warning(self, msg: str, **fields: Any) -> None:
+        self.record(logging.WARNING, msg, **fields)
+
+    def info(self, msg: str, **fields: Any) -> None:
+        self.record(logging.INFO, msg, **fields)
+
+    def record(self, level: int, msg: str, **fields: Any) -> None:
+        now = time.monotonic()
+        key = (msg, fields.get("limit"))
+        w = self._windows.get(key)
+        if w is None or now - w[0] >= self.period:
+            if w is not None:
+                self._flush(key, level)
+            w = self._windows[key] = [now, 0, 0]
+        w[1] += 1
+        if w[1] <= self.burst:
+            self.logger.log(level, msg, extra=fields)
+            return
+        w[2] += 1
+        if w[2] == 1:
+            with contextlib.suppress(RuntimeError):  # no loop: summarised at the next one
+                asyncio.get_running_loop().call_later(self.period, self._flush, key, level)
+
+    def _flush(self, key: tuple[str, Any], level: int) -> None:
+        w = self._windows.get(key)
+        if w is not None and w[2]:
+            msg, limit = key
+            self.logger.log(level, f"{msg} (more, not logged one by one)",
+                            extra={"count": int(w[2]), "seconds": self.period,
+                                   "limit": limit})
+            w[2] = 0
+
+
+limited_log = LogLimiter(log)
+
+
+def reply_promise(call_id: int, args: list[Any], max_buffer: int) -> int:
+    """The most bytes a call's reply can carry: its output buffers (each clamped to
+    max_buffer, as the frontend clamps them) or attribute buffers it asks for."""
+    n = _REPLY_OVERHEAD
+    caps = CAPACITY_ARGS.get(call_id)
+    if caps is not None:
+        for pos, item in caps:
+            cap = args[pos] if pos < len(args) else 0
+            if isinstance(cap, int) and cap != _SIZE_QUERY:
+                n += min(cap * item, max_buffer)
+        return n
+    at = ATTR_REQUEST_ARG.get(call_id)
+    if at is not None and at < len(args) and isinstance(args[at], list):
+        n += min(_requested_bytes(args[at]), max_buffer)
+    return n
+
+
+def _requested_bytes(reqs: list[AttrRequest]) -> int:
+    return sum(r.length + (_requested_bytes(r.nested) if r.nested else 0) for r in reqs)
+
+
+class IdentityUsage:
+    """Memory the connections of one identity hold in the gateway."""
+
+    __slots__ = ("buffered", "connections")
+
+    def __init__(self) -> None:
+        self.buffered = 0
+        self.connections: set[ClientConnection] = set()
+
+
+class ConnectionFlow:
+    """Back-pressure and the frame deadline for one connection.
+
+    Frames are taken from the :class:`FrameReader` one at a time while the connection
+    is not blocked; once it is, reading is paused and the frames already received stay
+    in the reader (at most one read chunk plus one partial frame) until calls finish
+    and the client reads its replies."""
+
+    def __init__(self, cfg: ServerConfig, reader: FrameReader, conn_id: int,
+                 dispatch: Callable[[int, bytes], None],
+                 abort: Callable[[str], None]) -> None:
+        self.cfg = cfg
+        self.reader = reader
+        self.conn_id = conn_id
+        self._dispatch = dispatch
+        #: closes the connection (the reason is logged, rate-limited, by the caller)
+        self._abort = abort
+        self.transport: asyncio.Transport | None = None
+        #: shared by the connections of this identity (set when admitted)
+        self.usage: IdentityUsage | None = None
+        #: this connection's part of usage.buffered
+        self._held = 0
+        self.in_flight = 0
+        #: output bytes promised to calls in flight
+        self.promised = 0
+        #: call code -> promises of the calls in flight with that code (a hostile
+        #: client may reuse codes; the smallest is released first: never an undercount)
+        self._promises: dict[int, list[int]] = {}
+        self.writer_paused = False
+        self.reading_paused = False
+        self._receiving = False
+        self._timer: asyncio.TimerHandle | None = None
+        #: the count bound is lifted (see STALL_SECONDS) until in flight is below it
+        self._over_cap = False
+        self._progress = 0.0
+        self._stall: asyncio.TimerHandle | None = None
+
+    def attach(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        high = self.cfg.max_pending_reply_bytes
+        with contextlib.suppress(AttributeError, NotImplementedError):
+            transport.set_write_buffer_limits(high=high, low=high // 4)
+
+    # -- accounting of calls
+
+    def started(self, code: int, call_id: int, args: list[Any], size: int = 0) -> None:
+        """A call of ``size`` request bytes is being served."""
+        p = reply_promise(call_id, args, self.cfg.max_buffer) + size + _CALL_OVERHEAD
+        self.in_flight += 1
+        self.promised += p
+        self._promises.setdefault(code, []).append(p)
+
+    def finished(self, code: int) -> None:
+        ps = self._promises.get(code)
+        if not ps:
+            return
+        p = min(ps)
+        ps.remove(p)
+        if not ps:
+            del self._promises[code]
+        self.in_flight -= 1
+        self.promised -= p
+        self._progress = time.monotonic()
+        if self._over_cap and self.in_flight < self.cfg.max_calls_in_flight:
+            self._over_cap = False
+        self._maybe_resume()
+
+    def blocked(self) -> bool:
+        if self.writer_paused:
+            return True
+        if self.in_flight >= self.cfg.max_calls_in_flight and not self._over_cap:
+            return True
+        t = self.transport
+        unsent = t.get_write_buffer_size() if t is not None else 0
+        return self.promised + unsent > self.cfg.max_pending_reply_bytes
+
+    # -- transport hooks
+
+    def pause_writing(self) -> None:
+        self.writer_paused = True
+        self._pause()
+        self._account()
+
+    def resume_writing(self) -> None:
+        self.writer_paused = False
+        self._account()
+        self._maybe_resume()
+
+    def _account(self) -> None:
+        """Update this connection's part of its identity's buffered bytes; close it
+        when that takes the identity beyond max_buffered_bytes_per_identity (many
+        stalled frames or unread replies at once are an attack, not a workload)."""
+        u = self.usage
+        if u is None:
+            return
+        held = self.reader.pending()
+        if self.writer_paused:
+            held += self.cfg.max_pending_reply_bytes
+        delta = held - self._held
+        if not delta:
+            return
+        self._held = held
+        u.buffered += delta
+        if delta > 0 and u.buffered > self.cfg.max_buffered_bytes_per_identity:
+            limited_log.warning("closing client connection: limit reached",
+                                conn=self.conn_id, limit="max_buffered_bytes_per_identity",
+                                value=self.cfg.max_buffered_bytes_per_identity)
+            self.release()
+            if self.transport is not None:
+                self.transport.abort()
+
+    def release(self) -> None:
+        """The connection is gone: its bytes no longer count."""
+        if self.usage is not None:
+            self.usage.buffered -= self._held
+            self._held = 0
+            self.usage = None
+
+    def receive(self, data: bytes) -> None:
+        """Take frames from ``data`` (and what is buffered) while not blocked. Raises
+        the reader's ProtocolError."""
+        self._receiving = True
+        done = 0
+        # buffered first: a generator's body (which would add it) runs only when a
+        # frame is asked for, and a blocked connection asks for none
+        self.reader.add(data)
+        frames = self.reader.feed(b"")
+        try:
+            while not self.blocked():
+                frame = next(frames, None)
+                if frame is None:
+                    break
+                done += 1
+                self._dispatch(frame.code, frame.body)
+        finally:
+            frames.close()
+            self._receiving = False
+        if self._held or self.reader.pending() > 65536:
+            self._account()  # cheap enough for every chunk of a big frame
+        if self.blocked():
+            self._pause()
+        else:
+            self._deadline(done)
+
+    def _pause(self) -> None:
+        if self.reading_paused or self.transport is None:
+            return
+        self.reading_paused = True
+        self._cancel_timer()  # what is not read yet cannot be late
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+        # ordinary flow control for a client that pipelines a lot: info, not a warning
+        if self.in_flight >= self.cfg.max_calls_in_flight and not self._over_cap:
+            limited_log.info("connection paused: calls in flight at the limit",
+                             conn=self.conn_id, limit="max_calls_in_flight")
+            self._watch_stall()
+        else:
+            limited_log.info("connection paused: replies not read by the client",
+                             conn=self.conn_id, limit="max_pending_reply_bytes",
+                             unsent=self.transport.get_write_buffer_size(),
+                             promised=self.promised)
+
+    def _maybe_resume(self) -> None:
+        if not self.reading_paused or self._receiving or self.blocked():
+            return
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        self.reading_paused = False
+        t.resume_reading()
+        try:
+            self.receive(b"")  # the frames received before the pause
+        except ProtocolError as e:
+            # a bad frame behind the pause: the same as when it arrived
+            self._abort(f"protocol error: {e}")
+
+    def _watch_stall(self) -> None:
+        if self._stall is None:
+            self._stall = asyncio.get_running_loop().call_later(STALL_SECONDS,
+                                                                self._stalled)
+
+    def _stalled(self) -> None:
+        self._stall = None
+        if not self.reading_paused or self.in_flight < self.cfg.max_calls_in_flight:
+            return
+        if time.monotonic() - self._progress < STALL_SECONDS:
+            self._watch_stall()  # calls are being answered: the bound holds
+            return
+        self._over_cap = True
+        limited_log.info("connection resumed over max_calls_in_flight: none answered for "
+                         f"{STALL_SECONDS} s (they may wait for requests not read yet)",
+                         conn=self.conn_id, limit="max_calls_in_flight",
+                         in_flight=self.in_flight)
+        self._maybe_resume()
+
+    # -- the frame deadline
+
+    def _deadline(self, done: int) -> None:
+        if self.reader.pending() == 0:
+            self._cancel_timer()
+        elif self._timer is None or done:
+            # a frame has begun: it has frame_timeout from its first byte
+            self._cancel_timer()
+            self._timer = asyncio.get_running_loop().call_later(
+                self.cfg.frame_timeout, self._late)
+
+    def _late(self) -> None:
+        self._timer = None
+        if self.reader.pending() and not self.reading_paused:
+            limited_log.warning("closing client connection: request frame not complete "
+                                "in time", conn=self.conn_id, limit="frame_timeout",
+                                seconds=self.cfg.frame_timeout,
+                                buffered=self.reader.pending())
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def close(self) -> None:
+        self._cancel_timer()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        self.release()
