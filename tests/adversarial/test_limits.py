@@ -403,10 +403,12 @@ def test_object_quotas_give_device_memory(token: dict[str, Any], tmp_path: Path)
         for i in range(20):
             c.call(C_CreateObject, [sess, data(b"s%d" % i, False)])
         assert rv_of(c, C_CreateObject, [sess, data(b"s-over", False)]) == ckr.DEVICE_MEMORY
-        # they die with their session: the quota is free again
-        c.call(C_CloseSession, [sess])
+        # they die with their session: the quota is free again (the new session is
+        # opened first: closing the last one would end the login)
         (slots,) = c.call(C_GetSlotList, [1, 8])
-        (sess,) = c.call(C_OpenSession, [slots[0], CKF_SERIAL | CKF_RW])
+        (new_sess,) = c.call(C_OpenSession, [slots[0], CKF_SERIAL | CKF_RW])
+        c.call(C_CloseSession, [sess])
+        sess = new_sess
         assert rv_of(c, C_CreateObject, [sess, data(b"s-again", False)]) == ckr.OK
 
         # token objects: 3 per identity, on any connection of it

@@ -193,7 +193,9 @@ def test_check_config_names_the_cas_and_the_rules_confined_to_the_first(
     assert f"client CA #1: {pki['issuer_b']} (id {pki['id_b']}; identity keys " \
            f"cert:{pki['id_b']}/<subject>)" in r.stdout
     assert "rule 'tenant-a': names no issuer" in r.stdout
-    assert "rule 'b-app'" not in r.stdout
+    # b-app names its CA: it is listed with its issuer, and not among the confined rules
+    assert "rule 'b-app': subject=['CN=b-app,O=p11gate tests'] issuer=" in r.stdout
+    assert "rule 'b-app': names no issuer" not in r.stdout
 
 
 def test_a_newline_in_a_cn_does_not_start_a_log_record(setup: dict[str, Any]) -> None:

@@ -221,7 +221,11 @@ def check_members(members: list[dict[str, Any]], told: set[str], state: Path,
 
 def start_pool(tmp_path: Path) -> tuple[list[dict[str, Any]], Path, Gateway]:
     members = [make_member(tmp_path, i, None) for i in range(3)]
-    cfg = pool_config(tmp_path, members, call_timeout=30.0,
+    # one module thread per member: SoftHSM's file store is not safe for concurrent
+    # writers in one process (it fails some with CKR_GENERAL_ERROR and keeps corrupt,
+    # half-made objects that its own process cannot see); what is tested here is the
+    # gateway's crash, not that. The clients and the pool still run concurrently.
+    cfg = pool_config(tmp_path, members, call_timeout=30.0, threads=1,
                       extra_pool=f'replication = "gateway"\nwrapping_key = "{WRAP_LABEL}"')
     gw = Gateway(cfg)
     c, sess = logged_in(gw)
@@ -254,7 +258,7 @@ def test_kill_9_during_pool_key_generation_is_reconciled_on_restart(tmp_path: Pa
     rng = random.Random(8)
     told: set[str] = set()
     untold_all: set[str] = set()
-    found_at_start, destroyed, refused_as_done = 0, 0, 0
+    found_at_start, destroyed, refused_as_done, fragment_checks = 0, 0, 0, 0
     members, cfg, gw = start_pool(tmp_path)
     try:
         for rnd in range(ROUNDS):
@@ -266,11 +270,12 @@ def test_kill_9_during_pool_key_generation_is_reconciled_on_restart(tmp_path: Pa
             st = query(admin)["pools"][0]
             found_at_start += st["intents_found_at_start"]
             logged_in(gw)[0].close()  # the pool is logged in: reconcile completes
-            assert wait_for(lambda: query(admin)["pools"][0]["intents_unsettled"] == 0,
-                            timeout=30)
+            # (pending_intents counts the fragment checks too: see p11gate.pools.intents)
+            assert wait_for(lambda: query(admin)["pools"][0]["intents_unsettled"] == 0
+                            and pending_intents(state) == 0, timeout=30)
             st = query(admin)["pools"][0]
             destroyed += st["reconcile_destroyed"]
-            assert pending_intents(state) == 0
+            fragment_checks += st["fragment_checks_at_start"]
             check_members(members, told, state, set(untold))
 
             # the labels the clients did not get: made again, once per member
@@ -289,7 +294,8 @@ def test_kill_9_during_pool_key_generation_is_reconciled_on_restart(tmp_path: Pa
         records = [r for r in gw.records() if "pool reconcile: destroyed" in r.get("msg", "")]
         print(f"\nPOOL RECONCILE rounds={ROUNDS} told={len(told)} untold={len(untold_all)} "
               f"intents_found={found_at_start} objects_destroyed={destroyed} "
-              f"untold_but_done={refused_as_done} destroy_log_records_last_run={len(records)}")
+              f"untold_but_done={refused_as_done} fragment_checks={fragment_checks} "
+              f"destroy_log_records_last_run={len(records)}")
         # the kills did land in the window: there was something to reconcile
         assert found_at_start >= 1 and untold_all
     finally:
@@ -336,9 +342,8 @@ def test_a_member_down_at_restart_is_reconciled_when_it_rejoins(tmp_path: Path) 
         m2_conf.with_suffix(".away").rename(m2_conf)
         assert wait_for(lambda: query(admin)["pools"][0]["members"][2]["state"] == "up",
                         timeout=30)
-        assert wait_for(lambda: query(admin)["pools"][0]["intents_unsettled"] == 0,
-                        timeout=30)
-        assert pending_intents(state) == 0
+        assert wait_for(lambda: query(admin)["pools"][0]["intents_unsettled"] == 0
+                        and pending_intents(state) == 0, timeout=30)
         on_m2 = collections.Counter(objects_on(members[2]))
         assert all(n == 1 for n in on_m2.values()), on_m2
         assert not [k for k in on_m2 if k[2] in retried]  # stale there: no copy, no orphan

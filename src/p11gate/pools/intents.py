@@ -14,7 +14,13 @@ drops the member from the intent; an intent with no member left is removed.
 Rows: ``state`` is ``pending`` (written before the creation: a gateway that died with
 it pending never answered), ``failed`` (the creation failed and was undone where it
 could be) or ``done`` (the client was told; ``unsettled`` lists members whose part of
-the creation failed mid-way, which hold no good copy and are cleaned when they return).
+the creation failed mid-way, which hold no good copy and are cleaned when they return)
+or ``fragment``: a module call failed in the middle of a creation on a member, which may
+keep a half-made object with default attributes (no CKA_ID, no CKA_LABEL). SoftHSM does,
+when concurrent writers make it fail with CKR_GENERAL_ERROR, and the process that made
+it does not see it until it is restarted -- so such a row is only written, never acted on
+in the process that wrote it: the next start destroys those fragments on that member
+(unless the registry knows an object of that empty identity).
 """
 
 from __future__ import annotations
@@ -28,6 +34,13 @@ from dataclasses import dataclass, field
 from ..registry import Registry
 from .member import Member
 from .objects import Key
+
+FRAGMENT = "fragment"
+CKO_DATA = 0
+#: errors after which a module may have made part of an object: not the template and
+#: argument errors it checks before it starts
+MIDWAY_ERRORS = frozenset((0x5, 0x6, 0x30, 0x31))  # GENERAL_ERROR, FUNCTION_FAILED,
+#                                                    DEVICE_ERROR, DEVICE_MEMORY
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS pool_intent (
@@ -78,7 +91,8 @@ class IntentLog:
                 int(iid), [_decode_key(k) for k in json.loads(objects)],
                 set(json.loads(unsettled)), state=str(state), live=False)
         #: found at start: the figures the reconcile log line and status report
-        self.found_at_start = len(self.open)
+        self.found_at_start = sum(1 for it in self.open.values() if it.state != FRAGMENT)
+        self.fragment_checks_at_start = len(self.open) - self.found_at_start
         self._ids = itertools.count(max(self.open, default=0) + 1)
 
     def _write(self, it: Intent) -> None:
@@ -92,6 +106,14 @@ class IntentLog:
         self.registry.execute("DELETE FROM pool_intent WHERE pool=? AND intent=?",
                               (self.pool, it.id))
         self.open.pop(it.id, None)
+
+    def suspect_fragments(self, member: str, classes: set[int]) -> None:
+        """A module call failed mid-way through a creation on ``member``: recorded, so
+        that the next start destroys what it may have left half made (see above)."""
+        keys: list[Key] = [(c, None if c == CKO_DATA else b"", b"", None)
+                           for c in sorted(classes)]
+        if keys:
+            self._write(Intent(next(self._ids), keys, {member}, state=FRAGMENT, live=False))
 
     def reserve(self, keys: list[Key], members: list[str]) -> Intent:
         """Claim ``keys`` for a creation in this process (not written yet: the call
@@ -154,7 +176,7 @@ class IntentLog:
         return out
 
     def unsettled_count(self) -> int:
-        return sum(1 for it in self.open.values() if not it.live)
+        return sum(1 for it in self.open.values() if not it.live and it.state != FRAGMENT)
 
 
 #: the intent of the creation this task is running (members that fail during it are

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from .. import ck
 from ..codec import Attribute, ckr
 from ..errors import Pkcs11Error
-from .intents import CURRENT, Intent, IntentLog
+from .intents import CURRENT, FRAGMENT, MIDWAY_ERRORS, Intent, IntentLog
 from .member import ID, Member, MemberDown
 from .objects import Key, ObjectIds
 from .replication import DETERMINISTIC, GENERATED
@@ -44,6 +44,8 @@ log = logging.getLogger("p11gate.pool")
 
 CREATING = DETERMINISTIC | GENERATED
 _FIND_BATCH = 64
+#: half-made objects destroyed per class and pass at most (a module leaves few)
+_FRAGMENT_MAX = 256
 
 
 def _attr(template: Any, atype: int) -> Any:
@@ -123,7 +125,7 @@ class Reconciler:
         #: intents settled on every member
         self.settled = 0
         for it in self.intents.open.values():
-            if it.state != "done":
+            if it.state not in ("done", FRAGMENT):
                 self._tombstone(it)
         if self.intents.found_at_start:
             log.warning("pool has unsettled creation intents from an earlier run; members "
@@ -138,6 +140,7 @@ class Reconciler:
 
     def describe(self) -> dict[str, int]:
         return {"intents_found_at_start": self.intents.found_at_start,
+                "fragment_checks_at_start": self.intents.fragment_checks_at_start,
                 "intents_unsettled": self.intents.unsettled_count(),
                 "intents_settled": self.settled, "reconcile_destroyed": self.destroyed}
 
@@ -175,6 +178,8 @@ class Reconciler:
                 self.intents.done(it)
             except BaseException as e:
                 asked |= {m.name for m in self.pool.members if m.usable}
+                if isinstance(e, Pkcs11Error) and e.rv in MIDWAY_ERRORS:
+                    self.suspect_fragments(asked, it.keys)
                 await self._undo(it, e, asked | it.doubtful)
                 if isinstance(e, Exception) and not isinstance(e, Pkcs11Error):
                     log.error("pool creation undone: it could not be recorded",
@@ -188,6 +193,14 @@ class Reconciler:
             if m.name in it.unsettled and m.usable:
                 await self.reconcile(m)
         return reply
+
+    def suspect_fragments(self, members: set[str], keys: list[Key]) -> None:
+        for name in sorted(members):
+            try:
+                self.intents.suspect_fragments(name, {k[0] for k in keys})
+            except Exception as e:  # only the clean-up of a module's leftovers is lost
+                log.error("registry not updated", extra={"pool": self.pool.name,
+                                                         "error": str(e)})
 
     async def _refuse_duplicates(self, it: Intent) -> None:
         for key in it.keys:
@@ -265,7 +278,7 @@ class Reconciler:
                     log.error("intent not updated", extra={"pool": self.pool.name,
                                                            "error": str(e)})
                     continue
-                if it.id not in self.intents.open:
+                if it.id not in self.intents.open and it.state != FRAGMENT:
                     self.settled += 1
                     log.info("pool reconcile: intent settled on every member",
                              extra={"pool": self.pool.name, "intent": it.id,
@@ -273,6 +286,9 @@ class Reconciler:
 
     async def _destroy_all(self, m: Member, it: Intent, key: Key) -> None:
         oid = self.objects.by_key.get(key)
+        if it.state == FRAGMENT:
+            await self._destroy_fragments(m, it, key)
+            return
         await self._destroy_matching(m, it, key, "destroyed")
         if oid is not None:
             m.forget_handle(oid)
@@ -283,12 +299,24 @@ class Reconciler:
         # fragment of this class goes too -- unless the registry knows an object with
         # that empty identity, which could then not be told from it.
         fragment: Key = (key[0], None if key[1] is None else b"", b"", None)
-        if fragment == key:
-            return
+        if fragment != key:
+            await self._destroy_fragments(m, it, fragment)
+
+    async def _destroy_fragments(self, m: Member, it: Intent, fragment: Key) -> None:
+        """Destroy ``m``'s half-made objects of this class. They are found whatever their
+        CKA_TOKEN: the module may not have written it (SoftHSM leaves it false on them,
+        though they are in the token's store). Never an object the registry knows by
+        that empty identity (it could not be told from them), nor a session object a
+        client holds through the pool."""
         known = self.objects.by_key.get(fragment)
         if known is not None and known not in self.objects.destroyed:
             return
-        await self._destroy_matching(m, it, fragment, "destroyed a fragment")
+        held = {so.handle for so in self.objects.sessions.values()
+                if so.member == m.index and so.epoch == m.epoch}
+        template = [a for a in ObjectIds.template(fragment) if a.type != ck.CKA_TOKEN]
+        for h in await self._find_template(m, template, _FRAGMENT_MAX):
+            if h not in held:
+                await self._destroy_one(m, it, fragment, h, "destroyed a fragment")
 
     async def _destroy_matching(self, m: Member, it: Intent, key: Key, action: str) -> None:
         while True:
@@ -312,9 +340,13 @@ class Reconciler:
 
     async def _find_all(self, m: Member, key: Key, limit: int) -> list[int]:
         """Handles of ``m``'s token objects of identity ``key`` (at most ``limit``)."""
+        return await self._find_template(m, ObjectIds.template(key), limit)
+
+    async def _find_template(self, m: Member, template: list[Attribute],
+                             limit: int) -> list[int]:
         out: list[int] = []
         async with m.control_lock:
-            await m.call(ID["C_FindObjectsInit"], [m.control, ObjectIds.template(key)])
+            await m.call(ID["C_FindObjectsInit"], [m.control, template])
             try:
                 while len(out) < limit:
                     (batch,) = await m.call(ID["C_FindObjects"], [m.control, limit])

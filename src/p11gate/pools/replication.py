@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .. import ck
 from ..codec import Attribute, AttrRequest, Mechanism, ckr
 from ..errors import Pkcs11Error
-from .intents import avoided, note_doubtful
+from .intents import MIDWAY_ERRORS, avoided, note_doubtful
 from .member import ID, Member, MemberDown
 from .objects import ObjectIds
 
@@ -88,8 +88,17 @@ class Replicator:
                     for oid in token_oids:
                         await self._copy(origin, m, oid)
             except (MemberDown, Pkcs11Error) as e:
-                if isinstance(e, MemberDown):
-                    note_doubtful(m)  # the copy may have been made before it failed
+                # the copy may have been made before the member failed, or half made: a
+                # module can keep an object with default attributes when a creation
+                # fails in it (SoftHSM does on CKR_GENERAL_ERROR). Either way the
+                # member is cleaned of these identities (and such fragments) before the
+                # call returns, and never serves them.
+                note_doubtful(m)
+                if (isinstance(e, Pkcs11Error) and e.rv in MIDWAY_ERRORS
+                        and self.pool.reconciler is not None):
+                    self.pool.reconciler.suspect_fragments(
+                        {m.name}, [self.objects.by_oid[o] for o in token_oids
+                                   if o in self.objects.by_oid])
                 self._missed(m, token_oids, str(e))
             else:
                 for oid in token_oids:
