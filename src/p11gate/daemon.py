@@ -12,6 +12,7 @@ from pathlib import Path
 from . import logs, systemd
 from .config import Config, ConfigError, load_config, parse_config
 from .config_checks import check
+from .frontend.limits import limited_log
 from .frontend.server import Gateway
 from .registry import RegistryError, RegistryUnusable
 from .state_dir import DAEMON_UMASK, StateDirInUse, StateLock, tighten_and_warn
@@ -124,6 +125,7 @@ async def _serve(cfg: Config, demo: bool) -> int:
         watchdog.cancel()
     log.info("stopping")
     await gw.stop()
+    limited_log.flush_all()  # the counts of records held back for a summary are not lost
     return 0
 
 

@@ -74,6 +74,11 @@ class LogLimiter:
             with contextlib.suppress(RuntimeError):  # no loop: summarised at the next one
                 asyncio.get_running_loop().call_later(self.period, self._flush, key, level)
 
+    def flush_all(self) -> None:
+        """Summarise now what every open window held back (at shutdown)."""
+        for key in list(self._windows):
+            self._flush(key, logging.WARNING)
+
     def _flush(self, key: tuple[str, Any], level: int) -> None:
         w = self._windows.get(key)
         if w is not None and w[2]:
