@@ -21,8 +21,6 @@ from typing import Any
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-from p11gate.codec import CALLS_BY_NAME, Attribute, Mechanism, ReplyError, ckr
 from tests.gateway_proc import (
     CLIENT_MODULE,
     Gateway,
@@ -33,6 +31,8 @@ from tests.gateway_proc import (
     write_config,
 )
 from tests.softhsm import make_token
+
+from p11gate.codec import CALLS_BY_NAME, Attribute, Mechanism, ReplyError, ckr
 
 ID = {n: c.id for n, c in CALLS_BY_NAME.items()}
 #: distinctive PINs: a scrape must contain neither (a plain "1234" could be a number)
