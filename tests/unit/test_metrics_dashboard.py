@@ -126,10 +126,10 @@ def test_metrics_off_by_default_in_config() -> None:
 @pytest.mark.parametrize("listen", ["9464", "127.0.0.1:http", "unix:/rel", "unix:path=rel",
                                     "[::1:9464", "127.0.0.1:70000"])
 def test_metrics_listen_refused(listen: str) -> None:
-    with pytest.raises(ConfigError, match="metrics.listen"):
+    with pytest.raises(ConfigError, match=r"metrics\.listen"):
         parse_config({**BASE, "metrics": {"listen": listen}})
 
 
 def test_unknown_metrics_key_refused() -> None:
-    with pytest.raises(ConfigError, match="metrics.port"):
+    with pytest.raises(ConfigError, match=r"metrics\.port"):
         parse_config({**BASE, "metrics": {"port": 9464}})
