@@ -133,3 +133,16 @@ def test_metrics_listen_refused(listen: str) -> None:
 def test_unknown_metrics_key_refused() -> None:
     with pytest.raises(ConfigError, match=r"metrics\.port"):
         parse_config({**BASE, "metrics": {"port": 9464}})
+
+
+@pytest.mark.parametrize(("listen", "warned"), [
+    ("127.0.0.1:9464", False), ("[::1]:9464", False), ("localhost:9464", False),
+    ("unix:path=/run/p11gate/metrics.sock", False), ("0.0.0.0:9464", True),
+    ("10.1.2.3:9464", True)])
+def test_metrics_beyond_loopback_warned(listen: str, warned: bool) -> None:
+    from p11gate.config_checks import metrics_exposure
+    from p11gate.config_report import describe
+
+    cfg = parse_config({**BASE, "metrics": {"listen": listen}})
+    assert bool(metrics_exposure(cfg)) is warned
+    assert f"metrics: {listen} (GET /metrics)" in describe(cfg)
