@@ -20,7 +20,6 @@ from typing import Any
 
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from tests.gateway_proc import (
     CLIENT_MODULE,
     Gateway,
@@ -30,6 +29,7 @@ from tests.gateway_proc import (
     worker_pids,
     write_config,
 )
+from tests.metrics_scrape import http, scrape, serves, value
 from tests.softhsm import make_token
 
 from p11gate.codec import CALLS_BY_NAME, Attribute, Mechanism, ReplyError, ckr
@@ -62,52 +62,6 @@ def metrics_gateway(base: Path, token: dict[str, Any], listen: str,
     line = gw.proc.stdout.readline().decode()
     assert line.startswith("# metrics on "), line
     return gw, line.removeprefix("# metrics on ").split(" ", 1)[0]
-
-
-def http(address: str, request: bytes = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
-         timeout: float = 10.0) -> tuple[int, bytes]:
-    """One HTTP exchange with the metrics endpoint (TCP HOST:PORT or a unix path)."""
-    if address.startswith("/"):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target: Any = address
-    else:
-        host, port = address.rsplit(":", 1)
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        target = (host, int(port))
-    s.settimeout(timeout)
-    with s:
-        s.connect(target)
-        s.sendall(request)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    if not head:
-        return 0, b""  # closed without a reply (over MAX_CLIENTS)
-    return int(head.split(b" ")[1]), body
-
-
-def serves(address: str) -> bool:
-    try:
-        return http(address)[0] == 200
-    except OSError:
-        return False
-
-
-def scrape(address: str) -> tuple[dict[tuple[str, frozenset[tuple[str, str]]], float], str]:
-    status, body = http(address)
-    assert status == 200, body
-    text = body.decode()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out, text
-
-
-def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
-          **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def signer(path: str) -> tuple[RawClient, int, int]:
