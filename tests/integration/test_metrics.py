@@ -310,3 +310,18 @@ def test_metrics_off_by_default(token: dict[str, Any], tmp_path: Path) -> None:
         assert not any(r.get("msg") == "metrics listening" for r in gw.records())
     finally:
         gw.stop()
+
+
+def test_metrics_port_in_use_refuses_the_start(token: dict[str, Any], tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = write_config(tmp_path, token)
+        cfg.write_text(cfg.read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
+        r = subprocess.run([sys.executable, "-m", "p11gate.cli", "serve", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "metrics.listen" in r.stderr and "change [metrics] listen" in r.stderr, r.stderr
+    assert "P11_KIT_SERVER_ADDRESS" not in r.stdout  # never announced as serving
+    assert not (tmp_path / "p11gate.sock").exists()  # its client socket removed again
