@@ -52,11 +52,11 @@ role = "user"
 
 
 def metrics_gateway(base: Path, token: dict[str, Any], listen: str,
-                    isolation: str = "process") -> tuple[Gateway, str]:
+                    isolation: str = "process", extra: str = "") -> tuple[Gateway, str]:
     cfg = write_config(base, token, isolation=isolation)
     text = cfg.read_text().replace(
         'select = {', 'max_pin_failures = 3\npin_lockout = 600.0\nselect = {')
-    cfg.write_text(text + RULES + f'\n[metrics]\nlisten = "{listen}"\n')
+    cfg.write_text(text + RULES + f'\n[metrics]\nlisten = "{listen}"\n' + extra)
     gw = Gateway(cfg)
     assert gw.proc.stdout is not None
     line = gw.proc.stdout.readline().decode()
@@ -325,3 +325,25 @@ def test_metrics_port_in_use_refuses_the_start(token: dict[str, Any], tmp_path: 
     assert "metrics.listen" in r.stderr and "change [metrics] listen" in r.stderr, r.stderr
     assert "P11_KIT_SERVER_ADDRESS" not in r.stdout  # never announced as serving
     assert not (tmp_path / "p11gate.sock").exists()  # its client socket removed again
+
+
+def test_audit_write_failures_counted(token: dict[str, Any], tmp_path: Path) -> None:
+    # /dev/full: every write fails with ENOSPC, so each audited call fails closed
+    gw, address = metrics_gateway(tmp_path, token, "127.0.0.1:0",
+                                  extra='[audit]\nfile = "/dev/full"\n')
+    try:
+        c = RawClient(gw.path)
+        c.initialize()
+        (slots,) = c.call(ID["C_GetSlotList"], [1, 8])
+        (sess,) = c.call(ID["C_OpenSession"], [slots[0], 6])
+        assert rv_of(c, ID["C_Login"], [sess, 1, PIN.encode()]) == ckr.DEVICE_MEMORY
+        assert rv_of(c, ID["C_Login"], [sess, 1, PIN.encode()]) == ckr.DEVICE_MEMORY
+        s, _ = scrape(address)
+        assert value(s, "p11gate_audit_write_failures_total") == 2
+        assert value(s, "p11gate_calls_total", token="signing", call="C_Login",
+                     result="CKR_DEVICE_MEMORY") == 2
+        c.close()
+    finally:
+        alive = gw.alive()
+        gw.stop()
+    assert alive, gw.log()[-3000:]
