@@ -34,9 +34,12 @@ ID = {c: CALLS_BY_NAME[c].id for c in CALLS_BY_NAME}
 #: client's bad request must not take members down and be retried on the others
 DEVICE_ERRORS = frozenset({
     ckr.DEVICE_ERROR, ckr.DEVICE_REMOVED, ckr.TOKEN_NOT_PRESENT,
-    ckr.TOKEN_NOT_RECOGNIZED, ckr.SESSION_CLOSED, ckr.SESSION_HANDLE_INVALID,
-    ckr.CRYPTOKI_NOT_INITIALIZED,
+    ckr.TOKEN_NOT_RECOGNIZED, ckr.CRYPTOKI_NOT_INITIALIZED,
 })
+#: a session the module no longer knows: the member is broken only when it is the
+#: control session; a leased one is dropped by the pool (a client's own calls can end
+#: one, so these must not take members down and be retried elsewhere)
+SESSION_GONE = frozenset({ckr.SESSION_CLOSED, ckr.SESSION_HANDLE_INVALID})
 
 #: how long "this object is not on that member" is believed, seconds
 MISSING_TTL = 5.0
@@ -141,7 +144,8 @@ class Member:
             self.mark_down(f"transport: {e}")
             raise MemberDown(str(e)) from None
         except Pkcs11Error as e:
-            if e.rv in DEVICE_ERRORS:
+            if e.rv in DEVICE_ERRORS or (
+                    e.rv in SESSION_GONE and args and args[0] == self.control):
                 self.mark_down(f"device: {ckr.name(e.rv)}")
                 raise MemberDown(ckr.name(e.rv)) from None
             raise

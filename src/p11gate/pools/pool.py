@@ -34,10 +34,18 @@ from ..frontend.tables import NEW_OBJECTS, OBJECT_ARGS, OPTIONAL_OBJECT_ARGS
 from ..registry import Registry
 from .config import PoolConfig
 from .intents import note_doubtful
-from .member import ID, Member, MemberDown
+from .member import ID, SESSION_GONE, Member, MemberDown
 from .objects import Key, ObjectIds, SessionObject, as_bytes
 from .reconcile import CREATING, Reconciler
 from .replication import DETERMINISTIC, EVERYWHERE, GENERATED, Replicator
+from .session_objects import call_on_control, destroy_session_objects
+from .session_rules import (
+    CREATE_TEMPLATES,
+    KEEPS_OPERATION,
+    OBJECT_WRITE_CALLS,
+    check_read_only,
+    new_objects_on_token,
+)
 
 log = logging.getLogger("p11gate.pool")
 
@@ -68,8 +76,8 @@ _IDENTITY_REQUEST = (ck.CKA_CLASS, ck.CKA_ID, ck.CKA_LABEL)
 
 
 class _Op:
-    __slots__ = ("args", "buffered", "call_id", "epoch", "member", "replayable", "session",
-                 "updates")
+    __slots__ = ("args", "buffered", "call_id", "context_pin", "epoch", "member",
+                 "replayable", "session", "updates")
 
     def __init__(self, call_id: int, args: list[Any], replayable: bool) -> None:
         self.call_id = call_id
@@ -80,15 +88,22 @@ class _Op:
         self.updates: list[tuple[int, list[Any]]] = []
         self.buffered = 0
         self.replayable = replayable
+        #: a context-specific login (CKA_ALWAYS_AUTHENTICATE) made for this operation:
+        #: replayed with it on failover, gone with it
+        self.context_pin: bytes | None = None
 
 
 class _Session:
-    __slots__ = ("find", "flags", "op")
+    __slots__ = ("find", "flags", "objects", "op", "pin")
 
     def __init__(self, flags: int) -> None:
         self.flags = flags
         self.op: _Op | None = None
         self.find: list[int] | None = None
+        #: session objects this session made: destroyed when it closes (PKCS#11)
+        self.objects: set[int] = set()
+        #: the member holding them: the session's calls go there (None: any member)
+        self.pin: int | None = None
 
 
 class PoolBackend(Backend):
@@ -279,7 +294,7 @@ class PoolBackend(Backend):
         if so is not None:
             return so.handle if so.member == m.index and so.epoch == m.epoch else None
         key = self.objects.by_oid.get(oid)
-        if key is None or oid in self.objects.destroyed:
+        if key is None or oid in self.objects.destroyed or self._hidden(key):
             raise Pkcs11Error(ckr.OBJECT_HANDLE_INVALID)
         pinned = self.objects.pinned.get(oid)
         if pinned is not None and pinned != m.name:
@@ -355,6 +370,8 @@ class PoolBackend(Backend):
         if call_id == ID["C_CloseSession"]:
             await self._close(args[0])
             return []
+        if call_id == ID["C_Login"] and args[1] == ck.CKU_CONTEXT_SPECIFIC:
+            return await self._context_login(s, args)
         if call_id in (ID["C_Login"], ID["C_LoginUser"]):
             return await self._login_all(call_id, args)
         if call_id == ID["C_Logout"]:
@@ -366,11 +383,11 @@ class PoolBackend(Backend):
         if call_id == ID["C_FindObjectsInit"]:
             return await self._find_init(s, args)
         if call_id == ID["C_FindObjects"]:
+            n = args[1]
+            if n == 0:  # the module gets no array: SoftHSM answers so, before the rest
+                raise Pkcs11Error(ckr.ARGUMENTS_BAD)
             if s.find is None:
                 raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
-            n = args[1]
-            if n == 0:
-                return [Null(0)]
             out, s.find = s.find[:n], s.find[n:]
             return [out]
         if call_id == ID["C_FindObjectsFinal"]:
@@ -384,7 +401,16 @@ class PoolBackend(Backend):
             if s.op is None:
                 raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
             return await self._continue_op(s, call_id, args)
+        if call_id in CREATE_TEMPLATES or call_id in OBJECT_WRITE_CALLS:
+            # member sessions are all read/write: the module cannot refuse for us
+            check_read_only(s.flags, call_id, args, self._is_token_object(call_id, args))
         return await self._single(s, call_id, args)
+
+    def _is_token_object(self, call_id: int, args: list[Any]) -> bool:
+        """Whether the object a copy, change or destruction names is a token object."""
+        if call_id not in OBJECT_WRITE_CALLS or len(args) < 2:
+            return False
+        return isinstance(args[1], int) and args[1] not in self.objects.sessions
 
     async def _any_member(self, call_id: int, args: list[Any]) -> list[Any]:
         for m in self._candidates(set(), None):
@@ -396,9 +422,12 @@ class PoolBackend(Backend):
 
     async def _close(self, h: int) -> None:
         s = self.sessions.pop(h, None)
-        if s is not None and s.op is not None:
+        if s is None:
+            return
+        if s.op is not None:
             # the member session may still be inside the operation: do not reuse it
             await self._end_op(s, broken=True)
+        await destroy_session_objects(self, s.objects)
 
     # ------------------------------------------------------------ login
 
@@ -463,13 +492,28 @@ class PoolBackend(Backend):
     async def _single(self, s: _Session, call_id: int, args: list[Any]) -> list[Any]:
         if self.reconciler is not None and call_id in CREATING:
             return await self.reconciler.run(
-                call_id, args, lambda avoid: self._single_call(call_id, args, avoid))
-        return await self._single_call(call_id, args, set())
+                call_id, args, lambda avoid: self._single_call(call_id, args, avoid, s))
+        return await self._single_call(call_id, args, set(), s)
 
-    async def _single_call(self, call_id: int, args: list[Any],
-                           avoid: set[int]) -> list[Any]:
-        """One call on the best member, failing over; never on members in ``avoid``."""
+    def _session_pin(self, s: _Session | None, call_id: int, args: list[Any]) -> int | None:
+        """Where a call must run: the member of the objects it names, else the member of
+        its session's session objects (PKCS#11: one application sees them all)."""
         pinned = self._pinned_member(call_id, args)
+        # only calls naming no object: token objects are on every member
+        if pinned is None and s is not None and s.pin is not None \
+                and not self._oids_in(call_id, args):
+            if not any(o in self.objects.sessions for o in s.objects):
+                s.pin = None  # they died with their member instance, or were destroyed
+            pinned = s.pin
+        return pinned
+
+    async def _single_call(self, call_id: int, args: list[Any], avoid: set[int],
+                           s: _Session | None = None) -> list[Any]:
+        """One call on the best member, failing over; never on members in ``avoid``."""
+        pinned = self._session_pin(s, call_id, args)
+        # a session object is made on the member's control session (see session_objects)
+        on_control = call_id in CREATE_TEMPLATES and not all(
+            new_objects_on_token(call_id, args, self._is_token_object(call_id, args)))
         tried: set[int] = set(avoid)
         lacking = False
         failures = 0
@@ -484,16 +528,10 @@ class PoolBackend(Backend):
                 if margs is None:
                     lacking = True
                     continue
-                sess, epoch = await m.lease()
-                broken = False
-                try:
-                    margs[0] = sess
-                    reply = await m.call(call_id, margs)
-                except MemberDown:
-                    broken = True
-                    raise
-                finally:
-                    await m.release(sess, epoch, broken)
+                if on_control:
+                    reply = await call_on_control(m, call_id, margs)
+                else:
+                    reply = await self._leased_call(m, call_id, margs)
                 reply = await self._after(m, call_id, args, reply)
             except MemberDown as e:
                 self._failed_over(m, call_id, str(e))
@@ -504,8 +542,36 @@ class PoolBackend(Backend):
                 continue
             if self.replicator is not None:
                 await self._replicate(m, call_id, args, reply)
+            if s is not None and call_id in CREATE_TEMPLATES:
+                self._own_session_objects(s, m, call_id, reply)
             return reply
+        if lacking and pinned is not None and self.members[pinned].usable:
+            # the objects it names live on two members: no member can run it
+            raise Pkcs11Error(ckr.KEY_HANDLE_INVALID, "objects on two members")
         raise self._unavailable(pinned, lacking, "the object", self._oids_in(call_id, args))
+
+    async def _leased_call(self, m: Member, call_id: int, margs: list[Any]) -> list[Any]:
+        sess, epoch = await m.lease()
+        broken = False
+        try:
+            margs[0] = sess
+            return await m.call(call_id, margs)
+        except MemberDown:
+            broken = True
+            raise
+        except Pkcs11Error as e:
+            broken = e.rv in SESSION_GONE  # replaced, the member stays up
+            raise
+        finally:
+            await m.release(sess, epoch, broken)
+
+    def _own_session_objects(self, s: _Session, m: Member, call_id: int,
+                             reply: list[Any]) -> None:
+        """Session objects a session made die with it, and tie it to their member."""
+        for p in NEW_OBJECTS.get(call_id, ()):
+            if p < len(reply) and reply[p] in self.objects.sessions:
+                s.objects.add(reply[p])
+                s.pin = m.index
 
     async def _replicate(self, m: Member, call_id: int, args: list[Any],
                          reply: list[Any]) -> None:
@@ -632,7 +698,14 @@ class PoolBackend(Backend):
         oids = [await self._oid_for(m, h) for h in handles]
         # a member's out-of-date copy does not count: its attributes may not be the
         # object's (_find_init lists the object by identity when no good copy is up)
-        return [o for o in oids if not self.objects.is_stale(o, m.name)]
+        return [o for o in oids if not self.objects.is_stale(o, m.name)
+                and not self._hidden(self.objects.by_oid.get(o))]
+
+    def _hidden(self, key: Key | None) -> bool:
+        """The pool's own wrapping key (gateway replication) is not the clients'."""
+        return (key is not None and self.replicator is not None
+                and bool(self.replicator.wrapping_label) and key[0] == ck.CKO_SECRET_KEY
+                and key[2] == self.replicator.wrapping_label)
 
     # ------------------------------------------------------------ operations
 
@@ -640,7 +713,7 @@ class PoolBackend(Backend):
         if s.op is not None or s.find is not None:
             raise Pkcs11Error(ckr.OPERATION_ACTIVE)
         op = _Op(call_id, args, replayable=call_id not in MESSAGE_INITS)
-        await self._begin(op, set(), self._pinned_member(call_id, args))
+        await self._begin(op, set(), self._session_pin(s, call_id, args))
         s.op = op
         return []
 
@@ -667,6 +740,8 @@ class PoolBackend(Backend):
             try:
                 margs[0] = sess
                 await m.call(op.call_id, margs)
+                if op.context_pin is not None:
+                    await m.call(ID["C_Login"], [sess, ck.CKU_CONTEXT_SPECIFIC, op.context_pin])
                 for cid, uargs in op.updates:
                     uargs2 = await self.translate(m, cid, uargs)
                     if uargs2 is None:
@@ -682,7 +757,8 @@ class PoolBackend(Backend):
                     ) from None
                 continue
             except BaseException:
-                await m.release(sess, epoch, broken=bool(op.updates))
+                await m.release(sess, epoch,
+                                broken=bool(op.updates) or op.context_pin is not None)
                 raise
             op.member, op.session, op.epoch = m.index, sess, epoch
             return
@@ -695,7 +771,19 @@ class PoolBackend(Backend):
             try:
                 margs = await self.translate(m, call_id, args)
                 if margs is None:
-                    raise Pkcs11Error(ckr.KEY_HANDLE_INVALID)
+                    # C_DigestKey of a key on another member: the operation moves there
+                    # (replayed) when it can, else it cannot be served
+                    there = self._pinned_member(call_id, args)
+                    if there is None or not op.replayable or not self.members[there].usable:
+                        await self._end_op(s)  # the member never saw the call
+                        raise Pkcs11Error(ckr.KEY_HANDLE_INVALID, "key on another member")
+                    await m.release(op.session, op.epoch, broken=True)
+                    try:
+                        await self._begin(op, set(), there)
+                    except BaseException:
+                        s.op = None
+                        raise
+                    continue
                 margs[0] = op.session
                 if op.epoch != m.epoch:
                     raise MemberDown("member restarted")
@@ -716,14 +804,44 @@ class PoolBackend(Backend):
                 except BaseException:
                     s.op = None
                     raise
-            except Pkcs11Error:
-                await self._end_op(s)  # PKCS#11: an error ends the operation
+            except Pkcs11Error as e:
+                if e.rv in KEEPS_OPERATION and s.op is op:
+                    raise  # PKCS#11: the operation goes on (output size, context login)
+                # PKCS#11: an error ends the operation; a module may still keep it on the
+                # member session (SoftHSM after CKR_KEY_INDIGESTIBLE), so that session
+                # is closed and replaced rather than leased to another client mid-way
+                if s.op is op:
+                    await self._end_op(s, broken=True)
                 raise
         if call_id in UPDATES:
             self._remember_update(op, call_id, args)
         elif call_id in ENDERS and not (reply and isinstance(reply[0], Null)):
             await self._end_op(s)
         return reply
+
+    async def _context_login(self, s: _Session, args: list[Any]) -> list[Any]:
+        """CKU_CONTEXT_SPECIFIC: on the member session that holds the operation."""
+        op = s.op
+        if op is None:
+            raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
+        pin = bytes(args[2]) if isinstance(args[2], bytes) else b""
+        m = self.members[op.member]
+        try:
+            if op.epoch != m.epoch:
+                raise MemberDown("member restarted")
+            await m.call(ID["C_Login"], [op.session, ck.CKU_CONTEXT_SPECIFIC, pin])
+        except MemberDown as e:
+            await m.release(op.session, op.epoch, broken=True)
+            self._failed_over(m, ID["C_Login"], str(e))
+            op.context_pin = pin  # replayed after the Init on the next member
+            try:
+                await self._begin(op, {op.member}, self._pinned_member(op.call_id, op.args))
+            except BaseException:
+                s.op = None
+                raise
+            return []
+        op.context_pin = pin  # for a replay; gone with the operation
+        return []
 
     def _remember_update(self, op: _Op, call_id: int, args: list[Any]) -> None:
         if not op.replayable:

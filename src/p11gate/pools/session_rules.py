@@ -1,0 +1,67 @@
+"""PKCS#11 session rules a pool must apply itself, because its member sessions are not
+the client's: they are all read/write, shared between logical sessions, and outlive
+them. What the module would check on the client's own session is checked here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import ck
+from ..codec import ckr
+from ..codec.calls import CALLS_BY_NAME
+from ..errors import Pkcs11Error
+
+ID = {c: CALLS_BY_NAME[c].id for c in CALLS_BY_NAME}
+
+#: request positions of the templates of the calls that make objects
+CREATE_TEMPLATES: dict[int, tuple[int, ...]] = {
+    ID["C_CreateObject"]: (1,), ID["C_CopyObject"]: (2,), ID["C_GenerateKey"]: (2,),
+    ID["C_GenerateKeyPair"]: (2, 3), ID["C_UnwrapKey"]: (4,), ID["C_DeriveKey"]: (3,),
+    ID["C_DeriveKey2"]: (3,),
+}
+#: calls that change or destroy the object at request position 1
+OBJECT_WRITES = frozenset({ID["C_DestroyObject"], ID["C_SetAttributeValue"]})
+
+#: errors after which PKCS#11 keeps the operation going (an output-size answer); any
+#: other ends it, CKR_USER_NOT_LOGGED_IN of a key still wanting its context-specific
+#: login included (as SoftHSM does)
+KEEPS_OPERATION = frozenset({ckr.BUFFER_TOO_SMALL})
+
+
+
+def template_token(template: Any) -> bool | None:
+    """CKA_TOKEN of a template: True, False, or None when the template does not say."""
+    if not isinstance(template, list):
+        return None
+    for a in template:
+        if getattr(a, "type", None) == ck.CKA_TOKEN and a.length is not None:
+            return bool(a.value)
+    return None
+
+
+def new_objects_on_token(call_id: int, args: list[Any], source_is_token: bool) -> list[bool]:
+    """For each object the call makes, whether it is a token object (PKCS#11 default:
+    a session object; a copy keeps its original's CKA_TOKEN unless the template says)."""
+    out = []
+    for pos in CREATE_TEMPLATES.get(call_id, ()):
+        v = template_token(args[pos]) if pos < len(args) else None
+        if v is None:
+            v = source_is_token if call_id == ID["C_CopyObject"] else False
+        out.append(v)
+    return out
+
+
+def check_read_only(flags: int, call_id: int, args: list[Any],
+                    is_token_object: bool) -> None:
+    """CKR_SESSION_READ_ONLY for a write of token objects on a read-only session, as the
+    module gives it (``is_token_object``: the object at position 1 is a token object)."""
+    if flags & ck.CKF_RW_SESSION:
+        return
+    if call_id in OBJECT_WRITES and is_token_object:
+        raise Pkcs11Error(ckr.SESSION_READ_ONLY)
+    if any(new_objects_on_token(call_id, args, is_token_object)):
+        raise Pkcs11Error(ckr.SESSION_READ_ONLY)
+
+#: calls that copy, change or destroy the object at request position 1
+OBJECT_WRITE_CALLS = OBJECT_WRITES | {ID["C_CopyObject"]}
