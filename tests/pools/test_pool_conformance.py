@@ -187,6 +187,10 @@ def test_a_find_over_session_objects_returns_what_the_module_returns(env: Env) -
                          [b(CKA_TOKEN, False), u(CKA_CLASS, CKO_SECRET_KEY)],
                          [u(CKA_CLASS, CKO_DATA), b(CKA_TOKEN, False)]):
                 got.append(labels(a, h, find(a, h, tmpl)))
+            # a later session of the same application: the closed session's are gone
+            call(a, "C_CloseSession", h)
+            h = env.session(a, label)
+            got.append(labels(a, h, find(a, h, [s(CKA_LABEL, "p11-b")])))
             results[label] = got
         finally:
             a.close()
@@ -206,14 +210,16 @@ def test_a_session_key_works_with_digest_key_and_two_member_calls_are_refused(
         for i in range(6):
             h = env.session(c)
             (k,) = call(c, "C_CreateObject", h, aes(f"p12-{i}", value=value))
-            call(c, "C_DigestInit", h, Mechanism(CKM_SHA256, None))
-            call(c, "C_DigestKey", h, k)
-            (d,) = call(c, "C_Digest", h, b"", 64) if False else call(
-                c, "C_DigestFinal", h, 64)
-            assert bytes(d) == hashlib.sha256(value).digest()
+            # by its own session, and by sessions of the application that hold none
+            for hs in (h, *(env.session(c) for _ in range(4))):
+                call(c, "C_DigestInit", hs, Mechanism(CKM_SHA256, None))
+                call(c, "C_DigestUpdate", hs, b"x")
+                call(c, "C_DigestKey", hs, k)
+                (d,) = call(c, "C_DigestFinal", hs, 64)
+                assert bytes(d) == hashlib.sha256(b"x" + value).digest()
         # keys of several sessions: on one member or refused with one documented code
         keys = []
-        for i in range(6):
+        for i in range(12):
             h = env.session(c)
             (k,) = call(c, "C_CreateObject", h, aes(f"p12-w{i}", value=value))
             keys.append((h, k))
