@@ -33,6 +33,7 @@ from ..errors import BackendUnavailable, Pkcs11Error
 from ..frontend.tables import NEW_OBJECTS, OBJECT_ARGS, OPTIONAL_OBJECT_ARGS
 from ..registry import Registry
 from .config import PoolConfig
+from .finds import find_init, hidden
 from .intents import note_doubtful
 from .member import ID, SESSION_GONE, Member, MemberDown
 from .objects import Key, ObjectIds, SessionObject, as_bytes
@@ -294,7 +295,7 @@ class PoolBackend(Backend):
         if so is not None:
             return so.handle if so.member == m.index and so.epoch == m.epoch else None
         key = self.objects.by_oid.get(oid)
-        if key is None or oid in self.objects.destroyed or self._hidden(key):
+        if key is None or oid in self.objects.destroyed or hidden(self, key):
             raise Pkcs11Error(ckr.OBJECT_HANDLE_INVALID)
         pinned = self.objects.pinned.get(oid)
         if pinned is not None and pinned != m.name:
@@ -381,7 +382,7 @@ class PoolBackend(Backend):
         if call_id in UNSUPPORTED:
             raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED, "not served by pools")
         if call_id == ID["C_FindObjectsInit"]:
-            return await self._find_init(s, args)
+            return await find_init(self, s, args)
         if call_id == ID["C_FindObjects"]:
             n = args[1]
             if n == 0:  # the module gets no array: SoftHSM answers so, before the rest
@@ -636,77 +637,6 @@ class PoolBackend(Backend):
             return (cls, None, None, bytes(uid))
         return (cls, as_bytes(vals.get(ck.CKA_ID)), as_bytes(vals.get(ck.CKA_LABEL)), None)
 
-    # ------------------------------------------------------------ finds
-
-    async def _find_init(self, s: _Session, args: list[Any]) -> list[Any]:
-        if s.find is not None or s.op is not None:
-            raise Pkcs11Error(ckr.OPERATION_ACTIVE)
-        found: list[int] = []
-        seen: set[int] = set()
-        served = 0
-        for m in self._candidates(set(), None):
-            try:
-                oids = await self._find_on(m, args)
-            except MemberDown as e:
-                self._failed_over(m, ID["C_FindObjectsInit"], str(e))
-                continue
-            served += 1
-            for oid in oids:
-                if oid not in seen:  # the same object on several members: once
-                    seen.add(oid)
-                    found.append(oid)
-        if not served:
-            raise BackendUnavailable(f"pool {self.name}: no member could search")
-        # keys pinned to a member that is down still exist: list those the template
-        # surely matches, so that using them says why it fails instead of "no such key"
-        for oid, name in self.objects.pinned.items():
-            if oid not in seen and oid not in self.objects.destroyed \
-                    and self._member_named(name) != "up" \
-                    and _matches(args[1], self.objects.by_oid.get(oid)):
-                found.append(oid)
-                seen.add(oid)
-        # so do objects whose up-to-date copies are all on members that are down
-        for oid in self.objects.stale:
-            if oid not in seen and oid not in self.objects.destroyed \
-                    and _matches(args[1], self.objects.by_oid.get(oid)):
-                found.append(oid)
-        s.find = found
-        return []
-
-    async def _find_on(self, m: Member, args: list[Any]) -> list[int]:
-        sess, epoch = await m.lease()
-        handles: list[int] = []
-        broken = False
-        try:
-            await m.call(ID["C_FindObjectsInit"], [sess, args[1]])
-            try:
-                while True:
-                    (batch,) = await m.call(ID["C_FindObjects"], [sess, 256])
-                    if not isinstance(batch, list) or not batch:
-                        break
-                    handles += batch
-                    if len(batch) < 256:
-                        break
-            finally:
-                with contextlib.suppress(Pkcs11Error):
-                    await m.call(ID["C_FindObjectsFinal"], [sess])
-        except MemberDown:
-            broken = True
-            raise
-        finally:
-            await m.release(sess, epoch, broken)
-        oids = [await self._oid_for(m, h) for h in handles]
-        # a member's out-of-date copy does not count: its attributes may not be the
-        # object's (_find_init lists the object by identity when no good copy is up)
-        return [o for o in oids if not self.objects.is_stale(o, m.name)
-                and not self._hidden(self.objects.by_oid.get(o))]
-
-    def _hidden(self, key: Key | None) -> bool:
-        """The pool's own wrapping key (gateway replication) is not the clients'."""
-        return (key is not None and self.replicator is not None
-                and bool(self.replicator.wrapping_label) and key[0] == ck.CKO_SECRET_KEY
-                and key[2] == self.replicator.wrapping_label)
-
     # ------------------------------------------------------------ operations
 
     async def _start_op(self, s: _Session, call_id: int, args: list[Any]) -> list[Any]:
@@ -858,32 +788,6 @@ class PoolBackend(Backend):
         op, s.op = s.op, None
         if op is not None and op.member >= 0:
             await self.members[op.member].release(op.session, op.epoch, broken)
-
-
-def _matches(template: list[Any], key: Key | None) -> bool:
-    """True if ``template`` certainly matches a token object of identity ``key`` (only
-    CKA_CLASS, CKA_ID, CKA_LABEL, CKA_UNIQUE_ID and CKA_TOKEN can be judged without the
-    object, and CKA_ID and CKA_LABEL only when they are the identity)."""
-    if key is None:
-        return False
-    by_attributes = key[3] is None
-    for a in template:
-        if a.length is None:
-            return False
-        if a.type == ck.CKA_CLASS and a.value != key[0]:
-            return False
-        if a.type == ck.CKA_ID and (not by_attributes or a.value != key[1]):
-            return False
-        if a.type == ck.CKA_LABEL and (not by_attributes or a.value != key[2]):
-            return False
-        if a.type == ck.CKA_UNIQUE_ID and a.value != key[3]:
-            return False
-        if a.type == ck.CKA_TOKEN and not a.value:
-            return False
-        if a.type not in (ck.CKA_CLASS, ck.CKA_ID, ck.CKA_LABEL, ck.CKA_UNIQUE_ID,
-                          ck.CKA_TOKEN):
-            return False
-    return True
 
 
 def _text(b: bytes | None, hexa: bool = False) -> str | None:
