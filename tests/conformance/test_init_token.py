@@ -141,3 +141,27 @@ def test_pool_token_refuses_init_token(tmp_path: Path) -> None:
         alive = gw.alive()
         rc = gw.stop()
     assert alive and rc == 0, gw.log()[-3000:]
+
+
+def test_gateway_login_token_refuses_init_token(tmp_path: Path) -> None:
+    """pin_mode none: the gateway logs the backend in with a stored user PIN a fresh
+    token would not have, so it refuses rather than leave the token unusable."""
+    token = make_token(tmp_path / "hsm", keys=False)
+    cfg = write_config(tmp_path, token)
+    pin_file = tmp_path / "backend.pin"
+    pin_file.write_text("1234")
+    pin_file.chmod(0o600)
+    cfg.write_text(cfg.read_text() + f'pin_mode = "none"\nbackend_pin_file = "{pin_file}"\n')
+    gw = Gateway(cfg)
+    try:
+        c, slot = connect(gw)
+        assert rv_of(c, ID["C_InitToken"], [slot, token["so_pin"].encode(),
+                                            token["label"].encode().ljust(32)]) == \
+            ckr.FUNCTION_NOT_SUPPORTED
+        (s,) = c.call(ID["C_OpenSession"], [slot, RW])
+        c.call(ID["C_Login"], [s, CKU_USER, b""])  # identity suffices: still served
+        c.close()
+    finally:
+        alive = gw.alive()
+        rc = gw.stop()
+    assert alive and rc == 0, gw.log()[-3000:]
