@@ -16,6 +16,8 @@ from tests.softhsm import make_token, requires_softhsm
 
 from p11gate.codec import Attribute, ckr
 from p11gate.codec.calls import CALLS_BY_NAME
+from p11gate.policy.namespace import OwnershipStore
+from p11gate.registry import Registry
 
 pytestmark = requires_softhsm
 
@@ -165,3 +167,18 @@ def test_gateway_login_token_refuses_init_token(tmp_path: Path) -> None:
         alive = gw.alive()
         rc = gw.stop()
     assert alive and rc == 0, gw.log()[-3000:]
+
+
+def test_ownership_of_an_initialized_token_is_forgotten(tmp_path: Path) -> None:
+    """After C_InitToken the gateway forgets who owned the token's objects (else a new
+    object with an old identity would count as another tenant's)."""
+    store = OwnershipStore(Registry(tmp_path))
+    store.claim("signing", (3, b"\x01", b"ec1"), "uid:1000")
+    store.claim("signing", (2, b"\x01", b"ec1"), "uid:1000")
+    store.claim("other", (3, b"\x01", b"ec1"), "uid:1001")
+    assert store.release_token("signing") == 2
+    assert store.owner("signing", (3, b"\x01", b"ec1")) is None
+    assert store.owner("other", (3, b"\x01", b"ec1")) == "uid:1001"
+    # and in the registry, not only in memory
+    again = OwnershipStore(Registry(tmp_path))
+    assert again.count("signing") == 0 and again.count("other") == 1

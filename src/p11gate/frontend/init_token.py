@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ..codec import Call, ckr
 from ..errors import BackendUnavailable, Pkcs11Error
 from ..pools.pool import PoolBackend
+from ..registry import RegistryError
 from .token import VirtualToken
 
 if TYPE_CHECKING:
@@ -70,6 +71,11 @@ async def h_init_token(c: ClientConnection, call: Call, args: list[Any]) -> list
                 conn.handles.drop_object(ref.handle)
     for x in same:
         x.session_objects.clear()
+        try:  # the objects are gone: so is their ownership (namespaces "owned")
+            c.gw.ownership.release_token(x.name)
+        except RegistryError as e:
+            log.error("ownership of the initialized token's objects not forgotten",
+                      extra={"token": x.name, "error": str(e)})
     log.info("token initialized", extra={"conn": c.id, "peer": c.peer, "token": t.name})
     return reply
 

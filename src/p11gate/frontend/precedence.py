@@ -83,7 +83,7 @@ class Unresolved(Pkcs11Error):
             await self.conn.gw.fair_share.submit(
                 backend, self.conn.identity.key, self.call_id, probe, self.conn)
             rv = ckr.OK
-        except BackendUnavailable:
+        except (BackendUnavailable, TimeoutError):
             return Pkcs11Error(ckr.DEVICE_ERROR)
         except Pkcs11Error as e:
             rv = e.rv
