@@ -237,15 +237,15 @@ SCENARIOS: list[Scenario] = [
         Step("C_GetTokenInfo", [SLOT], norm=lambda v: [v[4] & 0x40D]),  # flags subset
         Step("C_GetMechanismInfo", [SLOT, CKM_ECDSA]),
         Step("C_GetMechanismInfo", [SLOT, BOGUS_MECH])]),
-    # last: on the pool it leaves a member session inside a digest (pool issue 15), and
-    # the next scenario on that member session would see CKR_OPERATION_ACTIVE
+    # last: were the gateway to probe a pool with C_DigestKey, the pool would leave a
+    # member session inside the digest (pool issue 15) and later scenarios would see
+    # CKR_OPERATION_ACTIVE there
     Scenario("digest_key_handles", [
         open_rw(), login(),
         Step("C_DigestKey", [Ref("s"), BAD]),  # no digest active
         Step("C_DigestInit", [Ref("s"), SHA256]),
         Step("C_DigestKey", [Ref("s"), BAD]),
         Step("C_Digest", [Ref("s"), DATA32, 64], norm=length_of),
-        # the session is usable again (on the pool its member session is still in the
-        # digest the pool thinks ended: the find fails there)
+        # the session goes on (on a pool: its member session is not left in a digest)
         *find(EC_PRIV)]),
 ]
