@@ -3,7 +3,7 @@ gateway passes to the module, for the error-precedence test. Run as a backend's
 ``worker_command``: ``recording_module.py RECORD_FILE MODULE``.
 
 Each call with handle arguments (the positions the frontend translates) appends one
-line ``<call id> <handle> <handle> …`` to RECORD_FILE.
+line ``<call id> <session> <handle> <handle> …`` to RECORD_FILE.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main() -> int:
         if positions:
             handles = " ".join(str(args[p]) for p in positions if p < len(args))
             with lock:
-                record.write(f"{call_id} {handles}\n")
+                record.write(f"{call_id} {args[0]} {handles}\n")
         return real_call(self, call_id, args)
 
     NativeModule.call = call  # type: ignore[method-assign]
