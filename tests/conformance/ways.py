@@ -124,9 +124,17 @@ class DirectWay:
         self.slot = -1
 
     def begin(self) -> int:
-        # SoftHSM reads its configuration at C_Initialize
+        # SoftHSM reads its configuration at C_Initialize (the variable is put back
+        # right after, for anything else in this process)
+        before = os.environ.get("SOFTHSM2_CONF")
         os.environ["SOFTHSM2_CONF"] = self.token["conf"]
-        self.module.initialize()
+        try:
+            self.module.initialize()
+        finally:
+            if before is None:
+                del os.environ["SOFTHSM2_CONF"]
+            else:
+                os.environ["SOFTHSM2_CONF"] = before
         if self.slot < 0:
             (slots,) = self.module.call(CALLS_BY_NAME["C_GetSlotList"].id, [1, 16])
             for s in slots:
