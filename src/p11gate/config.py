@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .backends.limits_config import KeyBitsConfig
 from .config_select import TokenSelect
+from .metrics_config import MetricsConfig
 from .policy.config import RuleConfig
 from .pools.config import PoolConfig
 from .remote.config import TlsConfig
@@ -285,6 +286,8 @@ class Config(_Strict):
     tls: TlsConfig | None = None
     #: tokens served by several equivalent members
     pool: list[PoolConfig] = Field(default_factory=list)
+    #: the Prometheus endpoint (off unless [metrics] listen is set)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     #: the file this came from, for messages
     source: str = "<config>"
 

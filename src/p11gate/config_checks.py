@@ -44,6 +44,7 @@ def check(cfg: Config) -> Findings:
                 f"{src}: rule[{i}] ({r.name}): everyone = true with security-officer rights: "
                 f"any client that can connect is an officer on {', '.join(r.tokens)}; "
                 "match uid/gid/subject instead, or give everyone role 'readonly' or 'user'")
+    out.warnings += metrics_exposure(cfg)
     mode = cfg.server.socket_mode
     if sockets and mode & 0o002:
         out.warnings.append(
@@ -80,3 +81,25 @@ def check(cfg: Config) -> Findings:
                 f"readable or writable by group/others (mode {m:04o}): anyone who reads it "
                 f"logs into the backend; run `chmod 600 {t.backend_pin_file}`")
     return out
+
+
+def metrics_exposure(cfg: Config) -> list[str]:
+    """Metrics on a TCP address beyond loopback: plain HTTP anyone there can read (no
+    secrets, but which tokens and functions are used, and how often)."""
+    listen = cfg.metrics.listen
+    if listen is None or listen.startswith("unix:"):
+        return []
+    import ipaddress
+
+    from .metrics_config import parse_tcp
+
+    host = parse_tcp(listen)[0]
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return []
+    except ValueError:
+        if host == "localhost":
+            return []
+    return [f"{cfg.source}: metrics.listen = {listen!r}: plain HTTP that every host which "
+            "can reach it may read (tokens, functions and call rates; no secrets); listen "
+            "on 127.0.0.1 or a unix socket and let a local agent or proxy scrape it"]

@@ -10,6 +10,8 @@ from .pkcs11_uri import format_token_uri, padded_text
 def describe(cfg: Config) -> list[str]:
     lines = ["listeners:"]
     lines += [f"  {a}" for a in cfg.server.listen]
+    if cfg.metrics.listen is not None:
+        lines.append(f"metrics: {cfg.metrics.listen} (GET /metrics)")
     pools = {p.name for p in cfg.pool}
     lines.append("tokens:")
     for t in cfg.token:

@@ -12,7 +12,9 @@ from pathlib import Path
 from . import logs, systemd
 from .config import Config, ConfigError, load_config, parse_config
 from .config_checks import check
+from .frontend.limits import limited_log
 from .frontend.server import Gateway
+from .metrics_http import MetricsServer
 from .registry import RegistryError, RegistryUnusable
 from .state_dir import DAEMON_UMASK, StateDirInUse, StateLock, tighten_and_warn
 from .unix_socket import SocketInUse
@@ -99,6 +101,13 @@ async def _serve(cfg: Config, demo: bool) -> int:
               file=sys.stderr)
         await gw.stop()
         return 2
+    try:
+        metrics = await _start_metrics(cfg, gw)
+    except (OSError, SocketInUse) as e:
+        print(f"{cfg.source}: metrics.listen: {e}; free the address or change [metrics] "
+              "listen", file=sys.stderr)
+        await gw.stop()
+        return 2
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -110,6 +119,8 @@ async def _serve(cfg: Config, demo: bool) -> int:
         if a.startswith("tls:"):
             print(f"# listening on {a} (remote clients: p11gate tunnel or p11gate agent)",
                   flush=True)
+    if metrics is not None:
+        print(f"# metrics on {metrics.bound} (GET /metrics)", flush=True)
     if demo:
         print(f"# demo token {cfg.token[0].name!r}, user PIN 1234 (SoftHSMv2 in "
               f"{cfg.server.state_dir})", file=sys.stderr, flush=True)
@@ -123,8 +134,22 @@ async def _serve(cfg: Config, demo: bool) -> int:
     if watchdog is not None:
         watchdog.cancel()
     log.info("stopping")
+    if metrics is not None:
+        await metrics.stop()
     await gw.stop()
+    limited_log.flush_all()  # the counts of records held back for a summary are not lost
     return 0
+
+
+async def _start_metrics(cfg: Config, gw: Gateway) -> MetricsServer | None:
+    """The Prometheus endpoint when [metrics] listen is set (None: off)."""
+    if cfg.metrics.listen is None:
+        return None
+    from .frontend.metrics_state import snapshot
+
+    server = MetricsServer(cfg.metrics.listen, gw.metrics, lambda: snapshot(gw))
+    await server.start()
+    return server
 
 
 def _lock(config_path: str | None, state_dir: str | None) -> tuple[StateLock, Config]:

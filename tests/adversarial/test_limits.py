@@ -147,11 +147,12 @@ def test_flood_and_stalled_frames_keep_memory_bounded(
         assert max(closed_after.values()) < 3.0 + 2.0  # the deadline, with slack
         assert bystander.errors == [] and bystander.ok > 0
         assert records(gw, "connection paused: replies not read")
-        late = records(gw, "closing client connection: request frame not complete")
-        summaries = records(gw, "closing client connection: request frame not complete "
-                                "in time (more")
-        assert sum(1 for r in late if "count" not in r) + sum(
-            r["count"] for r in summaries) == 40
+        def late_closed() -> int:  # one by one, then a summary at the end of the window
+            late = records(gw, "closing client connection: request frame not complete")
+            return sum(1 for r in late if "count" not in r) + sum(
+                r["count"] for r in late if "count" in r)
+        wait_for(lambda: late_closed() >= 40, timeout=10)
+        assert late_closed() == 40
         assert gw.alive()
     finally:
         gw.stop()
@@ -284,8 +285,13 @@ def test_one_uid_cannot_take_every_file_descriptor(
               f"connections); token usable {usable:.2f} s after the attacker left")
         refusals = records(gw, "connection refused: limit reached")
         assert any(r.get("limit") == "max_connections_per_identity" for r in refusals)
-        logged = sum(1 for r in refusals if "count" not in r)
-        summarised = sum(r.get("count", 0) for r in refusals)
+        # the refusals beyond the burst are summarised at the end of their window (1 s)
+        def counted() -> tuple[int, int]:
+            rs = records(gw, "connection refused: limit reached")
+            return (sum(1 for r in rs if "count" not in r),
+                    sum(r.get("count", 0) for r in rs))
+        wait_for(lambda: sum(counted()) >= got["refused"], timeout=10)
+        logged, summarised = counted()
         assert logged + summarised == got["refused"]
         assert logged < got["refused"] / 4, "refusals flood the log"
         assert gw.alive()
@@ -304,6 +310,9 @@ def test_fd_reserve_keeps_status_and_worker_restarts_alive(
     try:
         hoarder = Hoarder(ATTACKER, gw.path, 1100, 5000)
         got = hoarder.result()
+        # the attacker's last connections may still wait in the listen backlog
+        wait_for(lambda: (lambda st: st["connections"] + st["connections_refused"]
+                          >= 1100 - got["connect_errors"] - 5)(status(cfg)), timeout=20)
         st = status(cfg)
         held = st["connections"]
         print(f"\nfd reserve: attacker holds {held} connections, "

@@ -4,7 +4,8 @@ Three numbers per token — calls answered, calls answered with an error, and th
 their latencies — kept in plain attributes: a reply costs a dict pop, a clock read and
 three additions (about a microsecond). Rates and mean latencies are differences between
 two reads of `status` (what `top` does each second); nothing is reset by reading, so
-several readers do not disturb each other. The Prometheus metrics are separate.
+several readers do not disturb each other. The Prometheus metrics (metrics.py) are fed
+from the same two hooks, with the same clock reads.
 
 A call is counted on the token its first argument names (a slot, or a session on one);
 calls that name no token (C_Initialize, C_GetInfo, C_GetSlotList, …) are not counted.
@@ -16,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..codec import reply_rv
+from ..metrics import NO_TOKEN
 from .tables import SESSION_CALLS, SLOT_CALLS
 
 if TYPE_CHECKING:
@@ -40,20 +42,20 @@ class CallStats:
 
 
 def started(conn: ClientConnection, code: int, call_id: int, args: list[Any]) -> None:
-    """Note a decoded request (frame ``code``) on the token it names."""
+    """Note a decoded request (frame ``code``) on the token it names. Every call is
+    noted for the Prometheus metrics (a call naming no known token under token ""); only
+    calls on a token count for `status`."""
+    t = None
     if call_id in SESSION_CALLS:
         s = conn.handles.sessions.get(args[0])
-        if s is None:
-            return
-        stats = s.token.stats
+        if s is not None:
+            t = s.token
     elif call_id in SLOT_CALLS:
         t = conn.gw.tokens_by_slot.get(args[0])
-        if t is None:
-            return
-        stats = t.stats
+    if t is None:
+        conn.call_started[code] = (None, _clock(), conn.gw.metrics.series(NO_TOKEN, call_id))
     else:
-        return
-    conn.call_started[code] = (stats, _clock())
+        conn.call_started[code] = (t.stats, _clock(), conn.gw.metrics.series(t.name, call_id))
 
 
 def answered(conn: ClientConnection, code: int, body: bytes) -> None:
@@ -61,8 +63,13 @@ def answered(conn: ClientConnection, code: int, body: bytes) -> None:
     noted = conn.call_started.pop(code, None)
     if noted is None:
         return
-    stats, t0 = noted
+    stats, t0, series = noted
+    seconds = _clock() - t0
+    rv = reply_rv(body)
+    series.done(seconds, rv)  # the Prometheus counter and histogram: same clock reads
+    if stats is None:
+        return
     stats.calls += 1
-    stats.latency_total += _clock() - t0
-    if reply_rv(body):
+    stats.latency_total += seconds
+    if rv:
         stats.errors += 1

@@ -46,6 +46,7 @@ from ..codec.param_kinds import (
 from ..codec.values import HandleParam, KyberParams
 from ..errors import BackendUnavailable, Pkcs11Error
 from ..identity import UNKNOWN, Identity
+from ..metrics import CallSeries
 from ..policy import Denied, Grant, require
 from . import call_stats, fail_closed, init_token, login_calls, object_calls, precedence
 from .common import ID, PRIVATE_FALSE, RESTART_WAIT, Stale
@@ -111,8 +112,12 @@ class ClientConnection(asyncio.Protocol):
         self._tail: asyncio.Future[None] | None = None  # ordering of session-less calls
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = False
-        #: frame code → (its token's counters, start time), for `status` and `top`
-        self.call_started: dict[int, tuple[call_stats.CallStats, float]] = {}
+        #: frame code → (its token's counters or None, start time, its metrics series),
+        #: for `status`, `top` and /metrics
+        self.call_started: dict[
+            int, tuple[call_stats.CallStats | None, float, CallSeries]] = {}
+        #: the listen address it came in on (metrics label; set by the gateway)
+        self.listener = ""
         #: back-pressure and the frame deadline (limits.py)
         self.flow = ConnectionFlow(gateway.cfg.server, self.reader, self.id, self._dispatch,
                                    self._abort)
@@ -125,6 +130,7 @@ class ClientConnection(asyncio.Protocol):
         ident = self.gw.identify(self.transport)
         if ident is None:
             log.warning("connection without identity refused", extra={"conn": self.id})
+            self.gw.metrics.identity_refused += 1
             self.transport.abort()
             return
         if not self.gw.limits.admit(self, ident):
@@ -275,6 +281,7 @@ class ClientConnection(asyncio.Protocol):
         require(self.grants[token], permission, what, token.name)
 
     def _denied(self, call: Call, e: Denied) -> None:
+        self.gw.metrics.policy_denials.labels(e.token or "").inc()
         log.warning("denied by policy", extra={
             "conn": self.id, "peer": self.peer, "call": call.name, "token": e.token,
             "what": e.what, "rule": e.rule, "rv": ckr.name(e.rv)})

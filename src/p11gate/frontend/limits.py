@@ -48,7 +48,8 @@ class LogLimiter:
         self.logger = logger
         self.burst = burst
         self.period = period
-        #: (message, limit) -> [window start, records in window, suppressed in window]
+        #: (message, limit) -> [window start, records in window, suppressed in window,
+        #: level]
         self._windows: dict[tuple[str, Any], list[float]] = {}
 
     def warning(self, msg: str, **fields: Any) -> None:
@@ -64,7 +65,7 @@ class LogLimiter:
         if w is None or now - w[0] >= self.period:
             if w is not None:
                 self._flush(key, level)
-            w = self._windows[key] = [now, 0, 0]
+            w = self._windows[key] = [now, 0, 0, level]
         w[1] += 1
         if w[1] <= self.burst:
             self.logger.log(level, msg, extra=fields)
@@ -73,6 +74,11 @@ class LogLimiter:
         if w[2] == 1:
             with contextlib.suppress(RuntimeError):  # no loop: summarised at the next one
                 asyncio.get_running_loop().call_later(self.period, self._flush, key, level)
+
+    def flush_all(self) -> None:
+        """Summarise now what every open window held back (at shutdown)."""
+        for key, w in list(self._windows.items()):
+            self._flush(key, int(w[3]))
 
     def _flush(self, key: tuple[str, Any], level: int) -> None:
         w = self._windows.get(key)

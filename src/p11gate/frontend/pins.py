@@ -73,6 +73,8 @@ class PinThrottle:
         self._inflight: dict[str, int] = {}
         #: identity key → attempts waiting for one in flight to end
         self._waiting: dict[str, list[asyncio.Future[None]]] = {}
+        #: lock-outs begun since start (metrics)
+        self.lockouts = 0
 
     def locked_for(self, who: str) -> float:
         """Seconds ``who`` must still wait (0 = may try)."""
@@ -128,6 +130,7 @@ class PinThrottle:
         fails, _, next_lock = self._state.get(who, (0, 0.0, self.lockout))
         fails += 1
         if fails >= self.max_failures:
+            self.lockouts += 1
             self._state[who] = (0, time.monotonic() + next_lock, min(next_lock * 2, MAX_LOCKOUT))
         else:
             self._state[who] = (fails, 0.0, next_lock)

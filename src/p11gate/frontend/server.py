@@ -16,6 +16,7 @@ from ..backends.base import Backend
 from ..config import BackendConfig, Config
 from ..errors import Pkcs11Error
 from ..identity import Identity
+from ..metrics import GatewayMetrics
 from ..policy import Policy
 from ..policy.namespace import OwnershipStore
 from ..pools.pool import PoolBackend
@@ -61,6 +62,8 @@ class Gateway:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.started = StartTime()
+        #: the Prometheus registry (served by metrics_http when [metrics] listen is set)
+        self.metrics = GatewayMetrics()
         self.backends: dict[str, Backend] = {b.name: make_backend(b) for b in cfg.backend}
         self.registry = Registry(cfg.server.state_dir)
         self.ownership = OwnershipStore(self.registry)
@@ -139,7 +142,7 @@ class Gateway:
             sock = bound.sock
         loop = asyncio.get_running_loop()
         server = await loop.create_unix_server(
-            lambda: self._new_connection(), sock=sock, backlog=1024,
+            lambda: self._new_connection(address), sock=sock, backlog=1024,
             **(keep_socket_file(loop) if activated else {}),
         )
         self._servers.append(server)
@@ -149,16 +152,19 @@ class Gateway:
         assert self.cfg.tls is not None  # the configuration checks it
         host, port = parse_tls_address(address)
         ctx = server_context(self.cfg.tls)
-        listener = TlsListener(lambda: _TlsClientConnection(self), ctx,
+        listener = TlsListener(lambda: _TlsClientConnection(self, address), ctx,
                                can_accept=self.limits.can_accept)
+        listener.address = address
         await listener.start(host, port, inherited=self.inherited.take_tcp(host, port))
         watch_crl(listener, ctx, self.cfg.tls)
         self._servers.append(listener)
         log.info("listening", extra={"address": address, "tls": "1.3, client certificates"})
 
-    def _new_connection(self) -> ClientConnection:
+    def _new_connection(self, listener: str) -> ClientConnection:
         c = ClientConnection(self)
+        c.listener = listener
         self.connections.add(c)
+        self.metrics.connections_accepted.labels(listener).inc()
         return c
 
     def forget(self, conn: ClientConnection) -> None:
@@ -234,6 +240,11 @@ class _TlsClientConnection(ClientConnection):
     """A TLS client joins the gateway's connections once its handshake has succeeded
     (connection_made is not called for a refused one, nor connection_lost)."""
 
+    def __init__(self, gateway: Gateway, listener: str) -> None:
+        super().__init__(gateway)
+        self.listener = listener
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.gw.connections.add(self)
+        self.gw.metrics.connections_accepted.labels(self.listener).inc()
         super().connection_made(transport)

@@ -42,6 +42,8 @@ class TlsListener:
         self.can_accept = can_accept
         #: handshakes refused since start
         self.refused = 0
+        #: the listen address it serves (metrics label)
+        self.address = ""
         self._socks: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._serving = False

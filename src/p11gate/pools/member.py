@@ -57,6 +57,8 @@ class Member:
         self.max_sessions = max_sessions
         self.state = "down"
         self.down_reason = "not attached yet"
+        #: operations interrupted here and replayed on another member (metrics)
+        self.replays = 0
         #: bumps at every attach: leases and handles from an older epoch are dead
         self.epoch = 0
         self.attached_generation = -1

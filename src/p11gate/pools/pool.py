@@ -710,6 +710,7 @@ class PoolBackend(Backend):
                         ckr.DEVICE_ERROR, "member failed; operation data beyond replay_buffer"
                     ) from None
                 self.replays += 1
+                m.replays += 1
                 try:
                     await self._begin(op, {op.member}, self._pinned_member(op.call_id, op.args))
                 except BaseException:
