@@ -11,8 +11,11 @@
  * usage: loadgen [-p PROCS] [-t THREADS] [-d SECONDS] [-w WARMUP] [-P PIN] [-l LABEL]
  *                MODULE OP
  * OP: random | ecsign | rsasign | attrs | find
- * prints one line of key=value pairs on stdout:
- *   ops_per_s= p50_us= p99_us= mean_us= max_us= calls= errors= first_error= procs= threads=
+ * prints `window=start` when the recorded window opens and `window=end` when it closes
+ * (flushed at once, so a caller can sample server CPU time at the edges), then one line
+ * of key=value pairs on stdout:
+ *   ops_per_s= p50_us= p99_us= mean_us= max_us= calls= completed= errors= first_error=
+ *   procs= threads=
  * exit status 0 when the run happened (errors are counted, not fatal), 1 when set-up
  * failed (message on stderr), 2 on bad usage.
  *
@@ -349,6 +352,17 @@ int main(int argc, char **argv) {
     sh->t_end = sh->t_start + (uint64_t)(seconds * 1e9);
     __atomic_store_n(&sh->go, 1, __ATOMIC_RELEASE);
 
+    /* Mark the recorded window on stdout as it opens and closes, so that the caller can
+     * sample the CPU time of the server processes right at its edges. */
+    uint64_t now = now_ns();
+    if (now < sh->t_start) nap_us((long)((sh->t_start - now) / 1000));
+    printf("window=start\n");
+    fflush(stdout);
+    now = now_ns();
+    if (now < sh->t_end) nap_us((long)((sh->t_end - now) / 1000));
+    printf("window=end\n");
+    fflush(stdout);
+
     int crashed = 0;
     for (; alive > 0; alive--) {
         int status;
@@ -363,9 +377,10 @@ int main(int argc, char **argv) {
     }
     double mean = sh->calls ? (double)sh->sum_ns / (double)sh->calls / 1000.0 : 0;
     printf("ops_per_s=%.1f p50_us=%.2f p99_us=%.2f mean_us=%.2f max_us=%.1f calls=%llu "
-           "errors=%llu first_error=0x%lx procs=%d threads=%d\n",
+           "completed=%llu errors=%llu first_error=0x%lx procs=%d threads=%d\n",
            (double)sh->completed / seconds, percentile_us(0.50), percentile_us(0.99), mean,
            (double)sh->max_ns / 1000.0, (unsigned long long)sh->calls,
+           (unsigned long long)sh->completed,
            (unsigned long long)sh->errors, sh->first_error, procs, threads);
     return 0;
 }
