@@ -27,7 +27,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from .cpu import tree_cpu
+from .cpu import Sample, sample, used
 from .tokens import import_keys, key_material, softhsm_token
 
 SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
@@ -369,11 +369,9 @@ def parse_line(line: str) -> dict[str, str]:
     return fields
 
 
-def _cpu_per_op(before: dict[int, float], after: dict[int, float], pid: int,
-                done: int) -> float | None:
-    if done <= 0 or pid not in before or pid not in after:
-        return None
-    return (after[pid] - before[pid]) / done * 1e6
+def _cpu_per_op(before: Sample, after: Sample, pid: int, done: int) -> float | None:
+    cpu = used(before, after, pid)
+    return None if cpu is None or done <= 0 else cpu / done * 1e6
 
 
 def measure(exe: Path, t: Target, op: str, threads: int, connections: int, seconds: float,
@@ -383,14 +381,14 @@ def measure(exe: Path, t: Target, op: str, threads: int, connections: int, secon
     marks, so warm-up and set-up are not counted."""
     per_proc = threads // connections
     cmd = [str(exe), "-p", str(connections), "-t", str(per_proc), "-d", str(seconds),
-           "-w", str(warmup), "-P", PIN, "-l", LABEL, t.module, op]
+           "-w", str(warmup), "-P", PIN, "-l", LABEL, "-H", t.module, op]
     limit = time.monotonic() + seconds + warmup + 120
-    samples: dict[str, tuple[float, dict[int, float]]] = {}
+    samples: dict[str, tuple[float, Sample]] = {}
     lines: list[str] = []
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, env=t.env, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(cmd, env=t.env, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=err)
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stdin is not None
         roots = [proc.pid] + ([t.proc.pid] if t.proc is not None else [])
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
@@ -410,7 +408,9 @@ def measure(exe: Path, t: Target, op: str, threads: int, connections: int, secon
                     raw, buf = buf.split(b"\n", 1)
                     line = raw.decode(errors="replace").strip()
                     if line.startswith("window="):
-                        samples[line[7:]] = (time.monotonic(), tree_cpu(roots))
+                        samples[line[7:]] = (time.monotonic(), sample(roots))
+                        if line == "window=end":  # sampled: the load may finish (-H)
+                            proc.stdin.close()
                     elif line:
                         lines.append(line)
             proc.wait(max(1.0, limit - time.monotonic()))
@@ -422,6 +422,8 @@ def measure(exe: Path, t: Target, op: str, threads: int, connections: int, secon
         finally:
             sel.close()
             proc.stdout.close()
+            if not proc.stdin.closed:
+                proc.stdin.close()
         err.seek(0)
         stderr = err.read().decode(errors="replace").strip()
     if proc.returncode != 0:

@@ -8,8 +8,10 @@
  * log-linear histogram (< 0.2 % error). The parent process only coordinates: it forks
  * before any module is loaded, so it holds no connection itself.
  *
- * usage: loadgen [-p PROCS] [-t THREADS] [-d SECONDS] [-w WARMUP] [-P PIN] [-l LABEL]
+ * usage: loadgen [-p PROCS] [-t THREADS] [-d SECONDS] [-w WARMUP] [-P PIN] [-l LABEL] [-H]
  *                MODULE OP
+ * -H: after `window=end`, keep the sessions (and so the connections and the servers'
+ *     per-connection processes) open until a line is read from stdin (or EOF).
  * OP: random | ecsign | rsasign | attrs | find
  * prints `window=start` when the recorded window opens and `window=end` when it closes
  * (flushed at once, so a caller can sample server CPU time at the edges), then one line
@@ -64,6 +66,7 @@ static double bucket_ns(unsigned b) {
 /* ---- state shared by the coordinator and all load processes (MAP_SHARED) */
 struct shared {
     int ready, failed, go;
+    int release;                      /* load processes may finalize (-H) */
     uint64_t t_start, t_end;          /* recorded window, CLOCK_MONOTONIC ns */
     uint64_t completed;               /* calls that completed inside the window */
     uint64_t calls, errors, sum_ns, max_ns;
@@ -269,6 +272,8 @@ static void load_process(int index, const char *module, int threads, const char 
                                             __ATOMIC_SEQ_CST)) {
         }
     }
+    /* keep the sessions and the connection open until the caller has sampled CPU time */
+    while (!__atomic_load_n(&sh->release, __ATOMIC_ACQUIRE)) nap_us(200);
     for (int i = 0; i < threads; i++) p11->C_CloseSession(w[i].session);
     p11->C_Finalize(NULL);
     _exit(0);
@@ -289,17 +294,17 @@ static double percentile_us(double q) {
 
 static void usage(const char *argv0) {
     fprintf(stderr,
-            "usage: %s [-p PROCS] [-t THREADS] [-d SECONDS] [-w WARMUP] [-P PIN] [-l LABEL] "
+            "usage: %s [-p PROCS] [-t THREADS] [-d SECONDS] [-w WARMUP] [-P PIN] [-l LABEL] [-H] "
             "MODULE OP\n  OP: random | ecsign | rsasign | attrs | find\n",
             argv0);
     exit(2);
 }
 
 int main(int argc, char **argv) {
-    int procs = 1, threads = 1, c;
+    int procs = 1, threads = 1, hold = 0, c;
     double seconds = 3.0, warmup = 0.2;
     const char *pin = "1234", *label = NULL;
-    while ((c = getopt(argc, argv, "p:t:d:w:P:l:")) != -1) {
+    while ((c = getopt(argc, argv, "p:t:d:w:P:l:H")) != -1) {
         switch (c) {
         case 'p': procs = atoi(optarg); break;
         case 't': threads = atoi(optarg); break;
@@ -307,6 +312,7 @@ int main(int argc, char **argv) {
         case 'w': warmup = atof(optarg); break;
         case 'P': pin = optarg; break;
         case 'l': label = optarg; break;
+        case 'H': hold = 1; break;
         default: usage(argv[0]);
         }
     }
@@ -362,6 +368,11 @@ int main(int argc, char **argv) {
     if (now < sh->t_end) nap_us((long)((sh->t_end - now) / 1000));
     printf("window=end\n");
     fflush(stdout);
+    if (hold) { /* -H: the caller samples, then writes a line (or closes stdin) */
+        int ch;
+        while ((ch = getchar()) != EOF && ch != '\n') {}
+    }
+    __atomic_store_n(&sh->release, 1, __ATOMIC_RELEASE);
 
     int crashed = 0;
     for (; alive > 0; alive--) {
