@@ -68,7 +68,7 @@ def test_bench_quick_cpu_per_op_p11kit_process_pool(tmp_path: Path) -> None:
             v = x[key]
             assert isinstance(v, float) and math.isfinite(v) and v > 0, (key, x)
         # the CPU samples bracket the measured window (1 s), not the warm-up
-        assert 0.9 <= x["cpu_window_s"] <= 1.5, x
+        assert 0.5 <= x["cpu_window_s"] <= 2.0, x
         assert data["cpu_per_op_us"][f"{x['target']}/random/1x1"]["cpu_per_op_us"] == \
             x["cpu_per_op_us"]
     # ratios: the gateway's and the pool's to p11-kit server's, the pool's to process's
