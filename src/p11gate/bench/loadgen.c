@@ -8,11 +8,16 @@
  * log-linear histogram (< 0.2 % error). The parent process only coordinates: it forks
  * before any module is loaded, so it holds no connection itself.
  *
- * usage: loadgen [-p PROCS] [-t THREADS] [-d SECONDS] [-w WARMUP] [-P PIN] [-l LABEL]
+ * usage: loadgen [-p PROCS] [-t THREADS] [-d SECONDS] [-w WARMUP] [-P PIN] [-l LABEL] [-H]
  *                MODULE OP
+ * -H: after `window=end`, keep the sessions (and so the connections and the servers'
+ *     per-connection processes) open until a line is read from stdin (or EOF).
  * OP: random | ecsign | rsasign | attrs | find
- * prints one line of key=value pairs on stdout:
- *   ops_per_s= p50_us= p99_us= mean_us= max_us= calls= errors= first_error= procs= threads=
+ * prints `window=start` when the recorded window opens and `window=end` when it closes
+ * (flushed at once, so a caller can sample server CPU time at the edges), then one line
+ * of key=value pairs on stdout:
+ *   ops_per_s= p50_us= p99_us= mean_us= max_us= calls= completed= errors= first_error=
+ *   procs= threads=
  * exit status 0 when the run happened (errors are counted, not fatal), 1 when set-up
  * failed (message on stderr), 2 on bad usage.
  *
@@ -61,6 +66,7 @@ static double bucket_ns(unsigned b) {
 /* ---- state shared by the coordinator and all load processes (MAP_SHARED) */
 struct shared {
     int ready, failed, go;
+    int release;                      /* load processes may finalize (-H) */
     uint64_t t_start, t_end;          /* recorded window, CLOCK_MONOTONIC ns */
     uint64_t completed;               /* calls that completed inside the window */
     uint64_t calls, errors, sum_ns, max_ns;
@@ -266,6 +272,8 @@ static void load_process(int index, const char *module, int threads, const char 
                                             __ATOMIC_SEQ_CST)) {
         }
     }
+    /* keep the sessions and the connection open until the caller has sampled CPU time */
+    while (!__atomic_load_n(&sh->release, __ATOMIC_ACQUIRE)) nap_us(200);
     for (int i = 0; i < threads; i++) p11->C_CloseSession(w[i].session);
     p11->C_Finalize(NULL);
     _exit(0);
@@ -286,17 +294,17 @@ static double percentile_us(double q) {
 
 static void usage(const char *argv0) {
     fprintf(stderr,
-            "usage: %s [-p PROCS] [-t THREADS] [-d SECONDS] [-w WARMUP] [-P PIN] [-l LABEL] "
+            "usage: %s [-p PROCS] [-t THREADS] [-d SECONDS] [-w WARMUP] [-P PIN] [-l LABEL] [-H] "
             "MODULE OP\n  OP: random | ecsign | rsasign | attrs | find\n",
             argv0);
     exit(2);
 }
 
 int main(int argc, char **argv) {
-    int procs = 1, threads = 1, c;
+    int procs = 1, threads = 1, hold = 0, c;
     double seconds = 3.0, warmup = 0.2;
     const char *pin = "1234", *label = NULL;
-    while ((c = getopt(argc, argv, "p:t:d:w:P:l:")) != -1) {
+    while ((c = getopt(argc, argv, "p:t:d:w:P:l:H")) != -1) {
         switch (c) {
         case 'p': procs = atoi(optarg); break;
         case 't': threads = atoi(optarg); break;
@@ -304,6 +312,7 @@ int main(int argc, char **argv) {
         case 'w': warmup = atof(optarg); break;
         case 'P': pin = optarg; break;
         case 'l': label = optarg; break;
+        case 'H': hold = 1; break;
         default: usage(argv[0]);
         }
     }
@@ -349,6 +358,22 @@ int main(int argc, char **argv) {
     sh->t_end = sh->t_start + (uint64_t)(seconds * 1e9);
     __atomic_store_n(&sh->go, 1, __ATOMIC_RELEASE);
 
+    /* Mark the recorded window on stdout as it opens and closes, so that the caller can
+     * sample the CPU time of the server processes right at its edges. */
+    uint64_t now = now_ns();
+    if (now < sh->t_start) nap_us((long)((sh->t_start - now) / 1000));
+    printf("window=start\n");
+    fflush(stdout);
+    now = now_ns();
+    if (now < sh->t_end) nap_us((long)((sh->t_end - now) / 1000));
+    printf("window=end\n");
+    fflush(stdout);
+    if (hold) { /* -H: the caller samples, then writes a line (or closes stdin) */
+        int ch;
+        while ((ch = getchar()) != EOF && ch != '\n') {}
+    }
+    __atomic_store_n(&sh->release, 1, __ATOMIC_RELEASE);
+
     int crashed = 0;
     for (; alive > 0; alive--) {
         int status;
@@ -363,9 +388,10 @@ int main(int argc, char **argv) {
     }
     double mean = sh->calls ? (double)sh->sum_ns / (double)sh->calls / 1000.0 : 0;
     printf("ops_per_s=%.1f p50_us=%.2f p99_us=%.2f mean_us=%.2f max_us=%.1f calls=%llu "
-           "errors=%llu first_error=0x%lx procs=%d threads=%d\n",
+           "completed=%llu errors=%llu first_error=0x%lx procs=%d threads=%d\n",
            (double)sh->completed / seconds, percentile_us(0.50), percentile_us(0.99), mean,
            (double)sh->max_ns / 1000.0, (unsigned long long)sh->calls,
+           (unsigned long long)sh->completed,
            (unsigned long long)sh->errors, sh->first_error, procs, threads);
     return 0;
 }

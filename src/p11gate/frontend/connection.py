@@ -48,7 +48,7 @@ from ..errors import BackendUnavailable, Pkcs11Error
 from ..identity import UNKNOWN, Identity
 from ..metrics import CallSeries
 from ..policy import Denied, Grant, require
-from . import call_stats, fail_closed, login_calls, object_calls
+from . import call_stats, fail_closed, init_token, login_calls, object_calls, precedence
 from .common import ID, PRIVATE_FALSE, RESTART_WAIT, Stale
 from .handles import (
     IDENTITY_KNOWN,
@@ -433,7 +433,8 @@ class ClientConnection(asyncio.Protocol):
             except Pkcs11Error as e:
                 role = KEY_ARGS.get((call.id, pos))
                 if e.rv == ckr.OBJECT_HANDLE_INVALID and role is not None:
-                    raise Pkcs11Error(role) from None
+                    # the module's handle-independent refusal comes first (precedence.py)
+                    raise precedence.refusal(self, s, call.id, bargs, pos, role) from None
                 raise
             bargs[pos] = ref.backend_handle
             if call.id in OPERATION_OF_INIT and pos == OBJECT_ARGS[call.id][0]:
@@ -504,6 +505,8 @@ class ClientConnection(asyncio.Protocol):
                 break
             except Stale as stale:
                 await self.revive(stale.ref)
+            except precedence.Unresolved as u:
+                raise await u.resolve() from None
         else:
             raise Pkcs11Error(ckr.DEVICE_ERROR, "backend restarting repeatedly")
         try:
@@ -551,7 +554,15 @@ class ClientConnection(asyncio.Protocol):
             self._reply(code, encode_error(e.rv))
             return
         except (Pkcs11Error, ArgumentError) as e:
-            self._reply(code, encode_error(e.rv))
+            if not isinstance(e, precedence.Unresolved):
+                self._reply(code, encode_error(e.rv))
+                return
+            # the module must be asked first: on the slow path, as for a stale handle
+            task = asyncio.get_running_loop().create_task(
+                self._run(code, call, args, ClientConnection.forward, None))
+            s.tail = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
             return
         except Stale:
             # an object handle from before a backend restart: find it again first
@@ -756,13 +767,6 @@ class ClientConnection(asyncio.Protocol):
             raise Pkcs11Error(ckr.NO_EVENT)
         raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED)
 
-    async def h_init_token(self, call: Call, args: list[Any]) -> list[Any]:
-        t = await self._slot_token(args[0])
-        self.require(t, "so", "C_InitToken")
-        if any(s.token is t for s in self.handles.sessions.values()):
-            raise Pkcs11Error(ckr.SESSION_EXISTS)
-        return await t.backend.call(call.id, [t.backend_slot, *args[1:]])
-
     # ------------------------------------------------------------ teardown
 
     async def _cleanup(self) -> None:
@@ -804,8 +808,8 @@ def _build_handlers() -> dict[int, Handler]:
         "C_GetTokenInfo": C.h_get_token_info,
         "C_GetMechanismList": C.h_slot_forward,
         "C_GetMechanismInfo": C.h_slot_forward,
-        "C_InitToken": C.h_init_token,
-        "C_InitToken2": C.h_init_token,
+        "C_InitToken": init_token.h_init_token,
+        "C_InitToken2": init_token.h_init_token,
         "C_OpenSession": C.h_open_session,
         "C_CloseSession": C.h_close_session,
         "C_CloseAllSessions": C.h_close_all_sessions,

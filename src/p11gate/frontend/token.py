@@ -107,6 +107,21 @@ class VirtualToken:
                 self.last_error = str(e)
                 raise
 
+    async def release_backend(self) -> None:
+        """Close the gateway's own session on the backend token and forget its login
+        (before C_InitToken, which a module refuses while any session is open); the
+        next :meth:`ensure` opens it again."""
+        async with self._attach_lock:
+            control, self.control_session = self.control_session, None
+            self.attached_generation = -1
+            self.login.clear()
+            if control is not None and self.backend.up:
+                try:
+                    await self.backend.call(C_CloseSession, [control])
+                except Pkcs11Error as e:
+                    log.warning("closing the control session failed",
+                                extra={"token": self.name, "rv": ckr.name(e.rv)})
+
     async def _gateway_login(self) -> None:
         """mapped/none: log the backend in with the configured credential. Its value
         never leaves this function: not into logs, errors or status."""

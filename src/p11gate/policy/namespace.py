@@ -46,6 +46,14 @@ class OwnershipStore:
             (token, key[0], key[1], key[2]))
         self._cache.pop((token, key), None)
 
+    def release_token(self, token: str) -> int:
+        """Forget every owner on ``token`` (C_InitToken destroyed its objects); how many."""
+        self.registry.execute("DELETE FROM object_owner WHERE token=?", (token,))
+        gone = [k for k in self._cache if k[0] == token]
+        for k in gone:
+            del self._cache[k]
+        return len(gone)
+
     def count(self, token: str) -> int:
         return sum(1 for t, _ in self._cache if t == token)
 

@@ -25,6 +25,8 @@ from ..config_select import TokenSelect
 from ..errors import BackendUnavailable, Pkcs11Error
 
 log = logging.getLogger("p11gate.pool")
+#: the latency estimate of a member that has answered nothing yet (seconds)
+INITIAL_LATENCY = 0.0005
 
 ID = {c: CALLS_BY_NAME[c].id for c in CALLS_BY_NAME}
 
@@ -80,7 +82,8 @@ class Member:
         self.oids: dict[int, int] = {}
         self.missing: dict[int, float] = {}
         self.outstanding = 0
-        self.latency = 0.0005  # EWMA of call latency, seconds
+        self.latency = INITIAL_LATENCY  # EWMA of call latency, seconds
+        self.last_answer = time.monotonic()
         self.calls = 0
         self.failovers = 0  # calls moved off this member
         self.downs = 0
@@ -93,8 +96,13 @@ class Member:
                 and self.backend.generation == self.attached_generation)
 
     def score(self) -> float:
-        """Lower is better: expected wait for one more call here."""
-        return (self.outstanding + self.waiting + 1) * self.latency
+        """Lower is better: expected wait for one more call here. The latency estimate
+        of a member that answered nothing for a while halves every second: one slow
+        spell (a hang, a replay) would otherwise keep it out of rotation for ever, as
+        only the calls it gets can correct it."""
+        idle = time.monotonic() - self.last_answer
+        latency = self.latency if idle < 1.0 else self.latency * 0.5 ** idle
+        return (self.outstanding + self.waiting + 1) * latency
 
     async def attach(self, login: tuple[int, bytes] | None) -> None:
         gen = self.backend.generation
@@ -118,6 +126,7 @@ class Member:
         self.missing.clear()
         self.state = "up"
         self.down_reason = ""
+        self.latency = INITIAL_LATENCY  # a fresh start: what it did before says nothing
         while self._waiters:  # waiting from before: the old sessions are gone, retry
             self._wake(None)
 
@@ -152,7 +161,8 @@ class Member:
         finally:
             self.outstanding -= 1
         self.calls += 1
-        self.latency += 0.2 * ((time.monotonic() - t0) - self.latency)
+        self.last_answer = time.monotonic()
+        self.latency += 0.2 * ((self.last_answer - t0) - self.latency)
         return reply
 
     # ------------------------------------------------------------ session pool
