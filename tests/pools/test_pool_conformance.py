@@ -452,3 +452,38 @@ def test_malformed_calls_take_no_member_down(tmp_path: Path) -> None:
         stop.set()
         t.join(30)
         gw.stop()
+
+
+# ---------------------------------------------------------------- 10: replayed on failover
+
+def test_context_specific_login_is_replayed_on_failover(tmp_path: Path) -> None:
+    keys = key_material(tmp_path / "keys", rsa_key=False)
+    members = [make_member(tmp_path, i, None) for i in range(2)]
+    for m in members:  # the same CKA_ALWAYS_AUTHENTICATE key on both members
+        subprocess.run(["pkcs11-tool", "--module", m["module"], "--token-label", m["label"],
+                        "--login", "--pin", PIN, "--write-object", str(keys["ec-priv"]),
+                        "--type", "privkey", "--id", "0a", "--label", "auth1",
+                        "--always-auth"], env={**os.environ, "SOFTHSM2_CONF": m["conf"]},
+                       check=True, capture_output=True)
+    gw = Gateway(pool_config(tmp_path, members, call_timeout=3.0))
+    try:
+        e = Env(tmp_path, gw)
+        c = e.client()
+        h = e.session(c)
+        (k,) = find(c, h, [u(CKA_CLASS, CKO_PRIVATE_KEY), s(CKA_LABEL, "auth1")])
+        call(c, "C_SignInit", h, Mechanism(CKM_ECDSA, None), k)
+        call(c, "C_Login", h, CKU_CONTEXT_SPECIFIC, PIN.encode())
+        holder = next(m for m in e.members() if m["sessions_leased"] == 1)["backend"]
+        st = query(str(tmp_path / "state" / "admin.sock"))
+        pid = next(b["pid"] for b in st["backends"] if b["name"] == holder)
+        os.kill(pid, 9)  # the member holding the operation (and the login) dies
+        (sig,) = call(c, "C_Sign", h, bytes(32), 128)  # replayed: Init, login, Sign
+        assert len(sig) == 64
+        pool = query(str(tmp_path / "state" / "admin.sock"))["pools"][0]
+        assert pool["replays"] >= 1
+        # the login was for that operation only
+        call(c, "C_SignInit", h, Mechanism(CKM_ECDSA, None), k)
+        assert rv(c, "C_Sign", h, bytes(32), 128) == ckr.USER_NOT_LOGGED_IN
+        c.close()
+    finally:
+        gw.stop()
