@@ -705,7 +705,8 @@ class PoolBackend(Backend):
                     # (replayed) when it can, else it cannot be served
                     there = self._pinned_member(call_id, args)
                     if there is None or not op.replayable or not self.members[there].usable:
-                        await self._end_op(s)  # the member never saw the call
+                        # PKCS#11: the error ends it; its Init is still on the session
+                        await self._end_op(s, broken=True)
                         raise Pkcs11Error(ckr.KEY_HANDLE_INVALID, "key on another member")
                     await m.release(op.session, op.epoch, broken=True)
                     try:
@@ -736,7 +737,7 @@ class PoolBackend(Backend):
                     raise
             except Pkcs11Error as e:
                 if e.rv in KEEPS_OPERATION and s.op is op:
-                    raise  # PKCS#11: the operation goes on (output size, context login)
+                    raise  # PKCS#11: the operation goes on (it only asked the output size)
                 # PKCS#11: an error ends the operation; a module may still keep it on the
                 # member session (SoftHSM after CKR_KEY_INDIGESTIBLE), so that session
                 # is closed and replaced rather than leased to another client mid-way
