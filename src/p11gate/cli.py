@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .cli_ops import admin_options, admin_socket_for, module_file, top
+from .cli_ops import admin_options, admin_socket_for, module_file, reload_cmd, top
 from .config import ConfigError, load_config
 
 
@@ -206,6 +206,7 @@ def worker(
 
 
 main.add_command(top)
+main.add_command(reload_cmd)
 main.add_command(module_file)
 
 

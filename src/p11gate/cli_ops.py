@@ -57,6 +57,33 @@ def top(config_path: str | None, socket_path: str | None, state_dir: str | None,
         pass
 
 
+@click.command("reload")
+@admin_options
+@click.option("--timeout", default=120.0, show_default=True,
+              help="seconds to wait for the gateway's answer (new back ends start first)")
+def reload_cmd(config_path: str | None, socket_path: str | None, state_dir: str | None,
+               timeout: float) -> None:
+    """Have the running gateway re-read its configuration file (as SIGHUP does), and
+    wait for the result: exit 0 when the new file is in force, 1 with the reason when
+    it was refused (the old configuration then stays in force)."""
+    import json
+
+    from .admin import query
+
+    path = admin_socket_for(config_path, socket_path, state_dir)
+    try:
+        reply = query(path, "reload", timeout=timeout)
+    except OSError as e:
+        click.echo(f"cannot reach the gateway at {path}: {e.strerror or e}", err=True)
+        sys.exit(1)
+    for w in reply.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
+    if not reply.get("ok"):
+        click.echo(f"reload refused: {reply.get('error', reply)}", err=True)
+        sys.exit(1)
+    click.echo(f"configuration reloaded: {json.dumps(reply.get('changes', {}))}")
+
+
 @click.command("module-file")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help=f"the gateway's configuration (its unix listener) [{DEFAULT_CONFIG}]")
