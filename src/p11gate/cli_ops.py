@@ -70,6 +70,8 @@ def reload_cmd(config_path: str | None, socket_path: str | None, state_dir: str 
 
     from .admin import query
 
+    if socket_path is None and config_path is not None:
+        socket_path = _admin_socket_of_any(config_path)
     path = admin_socket_for(config_path, socket_path, state_dir)
     try:
         reply = query(path, "reload", timeout=timeout)
@@ -82,6 +84,32 @@ def reload_cmd(config_path: str | None, socket_path: str | None, state_dir: str 
         click.echo(f"reload refused: {reply.get('error', reply)}", err=True)
         sys.exit(1)
     click.echo(f"configuration reloaded: {json.dumps(reply.get('changes', {}))}")
+
+
+def _admin_socket_of_any(config_path: str) -> str:
+    """The admin socket a file names even when the file is otherwise invalid: the
+    gateway must be the one that refuses it (its log and counters say so). A file
+    that is not TOML at all names none: its error is the answer (exit 1)."""
+    import tomllib
+
+    from .admin import admin_socket_path
+    from .config import DEFAULT_STATE_DIR
+
+    try:
+        with open(config_path, "rb") as f:
+            raw = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        reason = str(e)
+        try:
+            load_config(config_path)
+        except ConfigError as err:
+            reason = str(err)  # the words check-config gives: file, line, fix
+        click.echo(f"reload not asked: {reason}", err=True)
+        sys.exit(1)
+    server = raw.get("server") if isinstance(raw.get("server"), dict) else {}
+    state = server.get("state_dir", DEFAULT_STATE_DIR)
+    configured = server.get("admin_socket")
+    return admin_socket_path(str(state), configured if isinstance(configured, str) else None)
 
 
 @click.command("module-file")
