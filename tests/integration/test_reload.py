@@ -91,8 +91,9 @@ def reload_cmd(cfg: Path) -> subprocess.CompletedProcess[str]:
                            str(cfg)], capture_output=True, text=True, timeout=120)
 
 
-def session_with_key(c: RawClient, pin: str) -> tuple[int, int]:
-    (slot,) = c.call(C_GetSlotList, [1, 16])[0]
+def session_with_key(c: RawClient, pin: str, slot: int | None = None) -> tuple[int, int]:
+    if slot is None:
+        (slot,) = c.call(C_GetSlotList, [1, 16])[0]
     (sess,) = c.call(C_OpenSession, [slot, CKF_SERIAL])
     c.call(C_Login, [sess, CKU_USER, pin.encode()])
     (key,) = c.find(sess, [u(CKA_CLASS, CKO_PRIVATE_KEY), s(CKA_ID, b"\x01")])
@@ -196,7 +197,9 @@ def test_tokens_added_and_removed_and_log_level(
         assert len(status(base)["backends"]) == 2
         spare = next(x for x in slots if c.call(C_GetTokenInfo, [x])[0].startswith(b"spare"))
         (sess,) = c.call(C_OpenSession, [spare, CKF_SERIAL])
-        signing_sess, key = session_with_key(c, tok["pin"])
+        signing = next(x for x in slots
+                       if c.call(C_GetTokenInfo, [x])[0].startswith(b"signing"))
+        signing_sess, key = session_with_key(c, tok["pin"], signing)
 
         # "spare" and the second back end removed; log level warning
         write(base, tok, log_level="warning")
@@ -332,7 +335,8 @@ def test_tls_certificate_rotation(tmp_path: Path) -> None:
                f'client_ca = "{pki / "ca.pem"}"\n')
         write(tmp_path, tok, head=listen, rules=rule, tail=bad)
         result = reload_cmd(cfg)
-        assert result.returncode == 1 and "[tls]" in result.stderr, result.stderr
+        assert result.returncode == 1, result.stderr
+        assert "tls.key" in result.stderr and "is not the key of the certificate" in result.stderr
         third, seen = _tls_client(port, pki)
         assert seen.serial_number == second.serial_number
         for c in (old, new, third):
