@@ -106,7 +106,8 @@ def _admin_socket_of_any(config_path: str) -> str:
             reason = str(err)  # the words check-config gives: file, line, fix
         click.echo(f"reload not asked: {reason}", err=True)
         sys.exit(1)
-    server = raw.get("server") if isinstance(raw.get("server"), dict) else {}
+    section = raw.get("server")
+    server: dict[str, object] = section if isinstance(section, dict) else {}
     state = server.get("state_dir", DEFAULT_STATE_DIR)
     configured = server.get("admin_socket")
     return admin_socket_path(str(state), configured if isinstance(configured, str) else None)
