@@ -46,7 +46,7 @@ def probe(cfg: BackendConfig, timeout: float = PROBE_TIMEOUT) -> Probe:
     out = Probe(cfg.name, cfg.module)
     parent, child = socket.socketpair()
     try:
-        proc = subprocess.Popen(command(cfg), stdin=child, stdout=child,
+        proc = subprocess.Popen(command(cfg), stdin=child.fileno(), stdout=child.fileno(),
                                 stderr=subprocess.PIPE, env=worker_environment(cfg.env),
                                 start_new_session=True)
     except OSError as e:
