@@ -361,3 +361,43 @@ def test_listen_change_needs_a_restart(two_tokens: tuple[Path, dict[str, Any]]) 
         c.close()
     finally:
         assert gw.stop() == 0
+
+
+def test_pin_map_and_limits_change_in_place(two_tokens: tuple[Path, dict[str, Any]]) -> None:
+    from p11gate.frontend.pins import hash_pin
+
+    base, tok = two_tokens
+
+    def mapped(pin: str, server: str = "") -> Path:
+        tokens = (signing_token() + 'pin_mode = "mapped"\nbackend_pin_env = "HSM_PIN"\n'
+                  f'[token.pins]\n"uid:{UID}" = "{hash_pin(pin.encode())}"\n')
+        cfg = write(base, tok, tokens=tokens)
+        if server:  # more [server] keys
+            cfg.write_text(cfg.read_text().replace('log_level = "info"\n',
+                                                   f'log_level = "info"\n{server}\n', 1))
+        return cfg
+
+    cfg = mapped("first-pin-111")
+    gw = Gateway(cfg, env={**os.environ, "HSM_PIN": tok["pin"]})
+    try:
+        c = RawClient(gw.path)
+        c.initialize()
+        (slot,) = c.call(C_GetSlotList, [1, 16])[0]
+        (s1,) = c.call(C_OpenSession, [slot, CKF_SERIAL])
+        assert rv_of(c, C_Login, [s1, CKU_USER, b"first-pin-111"]) == ckr.OK
+        c.call(ID("C_Logout"), [s1])
+        mapped("second-pin-222", "max_sessions_per_connection = 2")
+        hup_and_wait(gw, base)
+        changes = [r for r in gw.records() if r.get("msg") == "configuration reloaded"][-1]
+        assert changes["changes"]["tokens_updated"] == ["signing"]
+        assert changes["changes"]["server"] == ["max_sessions_per_connection"]
+        # the same session: the old PIN is wrong now, the new one logs in
+        assert rv_of(c, C_Login, [s1, CKU_USER, b"first-pin-111"]) == ckr.PIN_INCORRECT
+        assert rv_of(c, C_Login, [s1, CKU_USER, b"second-pin-222"]) == ckr.OK
+        # the new session limit applies to the next C_OpenSession
+        c.call(C_OpenSession, [slot, CKF_SERIAL])
+        assert rv_of(c, C_OpenSession, [slot, CKF_SERIAL]) == ckr.SESSION_COUNT
+        assert "first-pin-111" not in gw.log() and "second-pin-222" not in gw.log()
+        c.close()
+    finally:
+        assert gw.stop() == 0
