@@ -187,21 +187,33 @@ def test_tokens_added_and_removed_and_log_level(
         # a token on the running back end and one on a new back end
         second = (f'[[backend]]\nname = "second"\nmodule = "{tok["module"]}"\n'
                   f'env = {{ SOFTHSM2_CONF = "{tok["conf"]}" }}\n')
-        three = (signing_token() + signing_token("spare", label="spare")
-                 + signing_token("again", backend="second"))
-        write(base, tok, tokens=three, backends=second)
+        # and a pool of the two back ends (its share book counts both members)
+        pool = ('[[pool]]\nname = "ha"\nmembers = [{ backend = "softhsm", select = '
+                '{ label = "spare" } }, { backend = "second", select = { label = '
+                '"spare" } }]\n')
+        four = (signing_token() + signing_token("spare", label="spare")
+                + signing_token("again", backend="second")
+                + '[[token]]\nname = "pooled"\nbackend = "ha"\n')
+        write(base, tok, tokens=four, backends=second + pool)
         hup_and_wait(gw, base)
         (slots,) = c.call(C_GetSlotList, [1, 16])
         labels = {c.call(C_GetTokenInfo, [x])[0].rstrip(b" ") for x in slots}
-        assert labels == {b"signing", b"spare", b"again"}
-        assert len(status(base)["backends"]) == 2
+        assert labels == {b"signing", b"spare", b"again", b"pooled"}
+        st = status(base)
+        assert len(st["backends"]) == 2 and [p["name"] for p in st["pools"]] == ["ha"]
+        shares = {f["backend"]: f["max_calls_per_identity"] for f in st["fair_share"]}
+        # the new pool's share is its two members' added up, not a fallback of 1
+        assert shares["ha"] == shares["softhsm"] + shares["second"] > 1, shares
+        pooled = next(x for x in slots if c.call(C_GetTokenInfo, [x])[0].startswith(b"pooled"))
+        (pooled_sess,) = c.call(C_OpenSession, [pooled, CKF_SERIAL])
+        assert rv_of(c, ID("C_GetSessionInfo"), [pooled_sess]) == ckr.OK
         spare = next(x for x in slots if c.call(C_GetTokenInfo, [x])[0].startswith(b"spare"))
         (sess,) = c.call(C_OpenSession, [spare, CKF_SERIAL])
         signing = next(x for x in slots
                        if c.call(C_GetTokenInfo, [x])[0].startswith(b"signing"))
         signing_sess, key = session_with_key(c, tok["pin"], signing)
 
-        # "spare" and the second back end removed; log level warning
+        # "spare", "pooled", the pool and the second back end removed; log level warning
         write(base, tok, log_level="warning")
         hup_and_wait(gw, base)
         assert rv_of(c, ID("C_GetSessionInfo"), [sess]) == ckr.SESSION_HANDLE_INVALID
@@ -209,7 +221,8 @@ def test_tokens_added_and_removed_and_log_level(
         assert len(c.call(C_GetSlotList, [1, 16])[0]) == 1
         assert sign_rv(c, signing_sess, key) == ckr.OK  # the kept token is untouched
         st = status(base)
-        assert [b["name"] for b in st["backends"]] == ["softhsm"]
+        assert [b["name"] for b in st["backends"]] == ["softhsm"] and st["pools"] == []
+        assert rv_of(c, ID("C_GetSessionInfo"), [pooled_sess]) == ckr.SESSION_HANDLE_INVALID
         # at warning level a new connection is not logged at info any more
         connected = sum(r.get("msg") == "client connected" for r in gw.records())
         RawClient(gw.path).close()

@@ -57,9 +57,7 @@ async def apply(gw: Gateway, cfg: Config, ctx: ssl.SSLContext | None) -> dict[st
     added_pools = await _add_pools(gw, cfg)
     if added_backends or added_pools:
         changes["backends_added"] = added_backends + added_pools
-        served = {n: b for n, b in _served(gw).items() if n in added_backends + added_pools}
-        # the new back ends' shares (FairShares knows only those it was made with)
-        gw.fair_share._by_backend.update(FairShares(cfg, served)._by_backend)
+        _new_shares(gw, cfg)
     gw.cfg = cfg
     gw.limits.cfg = cfg.server  # new connections and new sessions/objects
     if cfg.server.log_level != old.server.log_level:
@@ -89,6 +87,16 @@ async def apply(gw: Gateway, cfg: Config, ctx: ssl.SSLContext | None) -> dict[st
         changes["server"] = sorted(k for k in type(cfg.server).model_fields
                                    if getattr(cfg.server, k) != getattr(old.server, k))
     return changes
+
+
+def _new_shares(gw: Gateway, cfg: Config) -> None:
+    """A share book that knows the new back ends too (FairShares knows only those it
+    was made with): the running back ends keep their share objects, with their queues
+    and calls in flight; a new pool's share adds up its members' from the new book."""
+    shares = FairShares(cfg, _served(gw))
+    running = gw.fair_share._by_backend
+    shares._by_backend.update({b: running[b] for b in shares._by_backend if b in running})
+    gw.fair_share = shares
 
 
 def _served(gw: Gateway) -> dict[str, Backend]:
