@@ -1,4 +1,5 @@
-"""The admin socket: `p11gate status` asks the running daemon how it is doing.
+"""The admin socket: `p11gate status` asks the running daemon how it is doing, and
+`p11gate reload` has it re-read its configuration file.
 
 A unix socket (mode 0600, in the state directory by default) that answers one request
 per connection with one JSON document. It carries counts, states and names — never
@@ -12,14 +13,17 @@ import asyncio
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from .unix_socket import BoundSocket, bind_unix
 
 #: requests the admin socket understands
-COMMANDS = ("status",)
+COMMANDS = ("status", "reload")
+
+#: the daemon's reload: the reply says whether the new file is in force, and why not
+Reload = Callable[[], Awaitable[dict[str, Any]]]
 
 
 def admin_socket_path(state_dir: str, configured: str | None) -> str:
@@ -27,9 +31,11 @@ def admin_socket_path(state_dir: str, configured: str | None) -> str:
 
 
 class AdminServer:
-    def __init__(self, path: str, status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, path: str, status: Callable[[], dict[str, Any]],
+                 reload: Reload | None = None) -> None:
         self.path = path
         self._status = status
+        self._reload = reload
         self._server: asyncio.AbstractServer | None = None
         self._bound: BoundSocket | None = None
 
@@ -38,7 +44,7 @@ class AdminServer:
         # created 0600 from the start; a live gateway's admin socket is never taken over
         self._bound = bind_unix(self.path, 0o600, what="admin socket")
         self._server = await asyncio.get_running_loop().create_unix_server(
-            lambda: _AdminProtocol(self._status), sock=self._bound.sock
+            lambda: _AdminProtocol(self._status, self._reload), sock=self._bound.sock
         )
 
     async def stop(self) -> None:
@@ -49,8 +55,11 @@ class AdminServer:
 
 
 class _AdminProtocol(asyncio.Protocol):
-    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, status: Callable[[], dict[str, Any]], reload: Reload | None) -> None:
         self._status = status
+        self._reload = reload
+        self._busy = False
+        self._task: asyncio.Task[dict[str, Any]] | None = None
         self._buf = b""
         self._transport: asyncio.Transport | None = None
 
@@ -64,11 +73,33 @@ class _AdminProtocol(asyncio.Protocol):
             if len(self._buf) > 256:
                 self._transport.abort()
             return
+        if self._busy:
+            return  # one request per connection: later bytes are ignored
+        self._busy = True
         command = self._buf.split(b"\n", 1)[0].strip().decode(errors="replace")
+        if command == "reload" and self._reload is not None:
+            # answered when the reload has finished (or was refused)
+            self._task = asyncio.ensure_future(self._reload())
+            self._task.add_done_callback(self._reloaded)
+            return
         if command == "status":
             reply: dict[str, Any] = self._status()
         else:
             reply = {"error": f"unknown command {command[:32]!r}; known: {', '.join(COMMANDS)}"}
+        self._answer(reply)
+
+    def _reloaded(self, task: asyncio.Task[dict[str, Any]]) -> None:
+        if task.cancelled():
+            self._answer({"ok": False, "error": "reload cancelled (gateway stopping)"})
+        elif task.exception() is not None:
+            self._answer({"ok": False, "error": f"reload failed: {task.exception()!r}"})
+        else:
+            self._answer(task.result())
+
+    def _answer(self, reply: dict[str, Any]) -> None:
+        assert self._transport is not None
+        if self._transport.is_closing():
+            return
         self._transport.write(json.dumps(reply, default=str).encode() + b"\n")
         self._transport.close()
 

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .cli_ops import admin_options, admin_socket_for, module_file, top
+from .cli_ops import admin_options, admin_socket_for, module_file, reload_cmd, top
 from .config import ConfigError, load_config
 
 
@@ -21,9 +21,12 @@ def main() -> None:
 @click.argument("path", required=False, type=click.Path(dir_okay=False))
 @click.option("--config", "config_opt", default=None, type=click.Path(dir_okay=False),
               help="the file (same as PATH)")
-def check_config(path: str | None, config_opt: str | None) -> None:
+@click.option("--no-load", is_flag=True,
+              help="do not load the modules (each is loaded in a throw-away worker)")
+def check_config(path: str | None, config_opt: str | None, no_load: bool) -> None:
     """Validate a configuration file (PATH, default /etc/p11gate/p11gate.toml) and print
-    what it declares: listeners, tokens with their PKCS#11 URIs, pools and rules."""
+    what it declares: listeners, tokens with their PKCS#11 URIs, pools and rules; load
+    each module in a throw-away worker process and print what it says it is."""
     from .cli_ops import DEFAULT_CONFIG
     from .config_report import describe
 
@@ -43,6 +46,13 @@ def check_config(path: str | None, config_opt: str | None) -> None:
     from .config_checks import check
 
     findings = check(cfg)
+    if not no_load:
+        from .module_probe import report
+
+        loaded, load_errors = report(cfg.backend, config_path)
+        for line in loaded:
+            click.echo(line)
+        findings.errors += load_errors
     for w in findings.warnings:
         click.echo(f"warning: {w}", err=True)
     if findings.errors:
@@ -206,6 +216,7 @@ def worker(
 
 
 main.add_command(top)
+main.add_command(reload_cmd)
 main.add_command(module_file)
 
 

@@ -57,6 +57,62 @@ def top(config_path: str | None, socket_path: str | None, state_dir: str | None,
         pass
 
 
+@click.command("reload")
+@admin_options
+@click.option("--timeout", default=120.0, show_default=True,
+              help="seconds to wait for the gateway's answer (new back ends start first)")
+def reload_cmd(config_path: str | None, socket_path: str | None, state_dir: str | None,
+               timeout: float) -> None:
+    """Have the running gateway re-read its configuration file (as SIGHUP does), and
+    wait for the result: exit 0 when the new file is in force, 1 with the reason when
+    it was refused (the old configuration then stays in force)."""
+    import json
+
+    from .admin import query
+
+    if socket_path is None and config_path is not None:
+        socket_path = _admin_socket_of_any(config_path)
+    path = admin_socket_for(config_path, socket_path, state_dir)
+    try:
+        reply = query(path, "reload", timeout=timeout)
+    except OSError as e:
+        click.echo(f"cannot reach the gateway at {path}: {e.strerror or e}", err=True)
+        sys.exit(1)
+    for w in reply.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
+    if not reply.get("ok"):
+        click.echo(f"reload refused: {reply.get('error', reply)}", err=True)
+        sys.exit(1)
+    click.echo(f"configuration reloaded: {json.dumps(reply.get('changes', {}))}")
+
+
+def _admin_socket_of_any(config_path: str) -> str:
+    """The admin socket a file names even when the file is otherwise invalid: the
+    gateway must be the one that refuses it (its log and counters say so). A file
+    that is not TOML at all names none: its error is the answer (exit 1)."""
+    import tomllib
+
+    from .admin import admin_socket_path
+    from .config import DEFAULT_STATE_DIR
+
+    try:
+        with open(config_path, "rb") as f:
+            raw = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        reason = str(e)
+        try:
+            load_config(config_path)
+        except ConfigError as err:
+            reason = str(err)  # the words check-config gives: file, line, fix
+        click.echo(f"reload not asked: {reason}", err=True)
+        sys.exit(1)
+    section = raw.get("server")
+    server: dict[str, object] = section if isinstance(section, dict) else {}
+    state = server.get("state_dir", DEFAULT_STATE_DIR)
+    configured = server.get("admin_socket")
+    return admin_socket_path(str(state), configured if isinstance(configured, str) else None)
+
+
 @click.command("module-file")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help=f"the gateway's configuration (its unix listener) [{DEFAULT_CONFIG}]")

@@ -16,6 +16,7 @@ from .frontend.limits import limited_log
 from .frontend.server import Gateway
 from .metrics_http import MetricsServer
 from .registry import RegistryError, RegistryUnusable
+from .reload import Reloader
 from .state_dir import DAEMON_UMASK, StateDirInUse, StateLock, tighten_and_warn
 from .unix_socket import SocketInUse
 
@@ -36,15 +37,31 @@ def _load(config_path: str | None, state_dir: str | None, listen: str | None) ->
     return cfg
 
 
-def _hangup(gw: Gateway | None) -> None:
-    """SIGHUP (logrotate, `systemctl reload`): reopen the log and audit files by name.
-    systemd hears RELOADING=1 before and READY=1 after, so `systemctl reload` returns
-    once it is done."""
+def _hangup(gw: Gateway | None, reloader: Reloader | None) -> None:
+    """SIGHUP (logrotate, `systemctl reload`): reopen the log and audit files by name,
+    then re-read the configuration file (reload.py). systemd hears RELOADING=1 before
+    and READY=1 once the reload is done or refused, so `systemctl reload` returns then."""
     systemd.reloading()
     try:
         _reopen(gw)
     finally:
-        systemd.notify("READY=1", "STATUS=serving")
+        if reloader is None:  # a SIGHUP while the gateway starts: logs only
+            systemd.notify("READY=1", "STATUS=serving")
+        else:
+            task = asyncio.get_running_loop().create_task(reloader.reload())
+            _reloads.add(task)
+            task.add_done_callback(_reloaded)
+
+
+#: reloads under way (a reference keeps each task alive until it is done)
+_reloads: set[asyncio.Task[dict[str, object]]] = set()
+
+
+def _reloaded(task: asyncio.Task[dict[str, object]]) -> None:
+    _reloads.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("configuration reload failed", extra={"error": repr(task.exception())})
+    systemd.notify("READY=1", "STATUS=serving")
 
 
 def _reopen(gw: Gateway | None) -> None:
@@ -56,15 +73,18 @@ def _reopen(gw: Gateway | None) -> None:
         except OSError as e:
             log.error("SIGHUP: cannot reopen the audit log; still writing to the old file",
                       extra={"path": gw.audit.path, "error": e.strerror})
-    log.warning("SIGHUP: reopened logs; configuration reload is not implemented, restart "
-                "to apply changes", extra={"reopened": files})
+    log.warning("SIGHUP: reopened logs; reloading the configuration",
+                extra={"reopened": files})
 
 
-async def _serve(cfg: Config, demo: bool) -> int:
+async def _serve(cfg: Config, config_path: str | None) -> int:
+    demo = config_path is None
     loop = asyncio.get_running_loop()
     current: list[Gateway] = []
+    reloader: list[Reloader] = []  # set once the gateway serves
     # first thing on the loop: a SIGHUP while the back ends start must not kill us
-    loop.add_signal_handler(signal.SIGHUP, lambda: _hangup(current[0] if current else None))
+    loop.add_signal_handler(signal.SIGHUP, lambda: _hangup(
+        current[0] if current else None, reloader[0] if reloader else None))
     try:
         gw = Gateway(cfg)
     except RegistryUnusable as e:
@@ -128,6 +148,9 @@ async def _serve(cfg: Config, demo: bool) -> int:
     # that need us (Type=notify)
     systemd.notify("READY=1", f"STATUS=serving {len(gw.tokens)} token(s)",
                    f"MAINPID={os.getpid()}")
+    if config_path is not None:  # demo mode has no file: SIGHUP reopens logs only
+        reloader.append(Reloader(gw, config_path))
+        gw.on_reload = reloader[0].reload  # `p11gate reload` through the admin socket
     watchdog = systemd.start_watchdog()
     await stop.wait()
     systemd.notify("STOPPING=1")
@@ -204,9 +227,9 @@ def run(config_path: str | None, state_dir: str | None = None, listen: str | Non
             try:
                 import uvloop
 
-                return uvloop.run(_serve(cfg, config_path is None))
+                return uvloop.run(_serve(cfg, config_path))
             except ImportError:
                 pass
-        return asyncio.run(_serve(cfg, config_path is None))
+        return asyncio.run(_serve(cfg, config_path))
     finally:
         lock.release()

@@ -201,7 +201,7 @@ def test_sighup_reopens_logs_and_audit_and_never_kills(tmp_path: Path) -> None:
         c.close()
         records = [json.loads(line) for line in log_file.read_text().splitlines()]
         hup = [r for r in records if r["msg"].startswith("SIGHUP")]
-        assert "restart to apply changes" in hup[0]["msg"]
+        assert "reloading the configuration" in hup[0]["msg"]
         assert str(log_file) in hup[0]["reopened"] and str(audit) in hup[0]["reopened"]
     finally:
         assert gw.stop() == 0

@@ -278,7 +278,10 @@ class ClientConnection(asyncio.Protocol):
         return t
 
     def require(self, token: VirtualToken, permission: str, what: str) -> None:
-        require(self.grants[token], permission, what, token.name)
+        grant = self.grants.get(token)
+        if grant is None:  # a reload revoked it while this call was under way
+            raise Pkcs11Error(ckr.SLOT_ID_INVALID)
+        require(grant, permission, what, token.name)
 
     def _denied(self, call: Call, e: Denied) -> None:
         self.gw.metrics.policy_denials.labels(e.token or "").inc()

@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..admin import AdminServer, admin_socket_path
@@ -87,6 +88,11 @@ class Gateway:
         self._sockets: list[BoundSocket] = []
         #: listening sockets passed by systemd (socket activation), claimed by _listen
         self.inherited = Inherited()
+        #: configuration reloads done and refused since start (p11gate.reload sets the
+        #: hook: the daemon knows the file)
+        self.reloads = 0
+        self.reload_failures = 0
+        self.on_reload: Callable[[], Awaitable[dict[str, Any]]] | None = None
         for b in self.backends.values():
             b.on_restart = self._reattach_hook(b)
 
@@ -122,9 +128,14 @@ class Gateway:
             await self._listen(address)
         self.admin = AdminServer(
             admin_socket_path(self.cfg.server.state_dir, self.cfg.server.admin_socket),
-            self.status,
+            self.status, self._admin_reload,
         )
         await self.admin.start()
+
+    async def _admin_reload(self) -> dict[str, Any]:
+        if self.on_reload is None:
+            return {"ok": False, "error": "this gateway cannot reload"}
+        return await self.on_reload()
 
     async def _listen(self, address: str) -> None:
         if address.startswith("tls:"):
@@ -222,6 +233,8 @@ class Gateway:
             # handshakes refused: no certificate, untrusted, revoked, old protocol
             "tls_refused": sum(s.refused for s in self._servers
                                if isinstance(s, TlsListener)),
+            "reloads": self.reloads,
+            "reload_failures": self.reload_failures,
             "backends": [b.describe() for b in self.backends.values()],
             "pools": [p.describe() for p in self.pools.values()],
             "fair_share": self.fair_share.describe(),
