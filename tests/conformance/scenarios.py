@@ -237,9 +237,8 @@ SCENARIOS: list[Scenario] = [
         Step("C_GetTokenInfo", [SLOT], norm=lambda v: [v[4] & 0x40D]),  # flags subset
         Step("C_GetMechanismInfo", [SLOT, CKM_ECDSA]),
         Step("C_GetMechanismInfo", [SLOT, BOGUS_MECH])]),
-    # last: were the gateway to probe a pool with C_DigestKey, the pool would leave a
-    # member session inside the digest (pool issue 15) and later scenarios would see
-    # CKR_OPERATION_ACTIVE there
+    # last: a pool that left a member session inside the digest (issue 15.9) would show
+    # here as CKR_OPERATION_ACTIVE in later scenarios
     Scenario("digest_key_handles", [
         open_rw(), login(),
         Step("C_DigestKey", [Ref("s"), BAD]),  # no digest active

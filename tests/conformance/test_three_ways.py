@@ -34,13 +34,6 @@ _CONTEXT = ("CKU_CONTEXT_SPECIFIC on a connection not logged in: the gateway ref
             "connection's; SoftHSM looks for an operation first (CKR_OPERATION_NOT_INITIALIZED)")
 _SLOT_INFO = ("the slot is the gateway's: its description, manufacturer, flags "
               "(CKF_REMOVABLE_DEVICE | CKF_TOKEN_PRESENT) and versions")
-_POOL_DIGEST_KEY = ("pool issue 15 (a failed C_DigestKey ends the pool's digest while the "
-                    "member module keeps it, and the member session goes back to the pool "
-                    "inside the digest: later calls leased on it get CKR_OPERATION_ACTIVE), "
-                    "fixed separately; until then the gateway does not ask a pool whether a "
-                    "digest is active and gives the key's code")
-_POOL_PRECEDENCE = ("pool issue 15 (the pool translates the key handle before the member "
-                    "module says it does not support the function), fixed separately")
 
 
 def _both(scenario: str, step: int, outcome: Outcome, reason: str) -> dict[Any, Any]:
@@ -59,9 +52,6 @@ KNOWN: dict[tuple[str, int, str], tuple[Outcome, str]] = {
     **_both("invalid_key_handles_for_wrap_unwrap_derive", 7, KEY_INVALID, _SPEC_KEY),
     **_both("mechanism_invalid_and_handle_invalid", 6, KEY_INVALID, _SPEC_KEY),
     **_both("mechanism_invalid_and_handle_invalid", 7, KEY_INVALID, _SPEC_KEY),
-    ("digest_key_handles", 2, "pool"): (KEY_INVALID, _POOL_DIGEST_KEY),
-    **{("function_not_supported_before_handle", i, "pool"): (KEY_INVALID, _POOL_PRECEDENCE)
-       for i in (5, 6, 8)},
 }
 
 

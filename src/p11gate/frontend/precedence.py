@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING, Any
 from ..backends.base import Backend
 from ..codec import Mechanism, ckr
 from ..errors import BackendUnavailable, Pkcs11Error
-from ..pools.pool import PoolBackend
-from .common import ID
 from .tables import CAPACITY_ARGS, CREATE_TEMPLATES, MECHANISM_CALLS, OBJECT_ARGS
 
 if TYPE_CHECKING:
@@ -45,7 +43,6 @@ HANDLE_CODES = frozenset({
 })
 #: answers that depend only on (backend, call id, mechanism type): cached
 CACHED_CODES = frozenset({ckr.FUNCTION_NOT_SUPPORTED, ckr.MECHANISM_INVALID})
-_DIGEST_KEY = ID["C_DigestKey"]
 
 _Key = tuple[int, int]
 _cache: weakref.WeakKeyDictionary[Backend, dict[_Key, int]] = weakref.WeakKeyDictionary()
@@ -135,11 +132,6 @@ def refusal(conn: ClientConnection, session: Session, call_id: int, bargs: list[
     """The error for a key argument at ``pos`` that does not translate: the module's
     cached handle-independent code, the role code, or :class:`Unresolved`."""
     backend = session.token.backend
-    if call_id == _DIGEST_KEY and isinstance(backend, PoolBackend):
-        # a pool ends its digest when a C_DigestKey fails and returns the member session
-        # to its free list still inside the digest (pool issue 15, fixed separately):
-        # no probe there, the role code as before
-        return Pkcs11Error(role_rv)
     known = cached(backend, call_id, bargs)
     if known is not None:
         return Pkcs11Error(known, "module refuses the call whatever the handle")

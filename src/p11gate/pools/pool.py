@@ -45,6 +45,7 @@ from .session_rules import (
     KEEPS_OPERATION,
     OBJECT_WRITE_CALLS,
     check_read_only,
+    keeps_operation,
     new_objects_on_token,
 )
 
@@ -308,8 +309,8 @@ class PoolBackend(Backend):
         """``args`` with object ids replaced by ``m``'s handles; None if ``m`` lacks one."""
         margs = list(args)
         for p in OBJECT_ARGS.get(call_id, ()):
-            if margs[p] == 0 and call_id in OPTIONAL_OBJECT_ARGS:
-                continue
+            if margs[p] == 0:  # CK_INVALID_HANDLE names no object: the module answers it
+                continue  # (optional arguments; the gateway's probe of what a module refuses)
             h = await self._handle_on(m, margs[p])
             if h is None:
                 return None
@@ -736,8 +737,8 @@ class PoolBackend(Backend):
                     s.op = None
                     raise
             except Pkcs11Error as e:
-                if e.rv in KEEPS_OPERATION and s.op is op:
-                    raise  # PKCS#11: the operation goes on (it only asked the output size)
+                if s.op is op and (e.rv in KEEPS_OPERATION or keeps_operation(call_id, e.rv)):
+                    raise  # the operation goes on (an output-size answer; a bad key handle)
                 # PKCS#11: an error ends the operation; a module may still keep it on the
                 # member session (SoftHSM after CKR_KEY_INDIGESTIBLE), so that session
                 # is closed and replaced rather than leased to another client mid-way

@@ -27,6 +27,15 @@ OBJECT_WRITES = frozenset({ID["C_DestroyObject"], ID["C_SetAttributeValue"]})
 #: other ends it, CKR_USER_NOT_LOGGED_IN of a key still wanting its context-specific
 #: login included (as SoftHSM does)
 KEEPS_OPERATION = frozenset({ckr.BUFFER_TOO_SMALL})
+_DIGEST_KEY = ID["C_DigestKey"]
+
+
+def keeps_operation(call_id: int, rv: int) -> bool:
+    """C_DigestKey refused for its key handle leaves the digest going: the module looks
+    the key up before it touches the operation (SoftHSM does, and so the plain gateway
+    token behaves; the gateway's own probe of a module's answer, with handle 0, lands
+    here too)."""
+    return call_id == _DIGEST_KEY and rv in (ckr.KEY_HANDLE_INVALID, ckr.OBJECT_HANDLE_INVALID)
 
 
 
