@@ -155,7 +155,7 @@ def check_allowed(cls: int, attrs: Attrs, generated: bool = False) -> None:
     for t in attrs:
         if t not in allowed:
             raise Pkcs11Error(ckr.ATTRIBUTE_TYPE_INVALID, f"attribute {t:#x}")
-        if t in _TOKEN_SET and not (generated and t == CKA_MODULUS_BITS):
+        if t in _TOKEN_SET and not generated:  # key generation sets them itself
             raise Pkcs11Error(ckr.ATTRIBUTE_READ_ONLY, f"attribute {t:#x}")
     if cls in (CKO_PRIVATE_KEY, CKO_SECRET_KEY) and not attrs.get(CKA_SENSITIVE, 1):
         # key values are never readable here: refuse to promise otherwise

@@ -159,7 +159,10 @@ def _keygen_tpl(t: SoftToken, raw: Any, cls: int) -> Attrs:
     tpl = O.parse_template(raw or [])
     if _cls_of(tpl, cls) != cls:
         raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, "CKA_CLASS")
-    O.check_allowed(cls, tpl, generated=False)
+    O.check_allowed(cls, tpl, generated=True)
+    for a in (O.CKA_LOCAL, O.CKA_KEY_GEN_MECHANISM, O.CKA_ALWAYS_SENSITIVE,
+              O.CKA_NEVER_EXTRACTABLE):
+        tpl.pop(a, None)
     return tpl
 
 
