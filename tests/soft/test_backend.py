@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from tests.soft.helpers import SO_PIN, USER_PIN, Driver, initialised, soft_config
 
 from p11gate.backends.soft import mechanisms as M
 from p11gate.codec import ckr
@@ -25,7 +26,6 @@ from p11gate.codec.values import (
     Null,
     PssParams,
 )
-from tests.soft.helpers import SO_PIN, USER_PIN, Driver, initialised, soft_config
 
 P256 = bytes.fromhex("06082a8648ce3d030107")
 P384 = bytes.fromhex("06052b81040022")
@@ -149,7 +149,7 @@ def test_ecdsa_buffers_and_multipart(d: Driver) -> None:
     assert d.rv("C_SignInit", s, Mechanism(0x1045), priv) == ckr.MECHANISM_INVALID
     assert d.rv("C_SignInit", s, Mechanism(M.CKM_ECDSA), pub) in (
         ckr.KEY_FUNCTION_NOT_PERMITTED, ckr.KEY_TYPE_INCONSISTENT)
-    p384, k384 = ec_pair(d, s, P384)
+    _p384, k384 = ec_pair(d, s, P384)
     d("C_SignInit", s, Mechanism(M.CKM_ECDSA), k384)
     assert len(d("C_Sign", s, hashlib.sha384(b"m").digest(), 200)[0]) == 96
     assert d.rv("C_GenerateKeyPair", s, Mechanism(M.CKM_EC_KEY_PAIR_GEN),
@@ -160,7 +160,7 @@ def test_rsa_mechanisms(d: Driver) -> None:
     s = user_session(d)
     pub, priv = d("C_GenerateKeyPair", s, Mechanism(M.CKM_RSA_PKCS_KEY_PAIR_GEN),
                   [A(0x121, 2048)], [A(0x102, b"r")])
-    attrs, rv = d("C_GetAttributeValue", s, pub, [AttrRequest(0x120, 512),
+    attrs, _rv = d("C_GetAttributeValue", s, pub, [AttrRequest(0x120, 512),
                                                   AttrRequest(0x122, 16)])
     key = rsa.RSAPublicNumbers(int.from_bytes(attrs[1].value, "big"),
                                int.from_bytes(attrs[0].value, "big")).public_key()

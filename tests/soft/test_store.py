@@ -7,11 +7,11 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from tests.soft.helpers import SO_PIN, USER_PIN, Driver, initialised, soft_config
 
 from p11gate.backends.soft.store import SO, USER, SoftStore, derive_kek
 from p11gate.codec import ckr
 from p11gate.codec.values import Attribute, AttrRequest, Mechanism
-from tests.soft.helpers import SO_PIN, USER_PIN, Driver, initialised, soft_config
 
 P256 = bytes.fromhex("06082a8648ce3d030107")
 CKM_EC_KEY_PAIR_GEN, CKM_AES_KEY_GEN = 0x1040, 0x1080
@@ -39,7 +39,7 @@ def test_nothing_sensitive_in_clear_and_keys_persist(tmp_path: Path) -> None:
     d = initialised(path)
     (s,) = d("C_OpenSession", 1, 6)
     d("C_Login", s, 1, USER_PIN)
-    pub, priv = d("C_GenerateKeyPair", s, Mechanism(CKM_EC_KEY_PAIR_GEN),
+    _pub, priv = d("C_GenerateKeyPair", s, Mechanism(CKM_EC_KEY_PAIR_GEN),
                   [Attribute(0x1, 1, 1), Attribute(0x180, P256, len(P256))],
                   [Attribute(0x1, 1, 1), Attribute(0x102, b"k1", 2)])
     (aes,) = d("C_GenerateKey", s, Mechanism(CKM_AES_KEY_GEN),
