@@ -158,3 +158,44 @@ def test_pkcs11_tool_and_python_pkcs11_then_restart(gw: Gateway, cfg: Path,
         alive = g2.alive()
         g2.stop()
         assert alive, g2.log()[-3000:]
+
+
+def test_pkcs11_tool_initialises_a_fresh_token(tmp_path: Path) -> None:
+    cfg = tmp_path / "p11gate.toml"
+    cfg.write_text(f"""
+[server]
+listen = "unix:path={tmp_path / 'p11gate.sock'}"
+state_dir = "{tmp_path / 'state'}"
+log_format = "json"
+
+[[backend]]
+name = "soft"
+type = "soft"
+path = "{tmp_path / 'fresh.db'}"
+
+[[token]]
+name = "fresh"
+backend = "soft"
+select = {{ slot_index = 0 }}
+""")
+    g = Gateway(cfg)
+    try:
+        r = tool(g, "-L")
+        assert "uninitialized" in r.stdout or "token initialized" not in r.stdout
+        tool(g, "--init-token", "--so-pin", SO_PIN, "--label", "fresh")
+        tool(g, "--init-pin", "--so-pin", SO_PIN, "--login", "--login-type", "so",
+             "--pin", USER_PIN)
+        r = tool(g, "-L")
+        assert "PIN initialized" in r.stdout
+        tool(g, "--login", "--pin", USER_PIN, "--keypairgen", "--key-type", "EC:secp384r1",
+             "--id", "07")
+        tool(g, "--change-pin", "--login", "--pin", USER_PIN, "--new-pin", "changed-pin-9")
+        r = tool(g, "-O", "--login", "--pin", "changed-pin-9")
+        assert "Private Key Object; EC" in r.stdout
+        r = tool(g, "-O", "--login", "--pin", USER_PIN, check=False)
+        assert r.returncode != 0
+        assert g.alive()
+    finally:
+        g.stop()
+    data = (tmp_path / "fresh.db").read_bytes()
+    assert SO_PIN.encode() not in data and USER_PIN.encode() not in data
