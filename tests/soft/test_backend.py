@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from tests.soft.helpers import SO_PIN, USER_PIN, Driver, initialised, soft_config
+from tests.soft.helpers import SO_PIN, USER_PIN, Driver, cid, initialised, soft_config
 
 from p11gate.backends.soft import mechanisms as M
 from p11gate.codec import ckr
@@ -280,3 +280,27 @@ def test_public_key_import_verifies(d: Driver) -> None:
     r, sv = decode_dss_signature(key.sign(msg, ec.ECDSA(hashes.SHA256())))
     d("C_VerifyInit", s, Mechanism(M.CKM_ECDSA_SHA256), pub)
     d("C_Verify", s, msg, r.to_bytes(32, "big") + sv.to_bytes(32, "big"))
+
+
+def test_rsa_keygen_does_not_block_the_loop(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    d = initialised(tmp_path / "k.db")
+    s = user_session(d)
+    b = d.backend
+
+    async def race() -> tuple[float, float]:
+        t0 = time.monotonic()
+        gen = asyncio.ensure_future(b.call(cid("C_GenerateKeyPair"), [
+            s, Mechanism(M.CKM_RSA_PKCS_KEY_PAIR_GEN), [A(0x121, 4096)], []]))
+        await asyncio.sleep(0.01)
+        info = await b.call(cid("C_GetTokenInfo"), [1])
+        t_info = time.monotonic() - t0
+        assert info[0].rstrip() == b"unit"
+        await gen
+        return t_info, time.monotonic() - t0
+
+    t_info, t_gen = d.loop.run_until_complete(race())
+    d.close()
+    assert t_info < t_gen and t_info < 0.5, (t_info, t_gen)

@@ -138,8 +138,18 @@ def test_pkcs11_tool_and_python_pkcs11_then_restart(gw: Gateway, cfg: Path,
     key.verify(encode_dss_signature(int.from_bytes(raw[:32], "big"),
                                     int.from_bytes(raw[32:], "big")),
                digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+    tool(gw, "--login", "--pin", USER_PIN, "--keypairgen", "--key-type", "rsa:2048",
+         "--id", "02", "--label", "tool-rsa")
+    tool(gw, "--login", "--pin", USER_PIN, "--sign", "-m", "SHA256-RSA-PKCS", "--id", "02",
+         "-i", str(data), "-o", str(sig))
+    pub2 = tmp_path / "pub2.der"
+    tool(gw, "--read-object", "--type", "pubkey", "--id", "02", "-o", str(pub2))
+    rkey = load_der_public_key(pub2.read_bytes())
+    assert isinstance(rkey, rsa.RSAPublicKey)
+    rkey.verify(sig.read_bytes(), data.read_bytes(), padding.PKCS1v15(), hashes.SHA256())
     r = tool(gw, "-O", "--login", "--pin", USER_PIN)
     assert "Private Key Object; EC" in r.stdout and "tool-ec" in r.stdout
+    assert "Private Key Object; RSA" in r.stdout
     r = tool(gw, "-O")  # not logged in: the private key is not listed
     assert "Private Key Object" not in r.stdout and "Public Key Object; EC" in r.stdout
     r = tool(gw, "--login", "--pin", "wrong-pin-0", "-O", check=False)
