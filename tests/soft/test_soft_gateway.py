@@ -30,6 +30,8 @@ HERE = Path(__file__).parent
 def soft_gateway_config(base: Path) -> Path:
     (base / "so.pin").write_text(SO_PIN + "\n")
     (base / "user.pin").write_text(USER_PIN + "\n")
+    (base / "so.pin").chmod(0o600)
+    (base / "user.pin").chmod(0o600)
     cfg = base / "p11gate.toml"
     cfg.write_text(f"""
 [server]
@@ -209,3 +211,13 @@ select = {{ slot_index = 0 }}
         g.stop()
     data = (tmp_path / "fresh.db").read_bytes()
     assert SO_PIN.encode() not in data and USER_PIN.encode() not in data
+
+
+def test_a_pin_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    cfg = soft_gateway_config(tmp_path)
+    (tmp_path / "user.pin").chmod(0o644)
+    r = subprocess.run([sys.executable, "-m", "p11gate.cli", "serve", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "init_user_pin_file" in r.stderr and "chmod 600" in r.stderr
+    assert USER_PIN not in r.stderr and not (tmp_path / "soft.db").exists()
