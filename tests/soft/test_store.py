@@ -56,6 +56,7 @@ def test_nothing_sensitive_in_clear_and_keys_persist(tmp_path: Path) -> None:
     scalar = key.private_numbers().private_value.to_bytes(32, "big")
     aes_value = tok.key_value(tok.objects[aes])
     d.close()
+    assert path.stat().st_mode & 0o777 == 0o600
     data = _file_bytes(path)
     for secret in (der, scalar, aes_value, USER_PIN, SO_PIN):
         assert secret not in data
