@@ -42,6 +42,9 @@ def test_nothing_sensitive_in_clear_and_keys_persist(tmp_path: Path) -> None:
     _pub, priv = d("C_GenerateKeyPair", s, Mechanism(CKM_EC_KEY_PAIR_GEN),
                   [Attribute(0x1, 1, 1), Attribute(0x180, P256, len(P256))],
                   [Attribute(0x1, 1, 1), Attribute(0x102, b"k1", 2)])
+    hidden = b"private data value 0123456789"
+    (data_obj,) = d("C_CreateObject", s, [Attribute(0, 0, 8), Attribute(1, 1, 1),
+                                          Attribute(2, 1, 1), Attribute(0x11, hidden, 29)])
     (aes,) = d("C_GenerateKey", s, Mechanism(CKM_AES_KEY_GEN),
                [Attribute(0x1, 1, 1), Attribute(0x161, 32, 8)])
     # the key values are sensitive: never readable
@@ -58,7 +61,7 @@ def test_nothing_sensitive_in_clear_and_keys_persist(tmp_path: Path) -> None:
     d.close()
     assert path.stat().st_mode & 0o777 == 0o600
     data = _file_bytes(path)
-    for secret in (der, scalar, aes_value, USER_PIN, SO_PIN):
+    for secret in (der, scalar, aes_value, USER_PIN, SO_PIN, hidden):
         assert secret not in data
     assert b"k1".hex().encode() in data or b"k1" in data  # the public id is there
     # restart: the objects are back, usable after login, not before
@@ -70,4 +73,9 @@ def test_nothing_sensitive_in_clear_and_keys_persist(tmp_path: Path) -> None:
     d("C_SignInit", s, Mechanism(0x1041), priv)
     (sig,) = d("C_Sign", s, b"\1" * 32, 64)
     assert len(sig) == 64
+    attrs, rv = d("C_GetAttributeValue", s, data_obj, [AttrRequest(0x11, 64)])
+    assert rv == 0 and attrs[0].value == hidden
+    d("C_FindObjectsInit", s, [Attribute(0x11, hidden, len(hidden))])
+    assert d("C_FindObjects", s, 8) == [[data_obj]]
+    d("C_FindObjectsFinal", s)
     d.close()

@@ -77,8 +77,18 @@ async def create_object(t: SoftToken, args: list[Any]) -> list[Any]:
             raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, "CKA_VALUE_LEN")
         attrs[O.CKA_VALUE_LEN] = len(v)
         value = v
+    elif cls == O.CKO_DATA and attrs[O.CKA_PRIVATE]:
+        value = bytes(attrs.pop(O.CKA_VALUE))  # a private data object's value is sealed too
     t.may_write(s, bool(attrs[O.CKA_TOKEN]), bool(attrs[O.CKA_PRIVATE]))
     return [await _add(t, s.handle, attrs, value)]
+
+
+def _readable(t: SoftToken, o: SoftObject) -> SoftObject:
+    """The object as attributes are read and matched: a private data object with its
+    sealed value opened (it is only visible to the logged-in user)."""
+    if o.cls == O.CKO_DATA and (o.sealed is not None or o.value is not None):
+        return SoftObject(o.handle, {**o.attrs, O.CKA_VALUE: t.key_value(o)})
+    return o
 
 
 def destroy_object(t: SoftToken, args: list[Any]) -> list[Any]:
@@ -98,7 +108,7 @@ def get_attribute_value(t: SoftToken, args: list[Any]) -> list[Any]:
     o = t.obj(args[1])
     if not isinstance(args[2], list | tuple):
         raise Pkcs11Error(ckr.ARGUMENTS_BAD, "template")
-    attrs, rv = O.reply_attributes(o, args[2])
+    attrs, rv = O.reply_attributes(_readable(t, o), args[2])
     return [attrs, rv]
 
 
@@ -128,7 +138,8 @@ def find_init(t: SoftToken, args: list[Any]) -> list[Any]:
     if s.found is not None:
         raise Pkcs11Error(ckr.OPERATION_ACTIVE)
     tpl = O.parse_template(args[1] or [])
-    s.found = [h for h, o in sorted(t.objects.items()) if t.visible(o) and O.matches(o, tpl)]
+    s.found = [h for h, o in sorted(t.objects.items())
+               if t.visible(o) and O.matches(_readable(t, o) if O.CKA_VALUE in tpl else o, tpl)]
     return []
 
 

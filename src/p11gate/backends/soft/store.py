@@ -2,15 +2,14 @@
 
 At rest nothing sensitive is in clear:
 
-* a random 256-bit *token key* encrypts the value of every private and secret key
-  (AES-256-GCM, a random 96-bit nonce per value, the object's handle as associated data
-  so that values cannot be swapped between rows);
+* a random 256-bit *token key* encrypts the value of every private and secret key and
+  the CKA_VALUE of private data objects (AES-256-GCM, a random 96-bit nonce per value,
+  the object's handle as associated data so that values cannot be swapped between rows);
 * the token key is stored only wrapped (AES-256-GCM) under a key derived from the user
   PIN, and separately under one derived from the SO PIN (scrypt, a random salt each);
 * PINs are never stored; a wrong PIN fails the GCM tag and unwraps nothing.
 
-Attributes other than key values (labels, ids, public keys, certificates) are stored
-in clear, as SoftHSM does for public objects.
+Other attributes (labels, ids, public keys, certificates) are stored in clear.
 """
 
 from __future__ import annotations
