@@ -79,3 +79,13 @@ def test_nothing_sensitive_in_clear_and_keys_persist(tmp_path: Path) -> None:
     assert d("C_FindObjects", s, 8) == [[data_obj]]
     d("C_FindObjectsFinal", s)
     d.close()
+
+
+def test_one_owner_at_a_time(tmp_path: Path) -> None:
+    import pytest
+
+    st = SoftStore(str(tmp_path / "t.db"))
+    with pytest.raises(OSError, match="in use"):
+        SoftStore(str(tmp_path / "t.db"))
+    st.close()
+    SoftStore(str(tmp_path / "t.db")).close()

@@ -14,6 +14,7 @@ Other attributes (labels, ids, public keys, certificates) are stored in clear.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -89,6 +90,14 @@ class SoftStore:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        # one owner at a time: objects are cached in memory, a second writer would
+        # make the caches disagree with the file
+        self._lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock)
+            raise OSError(f"{path} is in use by another process") from None
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
         self.db = sqlite3.connect(path, isolation_level=None)
@@ -98,6 +107,7 @@ class SoftStore:
 
     def close(self) -> None:
         self.db.close()
+        os.close(self._lock)
 
     # ------------------------------------------------------------------ meta
 
