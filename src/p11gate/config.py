@@ -119,8 +119,18 @@ class ServerConfig(_Strict):
 
 class BackendConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    #: path of the vendor PKCS#11 module
-    module: str
+    #: "module": a vendor PKCS#11 module; "soft": the built-in software token
+    type: Literal["module", "soft"] = "module"
+    #: path of the vendor PKCS#11 module (type "module" only)
+    module: str = ""
+    #: soft token: its SQLite file (absolute path; created on first start)
+    path: str = ""
+    #: soft token: the label given by unattended initialisation (C_InitToken sets its own)
+    label: str = Field(default="soft", max_length=32)
+    #: soft token: files holding the SO and user PINs, read once at the first start of an
+    #: uninitialised token to initialise it unattended (both or neither)
+    init_so_pin_file: str | None = None
+    init_user_pin_file: str | None = None
     #: "process": load the module in a supervised `p11gate worker` process;
     #: "none": load it into the gateway and call it from a thread pool
     isolation: Literal["process", "none"] = "process"
@@ -154,6 +164,27 @@ class BackendConfig(_Strict):
     max_key_bits: KeyBitsConfig = Field(default_factory=KeyBitsConfig)
 
     @model_validator(mode="after")
+    def _type_keys(self) -> BackendConfig:
+        if self.type == "module":
+            if not self.module:
+                raise ValueError("module: give the absolute path of the vendor module "
+                                 "(or set type = \"soft\" for the built-in token)")
+            if self.path or self.init_so_pin_file or self.init_user_pin_file:
+                raise ValueError("path and init_*_pin_file are keys of type = \"soft\"")
+            return self
+        if self.module or self.worker_command:
+            raise ValueError("type = \"soft\" takes no module or worker_command")
+        if not os.path.isabs(self.path):
+            raise ValueError(f"path: {self.path!r}: give the absolute path of the "
+                             "soft token's SQLite file")
+        if (self.init_so_pin_file is None) != (self.init_user_pin_file is None):
+            raise ValueError("give both init_so_pin_file and init_user_pin_file, or neither")
+        for f in (self.init_so_pin_file, self.init_user_pin_file):
+            if f is not None and not os.path.isabs(f):
+                raise ValueError(f"{f!r}: give the absolute path of the PIN file")
+        return self
+
+    @model_validator(mode="after")
     def _share_fits(self) -> BackendConfig:
         if self.max_calls_per_identity is not None and self.max_calls_per_identity > self.threads:
             raise ValueError(f"max_calls_per_identity ({self.max_calls_per_identity}) is more "
@@ -173,6 +204,8 @@ class BackendConfig(_Strict):
     @field_validator("module")
     @classmethod
     def _module_exists(cls, v: str) -> str:
+        if not v:
+            return v
         if not os.path.isabs(v):
             raise ValueError(f"{v!r}: give the absolute path of the module")
         if not os.path.exists(v):

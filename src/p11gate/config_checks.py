@@ -80,6 +80,20 @@ def check(cfg: Config) -> Findings:
                 f"{src}: token[{i}] ({t.name}).backend_pin_file: {t.backend_pin_file} is "
                 f"readable or writable by group/others (mode {m:04o}): anyone who reads it "
                 f"logs into the backend; run `chmod 600 {t.backend_pin_file}`")
+    for i, b in enumerate(cfg.backend):
+        for key in ("init_so_pin_file", "init_user_pin_file"):
+            f = getattr(b, key)
+            if b.type != "soft" or f is None:
+                continue
+            try:
+                m = stat.S_IMODE(os.stat(f).st_mode)
+            except OSError:
+                continue  # read (and its absence reported) at the first start only
+            if m & 0o077:
+                out.errors.append(
+                    f"{src}: backend[{i}] ({b.name}).{key}: {f} is readable or writable by "
+                    f"group/others (mode {m:04o}): anyone who reads it has the soft token's "
+                    f"PIN; run `chmod 600 {f}`")
     return out
 
 

@@ -140,6 +140,9 @@ def report(backends: list[BackendConfig], source: str) -> tuple[list[str], list[
     """(lines for stdout, errors) for every backend, all probed in one run."""
     lines, errors = [], []
     for i, b in enumerate(backends):
+        if b.type == "soft":
+            lines.append(f"soft token {b.name}: {b.path}")
+            continue
         p = probe(b)
         if p.info is not None:
             lines.append(f"module {b.name}: {b.module}: loaded: {p.info['manufacturer']} "

@@ -42,6 +42,10 @@ log = logging.getLogger("p11gate.server")
 
 
 def make_backend(cfg: BackendConfig) -> Backend:
+    if cfg.type == "soft":
+        from ..backends.soft.backend import SoftBackend
+
+        return SoftBackend(cfg)
     if cfg.isolation == "none":
         from ..backends.inprocess import InProcessBackend
 

@@ -1,0 +1,1 @@
+"""The built-in software token (``[[backend]] type = "soft"``)."""
