@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -248,10 +249,23 @@ def test_serves_under_the_units_hardening(tmp_path: Path) -> None:
     try:
         token = make_token(run / "softhsm")
         cfg = write_config(run, token)
+        # the checkout and its Python, where they lie under a directory the unit hides
+        # (a clone in /tmp, say), are bound back read-only, as a real unit's
+        # ExecStart program would be installed outside them
+        hidden = (Path("/tmp"), Path("/var/tmp"), Path("/home"))
+        code = {Path(__file__).resolve().parents[2], Path(sys.prefix),
+                Path(sys.executable).resolve().parent.parent}
+        keep = sorted(p for p in code if any(p.is_relative_to(h) for h in hidden))
+        hold = "".join(f"mkdir -p {run}/keep/{i}; mount --bind {shlex.quote(str(p))} "
+                       f"{run}/keep/{i}; " for i, p in enumerate(keep))
+        back = "".join(f"mkdir -p {shlex.quote(str(p))}; mount --bind {run}/keep/{i} "
+                       f"{shlex.quote(str(p))}; mount -o remount,bind,ro "
+                       f"{shlex.quote(str(p))}; " for i, p in enumerate(keep))
         script = (
             "set -e; mount --make-rprivate /; mount -o remount,bind,ro /; "
-            f"mount --bind {run} {run}; mount -o remount,bind,rw {run}; "
+            f"mount --bind {run} {run}; mount -o remount,bind,rw {run}; {hold}"
             "for d in /tmp /var/tmp /home; do mount -t tmpfs -o mode=1777 tmpfs $d; done; "
+            f"{back}"
             "exec setpriv --no-new-privs --bounding-set=-all --inh-caps=-all "
             '--ambient-caps=-all "$@"'
         )
