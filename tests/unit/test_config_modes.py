@@ -48,19 +48,19 @@ def test_a_decimal_that_looks_octal_gets_a_hint() -> None:
         server(socket_mode=660)
 
 
-def test_tighten_never_touches_a_shared_sticky_directory_or_others_files(
+def test_tighten_never_touches_a_world_writable_sticky_directory_or_others_files(
         tmp_path: Path) -> None:
     from p11gate.state_dir import tighten
 
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o1777)
-    (shared / "someone-elses").write_text("x")
-    (shared / "someone-elses").chmod(0o644)
-    (report,) = tighten(str(shared))
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    (sticky / "someone-elses").write_text("x")
+    (sticky / "someone-elses").chmod(0o644)
+    (report,) = tighten(str(sticky))
     assert "sticky" in report
-    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
-    assert stat.S_IMODE((shared / "someone-elses").stat().st_mode) == 0o644
+    assert stat.S_IMODE(sticky.stat().st_mode) == 0o1777
+    assert stat.S_IMODE((sticky / "someone-elses").stat().st_mode) == 0o644
     own = tmp_path / "own"
     own.mkdir(mode=0o755)
     own.chmod(0o755)
