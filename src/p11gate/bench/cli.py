@@ -28,7 +28,7 @@ import click
 from click.core import ParameterSource
 
 from .cpu import Sample, sample, used
-from .tokens import import_keys, key_material, softhsm_token
+from .tokens import import_keys, key_material, pool_config_text, softhsm_token
 
 SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
 CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
@@ -281,33 +281,9 @@ def pool_gateway_config(base: Path) -> Path:
         tok = softhsm_token(d / f"member{i}", f"member{i}", PIN, SO_PIN)
         import_keys(tok, keys)
         members.append(tok)
-    text = f"""\
-[server]
-listen = "unix:path={d / 'pool.sock'}"
-state_dir = "{d / 'state'}"
-log_level = "warning"
-"""
-    for i, m in enumerate(members):
-        text += f"""
-[[backend]]
-name = "m{i}"
-module = "{m['module']}"
-isolation = "process"
-env = {{ SOFTHSM2_CONF = "{m['conf']}" }}
-"""
-    sel = ", ".join(f'{{ backend = "m{i}", select = {{ label = "{m["label"]}" }} }}'
-                    for i, m in enumerate(members))
-    text += f"""
-[[pool]]
-name = "bench"
-members = [{sel}]
-
-[[token]]
-name = "{LABEL}"
-backend = "bench"
-"""
     cfg = d / "pool.toml"
-    cfg.write_text(text)
+    cfg.write_text(pool_config_text(d / "pool.sock", d / "state", members,
+                                    ['isolation = "process"'] * len(members), LABEL))
     return cfg
 
 

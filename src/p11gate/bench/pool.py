@@ -21,7 +21,7 @@ import click
 
 from ..codec import Attribute, Mechanism
 from .rpc_client import AsyncRpcClient
-from .tokens import import_keys, key_material, softhsm_token
+from .tokens import import_keys, key_material, pool_config_text, softhsm_token
 
 PIN = "1234"
 C_GetSlotList, C_OpenSession, C_Login = 4, 10, 18
@@ -31,35 +31,11 @@ CKM_ECDSA = 0x1041
 
 
 def write_config(base: Path, members: list[dict[str, str]], service_ms: float) -> Path:
-    text = f"""
-[server]
-listen = "unix:path={base / 'gw.sock'}"
-state_dir = "{base / 'state'}"
-log_level = "warning"
-"""
-    for i, m in enumerate(members):
-        text += f"""
-[[backend]]
-name = "m{i}"
-module = "{m['module']}"
-env = {{ SOFTHSM2_CONF = "{m['conf']}" }}
-worker_command = ["{sys.executable}", "-m", "p11gate.bench.hsm_sim", "--service-ms",
-                  "{service_ms}", "{m['module']}"]
-"""
-    sel = ", ".join(f'{{ backend = "m{i}", select = {{ label = "{m["label"]}" }} }}'
-                    for i, m in enumerate(members))
-    text += f"""
-[[pool]]
-name = "bench"
-members = [{sel}]
-max_sessions_per_member = 8
-
-[[token]]
-name = "bench"
-backend = "bench"
-"""
+    sim = [f'worker_command = ["{sys.executable}", "-m", "p11gate.bench.hsm_sim", '
+           f'"--service-ms", "{service_ms}", "{m["module"]}"]' for m in members]
     cfg = base / "p11gate.toml"
-    cfg.write_text(text)
+    cfg.write_text(pool_config_text(base / "gw.sock", base / "state", members, sim, "bench",
+                                    "max_sessions_per_member = 8"))
     return cfg
 
 

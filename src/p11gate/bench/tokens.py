@@ -63,3 +63,36 @@ def import_keys(token: dict[str, str], keys: dict[str, Path]) -> None:
                   "--login", "--pin", token["pin"], "--write-object",
                   str(keys[f"{name}-{kind}"]), "--type", typ, "--id", kid,
                   "--label", f"{name}1"], env)
+
+
+def pool_config_text(sock: Path, state: Path, members: list[dict[str, str]],
+                     member_lines: list[str], token: str, pool_lines: str = "") -> str:
+    """A gateway configuration serving token ``token`` from a pool of ``members``
+    (SoftHSM tokens as :func:`softhsm_token` makes them), each a back end with its own
+    SoftHSM configuration and ``member_lines`` added to its table."""
+    text = f"""\
+[server]
+listen = "unix:path={sock}"
+state_dir = "{state}"
+log_level = "warning"
+"""
+    for i, (m, extra) in enumerate(zip(members, member_lines, strict=True)):
+        text += f"""
+[[backend]]
+name = "m{i}"
+module = "{m['module']}"
+env = {{ SOFTHSM2_CONF = "{m['conf']}" }}
+{extra}
+"""
+    sel = ", ".join(f'{{ backend = "m{i}", select = {{ label = "{m["label"]}" }} }}'
+                    for i, m in enumerate(members))
+    return text + f"""
+[[pool]]
+name = "bench"
+members = [{sel}]
+{pool_lines}
+
+[[token]]
+name = "{token}"
+backend = "bench"
+"""
