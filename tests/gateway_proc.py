@@ -18,14 +18,21 @@ import psutil
 from p11gate.codec import (
     HANDSHAKE,
     V0241,
+    Attribute,
     Dialect,
+    Mechanism,
     ReplyError,
     build_frame,
+    ckr,
     decode_reply,
     encode_request,
 )
 
 CLIENT_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
+CKM_ECDSA = 0x1041
+#: call ids (p11-kit RPC) the helpers below use
+_GET_SLOT_LIST, _OPEN_SESSION, _LOGIN = 4, 10, 18
+_FIND_INIT, _FIND, _FIND_FINAL, _SIGN_INIT, _SIGN = 26, 27, 28, 42, 43
 
 
 def write_config(base: Path, token: dict[str, Any], isolation: str = "process",
@@ -214,3 +221,27 @@ def worker_pids(gw: Gateway) -> list[int]:
         except psutil.Error:
             continue
     return out
+
+
+def signer(path: str, pin: str = "1234") -> tuple[RawClient, int, int]:
+    """A logged-in raw client with a read/write session and the EC key (CKA_ID 01)."""
+    c = RawClient(path)
+    c.initialize()
+    (slots,) = c.call(_GET_SLOT_LIST, [1, 8])
+    (sess,) = c.call(_OPEN_SESSION, [slots[0], 6])  # CKF_SERIAL_SESSION | CKF_RW_SESSION
+    try:
+        c.call(_LOGIN, [sess, 1, pin.encode()])
+    except ReplyError as e:
+        assert e.rv == ckr.USER_ALREADY_LOGGED_IN
+    c.call(_FIND_INIT, [sess, [Attribute(0, 3, 8), Attribute(0x102, b"\x01", 1)]])
+    (found,) = c.call(_FIND, [sess, 4])
+    c.call(_FIND_FINAL, [sess])
+    assert len(found) == 1
+    return c, sess, found[0]
+
+
+def sign(c: RawClient, sess: int, key: int) -> None:
+    """One ECDSA signature of a 32-byte digest."""
+    c.call(_SIGN_INIT, [sess, Mechanism(CKM_ECDSA, None), key])
+    (sig,) = c.call(_SIGN, [sess, b"\x07" * 32, 64])
+    assert isinstance(sig, bytes) and len(sig) == 64

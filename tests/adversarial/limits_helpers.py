@@ -18,21 +18,7 @@ from unittest import mock
 
 import psutil
 from tests import gateway_proc
-from tests.gateway_proc import Gateway, RawClient
-from tests.policy.tenants import (
-    CKF_RW,
-    CKF_SERIAL,
-    C_FindObjects,
-    C_FindObjectsFinal,
-    C_FindObjectsInit,
-    C_GetSlotList,
-    C_Login,
-    C_OpenSession,
-    C_Sign,
-    C_SignInit,
-)
-
-from p11gate.codec import Attribute, Mechanism, ReplyError, ckr
+from tests.gateway_proc import Gateway, sign, signer
 
 CKM_ECDSA = 0x1041
 C_GenerateRandom, C_CloseSession, C_GetTokenInfo = 64, 11, 6
@@ -87,28 +73,6 @@ def rss(gw: Gateway) -> int:
             total += c.memory_info().rss
     return total
 
-
-def signer(path: str) -> tuple[RawClient, int, int]:
-    """A logged-in client with a session and the EC key (id 01)."""
-    c = RawClient(path)
-    c.initialize()
-    (slots,) = c.call(C_GetSlotList, [1, 8])
-    (sess,) = c.call(C_OpenSession, [slots[0], CKF_SERIAL | CKF_RW])
-    try:
-        c.call(C_Login, [sess, 1, b"1234"])
-    except ReplyError as e:
-        assert e.rv == ckr.USER_ALREADY_LOGGED_IN
-    c.call(C_FindObjectsInit, [sess, [Attribute(0, 3, 8), Attribute(0x102, b"\x01", 1)]])
-    (found,) = c.call(C_FindObjects, [sess, 4])
-    c.call(C_FindObjectsFinal, [sess])
-    assert len(found) == 1
-    return c, sess, found[0]
-
-
-def sign(c: RawClient, sess: int, key: int) -> None:
-    c.call(C_SignInit, [sess, Mechanism(CKM_ECDSA, None), key])
-    (sig,) = c.call(C_Sign, [sess, b"\x07" * 32, 64])
-    assert isinstance(sig, bytes) and len(sig) == 64
 
 
 def sign_n(path: str, n: int) -> dict[str, Any]:

@@ -20,11 +20,13 @@ from typing import Any
 
 import psutil
 import pytest
+from tests import gateway_proc
 from tests.gateway_proc import (
     CLIENT_MODULE,
     Gateway,
     RawClient,
     rv_of,
+    sign,
     wait_for,
     worker_pids,
     write_config,
@@ -32,7 +34,7 @@ from tests.gateway_proc import (
 from tests.metrics_scrape import http, scrape, serves, value
 from tests.softhsm import make_token
 
-from p11gate.codec import CALLS_BY_NAME, Attribute, Mechanism, ReplyError, ckr
+from p11gate.codec import CALLS_BY_NAME, Mechanism, ReplyError, ckr
 
 ID = {n: c.id for n, c in CALLS_BY_NAME.items()}
 #: distinctive PINs: a scrape must contain neither (a plain "1234" could be a number)
@@ -65,22 +67,7 @@ def metrics_gateway(base: Path, token: dict[str, Any], listen: str,
 
 
 def signer(path: str) -> tuple[RawClient, int, int]:
-    c = RawClient(path)
-    c.initialize()
-    (slots,) = c.call(ID["C_GetSlotList"], [1, 8])
-    (sess,) = c.call(ID["C_OpenSession"], [slots[0], 6])
-    c.call(ID["C_Login"], [sess, 1, PIN.encode()])
-    c.call(ID["C_FindObjectsInit"], [sess, [Attribute(0, 3, 8), Attribute(0x102, b"\x01", 1)]])
-    (found,) = c.call(ID["C_FindObjects"], [sess, 4])
-    c.call(ID["C_FindObjectsFinal"], [sess])
-    assert len(found) == 1
-    return c, sess, found[0]
-
-
-def sign(c: RawClient, sess: int, key: int) -> None:
-    c.call(ID["C_SignInit"], [sess, Mechanism(CKM_ECDSA, None), key])
-    (sig,) = c.call(ID["C_Sign"], [sess, b"\x07" * 32, 64])
-    assert len(sig) == 64
+    return gateway_proc.signer(path, PIN)
 
 
 PY_SIGNER = f"""

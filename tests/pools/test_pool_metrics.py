@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.gateway_proc import Gateway, RawClient, wait_for
+from tests.gateway_proc import Gateway, signer, wait_for
 from tests.metrics_scrape import scrape, value
 from tests.pools.members import PIN, key_material, make_member, pool_config
 
 from p11gate.admin import query
-from p11gate.codec import CALLS_BY_NAME, Attribute, Mechanism
+from p11gate.codec import CALLS_BY_NAME, Mechanism
 
 ID = {n: c.id for n, c in CALLS_BY_NAME.items()}
 
@@ -37,15 +37,7 @@ def test_pool_metrics_follow_a_member_failure(tmp_path: Path) -> None:
         s0, _ = scrape(address)
         for m in ("m0", "m1"):
             assert value(s0, "p11gate_pool_member_up", pool="ha", member=m) == 1
-        c = RawClient(gw.path)
-        c.initialize()
-        (slots,) = c.call(ID["C_GetSlotList"], [1, 8])
-        (sess,) = c.call(ID["C_OpenSession"], [slots[0], 6])
-        c.call(ID["C_Login"], [sess, 1, PIN.encode()])
-        c.call(ID["C_FindObjectsInit"], [sess, [Attribute(0, 3, 8), Attribute(0x102, b"\x01", 1)]])
-        (found,) = c.call(ID["C_FindObjects"], [sess, 4])
-        c.call(ID["C_FindObjectsFinal"], [sess])
-        key = found[0]
+        c, sess, key = signer(gw.path, PIN)
         pids = {b["name"]: b["pid"] for b in status(tmp_path)["backends"]}
         signed = 0
 
