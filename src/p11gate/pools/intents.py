@@ -31,6 +31,7 @@ import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+from ..codec import ckr
 from ..registry import Registry
 from .member import Member
 from .objects import Key
@@ -39,8 +40,8 @@ FRAGMENT = "fragment"
 CKO_DATA = 0
 #: errors after which a module may have made part of an object: not the template and
 #: argument errors it checks before it starts
-MIDWAY_ERRORS = frozenset((0x5, 0x6, 0x30, 0x31))  # GENERAL_ERROR, FUNCTION_FAILED,
-#                                                    DEVICE_ERROR, DEVICE_MEMORY
+MIDWAY_ERRORS = frozenset((ckr.GENERAL_ERROR, ckr.FUNCTION_FAILED, ckr.DEVICE_ERROR,
+                           ckr.DEVICE_MEMORY))
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS pool_intent (

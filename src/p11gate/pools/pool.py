@@ -42,7 +42,6 @@ from .replication import DETERMINISTIC, EVERYWHERE, GENERATED, Replicator
 from .session_objects import call_on_control, destroy_session_objects
 from .session_rules import (
     CREATE_TEMPLATES,
-    KEEPS_OPERATION,
     OBJECT_WRITE_CALLS,
     check_read_only,
     keeps_operation,
@@ -737,7 +736,7 @@ class PoolBackend(Backend):
                     s.op = None
                     raise
             except Pkcs11Error as e:
-                if s.op is op and (e.rv in KEEPS_OPERATION or keeps_operation(call_id, e.rv)):
+                if s.op is op and keeps_operation(call_id, e.rv):
                     raise  # the operation goes on (an output-size answer; a bad key handle)
                 # PKCS#11: an error ends the operation; a module may still keep it on the
                 # member session (SoftHSM after CKR_KEY_INDIGESTIBLE), so that session

@@ -23,18 +23,18 @@ CREATE_TEMPLATES: dict[int, tuple[int, ...]] = {
 #: calls that change or destroy the object at request position 1
 OBJECT_WRITES = frozenset({ID["C_DestroyObject"], ID["C_SetAttributeValue"]})
 
-#: errors after which PKCS#11 keeps the operation going (an output-size answer); any
-#: other ends it, CKR_USER_NOT_LOGGED_IN of a key still wanting its context-specific
-#: login included (as SoftHSM does)
-KEEPS_OPERATION = frozenset({ckr.BUFFER_TOO_SMALL})
 _DIGEST_KEY = ID["C_DigestKey"]
 
 
 def keeps_operation(call_id: int, rv: int) -> bool:
-    """C_DigestKey refused for its key handle leaves the digest going: the module looks
-    the key up before it touches the operation (SoftHSM does, and so the plain gateway
-    token behaves; the gateway's own probe of a module's answer, with handle 0, lands
-    here too)."""
+    """Whether the operation goes on after ``call_id`` failed with ``rv``: after an
+    output-size answer (PKCS#11), and after C_DigestKey was refused for its key handle
+    (the module looks the key up before it touches the operation: SoftHSM does, and so
+    the plain gateway token behaves; the gateway's probe of a module's answer, with
+    handle 0, lands here too). Any other error ends it, CKR_USER_NOT_LOGGED_IN of a key
+    still wanting its context-specific login included (as SoftHSM does)."""
+    if rv == ckr.BUFFER_TOO_SMALL:
+        return True
     return call_id == _DIGEST_KEY and rv in (ckr.KEY_HANDLE_INVALID, ckr.OBJECT_HANDLE_INVALID)
 
 
