@@ -117,6 +117,26 @@ class ServerConfig(_Strict):
         return parse_mode(v)
 
 
+class LayerFileConfig(_Strict):
+    """One shared object set of a layered soft token (see docs/layers.md)."""
+
+    #: the name tokens' ``layers`` refer to it by
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    #: its SQLite file (absolute; created and initialised on first start)
+    path: str
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not os.path.isabs(v):
+            raise ValueError(f"{v!r}: give the absolute path of the layer's file")
+        return v
+
+
+#: layers a soft back end may have (a handle carries the layer's number in 7 bits)
+MAX_LAYERS = 127
+
+
 class BackendConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     #: "module": a vendor PKCS#11 module; "soft": the built-in software token
@@ -131,6 +151,10 @@ class BackendConfig(_Strict):
     #: uninitialised token to initialise it unattended (both or neither)
     init_so_pin_file: str | None = None
     init_user_pin_file: str | None = None
+    #: soft token, layered: the shared object sets (see docs/layers.md)
+    layers: list[LayerFileConfig] = Field(default_factory=list, max_length=MAX_LAYERS)
+    #: soft token, layered: directory of the per-identity layers 0 (one file each)
+    own_layer_dir: str | None = None
     #: "process": load the module in a supervised `p11gate worker` process;
     #: "none": load it into the gateway and call it from a thread pool
     isolation: Literal["process", "none"] = "process"
@@ -169,12 +193,15 @@ class BackendConfig(_Strict):
             if not self.module:
                 raise ValueError("module: give the absolute path of the vendor module "
                                  "(or set type = \"soft\" for the built-in token)")
-            if self.path or self.init_so_pin_file or self.init_user_pin_file:
-                raise ValueError("path and init_*_pin_file are keys of type = \"soft\"")
+            if self.path or self.init_so_pin_file or self.init_user_pin_file or self.layered:
+                raise ValueError("path, init_*_pin_file, layers and own_layer_dir are keys "
+                                 "of type = \"soft\"")
             return self
         if self.module or self.worker_command:
             raise ValueError("type = \"soft\" takes no module or worker_command")
-        if not os.path.isabs(self.path):
+        if self.layered:
+            self._check_layered()
+        elif not os.path.isabs(self.path):
             raise ValueError(f"path: {self.path!r}: give the absolute path of the "
                              "soft token's SQLite file")
         if (self.init_so_pin_file is None) != (self.init_user_pin_file is None):
@@ -183,6 +210,24 @@ class BackendConfig(_Strict):
             if f is not None and not os.path.isabs(f):
                 raise ValueError(f"{f!r}: give the absolute path of the PIN file")
         return self
+
+    @property
+    def layered(self) -> bool:
+        return bool(self.layers) or self.own_layer_dir is not None
+
+    def _check_layered(self) -> None:
+        if self.path:
+            raise ValueError("a layered soft token has no path: its objects are in "
+                             "layers (and own_layer_dir)")
+        if self.init_so_pin_file is None or self.init_user_pin_file is None:
+            raise ValueError("a layered soft token needs init_so_pin_file and "
+                             "init_user_pin_file: every layer is created with them")
+        if self.own_layer_dir is not None and not os.path.isabs(self.own_layer_dir):
+            raise ValueError(f"own_layer_dir: {self.own_layer_dir!r}: give an absolute path")
+        names = [x.name for x in self.layers]
+        paths = [x.path for x in self.layers]
+        if len(set(names)) != len(names) or len(set(paths)) != len(paths):
+            raise ValueError("layers: names and paths must be unique")
 
     @model_validator(mode="after")
     def _share_fits(self) -> BackendConfig:
@@ -220,6 +265,22 @@ class BackendConfig(_Strict):
         return check_vendor_list(v)
 
 
+class LayerGrantConfig(_Strict):
+    #: the [[rule]] whose identity match (uid, gid, subject, san, issuer, everyone) applies
+    rule: str
+    #: "ro": read only; "rw": read and write; "cow": read, and a change makes a private
+    #: copy in the identity's own layer
+    access: Literal["ro", "rw", "cow"] = "ro"
+
+
+class TokenLayerConfig(_Strict):
+    #: a layer of the token's soft back end
+    layer: str
+    #: tried in order, the first whose rule matches the identity decides; none: the
+    #: identity does not see this layer
+    grant: list[LayerGrantConfig] = Field(min_length=1)
+
+
 class TokenConfig(_Strict):
     #: the label clients see (≤ 32 bytes)
     name: str = Field(min_length=1, max_length=32)
@@ -242,6 +303,11 @@ class TokenConfig(_Strict):
     max_pin_failures: int = Field(default=5, ge=1)
     #: first lock-out, seconds; it doubles at each further lock-out (up to an hour)
     pin_lockout: float = Field(default=30.0, ge=0)
+    #: layered soft token: its layers under layer 0, top first (see docs/layers.md)
+    layers: list[TokenLayerConfig] = Field(default_factory=list)
+    #: layered soft token: the rules whose identities get a layer 0 of their own
+    #: ("*": every identity; none: no layer 0)
+    own_layer: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _pin_source(self) -> TokenConfig:
@@ -361,6 +427,7 @@ class Config(_Strict):
         if dup:
             problems.append(f"rule names must be unique (logs and audit name them): "
                             f"{sorted(dup)} given twice")
+        problems += _layer_problems(self)
         ids = [t.virtual_slot_id for t in self.token]
         same = sorted(t.name for t in self.token if ids.count(t.virtual_slot_id) > 1)
         if same:
@@ -384,6 +451,37 @@ class Config(_Strict):
 
     def backend_named(self, name: str) -> BackendConfig:
         return next(b for b in self.backend if b.name == name)
+
+
+def _layer_problems(cfg: Config) -> list[str]:
+    problems: list[str] = []
+    rules = {r.name for r in cfg.rule}
+    backends = {b.name: b for b in cfg.backend}
+    for i, t in enumerate(cfg.token):
+        if not (t.layers or t.own_layer):
+            continue
+        b = backends.get(t.backend)
+        if b is None or not b.layered:
+            problems.append(f"token[{i}].layers: backend {t.backend!r} is not a layered "
+                            "soft token (give it layers or own_layer_dir)")
+            continue
+        if t.pin_mode == "passthrough":
+            problems.append(f"token[{i}]: a layered token needs pin_mode 'none' or "
+                            "'mapped' (the gateway unlocks every layer)")
+        known = {x.name for x in b.layers}
+        for j, tl in enumerate(t.layers):
+            if tl.layer not in known:
+                problems.append(f"token[{i}].layers[{j}]: no layer {tl.layer!r} in backend "
+                                f"{b.name!r}")
+            for g in tl.grant:
+                if g.rule not in rules:
+                    problems.append(f"token[{i}].layers[{j}].grant: no rule {g.rule!r}")
+        for r in t.own_layer:
+            if r != "*" and r not in rules:
+                problems.append(f"token[{i}].own_layer: no rule {r!r}")
+        if t.own_layer and b.own_layer_dir is None:
+            problems.append(f"token[{i}].own_layer: backend {b.name!r} has no own_layer_dir")
+    return problems
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -140,7 +140,7 @@ class ClientConnection(asyncio.Protocol):
         self.identity = ident
         self.peer = ident.describe()
         by_name = self.gw.policy.grants_for(ident, [t.name for t in self.gw.tokens])
-        self.grants = {t: by_name[t.name] for t in self.gw.tokens if t.name in by_name}
+        self.grants = self.gw.layer_views.grants(ident, by_name)
         log.info("client connected", extra={"conn": self.id, "peer": self.peer})
 
     def data_received(self, data: bytes) -> None:
@@ -272,6 +272,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _token(self, slot_id: int) -> VirtualToken:
         t = self.gw.tokens_by_slot.get(slot_id)
+        if t is not None and t not in self.grants:  # a layered token: this identity's
+            t = next((g for g in self.grants if g.slot_id == slot_id), None)
         if t is None or t not in self.grants:
             # a token this identity may not see has no slot
             raise Pkcs11Error(ckr.SLOT_ID_INVALID)
@@ -661,7 +663,7 @@ class ClientConnection(asyncio.Protocol):
         # A token whose backend is restarting stays listed: calls that open something
         # wait for the restart, so a client never sees its slot vanish for a moment.
         capacity = args[1]
-        slots = [t.slot_id for t in self.gw.tokens if t in self.grants]
+        slots = [t.slot_id for t in self.grants]
         if capacity < len(slots):
             return [Null(len(slots))]
         return [slots]
@@ -782,7 +784,7 @@ class ClientConnection(asyncio.Protocol):
                 log.exception("logout at close failed", extra={"conn": self.id})
         for t in {s.token for s in self.handles.sessions.values()}:
             await self._close_sessions(t)
-        for t in self.gw.tokens:
+        for t in {*self.gw.tokens, *self.grants}:  # per-identity layered tokens too
             if t.session_objects:
                 for key in [k for k, v in t.session_objects.items() if v == self.id]:
                     del t.session_objects[key]

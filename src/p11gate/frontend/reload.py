@@ -220,7 +220,7 @@ async def _regrant(gw: Gateway) -> list[str]:
         if c.closed or c.transport is None:
             continue
         by_name = gw.policy.grants_for(c.identity, names)
-        new = {t: by_name[t.name] for t in gw.tokens if t.name in by_name}
+        new = gw.layer_views.grants(c.identity, by_name)
         for t in [t for t in c.grants if t not in new]:
             revoked.append(f"{c.peer}:{t.name}")
             await drop_token(c, t)

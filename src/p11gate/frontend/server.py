@@ -33,6 +33,7 @@ from ..systemd import Inherited, keep_socket_file
 from ..unix_socket import BoundSocket, bind_unix, make_socket_dir
 from .connection import ClientConnection
 from .fair_share import FairShares
+from .layer_views import LayerViews
 from .quotas import GatewayLimits, raise_fd_limit
 from .status_info import StartTime, gateway_header, token_extras
 from .tls_listener import TlsListener
@@ -42,6 +43,10 @@ log = logging.getLogger("p11gate.server")
 
 
 def make_backend(cfg: BackendConfig) -> Backend:
+    if cfg.type == "soft" and cfg.layered:
+        from ..backends.soft.layered_backend import LayeredSoftBackend
+
+        return LayeredSoftBackend(cfg)
     if cfg.type == "soft":
         from ..backends.soft.backend import SoftBackend
 
@@ -84,6 +89,8 @@ class Gateway:
         served: dict[str, Backend] = {**self.backends, **self.pools}
         self.tokens = [VirtualToken(t, served[t.backend], self.registry) for t in cfg.token]
         self.tokens_by_slot = {t.slot_id: t for t in self.tokens}
+        #: per-identity tokens of layered soft back ends (layer_views.py)
+        self.layer_views = LayerViews(self)
         self.fair_share = FairShares(cfg, served)
         self.connections: set[ClientConnection] = set()
         self.background: set[asyncio.Task[Any]] = set()

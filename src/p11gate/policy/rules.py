@@ -114,6 +114,12 @@ def _matches(rule: RuleConfig, ident: Identity) -> bool:
     return False
 
 
+def identity_matches(rule: RuleConfig, ident: Identity) -> bool:
+    """Whether ``rule``'s identity keys (uid, gid, subject, san, issuer, everyone) match
+    ``ident``, whatever tokens it names (layer grants use the same match)."""
+    return _matches(rule, ident)
+
+
 def _from_ca(rule: RuleConfig, ident: Identity) -> bool:
     """The certificate is from a CA the rule names, or, when it names none, from the
     first CA of client_ca: a second CA cannot issue a first-CA tenant's subject."""

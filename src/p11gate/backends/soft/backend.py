@@ -89,6 +89,9 @@ for _k in ("Sign", "Verify", "Digest"):
 
 
 class SoftBackend(Backend):
+    #: call id → handler (a layered view replaces some)
+    handlers: dict[int, Handler] = HANDLERS
+
     def __init__(self, cfg: BackendConfig) -> None:
         self.name = cfg.name
         self.cfg = cfg
@@ -130,7 +133,7 @@ class SoftBackend(Backend):
         token = self._token
         if token is None:
             raise BackendUnavailable(f"backend {self.name} is not running")
-        handler = HANDLERS.get(call_id)
+        handler = self.handlers.get(call_id)
         if handler is None:
             if 0 <= call_id < len(CALLS) and CALLS[call_id].name == "C_SeedRandom":
                 raise Pkcs11Error(ckr.RANDOM_SEED_NOT_SUPPORTED)

@@ -1,0 +1,171 @@
+"""A layered soft token back end: the shared layers, and one view per identity.
+
+The back end opens the configured layers at start (creating and initialising a missing
+file with init_so_pin_file/init_user_pin_file). The gateway asks it for a *view* per
+identity and token: a back end of its own (sessions, login, handles) over that
+identity's stack of layers, its layer 0 opened on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import sqlite3
+from typing import TYPE_CHECKING, Any
+
+from ...codec import CALLS_BY_NAME
+from ...errors import BackendUnavailable, Pkcs11Error
+from ..base import Backend
+from . import layered_ops
+from .backend import HANDLERS, Handler, SoftBackend
+from .layers import COW, RO, RW, Layer, LayeredToken
+from .store import SoftStore, read_pin_file
+from .token import SoftToken
+
+if TYPE_CHECKING:
+    from ...config import BackendConfig
+
+log = logging.getLogger("p11gate.backend")
+
+LAYERED_HANDLERS: dict[int, Handler] = {
+    **HANDLERS,
+    CALLS_BY_NAME["C_SetAttributeValue"].id: layered_ops.set_attribute_value,  # type: ignore[dict-item]
+    CALLS_BY_NAME["C_DestroyObject"].id: layered_ops.destroy_object,  # type: ignore[dict-item]
+}
+ACCESS = (RO, RW, COW)
+
+
+def own_layer_file(directory: str, identity_key: str) -> str:
+    """Layer 0 of one identity: named by a hash, so no identity text reaches a path."""
+    digest = hashlib.sha256(b"p11gate layer 0\0" + identity_key.encode()).hexdigest()
+    return os.path.join(directory, digest[:32] + ".db")
+
+
+class LayeredSoftBackend(Backend):
+    def __init__(self, cfg: BackendConfig) -> None:
+        self.name = cfg.name
+        self.cfg = cfg
+        self.layers: dict[str, Layer] = {}
+        self._own: dict[str, Layer] = {}
+        self._views: dict[tuple[str, tuple[tuple[str, str], ...], bool], LayerView] = {}
+        self._open_lock = asyncio.Lock()
+        self._up = False
+        #: what the token shared by all identities sees (status, the gateway's own
+        #: session at start): no layers at all
+        self._nobody: LayerView | None = None
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    async def _open(self, name: str, number: int, path: str) -> Layer:
+        try:
+            store = SoftStore(path)
+        except (OSError, sqlite3.Error) as e:
+            raise BackendUnavailable(f"layer {name}: cannot open its file: {e}") from e
+        try:
+            if not store.initialized:
+                assert self.cfg.init_so_pin_file and self.cfg.init_user_pin_file
+                await SoftToken(store).initialise_unattended(
+                    name.encode()[:32], read_pin_file(self.cfg.init_so_pin_file),
+                    read_pin_file(self.cfg.init_user_pin_file))
+            return Layer(name, number, store)
+        except (OSError, ValueError, Pkcs11Error, sqlite3.Error) as e:
+            store.close()
+            raise BackendUnavailable(f"layer {name}: initialisation failed: "
+                                     f"{type(e).__name__}") from e
+
+    async def start(self) -> None:
+        opened: dict[str, Layer] = {}
+        try:
+            for i, lc in enumerate(self.cfg.layers):
+                opened[lc.name] = await self._open(lc.name, i + 1, lc.path)
+        except BackendUnavailable:
+            for layer in opened.values():
+                layer.store.close()
+            raise
+        if self.cfg.own_layer_dir is not None:
+            os.makedirs(self.cfg.own_layer_dir, mode=0o700, exist_ok=True)
+        self.layers = opened
+        self._up = True
+        self.generation += 1
+        log.info("backend up", extra={"backend": self.name, "type": "soft-layered",
+                                      "layers": len(opened), "generation": self.generation})
+
+    async def stop(self) -> None:
+        self._up = False
+        for layer in [*self.layers.values(), *self._own.values()]:
+            layer.store.close()
+        self.layers, self._own, self._views, self._nobody = {}, {}, {}, None
+
+    async def own_layer(self, identity_key: str) -> Layer:
+        async with self._open_lock:
+            layer = self._own.get(identity_key)
+            if layer is None:
+                assert self.cfg.own_layer_dir is not None
+                path = own_layer_file(self.cfg.own_layer_dir, identity_key)
+                layer = self._own[identity_key] = await self._open("layer 0", 0, path)
+            return layer
+
+    def view(self, identity_key: str, grants: list[tuple[str, str]], own: bool,
+             label: str) -> LayerView:
+        """The back end one identity's virtual token uses (the same one each time)."""
+        key = (identity_key, tuple(grants), own)
+        v = self._views.get(key)
+        if v is None:
+            v = self._views[key] = LayerView(self, identity_key, grants, own, label)
+        return v
+
+    async def call(self, call_id: int, args: list[Any]) -> list[Any]:
+        if self._nobody is None:
+            self._nobody = LayerView(self, "", [], False, self.name)
+        return await self._nobody.call(call_id, args)
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["type"] = "soft"
+        d["layers"] = list(self.layers)
+        d["views"] = len(self._views)
+        return d
+
+
+class LayerView(SoftBackend):
+    """One identity's token over its stack of layers."""
+
+    handlers = LAYERED_HANDLERS
+
+    def __init__(self, parent: LayeredSoftBackend, identity_key: str,
+                 grants: list[tuple[str, str]], own: bool, label: str) -> None:
+        super().__init__(parent.cfg)
+        self.parent = parent
+        self._identity_key = identity_key
+        self._grants = grants
+        self._own = own
+        self._label = label.encode()[:32]
+        self._ready = asyncio.Lock()
+        self.generation = parent.generation
+
+    @property
+    def up(self) -> bool:
+        return self.parent.up
+
+    async def start(self) -> None:
+        """The parent starts the layers; a view opens its layer 0 on first use."""
+
+    async def stop(self) -> None:
+        self._token = None
+
+    async def call(self, call_id: int, args: list[Any]) -> list[Any]:
+        if self._token is None:
+            async with self._ready:
+                if self._token is None:
+                    if not self.parent.up:
+                        raise BackendUnavailable(f"backend {self.name} is not running")
+                    own = (await self.parent.own_layer(self._identity_key)
+                           if self._own else None)
+                    stack = [(self.parent.layers[n], a) for n, a in self._grants
+                             if n in self.parent.layers]
+                    self._token = LayeredToken(self._label, own, stack)
+        return await super().call(call_id, args)
