@@ -308,6 +308,9 @@ class TokenConfig(_Strict):
     #: layered soft token: the rules whose identities get a layer 0 of their own
     #: ("*": every identity; none: no layer 0)
     own_layer: list[str] = Field(default_factory=list)
+    #: layered soft token: offered uninitialised; C_InitToken on it makes a new token of
+    #: the caller's own (in a new slot) -- at most this many per identity (0: not offered)
+    client_tokens: int = Field(default=0, ge=0, le=64)
 
     @model_validator(mode="after")
     def _pin_source(self) -> TokenConfig:
@@ -458,7 +461,7 @@ def _layer_problems(cfg: Config) -> list[str]:
     rules = {r.name for r in cfg.rule}
     backends = {b.name: b for b in cfg.backend}
     for i, t in enumerate(cfg.token):
-        if not (t.layers or t.own_layer):
+        if not (t.layers or t.own_layer or t.client_tokens):
             continue
         b = backends.get(t.backend)
         if b is None or not b.layered:
@@ -479,7 +482,7 @@ def _layer_problems(cfg: Config) -> list[str]:
         for r in t.own_layer:
             if r != "*" and r not in rules:
                 problems.append(f"token[{i}].own_layer: no rule {r!r}")
-        if t.own_layer and b.own_layer_dir is None:
+        if (t.own_layer or t.client_tokens) and b.own_layer_dir is None:
             problems.append(f"token[{i}].own_layer: backend {b.name!r} has no own_layer_dir")
     return problems
 

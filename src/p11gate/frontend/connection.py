@@ -272,7 +272,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _token(self, slot_id: int) -> VirtualToken:
         t = self.gw.tokens_by_slot.get(slot_id)
-        if t is not None and t not in self.grants:  # a layered token: this identity's
+        if t is None or t not in self.grants:  # layered: this identity's own token
             t = next((g for g in self.grants if g.slot_id == slot_id), None)
         if t is None or t not in self.grants:
             # a token this identity may not see has no slot

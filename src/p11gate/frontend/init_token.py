@@ -42,6 +42,8 @@ def sharing(c: ClientConnection, t: VirtualToken) -> list[VirtualToken]:
 
 async def h_init_token(c: ClientConnection, call: Call, args: list[Any]) -> list[Any]:
     t = await c._slot_token(args[0])
+    if c.gw.layer_views.offers(t):  # a token offered uninitialised: make one
+        return await c.gw.layer_views.make_token(c, t, call, args)
     c.require(t, "so", "C_InitToken")
     if isinstance(t.backend, PoolBackend):
         raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED, "C_InitToken of a pool token")

@@ -9,10 +9,14 @@ identities never meet. Everything else in the frontend works unchanged on it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, Any
 
-from ..backends.soft.layered_backend import LayeredSoftBackend
-from ..config import TokenConfig
+from ..backends.slots import pad
+from ..backends.soft.layered_backend import LayeredSoftBackend, LayerView, MadeToken
+from ..codec import Call, ckr
+from ..config import TokenConfig, stable_slot_id
+from ..errors import Pkcs11Error
 from ..identity import Identity
 from ..policy import Grant
 from ..policy.config import RuleConfig
@@ -20,7 +24,10 @@ from ..policy.rules import identity_matches
 from .token import VirtualToken
 
 if TYPE_CHECKING:
+    from .connection import ClientConnection
     from .server import Gateway
+
+log = logging.getLogger("p11gate.token")
 
 
 def layer_stack(cfg: TokenConfig, rules: list[RuleConfig],
@@ -44,24 +51,101 @@ def layer_stack(cfg: TokenConfig, rules: list[RuleConfig],
 class LayerViews:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
-        self._tokens: dict[tuple[str, str, tuple[tuple[str, str], ...], bool],
-                           VirtualToken] = {}
+        self._tokens: dict[tuple[Any, ...], VirtualToken] = {}
 
     def token_for(self, t: VirtualToken, ident: Identity) -> VirtualToken:
         backend = t.backend
-        if not isinstance(backend, LayeredSoftBackend) or not (t.cfg.layers
-                                                                or t.cfg.own_layer):
+        if not isinstance(backend, LayeredSoftBackend) or not (
+                t.cfg.layers or t.cfg.own_layer or t.cfg.client_tokens):
             return t
-        stack, own = layer_stack(t.cfg, self.gw.cfg.rule, ident)
-        key = (t.name, ident.key, tuple(stack), own)
+        stack: list[tuple[str, str]] = []
+        own = False
+        if not t.cfg.client_tokens:  # an offered token has no objects: none until made
+            stack, own = layer_stack(t.cfg, self.gw.cfg.rule, ident)
+        return self._view_token(t, backend, ident.key, stack, own)
+
+    def _view_token(self, t: VirtualToken, backend: LayeredSoftBackend, who: str,
+                    stack: list[tuple[str, str]], own: bool,
+                    made: MadeToken | None = None) -> VirtualToken:
+        key = (t.name, who, tuple(stack), own, made)
         v = self._tokens.get(key)
         if v is None or v.cfg is not t.cfg or v.backend.generation != backend.generation:
-            view = backend.view(ident.key, stack, own, t.cfg.name)
+            cfg = t.cfg
+            if made is not None:
+                cfg = t.cfg.model_copy(update={"name": f"{t.name}:{made.serial}",
+                                               "slot_id": self._slot_id(t, who, made)})
+            view = backend.view(who, stack, own, made.label if made else t.cfg.name,
+                                made=made.serial if made else "",
+                                offer=made is None and bool(t.cfg.client_tokens))
             view.generation = backend.generation
-            v = self._tokens[key] = VirtualToken(t.cfg, view, self.gw.registry)
+            v = VirtualToken(cfg, view, self.gw.registry)
+            if made is not None:
+                v.cfg, v.label = t.cfg, pad(made.label, 32)  # reloads compare the cfg
+            self._tokens[key] = v
         return v
 
+    def _slot_id(self, t: VirtualToken, who: str, made: MadeToken) -> int:
+        """Stable across restarts; never a configured token's slot."""
+        seed = f"{t.name}\0{who}\0{made.serial}"
+        slot = stable_slot_id(seed)
+        while slot in self.gw.tokens_by_slot:
+            seed += "\0"
+            slot = stable_slot_id(seed)
+        return slot
+
+    def _made(self, t: VirtualToken, ident: Identity) -> list[VirtualToken]:
+        backend = t.backend
+        if not t.cfg.client_tokens or not isinstance(backend, LayeredSoftBackend):
+            return []
+        stack, _ = layer_stack(t.cfg, self.gw.cfg.rule, ident)
+        return [self._view_token(t, backend, ident.key, stack, False, m)
+                for m in backend.made_tokens(ident.key) if m.offer == t.name]
+
     def grants(self, ident: Identity, by_name: dict[str, Grant]) -> dict[VirtualToken, Grant]:
-        """A connection's grants: per-identity tokens in place of layered ones."""
-        return {self.token_for(t, ident): by_name[t.name]
-                for t in self.gw.tokens if t.name in by_name}
+        """A connection's grants: per-identity tokens in place of layered ones, and
+        after an offered token the tokens this identity made on it."""
+        out: dict[VirtualToken, Grant] = {}
+        for t in self.gw.tokens:
+            if t.name in by_name:
+                out[self.token_for(t, ident)] = by_name[t.name]
+                out.update(dict.fromkeys(self._made(t, ident), by_name[t.name]))
+        return out
+
+    # ---------------------------------------------------------- tokens made by clients
+
+    @staticmethod
+    def offers(t: VirtualToken) -> bool:
+        return isinstance(t.backend, LayerView) and t.backend.offer
+
+    async def make_token(self, c: ClientConnection, t: VirtualToken, call: Call,
+                         args: list[Any]) -> list[Any]:
+        """C_InitToken on an offered token: a new token of the caller's, in a new slot
+        only it sees. The PIN is not used (the identity is the credential)."""
+        c.require(t, "create", "C_InitToken")
+        label = args[2]
+        if not isinstance(label, bytes):
+            raise Pkcs11Error(ckr.ARGUMENTS_BAD, "label")
+        view = t.backend
+        assert isinstance(view, LayerView)
+        parent = view.parent
+        who = c.identity.key
+        if sum(m.offer == t.name for m in parent.made_tokens(who)) >= t.cfg.client_tokens:
+            raise Pkcs11Error(ckr.DEVICE_MEMORY, "client_tokens reached")
+        c.gw.audit.attempt(call.name, c.peer, t.name)
+        try:
+            made = await parent.make_token(
+                who, t.name, label.rstrip(b"\0 ").decode("utf-8", "replace")[:32])
+        except OSError:
+            c.gw.audit.record_best_effort(call.name, ckr.DEVICE_ERROR, c.peer, t.name)
+            raise Pkcs11Error(ckr.DEVICE_ERROR, "token not made") from None
+        c.gw.audit.record_best_effort(call.name, ckr.OK, c.peer, t.name)
+        base = next(x for x in self.gw.tokens if x.name == t.name)
+        for conn in list(self.gw.connections):
+            if conn.identity.key != who:
+                continue
+            grant = next((g for x, g in conn.grants.items() if x.name == t.name), None)
+            if grant is not None:
+                conn.grants.update(dict.fromkeys(self._made(base, conn.identity), grant))
+        log.info("token made by a client", extra={"conn": c.id, "peer": c.peer,
+                                                  "token": t.name, "serial": made.serial})
+        return []

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import sqlite3
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...codec import CALLS_BY_NAME
@@ -37,10 +39,32 @@ LAYERED_HANDLERS: dict[int, Handler] = {
 ACCESS = (RO, RW, COW)
 
 
+def _digest(identity_key: str) -> str:
+    return hashlib.sha256(b"p11gate layer 0\0" + identity_key.encode()).hexdigest()[:32]
+
+
 def own_layer_file(directory: str, identity_key: str) -> str:
     """Layer 0 of one identity: named by a hash, so no identity text reaches a path."""
-    digest = hashlib.sha256(b"p11gate layer 0\0" + identity_key.encode()).hexdigest()
-    return os.path.join(directory, digest[:32] + ".db")
+    return os.path.join(directory, _digest(identity_key) + ".db")
+
+
+@dataclass(frozen=True)
+class MadeToken:
+    """A token an identity made with C_InitToken on an offered token."""
+
+    #: the offered token it was made on
+    offer: str
+    #: 96 random bits, 24 hex digits
+    serial: str
+    label: str
+
+
+def _made_index(directory: str, identity_key: str) -> str:
+    return os.path.join(directory, "made", _digest(identity_key) + ".json")
+
+
+def made_layer_file(directory: str, identity_key: str, serial: str) -> str:
+    return os.path.join(directory, "made", f"{_digest(identity_key)}-{serial}.db")
 
 
 class LayeredSoftBackend(Backend):
@@ -49,7 +73,7 @@ class LayeredSoftBackend(Backend):
         self.cfg = cfg
         self.layers: dict[str, Layer] = {}
         self._own: dict[str, Layer] = {}
-        self._views: dict[tuple[str, tuple[tuple[str, str], ...], bool], LayerView] = {}
+        self._views: dict[tuple[Any, ...], LayerView] = {}
         self._open_lock = asyncio.Lock()
         self._up = False
         #: what the token shared by all identities sees (status, the gateway's own
@@ -87,7 +111,8 @@ class LayeredSoftBackend(Backend):
                 layer.store.close()
             raise
         if self.cfg.own_layer_dir is not None:
-            os.makedirs(self.cfg.own_layer_dir, mode=0o700, exist_ok=True)
+            os.makedirs(os.path.join(self.cfg.own_layer_dir, "made"), mode=0o700,
+                        exist_ok=True)
         self.layers = opened
         self._up = True
         self.generation += 1
@@ -100,23 +125,55 @@ class LayeredSoftBackend(Backend):
             layer.store.close()
         self.layers, self._own, self._views, self._nobody = {}, {}, {}, None
 
-    async def own_layer(self, identity_key: str) -> Layer:
+    async def own_layer(self, identity_key: str, serial: str = "") -> Layer:
+        """Layer 0 of an identity (``serial`` empty), or of a token it made."""
         async with self._open_lock:
-            layer = self._own.get(identity_key)
+            key = f"{identity_key}\0{serial}"
+            layer = self._own.get(key)
             if layer is None:
                 assert self.cfg.own_layer_dir is not None
-                path = own_layer_file(self.cfg.own_layer_dir, identity_key)
-                layer = self._own[identity_key] = await self._open("layer 0", 0, path)
+                path = (made_layer_file(self.cfg.own_layer_dir, identity_key, serial)
+                        if serial else own_layer_file(self.cfg.own_layer_dir, identity_key))
+                layer = self._own[key] = await self._open("layer 0", 0, path)
             return layer
 
     def view(self, identity_key: str, grants: list[tuple[str, str]], own: bool,
-             label: str) -> LayerView:
-        """The back end one identity's virtual token uses (the same one each time)."""
-        key = (identity_key, tuple(grants), own)
+             label: str, made: str = "", offer: bool = False) -> LayerView:
+        """The back end one identity's virtual token uses (the same one each time):
+        ``made`` is the serial of a token it made, ``offer`` an uninitialised one."""
+        key = (identity_key, tuple(grants), own, made, offer)
         v = self._views.get(key)
         if v is None:
-            v = self._views[key] = LayerView(self, identity_key, grants, own, label)
+            v = self._views[key] = LayerView(self, identity_key, grants, own, label, made,
+                                             offer)
         return v
+
+    # ---------------------------------------------------------- tokens made by clients
+
+    def made_tokens(self, identity_key: str) -> list[MadeToken]:
+        if self.cfg.own_layer_dir is None:
+            return []
+        try:
+            with open(_made_index(self.cfg.own_layer_dir, identity_key)) as f:
+                return [MadeToken(**m) for m in json.load(f)]
+        except FileNotFoundError:
+            return []
+
+    async def make_token(self, identity_key: str, offer: str, label: str) -> MadeToken:
+        """A new token of ``identity_key``'s: a random serial, an empty layer 0 (created
+        now), recorded in the identity's index (written whole, then renamed)."""
+        assert self.cfg.own_layer_dir is not None
+        made = MadeToken(offer, os.urandom(12).hex(), label)
+        await self.own_layer(identity_key, made.serial)
+        index = _made_index(self.cfg.own_layer_dir, identity_key)
+        entries = [m.__dict__ for m in self.made_tokens(identity_key)] + [made.__dict__]
+        tmp = index + ".tmp"
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            json.dump(entries, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, index)
+        return made
 
     async def call(self, call_id: int, args: list[Any]) -> list[Any]:
         if self._nobody is None:
@@ -137,8 +194,11 @@ class LayerView(SoftBackend):
     handlers = LAYERED_HANDLERS
 
     def __init__(self, parent: LayeredSoftBackend, identity_key: str,
-                 grants: list[tuple[str, str]], own: bool, label: str) -> None:
+                 grants: list[tuple[str, str]], own: bool, label: str, made: str = "",
+                 offer: bool = False) -> None:
         super().__init__(parent.cfg)
+        self._made = made
+        self._offer = offer
         self.parent = parent
         self._identity_key = identity_key
         self._grants = grants
@@ -150,6 +210,10 @@ class LayerView(SoftBackend):
     @property
     def up(self) -> bool:
         return self.parent.up
+
+    @property
+    def offer(self) -> bool:
+        return self._offer
 
     async def start(self) -> None:
         """The parent starts the layers; a view opens its layer 0 on first use."""
@@ -163,9 +227,13 @@ class LayerView(SoftBackend):
                 if self._token is None:
                     if not self.parent.up:
                         raise BackendUnavailable(f"backend {self.name} is not running")
-                    own = (await self.parent.own_layer(self._identity_key)
-                           if self._own else None)
+                    own = (await self.parent.own_layer(self._identity_key, self._made)
+                           if self._own or self._made else None)
                     stack = [(self.parent.layers[n], a) for n, a in self._grants
                              if n in self.parent.layers]
-                    self._token = LayeredToken(self._label, own, stack)
+                    token = LayeredToken(self._label, own, stack)
+                    if self._offer:  # C_InitToken on it makes a token
+                        token.layer_store.initialized = False
+                    token.layer_store.made_serial = self._made.encode()
+                    self._token = token
         return await super().call(call_id, args)

@@ -181,6 +181,10 @@ class LayerStore:
     def __init__(self, view: LayeredToken, label: bytes) -> None:
         self.view = view
         self._label = label
+        #: False for a token offered uninitialised (C_InitToken makes one)
+        self.initialized = True
+        #: a token made by a client: its 96-bit serial (24 hex digits)
+        self.made_serial = b""
 
     @property
     def label(self) -> bytes:
@@ -188,10 +192,11 @@ class LayerStore:
 
     @property
     def serial(self) -> bytes:
+        if self.made_serial:  # CK_TOKEN_INFO has room for 16 of its 24 digits
+            return self.made_serial[:16]
         first = self.view.own or self.view.stack[0][0] if self.view.stack else None
         return first.store.serial if first is not None else b"0"
 
-    initialized = True
     user_pin_initialized = True
 
     def load(self) -> list[tuple[int, Attrs, bytes | None]]:
@@ -236,7 +241,8 @@ class LayeredToken(SoftToken):
         self.stack = ([(own, RW)] if own is not None else []) + stack
         self.own = own
         self._by_number = {layer.number: (layer, access) for layer, access in self.stack}
-        super().__init__(LayerStore(self, label))  # type: ignore[arg-type]
+        self.layer_store = LayerStore(self, label)
+        super().__init__(self.layer_store)  # type: ignore[arg-type]
         self.objects = UnionObjects(self)
 
     def layer_of(self, h: int) -> tuple[Layer, str] | None:
