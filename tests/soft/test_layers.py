@@ -170,7 +170,7 @@ def _relabel_cert(path: str, new: str) -> str:
         return ",".join(c[A_.LABEL] for c in certs)
 
 
-def _raw_changes(path: str) -> dict[str, int]:
+def _raw_changes(path: str, destroy_cert: bool = False) -> dict[str, int]:
     """Raw frames on managed objects: relabel and destroy the certificate, relabel the
     private key."""
     c = raw(path)
@@ -183,6 +183,8 @@ def _raw_changes(path: str) -> dict[str, int]:
     out["set_cert"] = rv_of(c, C_SetAttributeValue, [s, cert, new])
     out["set_key"] = rv_of(c, C_SetAttributeValue, [s, key, new])
     out["destroy_key"] = rv_of(c, C_DestroyObject, [s, key])
+    if destroy_cert:
+        out["destroy_cert"] = rv_of(c, C_DestroyObject, [s, cert])
     info = c.call(C_GetTokenInfo, [slot])
     out["flags"] = int(info[4])
     c.close()
@@ -225,8 +227,9 @@ def test_a_read_only_member_cannot_change_managed(env: dict[str, Any]) -> None:
     # (python-pkcs11 has no class of its own for CKR_ACTION_PROHIBITED: the raw frames
     # below check the code)
     assert as_uid(B, _relabel_cert, env["path"], "b-was-here") == "PKCS11Error"
-    res = as_uid(B, _raw_changes, env["path"])
+    res = as_uid(B, _raw_changes, env["path"], True)
     assert res["login"] == ckr.OK
+    assert res["destroy_cert"] == ckr.ACTION_PROHIBITED
     assert res["set_cert"] == ckr.ACTION_PROHIBITED
     assert res["set_key"] == ckr.ACTION_PROHIBITED
     assert res["destroy_key"] == ckr.ACTION_PROHIBITED
