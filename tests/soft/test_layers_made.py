@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor  # before the fork: see test_layers
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,17 @@ def test_the_number_of_tokens_is_bounded(env: dict[str, Any]) -> None:
     assert sorted(as_uid(A, _tokens, env["path"])) == ["a-made", "a-second", "blank"]
     assert as_uid(B, _init_raw, env["path"], "b-first") == ckr.OK  # B's own count
     assert sorted(as_uid(B, _tokens, env["path"])) == ["b-first", "blank"]
+
+
+def _init_twice_at_once(path: str) -> list[int]:
+    with ThreadPoolExecutor(2) as pool:
+        return sorted(pool.map(lambda n: _init_raw(path, f"b-race-{n}"), range(2)))
+
+
+def test_two_inits_at_once_do_not_pass_the_bound(env: dict[str, Any]) -> None:
+    # B has one of its two: of two made at the same time, one is refused
+    assert as_uid(B, _init_twice_at_once, env["path"]) == [ckr.OK, ckr.DEVICE_MEMORY]
+    assert len(as_uid(B, _tokens, env["path"])) == 3
 
 
 def test_made_tokens_survive_a_restart(env: dict[str, Any]) -> None:

@@ -129,15 +129,17 @@ class LayerViews:
         assert isinstance(view, LayerView)
         parent = view.parent
         who = c.identity.key
-        if sum(m.offer == t.name for m in parent.made_tokens(who)) >= t.cfg.client_tokens:
-            raise Pkcs11Error(ckr.DEVICE_MEMORY, "client_tokens reached")
         c.gw.audit.attempt(call.name, c.peer, t.name)
         try:
             made = await parent.make_token(
-                who, t.name, label.rstrip(b"\0 ").decode("utf-8", "replace")[:32])
+                who, t.name, label.rstrip(b"\0 ").decode("utf-8", "replace")[:32],
+                t.cfg.client_tokens)
         except OSError:
             c.gw.audit.record_best_effort(call.name, ckr.DEVICE_ERROR, c.peer, t.name)
             raise Pkcs11Error(ckr.DEVICE_ERROR, "token not made") from None
+        except Pkcs11Error as e:
+            c.gw.audit.record_best_effort(call.name, e.rv, c.peer, t.name)
+            raise
         c.gw.audit.record_best_effort(call.name, ckr.OK, c.peer, t.name)
         base = next(x for x in self.gw.tokens if x.name == t.name)
         for conn in list(self.gw.connections):

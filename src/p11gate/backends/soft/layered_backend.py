@@ -17,7 +17,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ...codec import CALLS_BY_NAME
+from ...codec import CALLS_BY_NAME, ckr
 from ...errors import BackendUnavailable, Pkcs11Error
 from ..base import Backend
 from . import layered_ops
@@ -75,6 +75,8 @@ class LayeredSoftBackend(Backend):
         self._own: dict[str, Layer] = {}
         self._views: dict[tuple[Any, ...], LayerView] = {}
         self._open_lock = asyncio.Lock()
+        self._made: dict[str, list[MadeToken]] = {}
+        self._make_lock = asyncio.Lock()
         self._up = False
         #: what the token shared by all identities sees (status, the gateway's own
         #: session at start): no layers at all
@@ -124,6 +126,7 @@ class LayeredSoftBackend(Backend):
         for layer in [*self.layers.values(), *self._own.values()]:
             layer.store.close()
         self.layers, self._own, self._views, self._nobody = {}, {}, {}, None
+        self._made = {}
 
     async def own_layer(self, identity_key: str, serial: str = "") -> Layer:
         """Layer 0 of an identity (``serial`` empty), or of a token it made."""
@@ -151,17 +154,31 @@ class LayeredSoftBackend(Backend):
     # ---------------------------------------------------------- tokens made by clients
 
     def made_tokens(self, identity_key: str) -> list[MadeToken]:
+        """The tokens an identity made (read once, then kept: asked at every connect)."""
         if self.cfg.own_layer_dir is None:
             return []
-        try:
-            with open(_made_index(self.cfg.own_layer_dir, identity_key)) as f:
-                return [MadeToken(**m) for m in json.load(f)]
-        except FileNotFoundError:
-            return []
+        made = self._made.get(identity_key)
+        if made is None:
+            try:
+                with open(_made_index(self.cfg.own_layer_dir, identity_key)) as f:
+                    made = [MadeToken(**m) for m in json.load(f)]
+            except FileNotFoundError:
+                made = []
+            self._made[identity_key] = made
+        return list(made)
 
-    async def make_token(self, identity_key: str, offer: str, label: str) -> MadeToken:
+    async def make_token(self, identity_key: str, offer: str, label: str,
+                         limit: int) -> MadeToken:
         """A new token of ``identity_key``'s: a random serial, an empty layer 0 (created
-        now), recorded in the identity's index (written whole, then renamed)."""
+        now), recorded in the identity's index (written whole, then renamed). Beyond
+        ``limit`` tokens on this offer: CKR_DEVICE_MEMORY."""
+        assert self.cfg.own_layer_dir is not None
+        async with self._make_lock:  # two C_InitToken at once must not pass the limit
+            if sum(m.offer == offer for m in self.made_tokens(identity_key)) >= limit:
+                raise Pkcs11Error(ckr.DEVICE_MEMORY, "client_tokens reached")
+            return await self._make(identity_key, offer, label)
+
+    async def _make(self, identity_key: str, offer: str, label: str) -> MadeToken:
         assert self.cfg.own_layer_dir is not None
         made = MadeToken(offer, os.urandom(12).hex(), label)
         await self.own_layer(identity_key, made.serial)
@@ -173,6 +190,7 @@ class LayeredSoftBackend(Backend):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, index)
+        self._made[identity_key] = [*self.made_tokens(identity_key), made]
         return made
 
     async def call(self, call_id: int, args: list[Any]) -> list[Any]:
