@@ -12,6 +12,7 @@ that may not be copied stays where it is, and the token is PIN-less.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 from pkcs11 import Attribute as A_
 from pkcs11 import CertificateType, KeyType, ObjectClass
@@ -152,6 +154,15 @@ def _labels(path: str) -> list[str]:
         return sorted(o[A_.LABEL] for o in s.get_objects({}))
 
 
+def _sign_with_managed_key(path: str, msg: bytes) -> tuple[bytes, bytes]:
+    """(EC point, signature of sha256(msg)) with the published key."""
+    with _session(path) as s:
+        priv = s.get_key(object_class=ObjectClass.PRIVATE_KEY, label="team-key")
+        pub = s.get_key(object_class=ObjectClass.PUBLIC_KEY, label="team-key")
+        sig = priv.sign(hashlib.sha256(msg).digest(), mechanism=pkcs11.Mechanism.ECDSA)
+        return pub[A_.EC_POINT], sig
+
+
 def _make_own(path: str, label: str) -> list[str]:
     with _session(path) as s:
         s.create_object({A_.CLASS: ObjectClass.DATA, A_.LABEL: label, A_.TOKEN: True,
@@ -210,6 +221,14 @@ def test_published_objects_are_seen_by_both_members(env: dict[str, Any]) -> None
     assert labels == [CERT_LABEL, "team-key", "team-key"]
     assert as_uid(A, _labels, env["path"]) == [CERT_LABEL, "team-key", "team-key"]
     assert as_uid(B, _labels, env["path"]) == [CERT_LABEL, "team-key", "team-key"]
+
+
+def test_both_members_can_use_the_published_key(env: dict[str, Any]) -> None:
+    for uid in (A, B):
+        point, sig = as_uid(uid, _sign_with_managed_key, env["path"], b"from %d" % uid)
+        key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point[2:])
+        r, s = int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big")
+        key.verify(encode_dss_signature(r, s), b"from %d" % uid, ec.ECDSA(hashes.SHA256()))
 
 
 def test_each_member_sees_only_its_own_layer_0(env: dict[str, Any]) -> None:
