@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import multiprocessing
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,7 @@ from cryptography.x509.oid import NameOID
 from pkcs11 import Attribute as A_
 from pkcs11 import CertificateType, KeyType, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
-from tests.gateway_proc import CLIENT_MODULE, Gateway, rv_of
+from tests.gateway_proc import CLIENT_MODULE, Gateway, rv_of, wait_for
 from tests.policy.tenants import (
     CKF_RW,
     CKF_SERIAL,
@@ -46,6 +49,7 @@ from tests.policy.tenants import (
     slot_of,
 )
 
+from p11gate.admin import query
 from p11gate.codec import Attribute, ckr
 
 pytestmark = pytest.mark.skipif(not Path(CLIENT_MODULE).exists() or os.geteuid() != 0,
@@ -275,6 +279,41 @@ def test_the_token_is_pin_less(env: dict[str, Any]) -> None:
     assert res["flags"] & CKF_PROTECTED_AUTHENTICATION_PATH
     # NULL PIN (protected path) logs in as the identity; a PIN given is ignored
     assert as_uid(B, _pin_modes, env["path"]) == {"null": ckr.OK, "any": ckr.OK}
+
+
+def _held_session(path: str, ready: Any, go: Any) -> list[int]:
+    """A session kept open (and logged in) while the parent reloads the gateway."""
+    c = raw(path)
+    slot = slot_of(c, "team")
+    (s,) = c.call(C_OpenSession, [slot, CKF_SERIAL])
+    c.call(C_Login, [s, CKU_USER, None])
+    before = len(find(c, s, []))
+    ready.set()
+    go.wait(60)
+    after = len(find(c, s, []))
+    c.close()
+    return [before, after]
+
+
+def test_a_reload_keeps_open_sessions_of_layered_tokens(env: dict[str, Any]) -> None:
+    ctx = multiprocessing.get_context("fork")
+    ready, go = ctx.Event(), ctx.Event()
+    done: list[Any] = []
+    th = threading.Thread(target=lambda: done.append(
+        as_uid(A, _held_session, env["path"], ready, go)))
+    th.start()
+    assert ready.wait(60)
+    # a change made in place (PIN bounds) and a reload
+    cfg = env["base"] / "p11gate.toml"
+    cfg.write_text(cfg.read_text().replace('pin_mode = "none"',
+                                           'pin_mode = "none"\npin_lockout = 7.0'))
+    admin = str(env["base"] / "state" / "admin.sock")
+    before = query(admin)["reloads"]
+    os.kill(env["gw"].proc.pid, signal.SIGHUP)
+    assert wait_for(lambda: query(admin)["reloads"] == before + 1, timeout=30)
+    go.set()
+    th.join(90)
+    assert done == [[4, 4]]  # the session lived through the reload, same objects
 
 
 def test_layers_survive_a_restart(env: dict[str, Any]) -> None:

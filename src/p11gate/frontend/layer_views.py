@@ -51,7 +51,8 @@ def layer_stack(cfg: TokenConfig, rules: list[RuleConfig],
 class LayerViews:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
-        self._tokens: dict[tuple[Any, ...], VirtualToken] = {}
+        #: key → (the configured token, this identity's token of it)
+        self._tokens: dict[tuple[Any, ...], tuple[VirtualToken, VirtualToken]] = {}
 
     def token_for(self, t: VirtualToken, ident: Identity) -> VirtualToken:
         backend = t.backend
@@ -68,8 +69,11 @@ class LayerViews:
                     stack: list[tuple[str, str]], own: bool,
                     made: MadeToken | None = None) -> VirtualToken:
         key = (t.name, who, tuple(stack), own, made)
-        v = self._tokens.get(key)
-        if v is None or v.cfg is not t.cfg or v.backend.generation != backend.generation:
+        cached = self._tokens.get(key)
+        if cached is not None and cached[0] is t and cached[1].backend.generation == (
+                backend.generation):
+            v = cached[1]
+        else:
             cfg = t.cfg
             if made is not None:
                 cfg = t.cfg.model_copy(update={"name": f"{t.name}:{made.serial}",
@@ -80,8 +84,11 @@ class LayerViews:
             view.generation = backend.generation
             v = VirtualToken(cfg, view, self.gw.registry)
             if made is not None:
-                v.cfg, v.label = t.cfg, pad(made.label, 32)  # reloads compare the cfg
-            self._tokens[key] = v
+                v.label = pad(made.label, 32)
+            self._tokens[key] = (t, v)
+        # what a reload changes in place on the configured token (PIN bounds, mapped
+        # PINs) applies to every identity's token of it: they share it
+        v.cfg, v.throttle, v.mapped_pins = t.cfg, t.throttle, t.mapped_pins
         return v
 
     def _slot_id(self, t: VirtualToken, who: str, made: MadeToken) -> int:
