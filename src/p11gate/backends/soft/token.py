@@ -75,8 +75,29 @@ class SoftToken:
         self._session_ids = itertools.count(1)
         self._session_objects = itertools.count(1 << 31)
         self.lock = asyncio.Lock()
+        self.epoch = store.epoch
         for handle, attrs, sealed in store.load():
             self.objects[handle] = SoftObject(handle, attrs, sealed=sealed)
+
+    def refresh(self) -> None:
+        """Catch up with what other processes committed to the file (cheap when nothing
+        changed: one PRAGMA). Unchanged objects keep their cached key; a C_InitToken
+        elsewhere logs this process out, since its token key is gone."""
+        if not self.store.changed():
+            return
+        epoch = self.store.epoch
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._logged_out()
+            for h in [h for h, o in self.objects.items() if o.session is None]:
+                del self.objects[h]
+        rows = {h: (attrs, sealed) for h, attrs, sealed in self.store.load()}
+        for h in [h for h, o in self.objects.items() if o.session is None and h not in rows]:
+            del self.objects[h]
+        for h, (attrs, sealed) in rows.items():
+            old = self.objects.get(h)
+            if old is None or old.attrs != attrs or old.sealed != sealed:
+                self.objects[h] = SoftObject(h, attrs, sealed=sealed)
 
     def next_object_handle(self) -> int:
         return next(self._session_objects)
@@ -212,11 +233,12 @@ class SoftToken:
         return await asyncio.to_thread(derive_kek, pin, salt)
 
     async def _unlock(self, role: str, pin: bytes) -> bytes:
-        salt = self.store.salt(role)
-        if salt is None:
+        wrapping = self.store.wrapping(role)
+        if wrapping is None:
             raise Pkcs11Error(ckr.USER_PIN_NOT_INITIALIZED if role == USER
                               else ckr.TOKEN_NOT_RECOGNIZED)
-        key = self.store.unlock(role, await self._kek(pin, salt))
+        salt, blob = wrapping
+        key = self.store.open_wrap(role, await self._kek(pin, salt), blob)
         if key is None:
             raise Pkcs11Error(ckr.PIN_INCORRECT)
         return key
@@ -279,6 +301,7 @@ class SoftToken:
             self.store.init_token(pad(label.rstrip(b"\0 "), 32).rstrip(b" "), salt, kek)
             self.objects.clear()
             self._logged_out()
+            self.epoch = self.store.epoch
         return []
 
     async def init_pin(self, args: list[Any]) -> list[Any]:
@@ -322,8 +345,10 @@ class SoftToken:
         so_salt, user_salt = os.urandom(16), os.urandom(16)
         so_kek = await self._kek(so_pin, so_salt)
         user_kek = await self._kek(user_pin, user_salt)
-        key = self.store.init_token(label[:32], so_salt, so_kek)
-        self.store.set_pin(USER, key, user_salt, user_kek)
+        # two processes starting on a new file: the first one initialises it
+        self.store.init_token(label[:32], so_salt, so_kek, only_if_new=True,
+                              user=(user_salt, user_kek))
+        self.epoch = self.store.epoch
 
     def is_key(self, obj: SoftObject) -> bool:
         return obj.cls in (CKO_PRIVATE_KEY, CKO_SECRET_KEY)
