@@ -253,12 +253,13 @@ class SoftToken:
         role = SO if user_type == CKU_SO else USER
         if not isinstance(pin, bytes):
             raise Pkcs11Error(ckr.ARGUMENTS_BAD, "PIN")
+        # SoftHSM's order: an RO session stops an SO login before the login state counts
+        if role == SO and any(not x.rw for x in self.sessions.values()):
+            raise Pkcs11Error(ckr.SESSION_READ_ONLY_EXISTS)
         if self.login == role:
             raise Pkcs11Error(ckr.USER_ALREADY_LOGGED_IN)
         if self.login is not None:
             raise Pkcs11Error(ckr.USER_ANOTHER_ALREADY_LOGGED_IN)
-        if role == SO and any(not x.rw for x in self.sessions.values()):
-            raise Pkcs11Error(ckr.SESSION_READ_ONLY_EXISTS)
         async with self.lock:
             key = await self._unlock(role, pin)
             if self.login is not None:  # another login won the race
@@ -286,7 +287,10 @@ class SoftToken:
     async def init_token(self, args: list[Any]) -> list[Any]:
         slot, pin, label = args
         self.slot(slot)
-        pin = check_pin(pin)
+        if not isinstance(pin, bytes):
+            raise Pkcs11Error(ckr.ARGUMENTS_BAD, "PIN")
+        if not self.store.initialized:
+            pin = check_pin(pin)  # an initialised token compares: too short is incorrect
         if not isinstance(label, bytes):
             raise Pkcs11Error(ckr.ARGUMENTS_BAD, "label")
         if self.sessions:
