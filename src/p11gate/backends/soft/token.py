@@ -75,17 +75,23 @@ class SoftToken:
         self._session_ids = itertools.count(1)
         self._session_objects = itertools.count(1 << 31)
         self.lock = asyncio.Lock()
-        self.epoch = store.epoch
+        self.epoch = self._store_epoch()
         for handle, attrs, sealed in store.load():
             self.objects[handle] = SoftObject(handle, attrs, sealed=sealed)
+
+    def _store_epoch(self) -> bytes:
+        # stores without a file of their own (a layered token's view) have no epoch and
+        # never change behind this process's back
+        return bytes(getattr(self.store, "epoch", b""))
 
     def refresh(self) -> None:
         """Catch up with what other processes committed to the file (cheap when nothing
         changed: one PRAGMA). Unchanged objects keep their cached key; a C_InitToken
         elsewhere logs this process out, since its token key is gone."""
-        if not self.store.changed():
+        changed = getattr(self.store, "changed", None)
+        if changed is None or not changed():
             return
-        epoch = self.store.epoch
+        epoch = self._store_epoch()
         if epoch != self.epoch:
             self.epoch = epoch
             self._logged_out()
@@ -305,7 +311,7 @@ class SoftToken:
             self.store.init_token(pad(label.rstrip(b"\0 "), 32).rstrip(b" "), salt, kek)
             self.objects.clear()
             self._logged_out()
-            self.epoch = self.store.epoch
+            self.epoch = self._store_epoch()
         return []
 
     async def init_pin(self, args: list[Any]) -> list[Any]:
@@ -352,7 +358,7 @@ class SoftToken:
         # two processes starting on a new file: the first one initialises it
         self.store.init_token(label[:32], so_salt, so_kek, only_if_new=True,
                               user=(user_salt, user_kek))
-        self.epoch = self.store.epoch
+        self.epoch = self._store_epoch()
 
     def is_key(self, obj: SoftObject) -> bool:
         return obj.cls in (CKO_PRIVATE_KEY, CKO_SECRET_KEY)
