@@ -37,8 +37,18 @@ _FIND_INIT, _FIND, _FIND_FINAL, _SIGN_INIT, _SIGN = 26, 27, 28, 42, 43
 
 def write_config(base: Path, token: dict[str, Any], isolation: str = "process",
                  name: str = "signing", extra_backend: str = "") -> Path:
+    """A gateway configuration serving ``token``: a SoftHSM token (tests/softhsm.py) or a
+    built-in soft token (tests/soft_token.py, where ``isolation`` does not apply). The
+    backend is named "softhsm" either way, so that tests can name it."""
     sock = base / "p11gate.sock"
     cfg = base / "p11gate.toml"
+    if token.get("type") == "soft":
+        path = token["path"]
+        backend = f'type = "soft"\npath = "{path}"\n'
+    else:
+        module, conf = token["module"], token["conf"]
+        backend = (f'module = "{module}"\nisolation = "{isolation}"\n'
+                   f'call_timeout = 5.0\nenv = {{ SOFTHSM2_CONF = "{conf}" }}\n')
     cfg.write_text(
         f"""
 [server]
@@ -48,11 +58,7 @@ log_format = "json"
 
 [[backend]]
 name = "softhsm"
-module = "{token['module']}"
-isolation = "{isolation}"
-call_timeout = 5.0
-env = {{ SOFTHSM2_CONF = "{token['conf']}" }}
-{extra_backend}
+{backend}{extra_backend}
 
 [[token]]
 name = "{name}"

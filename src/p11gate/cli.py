@@ -72,7 +72,7 @@ def check_config(path: str | None, config_opt: str | None, no_load: bool) -> Non
 
 @main.command("serve")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="configuration file (TOML); without it, a demo SoftHSM token is served")
+              help="configuration file (TOML); without it, a demo soft token is served")
 @click.option("--state-dir", default=None, help="state directory (demo mode)")
 @click.option("--listen", default=None, help="override the listen address (unix:path=/abs)")
 def serve(config_path: str | None, state_dir: str | None, listen: str | None) -> None:

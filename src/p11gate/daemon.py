@@ -142,7 +142,7 @@ async def _serve(cfg: Config, config_path: str | None) -> int:
     if metrics is not None:
         print(f"# metrics on {metrics.bound} (GET /metrics)", flush=True)
     if demo:
-        print(f"# demo token {cfg.token[0].name!r}, user PIN 1234 (SoftHSMv2 in "
+        print(f"# demo token {cfg.token[0].name!r}, user PIN 1234 (built-in soft token in "
               f"{cfg.server.state_dir})", file=sys.stderr, flush=True)
     # listeners accept clients and the tokens are attached: systemd may start the units
     # that need us (Type=notify)

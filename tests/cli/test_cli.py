@@ -58,7 +58,7 @@ backend = "sofhsm"
     assert r.returncode == 2 and "not valid TOML" in r.stderr
 
 
-def test_demo_mode_serves_a_softhsm_token(tmp_path: Path) -> None:
+def test_demo_mode_serves_the_soft_token(tmp_path: Path) -> None:
     state = tmp_path / "state"
     proc = subprocess.Popen(
         [sys.executable, "-m", "p11gate.cli", "serve", "--state-dir", str(state)],
@@ -81,7 +81,7 @@ def test_demo_mode_serves_a_softhsm_token(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
-    assert (state / "softhsm2.conf").exists()
+    assert (state / "demo-token.db").exists() and not (state / "softhsm2.conf").exists()
     assert not (state / "p11gate.sock").exists(), "socket left behind after SIGTERM"
 
 

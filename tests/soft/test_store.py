@@ -81,11 +81,57 @@ def test_nothing_sensitive_in_clear_and_keys_persist(tmp_path: Path) -> None:
     d.close()
 
 
-def test_one_owner_at_a_time(tmp_path: Path) -> None:
-    import pytest
+def test_two_stores_on_one_file_see_each_others_changes(tmp_path: Path) -> None:
+    """Two processes' connections (WAL): a commit in one is noticed by the other once
+    (data_version), objects written by one are read by the other, and a second
+    unattended initialisation does not wipe the first."""
+    path = tmp_path / "t.db"
+    a = Driver(soft_config(path))
+    b = Driver(soft_config(path))
+    a("C_InitToken", 1, SO_PIN, b"shared")
+    ta, tb = a.backend._token, b.backend._token
+    assert ta is not None and tb is not None
+    assert tb.store.changed() and not tb.store.changed()
+    assert not ta.store.changed()  # its own commits are not "changes"
+    (sa,) = a("C_OpenSession", 1, 6)
+    a("C_Login", sa, 0, SO_PIN)
+    a("C_InitPIN", sa, USER_PIN)
+    a("C_Logout", sa)
+    a("C_Login", sa, 1, USER_PIN)
+    (aes,) = a("C_GenerateKey", sa, Mechanism(CKM_AES_KEY_GEN),
+               [Attribute(0x1, 1, 1), Attribute(0x161, 32, 8), Attribute(0x3, b"ka", 2)])
+    (sb,) = b("C_OpenSession", 1, 6)
+    b("C_Login", sb, 1, USER_PIN)  # the user PIN set through a works in b
+    b("C_FindObjectsInit", sb, [Attribute(0x3, b"ka", 2)])
+    assert b("C_FindObjects", sb, 8) == [[aes]]
+    b("C_FindObjectsFinal", sb)
+    b("C_DestroyObject", sb, aes)
+    assert a.rv("C_GetAttributeValue", sa, aes, [AttrRequest(0x3, 8)]) == \
+        ckr.OBJECT_HANDLE_INVALID
+    a("C_CloseSession", sa)
+    b("C_CloseSession", sb)
+    # C_InitToken in a: b's token key is gone, b is logged out and sees no old objects
+    (sb,) = b("C_OpenSession", 1, 6)
+    b("C_Login", sb, 1, USER_PIN)
+    a("C_InitToken", 1, SO_PIN, b"again")
+    assert b.rv("C_Logout", sb) == ckr.USER_NOT_LOGGED_IN
+    assert b("C_GetTokenInfo", 1)[0].rstrip() == b"again"
+    b.close()
+    a.close()
 
-    st = SoftStore(str(tmp_path / "t.db"))
-    with pytest.raises(OSError, match="in use"):
-        SoftStore(str(tmp_path / "t.db"))
-    st.close()
-    SoftStore(str(tmp_path / "t.db")).close()
+
+def test_unattended_initialisation_happens_once(tmp_path: Path) -> None:
+    import asyncio
+
+    from p11gate.backends.soft.token import SoftToken
+
+    path = str(tmp_path / "t.db")
+    first, second = SoftToken(SoftStore(path)), SoftToken(SoftStore(path))
+    asyncio.run(first.initialise_unattended(b"one", SO_PIN, USER_PIN))
+    epoch = first.store.epoch
+    asyncio.run(second.initialise_unattended(b"two", b"other-so-pin", b"other-user"))
+    assert second.store.epoch == epoch and second.store.label == b"one"
+    salt, blob = second.store.wrapping(USER) or (b"", b"")
+    assert second.store.open_wrap(USER, derive_kek(USER_PIN, salt), blob) is not None
+    first.store.close()
+    second.store.close()

@@ -28,15 +28,15 @@ import click
 from click.core import ParameterSource
 
 from .cpu import Sample, sample, used
-from .tokens import import_keys, key_material, pool_config_text, softhsm_token
+from .tokens import import_keys, key_material, pool_config_text, soft_gateway_config, softhsm_token
 
 SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
 CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 OPS = ("random", "ecsign", "rsasign", "attrs", "find")
 QUICK_OPS = ("random", "ecsign")  # --quick: RPC overhead alone, and a signature
-TARGETS = ("direct", "p11kit", "process", "none", "pool")
+TARGETS = ("direct", "p11kit", "process", "none", "pool", "soft")
 GATEWAYS = ("process", "none")
-RATIOED = (*GATEWAYS, "pool")  # rows that get ratios to p11-kit server's
+RATIOED = (*GATEWAYS, "pool", "soft")  # rows that get ratios to p11-kit server's
 CONNECTIONS = ("shared", "separate")
 LABEL, PIN, SO_PIN = "anchor", "1234", "5678"
 # issue targets: added latency at most this multiple of p11-kit server's (1 thread, p50)
@@ -56,12 +56,13 @@ DESCRIPTIONS = {
     "process": 'p11gate, isolation = "process" (module in a worker process)',
     "none": 'p11gate, isolation = "none" (module in the gateway, thread pool)',
     "pool": 'p11gate, a pool of two SoftHSM tokens (members isolation = "process")',
+    "soft": "p11gate, the built-in soft token (SQLite file, crypto by `cryptography`)",
 }
 # whose CPU time is the row's cpu_per_op_us
 CPU_OF = {"direct": "load generator (module in-process: reference)",
           "p11kit": "p11-kit server and its children",
           "process": "gateway and its worker", "none": "gateway",
-          "pool": "gateway and its two workers"}
+          "pool": "gateway and its two workers", "soft": "gateway"}
 
 
 @dataclass
@@ -304,6 +305,10 @@ def start_target(name: str, base: Path, env: dict[str, str]) -> Target:
             raise Unavailable(f"pool members could not be made: {e}") from e
         cmd = [sys.executable, "-m", "p11gate.cli", "serve", "--config", str(cfg)]
         what = "p11gate serve (pool of two)"
+    elif name == "soft":
+        cfg = soft_gateway_config(base / "soft", LABEL, PIN, SO_PIN)
+        cmd = [sys.executable, "-m", "p11gate.cli", "serve", "--config", str(cfg)]
+        what = "p11gate serve (soft token)"
     else:
         cmd = [sys.executable, "-m", "p11gate.cli", "serve", "--config",
                str(gateway_config(name, base, env))]

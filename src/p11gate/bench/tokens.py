@@ -96,3 +96,33 @@ members = [{sel}]
 name = "{token}"
 backend = "bench"
 """
+
+
+def soft_gateway_config(base: Path, label: str, pin: str, so_pin: str) -> Path:
+    """A gateway serving a built-in soft token file with the benchmarks' key ids (EC P-256
+    as CKA_ID 01 "ec1", RSA-2048 as 02 "rsa1", generated in it: it imports no private
+    keys), made once in ``base``."""
+    from ..backends.soft.provision import KeySpec, provision_sync
+
+    base.mkdir(parents=True, exist_ok=True)
+    path = base / "soft.db"
+    provision_sync(str(path), label, so_pin.encode(), pin.encode(),
+                   [KeySpec("P-256", b"\x01", "ec1"), KeySpec("rsa:2048", b"\x02", "rsa1")])
+    cfg = base / "soft.toml"
+    cfg.write_text(f"""\
+[server]
+listen = "unix:path={base / 'soft.sock'}"
+state_dir = "{base / 'state'}"
+log_level = "warning"
+
+[[backend]]
+name = "soft"
+type = "soft"
+path = "{path}"
+
+[[token]]
+name = "{label}"
+backend = "soft"
+select = {{ label = "{label}" }}
+""")
+    return cfg

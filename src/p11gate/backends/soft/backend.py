@@ -141,6 +141,7 @@ class SoftBackend(Backend):
         try:
             if len(args) != len(CALLS[call_id].req_codes):
                 raise Pkcs11Error(ckr.ARGUMENTS_BAD, "argument count")
+            token.refresh()
             result = handler(token, args)
             if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
                 return await result

@@ -10,11 +10,16 @@ At rest nothing sensitive is in clear:
 * PINs are never stored; a wrong PIN fails the GCM tag and unwraps nothing.
 
 Other attributes (labels, ids, public keys, certificates) are stored in clear.
+
+Several gateway processes may serve the same file at once: every change is one
+``BEGIN IMMEDIATE`` transaction, and each process notices the others' commits through
+``PRAGMA data_version`` (``changed()``) and re-reads the objects before its next call. A
+C_InitToken elsewhere gives the token a new *epoch*: the processes that see it log out,
+since the token key they hold no longer opens anything.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sqlite3
@@ -28,6 +33,8 @@ SCRYPT_N = 1 << 14
 SCRYPT_R = 8
 SCRYPT_P = 1
 SO, USER = "so", "user"
+#: seconds a transaction waits for another process's write lock
+BUSY_TIMEOUT = 10.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
@@ -90,24 +97,35 @@ class SoftStore:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        # one owner at a time: objects are cached in memory, a second writer would
-        # make the caches disagree with the file
-        self._lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self._lock)
-            raise OSError(f"{path} is in use by another process") from None
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
-        self.db = sqlite3.connect(path, isolation_level=None)
+        # another process's transaction holds the write lock for milliseconds: wait for it
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    self.db.execute(stmt)
+            # the serial is made once, by whichever process comes first
+            self.db.execute("INSERT OR IGNORE INTO meta (k, v) VALUES ('serial', ?)",
+                            (os.urandom(8).hex().encode(),))
+        self._seen = self._data_version()
 
     def close(self) -> None:
         self.db.close()
-        os.close(self._lock)
+
+    def _data_version(self) -> int:
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
+    def changed(self) -> bool:
+        """True once after another connection committed a change to the file."""
+        now = self._data_version()
+        if now == self._seen:
+            return False
+        self._seen = now
+        return True
 
     # ------------------------------------------------------------------ meta
 
@@ -132,30 +150,55 @@ class SoftStore:
 
     @property
     def serial(self) -> bytes:
-        s = self._meta("serial")
-        if s is None:
-            s = os.urandom(8).hex().encode()
-            self._set_meta("serial", s)
-        return s
+        return self._meta("serial") or b""
+
+    @property
+    def epoch(self) -> bytes:
+        """Changes with every C_InitToken (in any process)."""
+        return self._meta("epoch") or b""
+
+    def wrapping(self, role: str) -> tuple[bytes, bytes] | None:
+        """(salt, wrapped token key) of one role, read together so that a C_SetPIN in
+        another process cannot pair one PIN's salt with another's wrap."""
+        with self.db:
+            self.db.execute("BEGIN")
+            salt, blob = self._meta(f"{role}_salt"), self._meta(f"{role}_wrap")
+        return None if salt is None or blob is None else (salt, blob)
 
     def salt(self, role: str) -> bytes | None:
-        return self._meta(f"{role}_salt")
+        w = self.wrapping(role)
+        return None if w is None else w[0]
+
+    @staticmethod
+    def open_wrap(role: str, kek: bytes, blob: bytes) -> bytes | None:
+        """The token key, or None if ``kek`` (from the PIN) is wrong."""
+        return _unwrap(kek, role, blob)
 
     def unlock(self, role: str, kek: bytes) -> bytes | None:
         """The token key, or None if ``kek`` (from the PIN) is wrong."""
         blob = self._meta(f"{role}_wrap")
         return None if blob is None else _unwrap(kek, role, blob)
 
-    def init_token(self, label: bytes, so_salt: bytes, so_kek: bytes) -> bytes:
-        """Wipe the token and give it a new token key wrapped for the SO only."""
+    def init_token(self, label: bytes, so_salt: bytes, so_kek: bytes,
+                   only_if_new: bool = False,
+                   user: tuple[bytes, bytes] | None = None) -> bytes | None:
+        """Wipe the token and give it a new token key wrapped for the SO only. With
+        ``only_if_new``, do nothing (None) if some process initialised it meanwhile; with
+        ``user`` (salt, key-encryption key), set the user PIN in the same transaction."""
         token_key = os.urandom(32)
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
+            if only_if_new and self._meta("so_wrap") is not None:
+                return None
             self.db.execute("DELETE FROM objects")
+            self._set_meta("epoch", os.urandom(16))
             self.db.execute("DELETE FROM meta WHERE k LIKE 'user_%'")
             self._set_meta("label", label)
             self._set_meta("so_salt", so_salt)
             self._set_meta("so_wrap", _wrap(so_kek, SO, token_key))
+            if user is not None:
+                self._set_meta("user_salt", user[0])
+                self._set_meta("user_wrap", _wrap(user[1], USER, token_key))
         return token_key
 
     def set_pin(self, role: str, token_key: bytes, salt: bytes, kek: bytes) -> None:

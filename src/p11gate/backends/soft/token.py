@@ -75,8 +75,35 @@ class SoftToken:
         self._session_ids = itertools.count(1)
         self._session_objects = itertools.count(1 << 31)
         self.lock = asyncio.Lock()
+        self.epoch = self._store_epoch()
         for handle, attrs, sealed in store.load():
             self.objects[handle] = SoftObject(handle, attrs, sealed=sealed)
+
+    def _store_epoch(self) -> bytes:
+        # stores without a file of their own (a layered token's view) have no epoch and
+        # never change behind this process's back
+        return bytes(getattr(self.store, "epoch", b""))
+
+    def refresh(self) -> None:
+        """Catch up with what other processes committed to the file (cheap when nothing
+        changed: one PRAGMA). Unchanged objects keep their cached key; a C_InitToken
+        elsewhere logs this process out, since its token key is gone."""
+        changed = getattr(self.store, "changed", None)
+        if changed is None or not changed():
+            return
+        epoch = self._store_epoch()
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._logged_out()
+            for h in [h for h, o in self.objects.items() if o.session is None]:
+                del self.objects[h]
+        rows = {h: (attrs, sealed) for h, attrs, sealed in self.store.load()}
+        for h in [h for h, o in self.objects.items() if o.session is None and h not in rows]:
+            del self.objects[h]
+        for h, (attrs, sealed) in rows.items():
+            old = self.objects.get(h)
+            if old is None or old.attrs != attrs or old.sealed != sealed:
+                self.objects[h] = SoftObject(h, attrs, sealed=sealed)
 
     def next_object_handle(self) -> int:
         return next(self._session_objects)
@@ -212,11 +239,12 @@ class SoftToken:
         return await asyncio.to_thread(derive_kek, pin, salt)
 
     async def _unlock(self, role: str, pin: bytes) -> bytes:
-        salt = self.store.salt(role)
-        if salt is None:
+        wrapping = self.store.wrapping(role)
+        if wrapping is None:
             raise Pkcs11Error(ckr.USER_PIN_NOT_INITIALIZED if role == USER
                               else ckr.TOKEN_NOT_RECOGNIZED)
-        key = self.store.unlock(role, await self._kek(pin, salt))
+        salt, blob = wrapping
+        key = self.store.open_wrap(role, await self._kek(pin, salt), blob)
         if key is None:
             raise Pkcs11Error(ckr.PIN_INCORRECT)
         return key
@@ -231,12 +259,13 @@ class SoftToken:
         role = SO if user_type == CKU_SO else USER
         if not isinstance(pin, bytes):
             raise Pkcs11Error(ckr.ARGUMENTS_BAD, "PIN")
+        # SoftHSM's order: an RO session stops an SO login before the login state counts
+        if role == SO and any(not x.rw for x in self.sessions.values()):
+            raise Pkcs11Error(ckr.SESSION_READ_ONLY_EXISTS)
         if self.login == role:
             raise Pkcs11Error(ckr.USER_ALREADY_LOGGED_IN)
         if self.login is not None:
             raise Pkcs11Error(ckr.USER_ANOTHER_ALREADY_LOGGED_IN)
-        if role == SO and any(not x.rw for x in self.sessions.values()):
-            raise Pkcs11Error(ckr.SESSION_READ_ONLY_EXISTS)
         async with self.lock:
             key = await self._unlock(role, pin)
             if self.login is not None:  # another login won the race
@@ -264,7 +293,10 @@ class SoftToken:
     async def init_token(self, args: list[Any]) -> list[Any]:
         slot, pin, label = args
         self.slot(slot)
-        pin = check_pin(pin)
+        if not isinstance(pin, bytes):
+            raise Pkcs11Error(ckr.ARGUMENTS_BAD, "PIN")
+        if not self.store.initialized:
+            pin = check_pin(pin)  # an initialised token compares: too short is incorrect
         if not isinstance(label, bytes):
             raise Pkcs11Error(ckr.ARGUMENTS_BAD, "label")
         if self.sessions:
@@ -279,6 +311,7 @@ class SoftToken:
             self.store.init_token(pad(label.rstrip(b"\0 "), 32).rstrip(b" "), salt, kek)
             self.objects.clear()
             self._logged_out()
+            self.epoch = self._store_epoch()
         return []
 
     async def init_pin(self, args: list[Any]) -> list[Any]:
@@ -322,8 +355,10 @@ class SoftToken:
         so_salt, user_salt = os.urandom(16), os.urandom(16)
         so_kek = await self._kek(so_pin, so_salt)
         user_kek = await self._kek(user_pin, user_salt)
-        key = self.store.init_token(label[:32], so_salt, so_kek)
-        self.store.set_pin(USER, key, user_salt, user_kek)
+        # two processes starting on a new file: the first one initialises it
+        self.store.init_token(label[:32], so_salt, so_kek, only_if_new=True,
+                              user=(user_salt, user_kek))
+        self.epoch = self._store_epoch()
 
     def is_key(self, obj: SoftObject) -> bool:
         return obj.cls in (CKO_PRIVATE_KEY, CKO_SECRET_KEY)
