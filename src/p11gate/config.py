@@ -151,6 +151,10 @@ class BackendConfig(_Strict):
     #: uninitialised token to initialise it unattended (both or neither)
     init_so_pin_file: str | None = None
     init_user_pin_file: str | None = None
+    #: soft token: a file of 32 random bytes (or 64 hex digits, mode 0600) kept apart from
+    #: the database; every PIN-derived key is bound to it, so the database alone opens
+    #: nothing even with the PINs. A token made with a key file needs it ever after.
+    key_file: str | None = None
     #: soft token, layered: the shared object sets (see docs/layers.md)
     layers: list[LayerFileConfig] = Field(default_factory=list, max_length=MAX_LAYERS)
     #: soft token, layered: directory of the per-identity layers 0 (one file each)
@@ -193,8 +197,10 @@ class BackendConfig(_Strict):
             if not self.module:
                 raise ValueError("module: give the absolute path of the vendor module "
                                  "(or set type = \"soft\" for the built-in token)")
-            if self.path or self.init_so_pin_file or self.init_user_pin_file or self.layered:
-                raise ValueError("path, init_*_pin_file, layers and own_layer_dir are keys "
+            if (self.path or self.init_so_pin_file or self.init_user_pin_file or self.layered
+                    or self.key_file):
+                raise ValueError("path, init_*_pin_file, key_file, layers and own_layer_dir "
+                                 "are keys "
                                  "of type = \"soft\"")
             return self
         if self.module or self.worker_command:
@@ -209,6 +215,8 @@ class BackendConfig(_Strict):
         for f in (self.init_so_pin_file, self.init_user_pin_file):
             if f is not None and not os.path.isabs(f):
                 raise ValueError(f"{f!r}: give the absolute path of the PIN file")
+        if self.key_file is not None and not os.path.isabs(self.key_file):
+            raise ValueError(f"key_file: {self.key_file!r}: give an absolute path")
         return self
 
     @property

@@ -81,7 +81,7 @@ def check(cfg: Config) -> Findings:
                 f"readable or writable by group/others (mode {m:04o}): anyone who reads it "
                 f"logs into the backend; run `chmod 600 {t.backend_pin_file}`")
     for i, b in enumerate(cfg.backend):
-        for key in ("init_so_pin_file", "init_user_pin_file"):
+        for key in ("init_so_pin_file", "init_user_pin_file", "key_file"):
             f = getattr(b, key)
             if b.type != "soft" or f is None:
                 continue

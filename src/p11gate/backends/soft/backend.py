@@ -19,7 +19,7 @@ from ...codec.calls import CALLS, CALLS_BY_NAME
 from ...errors import BackendUnavailable, Pkcs11Error
 from ..base import Backend
 from . import ops
-from .store import SoftStore, read_pin_file
+from .store import KeyFileMismatch, SoftStore, read_key_file, read_pin_file
 from .token import SoftToken
 
 if TYPE_CHECKING:
@@ -105,8 +105,12 @@ class SoftBackend(Backend):
     async def start(self) -> None:
         cfg = self.cfg
         try:
-            store = SoftStore(cfg.path)
-        except (OSError, sqlite3.Error) as e:
+            secret = None if cfg.key_file is None else read_key_file(cfg.key_file)
+        except (OSError, ValueError) as e:
+            raise BackendUnavailable(f"{cfg.name}: key_file: {e}") from e
+        try:
+            store = SoftStore(cfg.path, secret)
+        except (OSError, sqlite3.Error, KeyFileMismatch) as e:
             raise BackendUnavailable(f"{cfg.path}: cannot open the soft token: {e}") from e
         token = SoftToken(store)
         if not store.initialized and cfg.init_so_pin_file and cfg.init_user_pin_file:

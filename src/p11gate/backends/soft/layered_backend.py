@@ -23,7 +23,7 @@ from ..base import Backend
 from . import layered_ops
 from .backend import HANDLERS, Handler, SoftBackend
 from .layers import COW, RO, RW, Layer, LayeredToken
-from .store import SoftStore, read_pin_file
+from .store import KeyFileMismatch, SoftStore, read_key_file, read_pin_file
 from .token import SoftToken
 
 if TYPE_CHECKING:
@@ -81,6 +81,8 @@ class LayeredSoftBackend(Backend):
         #: what the token shared by all identities sees (status, the gateway's own
         #: session at start): no layers at all
         self._nobody: LayerView | None = None
+        #: the key file's secret (read at start), bound into every layer's PIN keys
+        self._file_secret: bytes | None = None
 
     @property
     def up(self) -> bool:
@@ -88,8 +90,8 @@ class LayeredSoftBackend(Backend):
 
     async def _open(self, name: str, number: int, path: str) -> Layer:
         try:
-            store = SoftStore(path)
-        except (OSError, sqlite3.Error) as e:
+            store = SoftStore(path, self._file_secret)
+        except (OSError, sqlite3.Error, KeyFileMismatch) as e:
             raise BackendUnavailable(f"layer {name}: cannot open its file: {e}") from e
         try:
             if not store.initialized:
@@ -105,6 +107,11 @@ class LayeredSoftBackend(Backend):
 
     async def start(self) -> None:
         opened: dict[str, Layer] = {}
+        try:
+            self._file_secret = (None if self.cfg.key_file is None
+                                 else read_key_file(self.cfg.key_file))
+        except (OSError, ValueError) as e:
+            raise BackendUnavailable(f"{self.cfg.name}: key_file: {e}") from e
         try:
             for i, lc in enumerate(self.cfg.layers):
                 opened[lc.name] = await self._open(lc.name, i + 1, lc.path)

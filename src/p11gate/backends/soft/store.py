@@ -7,7 +7,13 @@ At rest nothing sensitive is in clear:
   the object's handle as associated data so that values cannot be swapped between rows);
 * the token key is stored only wrapped (AES-256-GCM) under a key derived from the user
   PIN, and separately under one derived from the SO PIN (scrypt, a random salt each);
-* PINs are never stored; a wrong PIN fails the GCM tag and unwraps nothing.
+* PINs are never stored; a wrong PIN fails the GCM tag and unwraps nothing;
+* with a *key file* (``key_file`` in the configuration, 32 random bytes kept apart from
+  the database: another disk, a systemd credential, a TPM-sealed secret), every
+  PIN-derived key is bound to it (HKDF-SHA256 over the scrypt output, salted with the key
+  file's secret), so the database without the key file opens nothing, even to someone who
+  knows or guesses the PINs. A check value (an HMAC of a fixed string under the secret)
+  tells a missing or wrong key file apart from a wrong PIN at start.
 
 Other attributes (labels, ids, public keys, certificates) are stored in clear.
 
@@ -23,9 +29,12 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from hmac import compare_digest
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 #: scrypt cost: ~0.1 s and 16 MiB per derivation (run in a thread, never on the loop)
@@ -35,6 +44,12 @@ SCRYPT_P = 1
 SO, USER = "so", "user"
 #: seconds a transaction waits for another process's write lock
 BUSY_TIMEOUT = 10.0
+#: size of a key file's secret, bytes
+KEY_FILE_BYTES = 32
+
+
+class KeyFileMismatch(Exception):
+    """The configured key file (or its absence) does not match the token's file."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
@@ -95,8 +110,9 @@ def decode_attrs(text: str) -> Attrs:
 class SoftStore:
     """One token's SQLite file. All methods are quick (no key derivation)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, file_secret: bytes | None = None) -> None:
         self.path = path
+        self.file_secret = file_secret
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
         # another process's transaction holds the write lock for milliseconds: wait for it
@@ -112,6 +128,36 @@ class SoftStore:
             self.db.execute("INSERT OR IGNORE INTO meta (k, v) VALUES ('serial', ?)",
                             (os.urandom(8).hex().encode(),))
         self._seen = self._data_version()
+        self._check_key_file()
+
+    def _key_file_check(self) -> bytes:
+        assert self.file_secret is not None
+        mac = hmac.HMAC(self.file_secret, hashes.SHA256())
+        mac.update(b"p11gate soft token key file check")
+        return mac.finalize()
+
+    def _check_key_file(self) -> None:
+        """An initialised token is opened only with the key file it was made with."""
+        bound = self._meta("key_file_check")
+        if not self.initialized:
+            return
+        if bound is None and self.file_secret is not None:
+            self.db.close()
+            raise KeyFileMismatch("the token was made without a key file: remove key_file, "
+                                  "or make a new token with it")
+        if bound is not None and self.file_secret is None:
+            self.db.close()
+            raise KeyFileMismatch("the token was made with a key file: give key_file")
+        if bound is not None and not compare_digest(bound, self._key_file_check()):
+            self.db.close()
+            raise KeyFileMismatch("key_file is not the one this token was made with")
+
+    def bind(self, kek: bytes) -> bytes:
+        """A PIN's key-encryption key, bound to the key file where there is one."""
+        if self.file_secret is None:
+            return kek
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=self.file_secret,
+                    info=b"p11gate soft token key file").derive(kek)
 
     def close(self) -> None:
         self.db.close()
@@ -169,15 +215,14 @@ class SoftStore:
         w = self.wrapping(role)
         return None if w is None else w[0]
 
-    @staticmethod
-    def open_wrap(role: str, kek: bytes, blob: bytes) -> bytes | None:
-        """The token key, or None if ``kek`` (from the PIN) is wrong."""
-        return _unwrap(kek, role, blob)
+    def open_wrap(self, role: str, kek: bytes, blob: bytes) -> bytes | None:
+        """The token key from a (salt, wrap) pair read by ``wrapping``."""
+        return _unwrap(self.bind(kek), role, blob)
 
     def unlock(self, role: str, kek: bytes) -> bytes | None:
         """The token key, or None if ``kek`` (from the PIN) is wrong."""
         blob = self._meta(f"{role}_wrap")
-        return None if blob is None else _unwrap(kek, role, blob)
+        return None if blob is None else _unwrap(self.bind(kek), role, blob)
 
     def init_token(self, label: bytes, so_salt: bytes, so_kek: bytes,
                    only_if_new: bool = False,
@@ -195,17 +240,21 @@ class SoftStore:
             self.db.execute("DELETE FROM meta WHERE k LIKE 'user_%'")
             self._set_meta("label", label)
             self._set_meta("so_salt", so_salt)
-            self._set_meta("so_wrap", _wrap(so_kek, SO, token_key))
+            self._set_meta("so_wrap", _wrap(self.bind(so_kek), SO, token_key))
+            if self.file_secret is not None:
+                self._set_meta("key_file_check", self._key_file_check())
+            else:
+                self.db.execute("DELETE FROM meta WHERE k = 'key_file_check'")
             if user is not None:
                 self._set_meta("user_salt", user[0])
-                self._set_meta("user_wrap", _wrap(user[1], USER, token_key))
+                self._set_meta("user_wrap", _wrap(self.bind(user[1]), USER, token_key))
         return token_key
 
     def set_pin(self, role: str, token_key: bytes, salt: bytes, kek: bytes) -> None:
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self._set_meta(f"{role}_salt", salt)
-            self._set_meta(f"{role}_wrap", _wrap(kek, role, token_key))
+            self._set_meta(f"{role}_wrap", _wrap(self.bind(kek), role, token_key))
 
     # ------------------------------------------------------------------ objects
 
@@ -240,6 +289,27 @@ class SoftStore:
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute("DELETE FROM objects WHERE handle = ?", (handle,))
+
+
+def read_key_file(path: str) -> bytes:
+    """A key file: exactly 32 bytes (``head -c 32 /dev/urandom``) or 64 hex digits, not
+    readable by group or others."""
+    st = os.stat(path)
+    if st.st_mode & 0o077:
+        raise ValueError(f"{path}: a key file must not be readable by group or others "
+                         "(chmod 600)")
+    with open(path, "rb") as f:
+        data = f.read(4096)
+    if len(data) == KEY_FILE_BYTES:
+        return data
+    text = data.strip()
+    if len(text) == 2 * KEY_FILE_BYTES:
+        try:
+            return bytes.fromhex(text.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            pass
+    raise ValueError(f"{path}: a key file holds exactly {KEY_FILE_BYTES} bytes "
+                     f"or {2 * KEY_FILE_BYTES} hex digits")
 
 
 def read_pin_file(path: str) -> bytes:
