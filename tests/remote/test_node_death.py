@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CKM_ECDSA, CKM_SHA256_RSA_PKCS = 0x1041, 0x40
 CKO_DATA, CKO_PRIVATE_KEY = 0, 3
 CKA_CLASS, CKA_TOKEN, CKA_LABEL, CKA_ID, CKA_VALUE = 0, 1, 3, 0x102, 0x11
+CKA_SIGN, CKA_EC_PARAMS, CKM_EC_KEY_PAIR_GEN, CKM_SHA256 = 0x108, 0x180, 0x1040, 0x250
+P256 = bytes.fromhex("06082a8648ce3d030107")
 
 
 def node_store(base: Path) -> str:
@@ -193,6 +195,58 @@ def test_raw_application_keeps_session_login_handles_and_multipart_operation(
         assert "resumed on another gateway" in agent.log()
         log = agent.log()
         assert "1234" not in log  # the kept PIN is not logged
+        c.close()
+    finally:
+        agent.stop()
+        for n in nodes:
+            if n.gw is None or not n.gw.alive():
+                n.start()
+
+
+def test_search_digest_and_idle_death_resume_what_is_lost_fails_with_its_ckr(
+        cluster: dict[str, Any], tmp_path: Path) -> None:
+    nodes: list[Node] = cluster["nodes"][:2]
+    agent = Agent(tmp_path / "agent", cluster["pki"], [n.address for n in nodes])
+    try:
+        before = [n.agent_connections() for n in nodes]
+        c, sess, key = raw_signer(agent)
+        on = node_of(agent, nodes, before)
+        (s2,) = c.call(10, [c.call(4, [1, 8])[0][0], 6])
+        # a search half read, a digest half fed, a sign with a session key initialized
+        c.call(26, [sess, [Attribute(CKA_CLASS, CKO_PRIVATE_KEY, 8)]])
+        (first,) = c.call(27, [sess, 1])
+        assert len(first) == 1
+        c.call(37, [s2, Mechanism(CKM_SHA256, None)])
+        c.call(39, [s2, b"half "])
+        pub_t = [Attribute(CKA_TOKEN, 0, 1), Attribute(CKA_EC_PARAMS, P256, len(P256))]
+        priv_t = [Attribute(CKA_TOKEN, 0, 1), Attribute(CKA_SIGN, 1, 1)]
+        _, session_key = c.call(59, [sess, Mechanism(CKM_EC_KEY_PAIR_GEN, None), pub_t,
+                                     priv_t])
+        s3_slot = c.call(4, [1, 8])[0][0]
+        (s3,) = c.call(10, [s3_slot, 6])
+        c.call(42, [s3, Mechanism(CKM_ECDSA, None), session_key])
+        on.kill()
+        time.sleep(0.5)  # dead while the application is idle: noticed before sending
+        # a call that is not resendable still works: it had not gone out
+        (obj,) = c.call(20, [sess, [Attribute(CKA_CLASS, CKO_DATA, 8),
+                                    Attribute(CKA_TOKEN, 0, 1),
+                                    Attribute(CKA_VALUE, b"new", 3)]])
+        assert obj
+        # the search goes on where it was: the rest, never the first again
+        (rest,) = c.call(27, [sess, 10])
+        c.call(28, [sess])
+        assert len(rest) == 1 and rest[0] != first[0]
+        c.call(39, [s2, b"and half"])
+        (digest,) = c.call(41, [s2, 32])
+        assert digest == hashlib.sha256(b"half and half").digest()
+        # the session key died with its node: its operation cannot come back
+        assert rv_of(c, 43, [s3, b"\x01" * 32, 64]) == ckr.OPERATION_NOT_INITIALIZED
+        assert rv_of(c, 42, [s3, Mechanism(CKM_ECDSA, None), session_key]) \
+            == ckr.KEY_HANDLE_INVALID
+        # the token key is the same object on the new node
+        c.call(42, [s3, Mechanism(CKM_SHA256_RSA_PKCS, None), key])
+        (sig,) = c.call(43, [s3, b"x", 256])
+        verify_rsa(cluster["pubs"]["02"], b"x", sig)
         c.close()
     finally:
         agent.stop()

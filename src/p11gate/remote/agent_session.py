@@ -92,7 +92,7 @@ class AppConnection:
         finally:
             self.h.clear()  # forgets (overwrites) the PINs
             if self.link is not None:
-                self.nodes.release(self.link.node)
+                self.nodes.release_link(self.link)
                 self.link.close()
             self.app_w.close()
 
@@ -153,12 +153,17 @@ class AppConnection:
     async def forward(self, call_id: int, args: list[Any]) -> list[Any]:
         while True:
             assert self.link is not None
+            if self.link.closed():
+                if call_id == rc.C_FINALIZE:
+                    return []  # the dead node's state is gone anyway
+                await self.fail_over("connection closed by the gateway")
+                self._check_after_failover(call_id, args)
             node_args = self.translate(call_id, args)
             try:
                 return await self.link.call(call_id, node_args)
             except NodeLost as e:
                 if call_id == rc.C_FINALIZE:
-                    return []  # the dead node's state is gone anyway
+                    return []
                 await self.fail_over(str(e))
                 if call_id == rc.C_CLOSE_SESSION:
                     continue  # re-opened by the failover; closed on the new node now
@@ -166,15 +171,18 @@ class AppConnection:
                     log.warning("node lost during a call that may have taken effect; "
                                 "it fails", extra={"call": call_id})
                     raise ReplyError(ckr.DEVICE_ERROR) from None
-                if call_id in rc.SLOT_CALLS or call_id in rc.PLAIN_CALLS:
-                    continue
-                self._check_lost_operation(self.session(args[0]), call_id)
+                self._check_after_failover(call_id, args)
+
+    def _check_after_failover(self, call_id: int, args: list[Any]) -> None:
+        if call_id not in rc.SLOT_CALLS and call_id not in rc.PLAIN_CALLS:
+            self._check_lost_operation(self.session(args[0]), call_id)
 
     async def fail_over(self, why: str) -> None:
         assert self.link is not None
         old = self.link
-        self.nodes.release(old.node)
-        self.nodes.mark_down(old.node, why)
+        if not old.released:
+            self.nodes.mark_down(old.node, why)
+        self.nodes.release_link(old)
         old.close()
         try:
             self.link = await self.resumer.resume(old)

@@ -33,6 +33,8 @@ class NodeLink:
         self.version = version
         self.dialect = dialect
         self._code = 0
+        #: its node's count of active connections no longer includes it
+        self.released = False
 
     @classmethod
     async def open(cls, streams: Streams, node: Node, version: int) -> NodeLink:
@@ -68,6 +70,11 @@ class NodeLink:
             return decode_reply(body, self.dialect, call_id, args)
         except ProtocolError as e:
             raise NodeLost(f"bad reply: {e}") from None
+
+    def closed(self) -> bool:
+        """The node closed the connection while it was idle (a process that dies closes
+        its sockets): the agent moves before it sends, so no call is lost with it."""
+        return self.reader.at_eof() or self.writer.is_closing()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

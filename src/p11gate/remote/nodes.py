@@ -16,6 +16,7 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from .tls import parse_tls_address
 
@@ -44,6 +45,11 @@ class Node:
 
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class Releasable(Protocol):
+    node: Node
+    released: bool
 
 
 async def tls_connect(address: str, ctx: ssl.SSLContext, timeout: float) -> Streams:
@@ -109,6 +115,12 @@ class NodeSet:
 
     def release(self, node: Node) -> None:
         node.active = max(0, node.active - 1)
+
+    def release_link(self, link: Releasable) -> None:
+        """Once per link, however many ways it ends."""
+        if not link.released:
+            link.released = True
+            self.release(link.node)
 
     def start_checks(self) -> None:
         if self._checker is None and len(self.nodes) > 1:

@@ -61,7 +61,7 @@ class Resumer:
                 link = await self.connect(self.version, exclude)
                 if link.version != old.version:
                     link.close()
-                    self.nodes.release(link.node)
+                    self.nodes.release_link(link)
                     raise NoGateway("the node speaks another protocol version")
                 await self.rebuild(link)
                 return link
@@ -76,7 +76,7 @@ class Resumer:
         try:
             await self._rebuild(link)
         except NodeLost:
-            self.nodes.release(link.node)
+            self.nodes.release_link(link)
             self.nodes.mark_down(link.node, "lost while resuming")
             link.close()
             raise
