@@ -28,7 +28,14 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_ds
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from tests.gateway_proc import CLIENT_MODULE, Gateway, RawClient, rv_of, wait_for
 from tests.remote.pki import make_pki
-from tests.remote.test_clients import Agent, free_port, open_config
+from tests.remote.test_clients import (
+    Agent,
+    free_port,
+    open_config,
+    rpc_over,
+    start_tunnel,
+    tunnel_argv,
+)
 from tests.softhsm import MODULE, make_token
 
 from p11gate.codec import Attribute, AttrRequest, Mechanism, ckr
@@ -164,6 +171,21 @@ def test_connections_spread_skip_a_dead_node_and_return_to_it(
         for c in held:
             c.close()
         agent.stop()
+
+
+def test_tunnels_spread_over_the_nodes(cluster: dict[str, Any]) -> None:
+    """Each tunnel is its own process: it starts at a random node, so applications do
+    not all land on the first one (16 tunnels all on one of 2 nodes: p = 2^-15)."""
+    nodes: list[Node] = cluster["nodes"][:2]
+    count = [lambda n=n: n.gw.log().count("cert=CN=tenant-a") for n in nodes]
+    before = [c() for c in count]
+    for _ in range(16):
+        proc, sock = start_tunnel(tunnel_argv(cluster, *(n.address for n in nodes)))
+        assert len(rpc_over(sock)) == 1
+        sock.close()
+        assert proc.wait(10) == 0
+    assert wait_for(lambda: sum(c() for c in count) == sum(before) + 16)
+    assert all(c() > b for c, b in zip(count, before, strict=True))
 
 
 def test_raw_application_keeps_session_login_handles_and_multipart_operation(
