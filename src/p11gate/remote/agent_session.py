@@ -19,6 +19,7 @@ from typing import Any
 from ..codec import (
     ArgumentError,
     AttrRequest,
+    Mechanism,
     Null,
     ProtocolError,
     ReplyError,
@@ -129,6 +130,9 @@ class AppConnection:
             return args
         out = list(args)
         out[0] = self.session(args[0]).node
+        if len(args) > 1 and isinstance(args[1], Mechanism) \
+                and args[1].type in rc.HANDLE_MECHANISMS:
+            raise Refused(ckr.MECHANISM_INVALID)
         for pos, rv in rc.OBJECT_ARGS.get(call_id, ()):
             obj = self.h.objects.get(args[pos])
             if obj is None or obj.node is None:
@@ -253,6 +257,8 @@ class AppConnection:
             obj = h.objects.pop(args[1], None)
             if obj is not None and obj.node is not None:
                 h.by_node.pop(obj.node, None)
+        if call_id == rc.C_DERIVE_KEY2 and len(values) == 3:
+            return [values[0], values[1], await self.app_object(s, values[2])]
         if call_id in rc.OBJECT_REPLIES:
             out = list(values)
             for pos in rc.OBJECT_REPLIES[call_id]:

@@ -43,7 +43,12 @@ OBJECT_REPLIES: dict[int, tuple[int, ...]] = {
     20: (0,), 21: (0,), 58: (0,), 59: (0, 1), 61: (0,), 62: (0,),
 }
 C_FIND_OBJECTS = 27
+#: C_DeriveKey2 replies (rv, parameter update, handle): the handle is the third
 C_DERIVE_KEY2 = 89
+#: mechanisms whose parameter names an object (CONCATENATE_BASE_AND_KEY, ECMQV_DERIVE,
+#: X9_42_MQV_DERIVE): the agent does not map handles inside parameters, and passing the
+#: application's number to the node could name another object, so it refuses them
+HANDLE_MECHANISMS = frozenset({0x360, 0x1052, 0x2033})
 
 
 @dataclass(frozen=True)
