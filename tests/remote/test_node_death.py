@@ -298,6 +298,11 @@ def test_forged_handles_through_the_agent_reach_nothing(
         for forged in (0, 0x7FFFFFFF, 2**64 - 1):
             assert rv_of(b, 42, [b_sess, mech, forged]) == ckr.KEY_HANDLE_INVALID
             assert rv_of(b, 11, [forged]) == ckr.SESSION_HANDLE_INVALID
+        # a mechanism whose parameter names an object is refused, not passed through
+        b.call(18, [b_sess, 1, b"1234"])
+        (b_key,) = b.find(b_sess, [Attribute(CKA_ID, b"\x02", 1)])[:1]
+        assert rv_of(b, 62, [b_sess, Mechanism(0x360, None), b_key, []]) \
+            == ckr.MECHANISM_INVALID
         # A is untouched by all this: its key still signs
         a.call(42, [a_sess, mech, a_key])
         (sig,) = a.call(43, [a_sess, b"abc", 256])
@@ -379,8 +384,10 @@ def test_eight_clients_ride_through_a_node_killed_with_minus_9(
         "during": [r["ms"] for r in records if killed_at <= r["t"] < back_at],
         "after": [r["ms"] for r in records if r["t"] >= back_at],
     }
+    resumed = agent_log.count("resumed on another gateway")
     for name, ms in phases.items():
-        print(f"node death, 8 clients, {name}: {percentiles(ms)}")
+        print(f"node death, 8 clients, {name}: {percentiles(ms)}, max {max(ms):.0f} ms")
+    print(f"node death: {resumed} application connections resumed on the other node")
     assert all(len(ms) > 8 for ms in phases.values()), {k: len(v) for k, v in phases.items()}
-    assert "resumed on another gateway" in agent_log  # the kill was felt, and ridden out
+    assert resumed >= 1  # the kill was felt, and ridden out
     assert {r["kind"] for r in records} == {"ecdsa", "rsa", "rsa-multi"}

@@ -240,6 +240,11 @@ class AppConnection:
             h.logins[s.slot] = Login(args[1], args[2])
         elif call_id == rc.C_LOGOUT:
             h.forget_login(s.slot)
+        elif call_id == rc.C_SET_PIN and s.slot in h.logins and isinstance(args[2], bytes):
+            # the logged-in user changed its own PIN: a re-login must use the new one
+            user_type = h.logins[s.slot].user_type
+            h.forget_login(s.slot)
+            h.logins[s.slot] = Login(user_type, args[2])
         elif call_id in rc.OP_BY_INIT:
             s.op = Operation(rc.OP_BY_INIT[call_id], list(args))
         elif call_id in rc.OP_BY_CALL and s.op is not None:

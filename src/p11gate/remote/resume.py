@@ -92,12 +92,15 @@ class Resumer:
                 s.lost = False
             except ReplyError:
                 s.lost = True
-        for slot, login in h.logins.items():
+        for slot, login in list(h.logins.items()):
             first = _session_of(h, slot)
             if first is None:
                 continue
             rv = await _rv(link, rc.C_LOGIN, [first.node, login.user_type, login.pin()])
             if rv not in (ckr.OK, ckr.USER_ALREADY_LOGGED_IN):
+                # not tried again at the next failover: a PIN that stopped working must
+                # not walk the PIN into its lock-out
+                h.forget_login(slot)
                 log.warning("login could not be restored", extra={"slot": slot,
                                                                    "rv": ckr.name(rv)})
         for app_handle, obj in h.objects.items():
