@@ -134,6 +134,8 @@ class AppConnection:
                 and args[1].type in rc.HANDLE_MECHANISMS:
             raise Refused(ckr.MECHANISM_INVALID)
         for pos, rv in rc.OBJECT_ARGS.get(call_id, ()):
+            if args[pos] == 0 and call_id in rc.OPTIONAL_OBJECTS:
+                continue
             obj = self.h.objects.get(args[pos])
             if obj is None or obj.node is None:
                 raise Refused(rv)

@@ -18,6 +18,8 @@ PLAIN_CALLS = frozenset({1, 2, 3, 4})
 
 #: request arguments holding object handles: call id → ((position, CKR if unknown), …)
 OBJECT_ARGS: dict[int, tuple[tuple[int, int], ...]] = {
+    # C_SetOperationState: encryption and authentication key (0 = none, see OPTIONAL)
+    17: ((2, ckr.KEY_HANDLE_INVALID), (3, ckr.KEY_HANDLE_INVALID)),
     21: ((1, ckr.OBJECT_HANDLE_INVALID),),  # C_CopyObject
     22: ((1, ckr.OBJECT_HANDLE_INVALID),),  # C_DestroyObject
     23: ((1, ckr.OBJECT_HANDLE_INVALID),),  # C_GetObjectSize
@@ -37,6 +39,9 @@ OBJECT_ARGS: dict[int, tuple[tuple[int, int], ...]] = {
     68: ((2, ckr.KEY_HANDLE_INVALID),), 73: ((2, ckr.KEY_HANDLE_INVALID),),
     78: ((2, ckr.KEY_HANDLE_INVALID),), 83: ((2, ckr.KEY_HANDLE_INVALID),),
 }
+
+#: calls whose object arguments may be CK_INVALID_HANDLE (0) for "none"
+OPTIONAL_OBJECTS = frozenset({17})
 
 #: reply values that are new object handles: call id → positions
 OBJECT_REPLIES: dict[int, tuple[int, ...]] = {
