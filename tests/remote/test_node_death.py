@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tests.adversarial.hostile as hs
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
@@ -46,6 +47,7 @@ CKO_DATA, CKO_PRIVATE_KEY = 0, 3
 CKA_CLASS, CKA_TOKEN, CKA_LABEL, CKA_ID, CKA_VALUE = 0, 1, 3, 0x102, 0x11
 CKA_SIGN, CKA_EC_PARAMS, CKM_EC_KEY_PAIR_GEN, CKM_SHA256 = 0x108, 0x180, 0x1040, 0x250
 P256 = bytes.fromhex("06082a8648ce3d030107")
+CKA_MODULUS_BITS, CKA_PUBLIC_EXPONENT, CKM_RSA_KEY_PAIR_GEN = 0x121, 0x122, 0x0
 
 
 def node_store(base: Path) -> str:
@@ -269,6 +271,41 @@ def test_search_digest_and_idle_death_resume_what_is_lost_fails_with_its_ckr(
         c.call(42, [s3, Mechanism(CKM_SHA256_RSA_PKCS, None), key])
         (sig,) = c.call(43, [s3, b"x", 256])
         verify_rsa(cluster["pubs"]["02"], b"x", sig)
+        c.close()
+    finally:
+        agent.stop()
+        for n in nodes:
+            if n.gw is None or not n.gw.alive():
+                n.start()
+
+
+def test_a_generate_in_flight_when_its_node_dies_fails_and_is_not_done_twice(
+        cluster: dict[str, Any], tmp_path: Path) -> None:
+    """The reply of a C_GenerateKeyPair is lost with its node (killed while an RSA-4096
+    key is being made): the agent cannot know whether the key exists, so the call fails
+    with CKR_DEVICE_ERROR instead of making a second one; the application's session,
+    login and handles go on."""
+    nodes: list[Node] = cluster["nodes"][:2]
+    agent = Agent(tmp_path / "agent", cluster["pki"], [n.address for n in nodes])
+    try:
+        before = [n.agent_connections() for n in nodes]
+        c, sess, key = raw_signer(agent)
+        on = node_of(agent, nodes, before)
+        label = hs.s(CKA_LABEL, "in-flight")
+        pub = [hs.b(CKA_TOKEN, True), hs.u(CKA_MODULUS_BITS, 4096), label,
+               hs.s(CKA_PUBLIC_EXPONENT, b"\x01\x00\x01")]
+        priv = [hs.b(CKA_TOKEN, True), hs.b(CKA_SIGN, True), label]
+        sent = hs.send(c, "C_GenerateKeyPair", sess, Mechanism(CKM_RSA_KEY_PAIR_GEN, None),
+                       pub, priv)
+        time.sleep(0.1)
+        on.kill()
+        assert hs.answer(c, sent) == ckr.DEVICE_ERROR
+        assert "may have taken effect" in agent.log()
+        time.sleep(3)  # a worker of the dead node may still be finishing the key
+        assert len(c.find(sess, [label])) <= 2  # one key pair at most, never two
+        c.call(42, [sess, Mechanism(CKM_SHA256_RSA_PKCS, None), key])
+        (sig,) = c.call(43, [sess, b"after", 256])
+        verify_rsa(cluster["pubs"]["02"], b"after", sig)
         c.close()
     finally:
         agent.stop()
