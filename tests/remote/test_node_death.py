@@ -42,6 +42,8 @@ from tests.softhsm import MODULE, make_token
 from p11gate.codec import Attribute, AttrRequest, Mechanism, ckr
 
 ROOT = Path(__file__).resolve().parents[2]
+#: the token's user PIN: distinctive, so finding it in a log cannot be a coincidence
+PIN = "pin-Qx7-kept-in-memory"
 CKM_ECDSA, CKM_SHA256_RSA_PKCS = 0x1041, 0x40
 CKO_DATA, CKO_PRIVATE_KEY = 0, 3
 CKA_CLASS, CKA_TOKEN, CKA_LABEL, CKA_ID, CKA_VALUE = 0, 1, 3, 0x102, 0x11
@@ -87,7 +89,7 @@ class Node:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.mktemp("node-death")
     pki = make_pki(base / "pki")
-    token = make_token(base / "softhsm")
+    token = make_token(base / "softhsm", pin=PIN)
     nodes = [Node(base / f"node{i}", token, pki) for i in range(3)]
     pubs = {}
     for cka_id in ("01", "02"):
@@ -108,7 +110,7 @@ def raw_signer(agent: Agent) -> tuple[RawClient, int, int]:
     c.initialize()
     (slots,) = c.call(4, [1, 8])
     (sess,) = c.call(10, [slots[0], 6])
-    c.call(18, [sess, 1, b"1234"])
+    c.call(18, [sess, 1, PIN.encode()])
     found = c.find(sess, [Attribute(CKA_CLASS, CKO_PRIVATE_KEY, 8),
                           Attribute(CKA_ID, b"\x02", 1)])
     assert len(found) == 1
@@ -218,7 +220,7 @@ def test_raw_application_keeps_session_login_handles_and_multipart_operation(
         verify_rsa(cluster["pubs"]["02"], data, sig)
         assert "resumed on another gateway" in agent.log()
         log = agent.log()
-        assert "1234" not in log  # the kept PIN is not logged
+        assert PIN not in log  # the kept PIN is not logged
         c.close()
     finally:
         agent.stop()
@@ -336,7 +338,7 @@ def test_forged_handles_through_the_agent_reach_nothing(
             assert rv_of(b, 42, [b_sess, mech, forged]) == ckr.KEY_HANDLE_INVALID
             assert rv_of(b, 11, [forged]) == ckr.SESSION_HANDLE_INVALID
         # a mechanism whose parameter names an object is refused, not passed through
-        b.call(18, [b_sess, 1, b"1234"])
+        b.call(18, [b_sess, 1, PIN.encode()])
         (b_key,) = b.find(b_sess, [Attribute(CKA_ID, b"\x02", 1)])[:1]
         assert rv_of(b, 62, [b_sess, Mechanism(0x360, None), b_key, []]) \
             == ckr.MECHANISM_INVALID
@@ -388,7 +390,7 @@ def test_eight_clients_ride_through_a_node_killed_with_minus_9(
     outs = [tmp_path / f"client{i}.jsonl" for i in range(8)]
     procs = [subprocess.Popen(
         [sys.executable, "-m", "tests.remote.node_death_client", CLIENT_MODULE, "signing",
-         "1234", str(stop), str(out)], env=env, cwd=ROOT, stderr=subprocess.PIPE)
+         PIN, str(stop), str(out)], env=env, cwd=ROOT, stderr=subprocess.PIPE)
         for out in outs]
     try:
         assert wait_for(lambda: all(o.exists() and o.stat().st_size > 0 for o in outs),
@@ -427,4 +429,5 @@ def test_eight_clients_ride_through_a_node_killed_with_minus_9(
     print(f"node death: {resumed} application connections resumed on the other node")
     assert all(len(ms) > 8 for ms in phases.values()), {k: len(v) for k, v in phases.items()}
     assert resumed >= 1  # the kill was felt, and ridden out
+    assert PIN not in agent_log
     assert {r["kind"] for r in records} == {"ecdsa", "rsa", "rsa-multi"}
