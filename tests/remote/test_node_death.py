@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -39,7 +40,7 @@ from tests.remote.test_clients import (
 )
 from tests.softhsm import MODULE, make_token
 
-from p11gate.codec import Attribute, AttrRequest, Mechanism, ckr
+from p11gate.codec import Attribute, AttrRequest, Mechanism, build_frame, ckr
 
 ROOT = Path(__file__).resolve().parents[2]
 #: the token's user PIN: distinctive, so finding it in a log cannot be a coincidence
@@ -348,6 +349,31 @@ def test_forged_handles_through_the_agent_reach_nothing(
         verify_rsa(cluster["pubs"]["02"], b"abc", sig)
         a.close()
         b.close()
+    finally:
+        agent.stop()
+
+
+def test_hostile_frames_close_only_their_own_connection_at_the_agent(
+        cluster: dict[str, Any], tmp_path: Path) -> None:
+    nodes: list[Node] = cluster["nodes"][:2]
+    agent = Agent(tmp_path / "agent", cluster["pki"], [n.address for n in nodes])
+    try:
+        good, sess, key = raw_signer(agent)
+        hostile = [
+            struct.pack(">III", 7, 0, 2**31),  # a body of 2 GiB announced
+            struct.pack(">III", 7, 0, 12) + b"\x00\x00\x00\x2a" + b"\x00" * 8,  # id 42, no sig
+            build_frame(7, b"\x00\x00\x00\x04\x00\x00\x00\x02uu" + b"\x00" * 3),  # short
+        ]
+        for junk in hostile:
+            bad = RawClient(str(agent.path))
+            bad.send_raw(junk)
+            assert bad.closed_by_peer(10)
+            bad.close()
+        good.call(42, [sess, Mechanism(CKM_SHA256_RSA_PKCS, None), key])
+        (sig,) = good.call(43, [sess, b"still here", 256])
+        verify_rsa(cluster["pubs"]["02"], b"still here", sig)
+        good.close()
+        assert agent.proc.poll() is None
     finally:
         agent.stop()
 
