@@ -93,6 +93,11 @@ def test_call_description_matches_the_codec_signatures() -> None:
     for call in CALLS[11:88]:
         if call.id not in rc.SLOT_CALLS:
             assert call.req_codes[0] == "u", call.name
+    # the calls taking a slot (or flags), not a session, as their first argument
+    names = {CALLS[i].name for i in rc.SLOT_CALLS}
+    assert names == {"C_GetSlotInfo", "C_GetTokenInfo", "C_GetMechanismList",
+                     "C_GetMechanismInfo", "C_InitToken", "C_OpenSession",
+                     "C_CloseAllSessions", "C_WaitForSlotEvent", "C_InitToken2"}
     for kind in rc.OP_KINDS:
         assert CALLS[kind.init].name.endswith("Init")
         assert all("Update" in CALLS[c].name or c == 40 for c in kind.updates)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..codec import ckr
 
 #: calls whose first argument is a slot id, not a session
-SLOT_CALLS = frozenset({5, 6, 7, 8, 9, 10, 12, 14, 65, 88})
+SLOT_CALLS = frozenset({5, 6, 7, 8, 9, 10, 12, 65, 88})
 #: calls that carry no handle at all
 PLAIN_CALLS = frozenset({1, 2, 3, 4})
 
