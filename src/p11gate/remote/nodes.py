@@ -5,7 +5,7 @@ New connections go to the healthy node with the fewest connections open through 
 agent (ties: round robin), so load spreads instead of piling onto "the first that
 answers". A node that fails a connect, or dies under a connection, is put on back-off:
 it is skipped until its back-off ends (1 s, doubling per failure up to 60 s), and a
-health check (a TLS handshake to it) brings it back as soon as it answers again.
+health check (TLS handshake, C_GetInfo) brings it back as soon as it answers again.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..codec import V0241, build_frame, encode_request
+from ..codec.framing import HEADER_SIZE
 from .tls import parse_tls_address
 
 log = logging.getLogger("p11gate.remote")
@@ -25,6 +27,7 @@ log = logging.getLogger("p11gate.remote")
 CHUNK = 256 * 1024
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
+C_GET_INFO = 3
 
 
 class NoGateway(ConnectionError):
@@ -134,8 +137,7 @@ class NodeSet:
             self._checker = None
 
     async def _check_loop(self) -> None:
-        """Probe the nodes on back-off whose back-off is over: one TLS handshake (what a
-        new connection needs; a refused client certificate would fail it too)."""
+        """Probe the nodes on back-off whose back-off is over (see :meth:`probe`)."""
         while True:
             await asyncio.sleep(self.check_interval)
             now = time.monotonic()
@@ -144,13 +146,21 @@ class NodeSet:
                     await self.probe(node)
 
     async def probe(self, node: Node) -> bool:
+        """A TLS handshake, the version byte and one C_GetInfo: any well-formed reply
+        (an ERROR one too) shows the node serves RPC, not only that it accepts."""
+        w = None
         try:
-            _, w = await tls_connect(node.address, self.ctx, self.timeout)
-        except (OSError, TimeoutError, ssl.SSLError) as e:
-            self.mark_down(node, str(e))
+            r, w = await tls_connect(node.address, self.ctx, self.timeout)
+            w.write(b"\0" + build_frame(1, encode_request(C_GET_INFO, [], V0241), b"probe"))
+            await w.drain()
+            await asyncio.wait_for(r.readexactly(1 + HEADER_SIZE), self.timeout)
+        except (OSError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError) as e:
+            self.mark_down(node, f"health check: {e.__class__.__name__}: {e}")
             return False
-        w.close()
-        with contextlib.suppress(Exception):
-            await w.wait_closed()
+        finally:
+            if w is not None:
+                w.close()
+                with contextlib.suppress(Exception):
+                    await w.wait_closed()
         self.mark_up(node)
         return True
