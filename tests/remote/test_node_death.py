@@ -317,6 +317,35 @@ def test_a_generate_in_flight_when_its_node_dies_fails_and_is_not_done_twice(
                 n.start()
 
 
+def test_after_logout_a_failover_does_not_log_in_again(
+        cluster: dict[str, Any], tmp_path: Path) -> None:
+    """C_Logout forgets the kept PIN: on the new node the application is logged out, as
+    it asked; logged in again, its old key handle finds its key again."""
+    nodes: list[Node] = cluster["nodes"][:2]
+    agent = Agent(tmp_path / "agent", cluster["pki"], [n.address for n in nodes])
+    try:
+        before = [n.agent_connections() for n in nodes]
+        c, sess, key = raw_signer(agent)
+        on = node_of(agent, nodes, before)
+        c.call(19, [sess])
+        on.kill()
+        mech = Mechanism(CKM_SHA256_RSA_PKCS, None)
+        assert rv_of(c, 42, [sess, mech, key]) in (ckr.USER_NOT_LOGGED_IN,
+                                                  ckr.KEY_HANDLE_INVALID)
+        state = c.call(13, [sess])[1]
+        assert state == 2  # CKS_RW_PUBLIC_SESSION: not logged in on the new node
+        c.call(18, [sess, 1, PIN.encode()])
+        c.call(42, [sess, mech, key])
+        (sig,) = c.call(43, [sess, b"again", 256])
+        verify_rsa(cluster["pubs"]["02"], b"again", sig)
+        c.close()
+    finally:
+        agent.stop()
+        for n in nodes:
+            if n.gw is None or not n.gw.alive():
+                n.start()
+
+
 def test_forged_handles_through_the_agent_reach_nothing(
         cluster: dict[str, Any], tmp_path: Path) -> None:
     nodes: list[Node] = cluster["nodes"][:2]

@@ -33,7 +33,7 @@ from ..codec.framing import HEADER, HEADER_SIZE, MAX_OPTIONS
 from . import resume_calls as rc
 from .node_link import NodeLink, NodeLost
 from .nodes import NodeSet
-from .resume import Resumer
+from .resume import Resumer, find_one
 from .resume_state import Find, Handles, Login, Operation, Session
 
 log = logging.getLogger("p11gate.agent")
@@ -149,6 +149,7 @@ class AppConnection:
             else self.session(args[0])
         if s is not None:
             self._check_lost_operation(s, call_id)
+            await self._find_again(call_id, args, s)
         try:
             values = await self.forward(call_id, args)
         except ReplyError as e:
@@ -197,6 +198,22 @@ class AppConnection:
             raise ReplyError(ckr.DEVICE_ERROR) from None
         log.info("resumed on another gateway", extra={
             "from": old.node.address, "gateway": self.link.node.address})
+
+    async def _find_again(self, call_id: int, args: list[Any], s: Session) -> None:
+        """A token object the failover did not find (e.g. a private key while the
+        application was logged out) is looked for again when it is named."""
+        for pos, _ in rc.OBJECT_ARGS.get(call_id, ()):
+            obj = self.h.objects.get(args[pos])
+            if obj is None or obj.node is not None or obj.template is None or s.lost:
+                continue
+            assert self.link is not None
+            try:
+                found = await find_one(self.link, s.node, obj.template)
+            except NodeLost:
+                return  # forward() notices the closed link and fails over
+            if found is not None:
+                obj.node = found
+                self.h.by_node[found] = args[pos]
 
     def _check_lost_operation(self, s: Session, call_id: int) -> None:
         kind = rc.OP_BY_CALL.get(call_id)

@@ -110,10 +110,10 @@ class Resumer:
             finder = next((x for x in h.sessions.values() if not x.lost), None)
             if finder is None:
                 continue
-            found = await _find(link, finder.node, obj.template)
-            if len(found) == 1:
-                obj.node = found[0]
-                h.by_node[found[0]] = app_handle
+            found = await find_one(link, finder.node, obj.template)
+            if found is not None:
+                obj.node = found
+                h.by_node[found] = app_handle
         for s in h.sessions.values():
             if not s.lost:
                 await self._replay(link, s)
@@ -164,11 +164,15 @@ async def _rv(link: NodeLink, call_id: int, args: list[Any]) -> int:
     return ckr.OK
 
 
-async def _find(link: NodeLink, session: int, template: list[Any]) -> list[int]:
+async def find_one(link: NodeLink, session: int, template: list[Any]) -> int | None:
+    """The node's handle of the one object matching ``template``; None for none or
+    several (a fingerprint that is not unique names no object)."""
     try:
         await link.call(rc.C_FIND_INIT, [session, template])
-        (found,) = await link.call(rc.C_FIND_OBJECTS, [session, 2])
-        await link.call(rc.C_FIND_FINAL, [session])
+        try:
+            (found,) = await link.call(rc.C_FIND_OBJECTS, [session, 2])
+        finally:
+            await link.call(rc.C_FIND_FINAL, [session])
     except ReplyError:
-        return []
-    return list(found or [])
+        return None
+    return found[0] if isinstance(found, list) and len(found) == 1 else None
