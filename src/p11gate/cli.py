@@ -168,11 +168,16 @@ def tunnel(cert: str, key: str, ca: str, timeout: float, gateways: tuple[str, ..
 @click.option("--socket-mode", default="0600", show_default=True,
               help="permissions of the local socket (octal)")
 @click.option("--timeout", default=3.0, show_default=True, help="connect timeout per gateway")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="keep applications' sessions through a gateway's death (else relay bytes)")
+@click.option("--check-interval", default=2.0, show_default=True,
+              help="seconds between health checks of gateways on back-off")
 @click.argument("gateways", nargs=-1, required=True, envvar="P11GATE_GATEWAYS")
 def agent(cert: str, key: str, ca: str, listen: str, socket_mode: str, timeout: float,
-          gateways: tuple[str, ...]) -> None:
-    """Serve local applications on a unix socket, relayed over TLS to the first
-    reachable of GATEWAYS (tls:HOST:PORT …, or P11GATE_GATEWAYS separated by spaces)."""
+          resume: bool, check_interval: float, gateways: tuple[str, ...]) -> None:
+    """Serve local applications on a unix socket, relayed over TLS to the healthy
+    GATEWAYS (tls:HOST:PORT …, or P11GATE_GATEWAYS separated by spaces), spread by
+    fewest connections; with --resume an application rides through a gateway's death."""
     import asyncio
     import logging
 
@@ -188,7 +193,8 @@ def agent(cert: str, key: str, ca: str, listen: str, socket_mode: str, timeout: 
     logs.setup("info", "json")
     logging.getLogger("p11gate").info("agent starting", extra={"gateways": list(gateways)})
     try:
-        a = Agent(listen, list(gateways), cert, key, ca, timeout, int(socket_mode, 8))
+        a = Agent(listen, list(gateways), cert, key, ca, timeout, int(socket_mode, 8),
+                  resume, check_interval)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     sys.exit(asyncio.run(run_agent(a)))

@@ -1,11 +1,13 @@
-"""`p11gate agent`: a local unix socket for many applications, relayed over TLS to one of
-several gateways.
+"""`p11gate agent`: a local unix socket for many applications, relayed over TLS to
+several gateway nodes.
 
-Each local connection gets its own TLS connection, to the first gateway that answers;
-the agent remembers which one answered last and tries it first, so when a gateway stops,
-new connections go to the next one (connections that were on the stopped gateway end,
-as they would with a direct connection). The gateway sees the agent's certificate: all
-applications behind one agent share its identity.
+Each local connection gets its own TLS connection, to the healthy node with the fewest
+of the agent's connections (`nodes.NodeSet`: health checks, back-off). By default the
+agent follows the RPC protocol of each connection (`agent_session`), so when its node
+dies the application keeps its connection, sessions, login, handles and operations on
+another node (`resume`); with ``resume=False`` it only relays bytes, and a node's death
+ends the connections on it. The gateway sees the agent's certificate: all applications
+behind one agent share its identity.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import signal
 import sys
 import urllib.parse
 
-from .relay import NoGateway, open_tls, splice
+from .agent_session import AppConnection
+from .node_link import NodeLost
+from .nodes import NodeSet, NoGateway
+from .relay import splice
 from .tls import client_context
 
 log = logging.getLogger("p11gate.agent")
@@ -26,7 +31,8 @@ log = logging.getLogger("p11gate.agent")
 
 class Agent:
     def __init__(self, listen: str, addresses: list[str], cert: str, key: str, ca: str,
-                 timeout: float = 3.0, socket_mode: int = 0o600) -> None:
+                 timeout: float = 3.0, socket_mode: int = 0o600, resume: bool = True,
+                 check_interval: float = 2.0) -> None:
         if not listen.startswith("unix:path=/"):
             raise ValueError(f"{listen!r}: the agent listens on unix:path=/absolute/path")
         self.path = urllib.parse.unquote(listen.removeprefix("unix:path="))
@@ -34,7 +40,8 @@ class Agent:
         self.ctx = client_context(cert, key, ca)
         self.timeout = timeout
         self.socket_mode = socket_mode
-        self._preferred = 0
+        self.nodes = NodeSet(addresses, self.ctx, timeout, check_interval)
+        self.resume = resume
         self._server: asyncio.AbstractServer | None = None
         self.relayed = 0
 
@@ -48,20 +55,27 @@ class Agent:
         finally:
             os.umask(old)
         os.chmod(self.path, self.socket_mode)
+        self.nodes.start_checks()
 
     async def _client(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.relayed += 1
         try:
-            gr, gw, i = await open_tls(self.addresses, self.ctx, self.timeout, self._preferred)
-        except NoGateway as e:
+            if self.resume:
+                await AppConnection(self.nodes, r, w).serve()
+                return
+            (gr, gw), node = await self.nodes.connect()
+        except (NoGateway, NodeLost) as e:
             log.error("no gateway for a local client", extra={"error": str(e)})
             w.close()
             return
-        self._preferred = i
-        self.relayed += 1
-        log.info("relaying", extra={"gateway": self.addresses[i]})
-        await splice((r, w), (gr, gw))
+        log.info("relaying", extra={"gateway": node.address})
+        try:
+            await splice((r, w), (gr, gw))
+        finally:
+            self.nodes.release(node)
 
     async def stop(self) -> None:
+        await self.nodes.stop_checks()
         if self._server is not None:
             self._server.close()
         with contextlib.suppress(FileNotFoundError):

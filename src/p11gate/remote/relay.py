@@ -11,15 +11,12 @@ import contextlib
 import logging
 import ssl
 
+from .nodes import NoGateway
 from .tls import parse_tls_address
 
 log = logging.getLogger("p11gate.remote")
 
 CHUNK = 256 * 1024
-
-
-class NoGateway(ConnectionError):
-    """None of the configured gateway addresses accepted a TLS connection."""
 
 
 async def open_tls(addresses: list[str], ctx: ssl.SSLContext, timeout: float = 5.0,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import stat
 import sys
@@ -42,7 +43,9 @@ async def run_tunnel(addresses: list[str], cert: str, key: str, ca: str,
         print(f"p11gate tunnel: {e}", file=sys.stderr)
         return 2
     try:
-        r, w, _ = await open_tls(addresses, ctx, timeout)
+        # each tunnel is one process with one connection: a random first gateway spreads
+        # the applications over the nodes; the others are tried in order after it
+        r, w, _ = await open_tls(addresses, ctx, timeout, random.randrange(len(addresses)))
     except NoGateway as e:
         print(f"p11gate tunnel: {e}", file=sys.stderr)
         return 1
