@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .backends.kmip.config import KmipConfig
 from .backends.limits_config import KeyBitsConfig
 from .config_select import TokenSelect
 from .metrics_config import MetricsConfig
@@ -119,8 +120,11 @@ class ServerConfig(_Strict):
 
 class BackendConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    #: "module": a vendor PKCS#11 module; "soft": the built-in software token
-    type: Literal["module", "soft"] = "module"
+    #: "module": a vendor PKCS#11 module; "soft": the built-in software token;
+    #: "kmip": a KMIP server (see docs/kmip.md)
+    type: Literal["module", "soft", "kmip"] = "module"
+    #: kmip: the server and how to reach it (type "kmip" only)
+    kmip: KmipConfig | None = None
     #: path of the vendor PKCS#11 module (type "module" only)
     module: str = ""
     #: soft token: its SQLite file (absolute path; created on first start)
@@ -171,7 +175,18 @@ class BackendConfig(_Strict):
                                  "(or set type = \"soft\" for the built-in token)")
             if self.path or self.init_so_pin_file or self.init_user_pin_file:
                 raise ValueError("path and init_*_pin_file are keys of type = \"soft\"")
+            if self.kmip is not None:
+                raise ValueError("[backend.kmip] is for type = \"kmip\"")
             return self
+        if self.type == "kmip":
+            if self.kmip is None:
+                raise ValueError("type = \"kmip\" needs a [backend.kmip] section (host, cert, "
+                                 "key, ca, pin_file)")
+            if self.module or self.worker_command or self.path:
+                raise ValueError("type = \"kmip\" takes no module, worker_command or path")
+            return self
+        if self.kmip is not None:
+            raise ValueError("[backend.kmip] is for type = \"kmip\"")
         if self.module or self.worker_command:
             raise ValueError("type = \"soft\" takes no module or worker_command")
         if not os.path.isabs(self.path):
@@ -368,6 +383,10 @@ class Config(_Strict):
                             "them")
         if problems:
             raise ValueError("\n".join(problems))
+        for b in self.backend:  # the KMIP identity map lives with the registry
+            if b.kmip is not None and not b.kmip.idmap_path:
+                b.kmip.idmap_path = os.path.join(self.server.state_dir,
+                                                 f"kmip-{b.name}.sqlite")
         return self
 
     @model_validator(mode="after")
