@@ -87,6 +87,12 @@ class KmipServerProc:
                 out += p.read_text(errors="replace")[-3000:]
         return out
 
+    def operations(self, name: str) -> int:
+        """How many KMIP operations ``name`` (e.g. "Sign") the server has processed."""
+        p = self.dir / "server.log"
+        text = p.read_text(errors="replace") if p.exists() else ""
+        return text.count(f"Processing operation: {name}\n")
+
     def backend_toml(self, name: str, pin_file: Path, **extra: object) -> str:
         d = self.dir
         lines = [f'[[backend]]\nname = "{name}"\ntype = "kmip"\nlabel = "{name}"\n',

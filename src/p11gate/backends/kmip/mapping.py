@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from kmip.core import enums
+from kmip.pie import objects as kobj
 
 from ...codec import ckr
 from ...errors import Pkcs11Error
@@ -127,9 +129,56 @@ def key_attrs(cls: int, key_type: int, tpl: dict[int, int | bytes],
         a.update({O.CKA_VERIFY: 1, O.CKA_ENCRYPT: 1, O.CKA_WRAP: 0, O.CKA_VERIFY_RECOVER: 0})
     else:
         # private material never leaves the KMIP server through the gateway
-        a.update({O.CKA_SENSITIVE: 1, O.CKA_EXTRACTABLE: 0, O.CKA_ALWAYS_SENSITIVE: 1,
-                  O.CKA_NEVER_EXTRACTABLE: 1, O.CKA_DECRYPT: 1, O.CKA_UNWRAP: 0})
+        # (an imported key was known outside before: not "always sensitive")
+        a.update({O.CKA_SENSITIVE: 1, O.CKA_EXTRACTABLE: 0,
+                  O.CKA_ALWAYS_SENSITIVE: int(generated), O.CKA_NEVER_EXTRACTABLE: int(generated),
+                  O.CKA_DECRYPT: 1, O.CKA_UNWRAP: 0})
         a[O.CKA_SIGN] = 1 if key_type == O.CKK_RSA else 0
         if cls == O.CKO_SECRET_KEY:
             a[O.CKA_ENCRYPT] = 1
     return a
+
+
+def _int(tpl: dict[int, int | bytes], a: int) -> int | None:
+    v = tpl.get(a)
+    return int.from_bytes(v, "big") if isinstance(v, bytes) and v else None
+
+
+def rsa_register(cls: int, tpl: dict[int, int | bytes],
+                 name: str | None) -> tuple[Any, dict[int, int | bytes]]:
+    """An imported RSA key as a KMIP managed object for Register, and the public
+    attributes the gateway keeps (the private values go to the server, never to the
+    identity map)."""
+    n, e = _int(tpl, O.CKA_MODULUS), _int(tpl, O.CKA_PUBLIC_EXPONENT)
+    if n is None or e is None:
+        raise Pkcs11Error(ckr.TEMPLATE_INCOMPLETE, "CKA_MODULUS, CKA_PUBLIC_EXPONENT")
+    bits = n.bit_length()
+    if not RSA_BITS[0] <= bits <= RSA_BITS[1]:
+        raise Pkcs11Error(ckr.KEY_SIZE_RANGE)
+    U = enums.CryptographicUsageMask
+    if cls == O.CKO_PUBLIC_KEY:
+        der = rsa.RSAPublicNumbers(e, n).public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+        mo = kobj.PublicKey(enums.CryptographicAlgorithm.RSA, bits, der,
+                            enums.KeyFormatType.PKCS_1, masks=[U.VERIFY, U.ENCRYPT], name=name)
+    else:
+        d = _int(tpl, O.CKA_PRIVATE_EXPONENT)
+        if d is None:
+            raise Pkcs11Error(ckr.TEMPLATE_INCOMPLETE, "CKA_PRIVATE_EXPONENT")
+        try:
+            p, q = rsa.rsa_recover_prime_factors(n, e, d)
+            numbers = rsa.RSAPrivateNumbers(p, q, d, rsa.rsa_crt_dmp1(d, p),
+                                            rsa.rsa_crt_dmq1(d, q), rsa.rsa_crt_iqmp(p, q),
+                                            rsa.RSAPublicNumbers(e, n))
+            der = numbers.private_key().private_bytes(
+                serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption())
+        except ValueError:
+            raise Pkcs11Error(ckr.ATTRIBUTE_VALUE_INVALID, "not an RSA key") from None
+        mo = kobj.PrivateKey(enums.CryptographicAlgorithm.RSA, bits, der,
+                             enums.KeyFormatType.PKCS_8, masks=[U.SIGN, U.DECRYPT], name=name)
+    public: dict[int, int | bytes] = {
+        O.CKA_MODULUS: n.to_bytes((bits + 7) // 8, "big"),
+        O.CKA_PUBLIC_EXPONENT: e.to_bytes((e.bit_length() + 7) // 8, "big"),
+        O.CKA_MODULUS_BITS: bits}
+    return mo, public

@@ -249,13 +249,16 @@ class KmipToken:
         tpl = O.parse_template(args[1])
         cls = tpl.get(O.CKA_CLASS)
         value = tpl.get(O.CKA_VALUE)
-        if not isinstance(value, bytes) or not value:
+        if cls in (O.CKO_CERTIFICATE, O.CKO_SECRET_KEY) and (
+                not isinstance(value, bytes) or not value):
             raise Pkcs11Error(ckr.TEMPLATE_INCOMPLETE, "CKA_VALUE")
+        assert isinstance(value, bytes | None)
         label = tpl.get(O.CKA_LABEL, b"")
         name = label.decode(errors="replace") if isinstance(label, bytes) and label else None
         if cls == O.CKO_CERTIFICATE:
             if tpl.get(O.CKA_CERTIFICATE_TYPE, O.CKC_X_509) != O.CKC_X_509:
                 raise Pkcs11Error(ckr.ATTRIBUTE_VALUE_INVALID, "only X.509 certificates")
+            assert value is not None
             mo: Any = kobj.X509Certificate(value, name=name)
             a = MAP.key_attrs(O.CKO_CERTIFICATE, 0, tpl, False) | {O.CKA_VALUE: value}
             a[O.CKA_PRIVATE] = 0
@@ -263,6 +266,7 @@ class KmipToken:
                 if isinstance(tpl.get(k), bytes):
                     a[k] = tpl[k]
         elif cls == O.CKO_SECRET_KEY and tpl.get(O.CKA_KEY_TYPE) == O.CKK_AES:
+            assert value is not None
             if len(value) not in (16, 24, 32):
                 raise Pkcs11Error(ckr.ATTRIBUTE_VALUE_INVALID, "AES key length")
             mo = kobj.SymmetricKey(enums.CryptographicAlgorithm.AES, len(value) * 8, value,
@@ -270,13 +274,16 @@ class KmipToken:
                                           enums.CryptographicUsageMask.DECRYPT], name=name)
             a = MAP.key_attrs(O.CKO_SECRET_KEY, O.CKK_AES, tpl, False)
             a[O.CKA_VALUE_LEN] = len(value)
+        elif cls in (O.CKO_PRIVATE_KEY, O.CKO_PUBLIC_KEY) and tpl.get(O.CKA_KEY_TYPE) == O.CKK_RSA:
+            mo, public = MAP.rsa_register(int(cls), tpl, name)
+            a = MAP.key_attrs(int(cls), O.CKK_RSA, tpl, False) | public
         else:
             raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, "the KMIP token registers X.509 "
-                              "certificates and AES keys")
+                              "certificates, RSA keys and AES keys")
 
         def register(c: Any) -> str:
             uid = c.register(mo)
-            if cls == O.CKO_SECRET_KEY:
+            if cls != O.CKO_CERTIFICATE:
                 c.activate(uid)
             return str(uid)
 
