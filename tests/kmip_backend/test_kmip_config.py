@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.kmip.kmip_server import KmipServerProc
+from tests.kmip_backend.kmip_server import KmipServerProc
 
 from p11gate.config import ConfigError, load_config
 

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from tests.adversarial.hostile import call, rv, s, u
 from tests.gateway_proc import Gateway, RawClient
-from tests.kmip.conftest import USER_PIN, kmip_gateway_config
-from tests.kmip.kmip_server import KmipServerProc
+from tests.kmip_backend.conftest import USER_PIN, kmip_gateway_config
+from tests.kmip_backend.kmip_server import KmipServerProc
 
 from p11gate.codec import AttrRequest, Mechanism, ckr
 from p11gate.codec.tables import V026
@@ -145,6 +145,13 @@ def test_kmip_server_stopped_mid_loop_and_restarted(kmip_server: KmipServerProc,
         t.start()
         time.sleep(0.5)
         assert t.is_alive()  # waiting on the frozen server
+        # the event loop is not blocked by the hung KMIP call: another client is served
+        other, osess = session(gw, login=False)
+        t0 = time.monotonic()
+        (opub,) = other.find(osess, [u(0x0, 2), s(CKA_LABEL, "loop-rsa")])
+        assert public_key(other, osess, opub).public_numbers() == key.public_numbers()
+        assert time.monotonic() - t0 < 1.0 and t.is_alive()
+        other.close()
         kmip_server.stop()
         t.join(30)
         assert in_flight["rv"] == ckr.DEVICE_ERROR
@@ -165,6 +172,42 @@ def test_kmip_server_stopped_mid_loop_and_restarted(kmip_server: KmipServerProc,
     finally:
         if kmip_server.proc is None:
             kmip_server.start()
+        alive = gw.alive()
+        gw.stop()
+        assert alive, gw.log()[-3000:]
+
+
+def test_keys_made_outside_the_gateway_are_found_by_kmip_name(
+        kmip_server: KmipServerProc, tmp_path: Path) -> None:
+    from kmip.core import enums
+
+    k = kmip_server.client()
+    try:
+        masks = [enums.CryptographicUsageMask.SIGN, enums.CryptographicUsageMask.VERIFY]
+        pub_uid, priv_uid = k.create_key_pair(
+            enums.CryptographicAlgorithm.RSA, 2048, public_name="outside-rsa",
+            private_name="outside-rsa", public_usage_mask=masks, private_usage_mask=masks)
+        k.activate(pub_uid)
+        k.activate(priv_uid)
+    finally:
+        k.close()
+    gw = Gateway(kmip_gateway_config(tmp_path, kmip_server))
+    try:
+        c, sess = session(gw)
+        label = s(CKA_LABEL, "outside-rsa")
+        assert c.find(sess, [u(0x0, 3), label]) != []
+        (priv,) = c.find(sess, [u(0x0, 3), label])
+        (pub,) = c.find(sess, [u(0x0, 2), label])
+        key = public_key(c, sess, pub)
+        key.verify(sign(c, sess, priv, Mechanism(CKM_SHA256_RSA, None)), MSG,
+                   padding.PKCS1v15(), hashes.SHA256())
+        _attrs, code = call(c, "C_GetAttributeValue", sess, priv,
+                           [AttrRequest(CKA_PRIVATE_EXPONENT, 4096)])
+        assert code == ckr.ATTRIBUTE_SENSITIVE
+        # found once: a second search maps nothing new
+        assert sorted(c.find(sess, [label])) == sorted([pub, priv])
+        c.close()
+    finally:
         alive = gw.alive()
         gw.stop()
         assert alive, gw.log()[-3000:]

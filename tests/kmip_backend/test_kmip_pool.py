@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from tests.adversarial.hostile import call, rv, s, u
 from tests.gateway_proc import CLIENT_MODULE, Gateway, RawClient, worker_pids
-from tests.kmip.kmip_server import KmipServerProc
+from tests.kmip_backend.kmip_server import KmipServerProc
 from tests.pools.members import PIN, key_material, make_member
 from tests.softhsm import softhsm_available
 

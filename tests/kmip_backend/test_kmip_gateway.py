@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from tests.gateway_proc import CLIENT_MODULE, Gateway
-from tests.kmip.conftest import USER_PIN, kmip_gateway_config
-from tests.kmip.kmip_server import KmipServerProc
+from tests.kmip_backend.conftest import USER_PIN, kmip_gateway_config
+from tests.kmip_backend.kmip_server import KmipServerProc
 
 pytestmark = pytest.mark.skipif(
     not Path(CLIENT_MODULE).exists() or shutil.which("pkcs11-tool") is None,

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.kmip.kmip_server import KmipServerProc
+from tests.kmip_backend.kmip_server import KmipServerProc
 
 USER_PIN = "kmip-pin-4321"
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from tests.adversarial.tls_pki import Authority
@@ -92,6 +93,22 @@ class KmipServerProc:
         p = self.dir / "server.log"
         text = p.read_text(errors="replace") if p.exists() else ""
         return text.count(f"Processing operation: {name}\n")
+
+    def client(self) -> Any:
+        """A PyKMIP client of our own (keys "made outside the gateway")."""
+        import ssl
+
+        from kmip.core import enums
+        from kmip.pie.client import ProxyKmipClient
+
+        d = self.dir
+        c = ProxyKmipClient(hostname="127.0.0.1", port=self.port, cert=str(d / "client.pem"),
+                            key=str(d / "client.key"), ca=str(d / "ca.pem"),
+                            ssl_version="PROTOCOL_SSLv23", config_file=None,
+                            kmip_version=enums.KMIPVersion.KMIP_1_2)
+        c.proxy.cert_reqs = ssl.CERT_REQUIRED
+        c.open()
+        return c
 
     def backend_toml(self, name: str, pin_file: Path, **extra: object) -> str:
         d = self.dir
