@@ -384,6 +384,12 @@ class Config(_Strict):
         if problems:
             raise ValueError("\n".join(problems))
         for b in self.backend:  # the KMIP identity map lives with the registry
+            secret_var = b.kmip.password_env if b.kmip is not None else None
+            for o in self.backend:
+                if secret_var is not None and secret_var in o.env:
+                    raise ValueError(f"backend {o.name!r}: env sets {secret_var}, the "
+                                     f"KMIP password_env of backend {b.name!r}: the worker "
+                                     "would see the password; remove it from env")
             if b.kmip is not None and not b.kmip.idmap_path:
                 b.kmip.idmap_path = os.path.join(self.server.state_dir,
                                                  f"kmip-{b.name}.sqlite")

@@ -70,6 +70,7 @@ def test_defaults_and_check_config(tmp_path: Path, files: KmipServerProc) -> Non
     ({"kmip_version": "3.0"}, "kmip_version"),
     ({"idmap_path": "relative.sqlite"}, "absolute path"),
     ({"bogus": 1}, "bogus"),
+    ({"username": "u", "password_env": "HOME"}, "passed on to every worker"),
 ])
 def test_bad_sections_are_refused(tmp_path: Path, files: KmipServerProc,
                                   extra: dict[str, object], message: str) -> None:
@@ -82,4 +83,16 @@ def test_kmip_type_needs_its_section(tmp_path: Path) -> None:
     cfg.write_text('[[backend]]\nname = "k"\ntype = "kmip"\n[[token]]\nname = "t"\n'
                    'backend = "k"\n')
     with pytest.raises(ConfigError, match=r"\[backend.kmip\]"):
+        load_config(cfg)
+
+
+def test_password_env_not_given_to_a_worker(tmp_path: Path, files: KmipServerProc) -> None:
+    cfg = _write(tmp_path, files, username="gw", password_env="KMIP_PASSWORD")
+    cfg.write_text(cfg.read_text() + """
+[[backend]]
+name = "other"
+module = "/bin/true"
+env = { KMIP_PASSWORD = "x" }
+""")
+    with pytest.raises(ConfigError, match="worker would see the password"):
         load_config(cfg)

@@ -13,7 +13,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from tests.adversarial.hostile import call, rv, s, u
+from tests.adversarial.hostile import b, call, rv, s, u
 from tests.gateway_proc import Gateway, RawClient
 from tests.kmip_backend.conftest import USER_PIN, kmip_gateway_config
 from tests.kmip_backend.kmip_server import KmipServerProc
@@ -93,6 +93,9 @@ def test_hostile_client_gets_no_private_material(kmip_server: KmipServerProc,
         assert rv(c, "C_SignInit", sess, Mechanism(CKM_RSA_PKCS, None),
                   priv) == ckr.MECHANISM_INVALID
         assert rv(c, "C_GenerateRandom", sess, 32) == ckr.RANDOM_NO_RNG
+        # no session objects on a KMIP server: refused, not made a token object
+        assert rv(c, "C_GenerateKey", sess, Mechanism(CKM_AES_KEYGEN, None),
+                  [u(CKA_VALUE_LEN, 16), b(0x1, False)]) == ckr.TEMPLATE_INCONSISTENT
         # PSS: the server's salt is the largest one; a client asking for 32 is refused
         assert rv(c, "C_SignInit", sess, Mechanism(CKM_SHA256_PSS, PssParams(
             CKM_SHA256, CKG_MGF1_SHA256, 32)), priv) == ckr.MECHANISM_PARAM_INVALID

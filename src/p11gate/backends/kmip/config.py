@@ -61,6 +61,13 @@ class KmipConfig(BaseModel):
         if has_password != (self.username is not None):
             raise ValueError("kmip: username and a password (password_file or password_env) "
                              "go together")
+        if self.password_env is not None:
+            from ..worker_env import INHERITED
+
+            if self.password_env in INHERITED:
+                raise ValueError(f"kmip.password_env: {self.password_env!r} is passed on to "
+                                 "every worker process: keep the password in a variable of "
+                                 "its own (e.g. KMIP_PASSWORD)")
         if self.password_file is not None and not os.path.isabs(self.password_file):
             raise ValueError("kmip.password_file: give an absolute path")
         if self.idmap_path and not os.path.isabs(self.idmap_path):

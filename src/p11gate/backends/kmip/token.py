@@ -73,6 +73,13 @@ class KmipToken:
             raise Pkcs11Error(rv)
         return o
 
+    @staticmethod
+    def _token_objects_only(*templates: dict[int, int | bytes]) -> None:
+        # everything a KMIP server holds outlives the session: no session objects
+        if any(t.get(O.CKA_TOKEN, 1) == 0 for t in templates):
+            raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, "the KMIP token has token objects "
+                              "only")
+
     def _user(self, s: Session) -> None:
         if not self.logged_in:
             raise Pkcs11Error(ckr.USER_NOT_LOGGED_IN)
@@ -186,6 +193,7 @@ class KmipToken:
         if not args[1] or args[1][0] != MAP.CKM_RSA_PKCS_KEY_PAIR_GEN:
             raise Pkcs11Error(ckr.MECHANISM_INVALID)
         pub_t, priv_t = O.parse_template(args[2] or []), O.parse_template(args[3] or [])
+        self._token_objects_only(pub_t, priv_t)
         bits = pub_t.get(O.CKA_MODULUS_BITS)
         if not isinstance(bits, int):
             raise Pkcs11Error(ckr.TEMPLATE_INCOMPLETE, "CKA_MODULUS_BITS")
@@ -224,6 +232,7 @@ class KmipToken:
         if not args[1] or args[1][0] != MAP.CKM_AES_KEY_GEN:
             raise Pkcs11Error(ckr.MECHANISM_INVALID)
         tpl = O.parse_template(args[2] or [])
+        self._token_objects_only(tpl)
         n = tpl.get(O.CKA_VALUE_LEN)
         if n not in (16, 24, 32):
             raise Pkcs11Error(ckr.KEY_SIZE_RANGE if isinstance(n, int) else
@@ -247,6 +256,7 @@ class KmipToken:
         s = self.session(args[0])
         self._user(s)
         tpl = O.parse_template(args[1])
+        self._token_objects_only(tpl)
         cls = tpl.get(O.CKA_CLASS)
         value = tpl.get(O.CKA_VALUE)
         if cls in (O.CKO_CERTIFICATE, O.CKO_SECRET_KEY) and (
