@@ -93,6 +93,7 @@ def test_pool_of_softhsm_and_kmip_signs_through_either(kmip_server: KmipServerPr
     softhsm = make_member(tmp_path, 0, keys)
     pin_file = tmp_path / "kmip.pin"
     pin_file.write_text(PIN + "\n")
+    pin_file.chmod(0o600)
     idmap = tmp_path / "kmip-idmap.sqlite"
     # the same RSA key into the KMIP server (Register), through the gateway
     imp = Gateway(_config(tmp_path, kmip_server, softhsm, pin_file, idmap, pool=False))
