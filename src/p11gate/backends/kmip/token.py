@@ -376,6 +376,9 @@ class KmipToken:
             elif otype == enums.ObjectType.SYMMETRIC_KEY and alg == aes:
                 new.append((uid, O.CKO_SECRET_KEY,
                             MAP.key_attrs(O.CKO_SECRET_KEY, O.CKK_AES, tpl, False)))
+        # another search may have adopted some while this one waited on the server
+        known = {o.uid for o in self.objects.values()}
+        new = [n for n in new if n[0] not in known]
         if new:
             self._remember(new)
 
