@@ -214,3 +214,35 @@ def test_keys_made_outside_the_gateway_are_found_by_kmip_name(
         alive = gw.alive()
         gw.stop()
         assert alive, gw.log()[-3000:]
+
+
+def test_identity_map_write_fails_closed(kmip_server: KmipServerProc, tmp_path: Path) -> None:
+    import sqlite3
+
+    gw = Gateway(kmip_gateway_config(tmp_path, kmip_server))
+    db = tmp_path / "state" / "kmip-kmip.sqlite"
+    try:
+        c, sess = session(gw)
+        # a real SQLite failure on the next write of the map
+        with sqlite3.connect(db) as con:
+            con.execute("CREATE TRIGGER refuse BEFORE INSERT ON kmip_objects "
+                        "BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+        assert rv(c, "C_GenerateKeyPair", sess, Mechanism(CKM_RSA_KEYGEN, None),
+                  [u(CKA_MODULUS_BITS, 2048), s(CKA_LABEL, "unmapped")],
+                  [s(CKA_LABEL, "unmapped")]) == ckr.DEVICE_ERROR
+        with sqlite3.connect(db) as con:
+            con.execute("DROP TRIGGER refuse")
+            assert con.execute("SELECT count(*) FROM kmip_objects").fetchone() == (0,)
+        # the pair the server made is not lost: its KMIP Name finds it, once
+        priv = c.find(sess, [u(0x0, 3), s(CKA_LABEL, "unmapped")])
+        pub = c.find(sess, [u(0x0, 2), s(CKA_LABEL, "unmapped")])
+        assert len(priv) == 1 and len(pub) == 1
+        key = public_key(c, sess, pub[0])
+        key.verify(sign(c, sess, priv[0], Mechanism(CKM_SHA256_RSA, None)), MSG,
+                   padding.PKCS1v15(), hashes.SHA256())
+        c.close()
+    finally:
+        alive = gw.alive()
+        gw.stop()
+        assert alive, gw.log()[-3000:]
+    assert any(r.get("msg") == "KMIP identity map failed" for r in gw.records())
