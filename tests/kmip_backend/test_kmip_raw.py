@@ -96,6 +96,12 @@ def test_hostile_client_gets_no_private_material(kmip_server: KmipServerProc,
         # no session objects on a KMIP server: refused, not made a token object
         assert rv(c, "C_GenerateKey", sess, Mechanism(CKM_AES_KEYGEN, None),
                   [u(CKA_VALUE_LEN, 16), b(0x1, False)]) == ckr.TEMPLATE_INCONSISTENT
+        # nor extractable or non-sensitive keys: the gateway would have to lie about them
+        for flag in (b(0x162, True), b(0x103, False)):
+            assert rv(c, "C_GenerateKey", sess, Mechanism(CKM_AES_KEYGEN, None),
+                      [u(CKA_VALUE_LEN, 16), flag]) == ckr.TEMPLATE_INCONSISTENT
+            assert rv(c, "C_GenerateKeyPair", sess, Mechanism(CKM_RSA_KEYGEN, None),
+                      [u(CKA_MODULUS_BITS, 2048)], [flag]) == ckr.TEMPLATE_INCONSISTENT
         # PSS: the server's salt is the largest one; a client asking for 32 is refused
         assert rv(c, "C_SignInit", sess, Mechanism(CKM_SHA256_PSS, PssParams(
             CKM_SHA256, CKG_MGF1_SHA256, 32)), priv) == ckr.MECHANISM_PARAM_INVALID

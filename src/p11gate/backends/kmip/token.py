@@ -80,6 +80,14 @@ class KmipToken:
             raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, "the KMIP token has token objects "
                               "only")
 
+    @staticmethod
+    def _sensitive_only(*templates: dict[int, int | bytes]) -> None:
+        # the gateway never reads private material back, so it cannot honour these
+        if any(t.get(O.CKA_EXTRACTABLE) == 1 or t.get(O.CKA_SENSITIVE) == 0
+               for t in templates):
+            raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, "KMIP token keys are sensitive and "
+                              "not extractable")
+
     def _user(self, s: Session) -> None:
         if not self.logged_in:
             raise Pkcs11Error(ckr.USER_NOT_LOGGED_IN)
@@ -194,6 +202,7 @@ class KmipToken:
             raise Pkcs11Error(ckr.MECHANISM_INVALID)
         pub_t, priv_t = O.parse_template(args[2] or []), O.parse_template(args[3] or [])
         self._token_objects_only(pub_t, priv_t)
+        self._sensitive_only(priv_t)
         bits = pub_t.get(O.CKA_MODULUS_BITS)
         if not isinstance(bits, int):
             raise Pkcs11Error(ckr.TEMPLATE_INCOMPLETE, "CKA_MODULUS_BITS")
@@ -233,6 +242,7 @@ class KmipToken:
             raise Pkcs11Error(ckr.MECHANISM_INVALID)
         tpl = O.parse_template(args[2] or [])
         self._token_objects_only(tpl)
+        self._sensitive_only(tpl)
         n = tpl.get(O.CKA_VALUE_LEN)
         if n not in (16, 24, 32):
             raise Pkcs11Error(ckr.KEY_SIZE_RANGE if isinstance(n, int) else
@@ -258,6 +268,8 @@ class KmipToken:
         tpl = O.parse_template(args[1])
         self._token_objects_only(tpl)
         cls = tpl.get(O.CKA_CLASS)
+        if cls in (O.CKO_PRIVATE_KEY, O.CKO_SECRET_KEY):
+            self._sensitive_only(tpl)
         value = tpl.get(O.CKA_VALUE)
         if cls in (O.CKO_CERTIFICATE, O.CKO_SECRET_KEY) and (
                 not isinstance(value, bytes) or not value):
