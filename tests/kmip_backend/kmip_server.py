@@ -4,7 +4,9 @@ SQLite file in the test's directory (so a stop and a start keep them)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -63,7 +65,10 @@ class KmipServerProc:
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
         self.proc = subprocess.Popen([sys.executable, "-c", _SERVE, str(self.dir),
                                       str(self.port)], env=env, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.dir / "stderr.log", "ab"))
+                                     stderr=open(self.dir / "stderr.log", "ab"),
+                                     # its own group: PyKMIP starts a multiprocessing
+                                     # manager that must go with it
+                                     start_new_session=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log()
@@ -75,8 +80,9 @@ class KmipServerProc:
         raise AssertionError("PyKMIP server did not listen\n" + self.log())
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its manager
             self.proc.wait(10)
         self.proc = None
 
