@@ -252,3 +252,29 @@ def test_identity_map_write_fails_closed(kmip_server: KmipServerProc, tmp_path: 
         gw.stop()
         assert alive, gw.log()[-3000:]
     assert any(r.get("msg") == "KMIP identity map failed" for r in gw.records())
+
+
+def test_credential_password_read_at_connect(kmip_server: KmipServerProc,
+                                             tmp_path: Path) -> None:
+    secret = "kmip-credential-password-77"
+    pw = tmp_path / "kmip.password"
+    pw.write_text(secret + "\n")
+    pw.chmod(0o600)
+    gw = Gateway(kmip_gateway_config(tmp_path, kmip_server, username="p11gate",
+                                     password_file=str(pw), retries=0))
+    try:
+        c, sess = session(gw)
+        pw.unlink()  # unreadable when the first connection is made: a device error
+        assert rv(c, "C_GenerateKeyPair", sess, Mechanism(CKM_RSA_KEYGEN, None),
+                  [u(CKA_MODULUS_BITS, 2048)], []) == ckr.DEVICE_ERROR
+        pw.write_text(secret + "\n")
+        pub, priv = rsa_pair(c, sess, "with-credential")
+        public_key(c, sess, pub).verify(
+            sign(c, sess, priv, Mechanism(CKM_SHA256_RSA, None)), MSG, padding.PKCS1v15(),
+            hashes.SHA256())
+        c.close()
+    finally:
+        alive = gw.alive()
+        gw.stop()
+        assert alive, gw.log()[-3000:]
+    assert secret not in gw.log()

@@ -87,9 +87,9 @@ class KmipBackend(Backend):
         return self._token is not None
 
     async def start(self) -> None:
-        # PyKMIP's own debug records name key files and request details: keep them out
-        # of the gateway's log whatever its level
-        logging.getLogger("kmip").setLevel(logging.WARNING)
+        # PyKMIP's own records name key files and request details, and warn at every
+        # connection about its absent config file: the pool logs what matters
+        logging.getLogger("kmip").setLevel(logging.ERROR)
         k = self.kmip
         try:
             pin = k.pin()

@@ -63,15 +63,16 @@ class KmipPool:
     def _connect(self) -> ProxyKmipClient:
         cfg, delay = self.cfg, self.cfg.retry_backoff
         for attempt in range(cfg.retries + 1):
-            client = ProxyKmipClient(
-                hostname=cfg.host, port=cfg.port, cert=cfg.cert, key=cfg.key, ca=cfg.ca,
-                ssl_version="PROTOCOL_SSLv23", username=cfg.username,
-                password=cfg.password(), config_file=None,
-                kmip_version=_VERSIONS[cfg.kmip_version])
-            proxy = client.proxy
-            proxy.timeout = cfg.timeout
-            proxy.cert_reqs = ssl.CERT_REQUIRED
             try:
+                # (the password is read here, each time: a rotated file takes effect)
+                client = ProxyKmipClient(
+                    hostname=cfg.host, port=cfg.port, cert=cfg.cert, key=cfg.key, ca=cfg.ca,
+                    ssl_version="PROTOCOL_SSLv23", username=cfg.username,
+                    password=cfg.password(), config_file=None,
+                    kmip_version=_VERSIONS[cfg.kmip_version])
+                proxy = client.proxy
+                proxy.timeout = cfg.timeout
+                proxy.cert_reqs = ssl.CERT_REQUIRED
                 client.open()
                 return client
             except Exception as e:  # socket, TLS or PyKMIP errors: all mean "not reached"
