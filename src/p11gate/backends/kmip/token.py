@@ -21,6 +21,7 @@ from ...errors import Pkcs11Error
 from ..soft import objects as O
 from ..soft.token import CKF_RW_SESSION, CKF_SERIAL_SESSION, out_buffer, pad
 from . import mapping as MAP
+from .adopt import adopt
 from .idmap import IdMap, MappedObject
 from .pool import KmipPool
 
@@ -185,13 +186,13 @@ class KmipToken:
 
     # ------------------------------------------------------------------ objects
 
-    def _remember(self, objs: list[tuple[str, int, dict[int, int | bytes]]]) -> list[int]:
+    def remember(self, objs: list[tuple[str, int, dict[int, int | bytes]]]) -> list[int]:
         handles = self.idmap.add(objs)  # persisted before anyone hears of the object
         for h, (uid, cls, attrs) in zip(handles, objs, strict=True):
             self.objects[h] = MappedObject(h, uid, cls, attrs)
         return handles
 
-    async def _public(self, uid: str) -> dict[int, int | bytes]:
+    async def public_values(self, uid: str) -> dict[int, int | bytes]:
         key = await self.pool.call(lambda c: c.get(uid), "Get")
         return MAP.rsa_public_attrs(bytes(key.value))
 
@@ -225,13 +226,13 @@ class KmipToken:
             return str(pub), str(priv)
 
         pub_uid, priv_uid = await self.pool.call(create, "CreateKeyPair")
-        public = await self._public(pub_uid)
+        public = await self.public_values(pub_uid)
         pub_a = MAP.key_attrs(O.CKO_PUBLIC_KEY, O.CKK_RSA, {**priv_t, **pub_t}, True) | public
         priv_a = MAP.key_attrs(O.CKO_PRIVATE_KEY, O.CKK_RSA, {**pub_t, **priv_t}, True)
         priv_a.update({O.CKA_MODULUS: public[O.CKA_MODULUS],
                        O.CKA_PUBLIC_EXPONENT: public[O.CKA_PUBLIC_EXPONENT],
                        O.CKA_MODULUS_BITS: bits})
-        hp, hs = self._remember([(pub_uid, O.CKO_PUBLIC_KEY, pub_a),
+        hp, hs = self.remember([(pub_uid, O.CKO_PUBLIC_KEY, pub_a),
                                  (priv_uid, O.CKO_PRIVATE_KEY, priv_a)])
         return [hp, hs]
 
@@ -260,7 +261,7 @@ class KmipToken:
 
         uid = await self.pool.call(create, "Create")
         a = MAP.key_attrs(O.CKO_SECRET_KEY, O.CKK_AES, tpl, True) | {O.CKA_VALUE_LEN: n}
-        return self._remember([(uid, O.CKO_SECRET_KEY, a)])
+        return self.remember([(uid, O.CKO_SECRET_KEY, a)])
 
     async def create_object(self, args: list[Any]) -> list[Any]:
         s = self.session(args[0])
@@ -310,7 +311,7 @@ class KmipToken:
             return str(uid)
 
         uid = await self.pool.call(register, "Register")
-        return self._remember([(uid, int(cls), a)])
+        return self.remember([(uid, int(cls), a)])
 
     async def destroy_object(self, args: list[Any]) -> list[Any]:
         s = self.session(args[0])
@@ -350,49 +351,11 @@ class KmipToken:
         label = tpl.get(O.CKA_LABEL)
         if self.logged_in and isinstance(label, bytes) and label and not any(
                 o.attrs.get(O.CKA_LABEL) == label for o in self.objects.values()):
-            await self._adopt(label)
+            await adopt(self, label)
         s.found = [h for h, o in sorted(self.objects.items())
                    if not (o.attrs.get(O.CKA_PRIVATE) and not self.logged_in)
                    and O.matches(O.SoftObject(h, o.attrs), tpl)]
         return []
-
-    async def _adopt(self, label: bytes) -> None:
-        """Keys made outside the gateway: Locate them by KMIP Name, map them once."""
-        name = label.decode(errors="replace")
-
-        def locate(c: Any) -> list[tuple[str, Any, Any]]:
-            f = c.attribute_factory
-            uids = c.locate(attributes=[f.create_attribute(enums.AttributeType.NAME, name)])
-            out = []
-            for uid in uids[:16]:
-                _, attrs = c.get_attributes(uid, ["Object Type", "Cryptographic Algorithm",
-                                                  "Cryptographic Length"])
-                kinds = {a.attribute_name.value: a.attribute_value.value for a in attrs}
-                out.append((str(uid), kinds.get("Object Type"),
-                            kinds.get("Cryptographic Algorithm")))
-            return out
-
-        known = {o.uid for o in self.objects.values()}
-        new: list[tuple[str, int, dict[int, int | bytes]]] = []
-        rsa, aes = enums.CryptographicAlgorithm.RSA, enums.CryptographicAlgorithm.AES
-        for uid, otype, alg in await self.pool.call(locate, "Locate"):
-            if uid in known:
-                continue
-            tpl: dict[int, int | bytes] = {O.CKA_LABEL: label}
-            if otype == enums.ObjectType.PUBLIC_KEY and alg == rsa:
-                a = MAP.key_attrs(O.CKO_PUBLIC_KEY, O.CKK_RSA, tpl, False)
-                new.append((uid, O.CKO_PUBLIC_KEY, a | await self._public(uid)))
-            elif otype == enums.ObjectType.PRIVATE_KEY and alg == rsa:
-                new.append((uid, O.CKO_PRIVATE_KEY,
-                            MAP.key_attrs(O.CKO_PRIVATE_KEY, O.CKK_RSA, tpl, False)))
-            elif otype == enums.ObjectType.SYMMETRIC_KEY and alg == aes:
-                new.append((uid, O.CKO_SECRET_KEY,
-                            MAP.key_attrs(O.CKO_SECRET_KEY, O.CKK_AES, tpl, False)))
-        # another search may have adopted some while this one waited on the server
-        known = {o.uid for o in self.objects.values()}
-        new = [n for n in new if n[0] not in known]
-        if new:
-            self._remember(new)
 
     def find(self, args: list[Any]) -> list[Any]:
         s = self.session(args[0])
