@@ -213,6 +213,9 @@ def test_keys_made_outside_the_gateway_are_found_by_kmip_name(
         _attrs, code = call(c, "C_GetAttributeValue", sess, priv,
                            [AttrRequest(CKA_PRIVATE_EXPONENT, 4096)])
         assert code == ckr.ATTRIBUTE_SENSITIVE
+        bits, code = call(c, "C_GetAttributeValue", sess, priv,
+                          [AttrRequest(CKA_MODULUS_BITS, 8)])
+        assert code == ckr.OK and bits[0].value == 2048
         # found once: a second search maps nothing new
         assert sorted(c.find(sess, [label])) == sorted([pub, priv])
         c.close()

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 async def adopt(t: KmipToken, label: bytes) -> None:
     name = label.decode(errors="replace")
 
-    def locate(c: Any) -> list[tuple[str, Any, Any]]:
+    def locate(c: Any) -> list[tuple[str, Any, Any, Any]]:
         f = c.attribute_factory
         uids = c.locate(attributes=[f.create_attribute(enums.AttributeType.NAME, name)])
         out = []
@@ -30,13 +30,13 @@ async def adopt(t: KmipToken, label: bytes) -> None:
                                               "Cryptographic Length"])
             kinds = {a.attribute_name.value: a.attribute_value.value for a in attrs}
             out.append((str(uid), kinds.get("Object Type"),
-                        kinds.get("Cryptographic Algorithm")))
+                        kinds.get("Cryptographic Algorithm"), kinds.get("Cryptographic Length")))
         return out
 
     known = {o.uid for o in t.objects.values()}
     new: list[tuple[str, int, dict[int, int | bytes]]] = []
     rsa, aes = enums.CryptographicAlgorithm.RSA, enums.CryptographicAlgorithm.AES
-    for uid, otype, alg in await t.pool.call(locate, "Locate"):
+    for uid, otype, alg, length in await t.pool.call(locate, "Locate"):
         if uid in known:
             continue
         tpl: dict[int, int | bytes] = {O.CKA_LABEL: label}
@@ -44,8 +44,10 @@ async def adopt(t: KmipToken, label: bytes) -> None:
             a = MAP.key_attrs(O.CKO_PUBLIC_KEY, O.CKK_RSA, tpl, False)
             new.append((uid, O.CKO_PUBLIC_KEY, a | await t.public_values(uid)))
         elif otype == enums.ObjectType.PRIVATE_KEY and alg == rsa:
-            new.append((uid, O.CKO_PRIVATE_KEY,
-                        MAP.key_attrs(O.CKO_PRIVATE_KEY, O.CKK_RSA, tpl, False)))
+            a = MAP.key_attrs(O.CKO_PRIVATE_KEY, O.CKK_RSA, tpl, False)
+            if isinstance(length, int):  # PSS parameters are checked against it
+                a[O.CKA_MODULUS_BITS] = length
+            new.append((uid, O.CKO_PRIVATE_KEY, a))
         elif otype == enums.ObjectType.SYMMETRIC_KEY and alg == aes:
             new.append((uid, O.CKO_SECRET_KEY,
                         MAP.key_attrs(O.CKO_SECRET_KEY, O.CKK_AES, tpl, False)))
