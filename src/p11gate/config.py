@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .backends.kmip.config import KmipConfig
 from .backends.limits_config import KeyBitsConfig
 from .config_select import TokenSelect
 from .metrics_config import MetricsConfig
@@ -139,8 +140,11 @@ MAX_LAYERS = 127
 
 class BackendConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    #: "module": a vendor PKCS#11 module; "soft": the built-in software token
-    type: Literal["module", "soft"] = "module"
+    #: "module": a vendor PKCS#11 module; "soft": the built-in software token;
+    #: "kmip": a KMIP server (see docs/kmip.md)
+    type: Literal["module", "soft", "kmip"] = "module"
+    #: kmip: the server and how to reach it (type "kmip" only)
+    kmip: KmipConfig | None = None
     #: path of the vendor PKCS#11 module (type "module" only)
     module: str = ""
     #: soft token: its SQLite file (absolute path; created on first start)
@@ -200,9 +204,21 @@ class BackendConfig(_Strict):
             if (self.path or self.init_so_pin_file or self.init_user_pin_file or self.layered
                     or self.key_file):
                 raise ValueError("path, init_*_pin_file, key_file, layers and own_layer_dir "
-                                 "are keys "
-                                 "of type = \"soft\"")
+                                 "are keys of type = \"soft\"")
+            if self.kmip is not None:
+                raise ValueError("[backend.kmip] is for type = \"kmip\"")
             return self
+        if self.type == "kmip":
+            if self.kmip is None:
+                raise ValueError("type = \"kmip\" needs a [backend.kmip] section (host, cert, "
+                                 "key, ca, pin_file)")
+            if (self.module or self.worker_command or self.path or self.layered
+                    or self.key_file or self.init_so_pin_file or self.init_user_pin_file):
+                raise ValueError("type = \"kmip\" takes no module, worker_command, path, "
+                                 "key_file, init_*_pin_file or layers")
+            return self
+        if self.kmip is not None:
+            raise ValueError("[backend.kmip] is for type = \"kmip\"")
         if self.module or self.worker_command:
             raise ValueError("type = \"soft\" takes no module or worker_command")
         if self.layered:
@@ -446,6 +462,16 @@ class Config(_Strict):
                             "them")
         if problems:
             raise ValueError("\n".join(problems))
+        for b in self.backend:  # the KMIP identity map lives with the registry
+            secret_var = b.kmip.password_env if b.kmip is not None else None
+            for o in self.backend:
+                if secret_var is not None and secret_var in o.env:
+                    raise ValueError(f"backend {o.name!r}: env sets {secret_var}, the "
+                                     f"KMIP password_env of backend {b.name!r}: the worker "
+                                     "would see the password; remove it from env")
+            if b.kmip is not None and not b.kmip.idmap_path:
+                b.kmip.idmap_path = os.path.join(self.server.state_dir,
+                                                 f"kmip-{b.name}.sqlite")
         return self
 
     @model_validator(mode="after")

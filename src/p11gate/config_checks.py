@@ -81,9 +81,10 @@ def check(cfg: Config) -> Findings:
                 f"readable or writable by group/others (mode {m:04o}): anyone who reads it "
                 f"logs into the backend; run `chmod 600 {t.backend_pin_file}`")
     for i, b in enumerate(cfg.backend):
-        for key in ("init_so_pin_file", "init_user_pin_file", "key_file"):
-            f = getattr(b, key)
-            if b.type != "soft" or f is None:
+        for key in ("init_so_pin_file", "init_user_pin_file", "key_file", "kmip.pin_file",
+                    "kmip.password_file", "kmip.key"):
+            f = getattr(b.kmip, key[5:], None) if key.startswith("kmip.") else getattr(b, key)
+            if b.type not in ("soft", "kmip") or f is None:
                 continue
             try:
                 m = stat.S_IMODE(os.stat(f).st_mode)
@@ -92,8 +93,8 @@ def check(cfg: Config) -> Findings:
             if m & 0o077:
                 out.errors.append(
                     f"{src}: backend[{i}] ({b.name}).{key}: {f} is readable or writable by "
-                    f"group/others (mode {m:04o}): anyone who reads it has the soft token's "
-                    f"PIN; run `chmod 600 {f}`")
+                    f"group/others (mode {m:04o}): anyone who reads it has the token's "
+                    f"credential; run `chmod 600 {f}`")
     return out
 
 

@@ -23,6 +23,7 @@ def describe(cfg: Config) -> list[str]:
         else:
             b = cfg.backend_named(t.backend)
             where = (f"backend {b.name!r} (soft token {b.path})" if b.type == "soft" else
+                     f"backend {b.name!r} ({b.kmip.describe()})" if b.kmip is not None else
                      f"backend {b.name!r} ({b.module}, isolation={b.isolation})")
         lines.append(f"  token {t.name!r}: slot {t.virtual_slot_id:#x} on {where}, "
                      f"select {t.select.describe()}, pin_mode {t.pin_mode}")

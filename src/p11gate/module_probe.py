@@ -143,6 +143,9 @@ def report(backends: list[BackendConfig], source: str) -> tuple[list[str], list[
         if b.type == "soft":
             lines.append(f"soft token {b.name}: {b.path}")
             continue
+        if b.kmip is not None:  # not contacted here: a server down is a runtime matter
+            lines.append(f"KMIP token {b.name}: {b.kmip.describe()}")
+            continue
         p = probe(b)
         if p.info is not None:
             lines.append(f"module {b.name}: {b.module}: loaded: {p.info['manufacturer']} "

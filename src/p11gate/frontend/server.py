@@ -51,6 +51,10 @@ def make_backend(cfg: BackendConfig) -> Backend:
         from ..backends.soft.backend import SoftBackend
 
         return SoftBackend(cfg)
+    if cfg.type == "kmip":
+        from ..backends.kmip.backend import KmipBackend
+
+        return KmipBackend(cfg)
     if cfg.isolation == "none":
         from ..backends.inprocess import InProcessBackend
 
