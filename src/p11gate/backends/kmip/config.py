@@ -22,6 +22,9 @@ class KmipConfig(BaseModel):
 
     host: str = Field(min_length=1)
     port: int = Field(default=5696, ge=1, le=65535)
+    #: the name the server's certificate must carry (subjectAltName, RFC 6125); default:
+    #: host. PyKMIP does not check it, p11gate does, on every connection
+    server_name: str | None = Field(default=None, min_length=1)
     #: client certificate and its key (PEM), and the CA that signed the server's certificate
     cert: str
     key: str

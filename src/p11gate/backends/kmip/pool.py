@@ -25,6 +25,7 @@ from kmip.pie.exceptions import KmipOperationFailure
 from ...codec import ckr
 from ...errors import Pkcs11Error
 from .config import KmipConfig
+from .server_name import ServerNameMismatch, check_server_name
 
 log = logging.getLogger("p11gate.backend")
 T = TypeVar("T")
@@ -74,6 +75,11 @@ class KmipPool:
                 proxy.timeout = cfg.timeout
                 proxy.cert_reqs = ssl.CERT_REQUIRED
                 client.open()
+                try:
+                    check_server_name(proxy.socket, cfg.server_name or cfg.host)
+                except ServerNameMismatch:
+                    _close(client)
+                    raise
                 return client
             except Exception as e:  # socket, TLS or PyKMIP errors: all mean "not reached"
                 log.warning("KMIP connection failed", extra={
