@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
-from tests.soft.helpers import USER_PIN, Driver, initialised
+from tests.soft.helpers import USER_PIN, Driver
 
 from p11gate.backends.soft.objects import BOOL_ATTRS
 from p11gate.codec.values import Attribute, AttrRequest, Mechanism
@@ -97,10 +94,3 @@ class Tok:
             got += bytes(o) if isinstance(o, bytes) else b""
         (o,) = self(f"C_{kind}Final", 4096)
         return got + (bytes(o) if isinstance(o, bytes) else b"")
-
-
-@pytest.fixture()
-def tok(tmp_path: Path) -> Iterator[Tok]:
-    d = initialised(tmp_path / "t.db")
-    yield Tok(d)
-    d.close()

@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from tests.soft.mech_driver import CKK_GENERIC, Tok, tok  # noqa: F401
+from tests.soft.mech_driver import CKK_GENERIC, Tok
 
 from p11gate.codec import ckr
 from p11gate.codec.values import CtrParams, GcmParams, IvParams, Mechanism, Null

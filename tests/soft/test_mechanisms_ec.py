@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
-from tests.soft.mech_driver import (  # noqa: F401
+from tests.soft.mech_driver import (
     CKK_AES,
     CKK_GENERIC,
     CKO_SECRET,
@@ -23,7 +23,6 @@ from tests.soft.mech_driver import (  # noqa: F401
     P521,
     A,
     Tok,
-    tok,
 )
 
 from p11gate.codec import ckr

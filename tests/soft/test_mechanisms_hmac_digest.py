@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from tests.soft.mech_driver import CKK_AES, CKK_GENERIC, A, Tok, tok  # noqa: F401
+from tests.soft.mech_driver import CKK_AES, CKK_GENERIC, A, Tok
 
 from p11gate.codec import ckr
 from p11gate.codec.values import Mechanism

@@ -7,7 +7,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from tests.soft.mech_driver import P256, A, Tok, tok  # noqa: F401
+from tests.soft.mech_driver import P256, A, Tok
 
 from p11gate.codec import ckr
 from p11gate.codec.values import Mechanism, OaepParams, PssParams

@@ -8,7 +8,7 @@ import os
 from cryptography.hazmat.primitives import keywrap, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.hashes import SHA256
-from tests.soft.mech_driver import (  # noqa: F401
+from tests.soft.mech_driver import (
     CKK_AES,
     CKK_EC,
     CKK_GENERIC,
@@ -17,7 +17,6 @@ from tests.soft.mech_driver import (  # noqa: F401
     P256,
     A,
     Tok,
-    tok,
 )
 
 from p11gate.codec import ckr
