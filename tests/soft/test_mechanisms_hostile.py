@@ -15,9 +15,8 @@ from tests.soft.helpers import cid
 from tests.soft.mech_driver import A
 from tests.soft.test_soft_gateway import USER_PIN, soft_gateway_config
 
-from p11gate.codec import V026, V0241, build_frame, ckr, encode_request
+from p11gate.codec import V0241, V026, build_frame, ckr, encode_request
 from p11gate.codec.values import (
-    Attribute,
     CtrParams,
     Ecdh1Params,
     GcmParams,

@@ -67,6 +67,7 @@ EDWARDS: dict[bytes, str] = {
 }
 EdPriv = ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
 EdPub = ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
+RAW_HASH_SIZES = frozenset({20, 28, 32, 48, 64})
 _RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -160,9 +161,10 @@ class Ecdsa(Buffered):
             h = self.hasher.copy()
             return h.finalize(), ec.ECDSA(utils.Prehashed(h.algorithm))
         data = bytes(self.data)
-        # raw ECDSA signs any hash: like SoftHSM, a longer one is cut to the order's size
-        if not data or len(data) > 64:
-            raise fail(ckr.DATA_LEN_RANGE, "CKM_ECDSA takes a hash of at most 64 bytes")
+        # raw ECDSA takes the output of a hash this token knows, nothing else: an odd
+        # length is far more likely a caller's bug than a hash
+        if len(data) not in RAW_HASH_SIZES:
+            raise fail(ckr.DATA_LEN_RANGE, "CKM_ECDSA takes a 20, 28, 32, 48 or 64 byte hash")
         return data, ec.ECDSA(utils.Prehashed(_AnyLength(len(data))))
 
     def sign(self) -> bytes:
