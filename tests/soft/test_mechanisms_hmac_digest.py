@@ -102,3 +102,22 @@ def test_generic_secret_generation_and_random(tok: Tok) -> None:
     (r2,) = tok("C_GenerateRandom", 64)
     assert len(r1) == 64 and r1 != r2
 
+
+
+def test_mechanism_info_lists_exactly_what_is_implemented(tok: Tok) -> None:
+    from p11gate.backends.soft import mechanisms as M
+
+    (mechs,) = tok.d("C_GetMechanismList", 1, 128)
+    assert set(mechs) == set(M.MECHANISMS) and len(mechs) == len(set(mechs))
+    sign_verify, enc_dec, wrap, derive = 0x800 | 0x2000, 0x100 | 0x200, 0x20000 | 0x40000, \
+        0x80000
+    expect = {0x251: (1, 512, sign_verify), 0x1087: (16, 32, enc_dec),
+              0x2109: (16, 32, enc_dec | wrap), 0x250: (0, 0, 0x400),
+              0x350: (1, 512, 0x8000), 0x1057: (255, 448, sign_verify),
+              0x9: (2048, 4096, enc_dec | wrap)}
+    for mech, (lo, hi, flags) in expect.items():
+        assert tok.d("C_GetMechanismInfo", 1, mech) == [lo, hi, flags], hex(mech)
+    assert tok.d("C_GetMechanismInfo", 1, 0x1050)[2] & derive
+    for missing in (0x210, 0x1084, 0x222, 0x1051, 0x2, 0x120):  # MD5, AES MAC, ...
+        assert tok.d.rv("C_GetMechanismInfo", 1, missing) == ckr.MECHANISM_INVALID
+        assert tok.rv("C_DigestInit", Mechanism(missing)) == ckr.MECHANISM_INVALID

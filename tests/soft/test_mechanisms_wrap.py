@@ -56,6 +56,10 @@ def test_wrap_here_unwrap_there_and_back(tok: Tok) -> None:
     for mech, unwrap in ((KW, keywrap.aes_key_unwrap),
                          (KWP, keywrap.aes_key_unwrap_with_padding)):
         assert unwrap(kek_value, _wrap(tok, mech, kek, key)) == secret
+        # the same mechanisms as ciphers over data (C_Encrypt / C_Decrypt)
+        blob = tok.crypt("Encrypt", mech, kek, secret[:24])
+        assert unwrap(kek_value, blob) == secret[:24]
+        assert tok.crypt("Decrypt", mech, kek, blob) == secret[:24]
     # wrapped by cryptography, unwrapped here: usable, and marked as having been outside
     theirs = os.urandom(16)
     blob = keywrap.aes_key_wrap(kek_value, theirs)

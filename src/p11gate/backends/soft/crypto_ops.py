@@ -163,6 +163,9 @@ async def _finish(t: SoftToken, kind: str, h: Any, cap: Any, data: bytes | None)
         if data is None:
             return _answer(s, kind, op, "final", b"", cap, op.crypt_final, True)
         chunk = data
+        if op.slow and op.cached is None:
+            result = await asyncio.to_thread(op.crypt_once, chunk)
+            return _answer(s, kind, op, "once", chunk, cap, lambda: result, True)
         return _answer(s, kind, op, "once", chunk, cap, lambda: op.crypt_once(chunk), True)
     except Pkcs11Error as e:
         if e.rv != ckr.BUFFER_TOO_SMALL:

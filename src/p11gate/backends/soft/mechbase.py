@@ -50,6 +50,8 @@ class Operation:
     cached: tuple[str, bytes, bytes] | None = None
     #: Update was called: a one-part call may no longer follow
     started = False
+    #: slow enough (RSA private key operations) to run in a thread, off the event loop
+    slow = False
 
     def update(self, chunk: bytes) -> None:
         raise fail(ckr.FUNCTION_NOT_SUPPORTED)

@@ -159,6 +159,7 @@ class RsaCrypt(Buffered):
     """PKCS#1 v1.5 and OAEP encryption: single-part, as PKCS#11 says."""
 
     single_part = True
+    slow = True
 
     def __init__(self, mech: int, param: Any, key: Key, encrypt: bool) -> None:
         super().__init__()
