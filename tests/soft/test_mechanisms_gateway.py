@@ -1,21 +1,29 @@
 """The soft token's mechanisms behind a real gateway, with real clients through
-p11-kit-client.so: `pkcs11-tool --test` and python-pkcs11, checked with `cryptography`."""
+p11-kit-client.so (`pkcs11-tool --test`, python-pkcs11) and raw frames of the newer
+protocol, checked with `cryptography`."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives import hashes, keywrap
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from tests.gateway_proc import CLIENT_MODULE, Gateway
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from tests.gateway_proc import CLIENT_MODULE, Gateway, RawClient
+from tests.soft.helpers import cid
+from tests.soft.mech_driver import ED25519_OID, P521, A
 from tests.soft.test_soft_gateway import USER_PIN, soft_gateway_config, tool
+
+from p11gate.codec import V026
+from p11gate.codec.values import AttrRequest, GcmParams, Mechanism
 
 HERE = Path(__file__).parent
 #: what Debian's 0.24 p11-kit-client itself gets wrong (it sends a zero-length random
@@ -79,3 +87,40 @@ def test_python_pkcs11_mechanisms(gw: Gateway) -> None:
     for name in ("sha1", "sha384", "sha512"):
         assert out[f"digest_{name}"] == hashlib.new(name, msg).hexdigest()
     assert {0x1, 0x6, 0x9, 0x220, 0x251, 0x350, 0x1041, 0x1081} <= set(out["mechanisms"])
+
+
+def test_newer_dialect_reaches_every_family(gw: Gateway) -> None:
+    """A client speaking the ≥ 0.25.6 protocol (raw frames) gets the mechanisms Debian's
+    0.24 client cannot carry: EdDSA, ECDSA-SHA512 on P-521, GCM, AES key wrap."""
+    c = RawClient(gw.path, version=2, dialect=V026)
+    c.initialize()
+    (slots,) = c.call(cid("C_GetSlotList"), [1, 8])
+    (mechs,) = c.call(cid("C_GetMechanismList"), [slots[0], 128])
+    assert {0x1055, 0x1057, 0x1046, 0x1087, 0x2109, 0x210A, 0x1050} <= set(mechs)
+    (s,) = c.call(cid("C_OpenSession"), [slots[0], 6])
+    c.call(cid("C_Login"), [s, 1, USER_PIN.encode()])
+    pub, priv = c.call(cid("C_GenerateKeyPair"), [s, Mechanism(0x1055), [A(0x180, ED25519_OID)],
+                                                  [A(0x108, 1)]])
+    attrs, _rv = c.call(cid("C_GetAttributeValue"), [s, pub, [AttrRequest(0x181, 64)]])
+    key = ed25519.Ed25519PublicKey.from_public_bytes(attrs[0].value[2:])
+    c.call(cid("C_SignInit"), [s, Mechanism(0x1057), priv])
+    (sig,) = c.call(cid("C_Sign"), [s, b"through the gateway", 64])
+    key.verify(sig, b"through the gateway")
+    _pub, priv = c.call(cid("C_GenerateKeyPair"), [s, Mechanism(0x1040), [A(0x180, P521)],
+                                                   [A(0x108, 1)]])
+    c.call(cid("C_SignInit"), [s, Mechanism(0x1046), priv])
+    c.call(cid("C_SignUpdate"), [s, b"part"])
+    (sig,) = c.call(cid("C_SignFinal"), [s, 256])
+    assert len(sig) == 132
+    value, kek_value = os.urandom(32), os.urandom(32)
+    (kek,) = c.call(cid("C_CreateObject"), [s, [A(0, 4), A(0x100, 0x1F), A(0x11, kek_value),
+                                                A(0x106, 1), A(0x104, 1)]])
+    (k,) = c.call(cid("C_CreateObject"), [s, [A(0, 4), A(0x100, 0x1F), A(0x11, value),
+                                              A(0x162, 1)]])
+    (blob,) = c.call(cid("C_WrapKey"), [s, Mechanism(0x2109), kek, k, 64])
+    assert keywrap.aes_key_unwrap(kek_value, blob) == value
+    nonce = os.urandom(12)
+    c.call(cid("C_EncryptInit"), [s, Mechanism(0x1087, GcmParams(nonce, 96, b"", 128)), kek])
+    (ct,) = c.call(cid("C_Encrypt"), [s, b"gcm", 64])
+    assert AESGCM(kek_value).decrypt(nonce, ct, None) == b"gcm"
+    c.close()
