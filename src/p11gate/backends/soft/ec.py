@@ -67,7 +67,9 @@ EDWARDS: dict[bytes, str] = {
 }
 EdPriv = ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
 EdPub = ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
-RAW_HASH_SIZES = frozenset({20, 28, 32, 48, 64})
+_BY_LENGTH: dict[int, type[hashes.HashAlgorithm]] = {
+    h.digest_size: h for h in HASHES.values()}  # type: ignore[misc]
+RAW_HASH_SIZES = frozenset(_BY_LENGTH)
 _RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -165,7 +167,7 @@ class Ecdsa(Buffered):
         # length is far more likely a caller's bug than a hash
         if len(data) not in RAW_HASH_SIZES:
             raise fail(ckr.DATA_LEN_RANGE, "CKM_ECDSA takes a 20, 28, 32, 48 or 64 byte hash")
-        return data, ec.ECDSA(utils.Prehashed(_AnyLength(len(data))))
+        return data, ec.ECDSA(utils.Prehashed(_BY_LENGTH[len(data)]()))
 
     def sign(self) -> bytes:
         if not isinstance(self.key, ec.EllipticCurvePrivateKey):
@@ -188,20 +190,6 @@ class Ecdsa(Buffered):
             key.verify(der, digest, algo)
         except InvalidSignature:
             raise fail(ckr.SIGNATURE_INVALID) from None
-
-
-class _AnyLength(hashes.HashAlgorithm):
-    """A prehashed value of any length (cryptography only needs the digest size)."""
-
-    name = "prehashed"
-    block_size = None
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-
-    @property
-    def digest_size(self) -> int:
-        return self._size
 
 
 class EdDsa(Buffered):

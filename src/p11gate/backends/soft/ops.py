@@ -12,18 +12,13 @@ from ...codec import ckr
 from ...errors import Pkcs11Error
 from . import mechanisms as M
 from . import objects as O
+from .crypto_ops import mech_of
 from .hmac_digest import HMAC_KEY_TYPES, SECRET_MAX, SECRET_MIN
 from .objects import Attrs, SoftObject
 from .token import SoftToken
 
 MAX_FIND = 1 << 16
 MAX_RANDOM = 1 << 20
-
-
-def _mech(m: Any) -> tuple[int, Any]:
-    if m is None or not isinstance(m[0], int):
-        raise Pkcs11Error(ckr.ARGUMENTS_BAD, "mechanism")
-    return m[0], m[1]
 
 
 async def _add(t: SoftToken, s: int | None, attrs: Attrs, value: bytes | None) -> int:
@@ -203,7 +198,7 @@ def add_public_parts(priv_key: M.PrivKey, pub_a: Attrs | None, priv_a: Attrs,
 
 async def generate_key_pair(t: SoftToken, args: list[Any]) -> list[Any]:
     s = t.session(args[0])
-    mech, _param = _mech(args[1])
+    mech, _param = mech_of(args[1])
     pub_t = _keygen_tpl(t, args[2], O.CKO_PUBLIC_KEY)
     priv_t = _keygen_tpl(t, args[3], O.CKO_PRIVATE_KEY)
     if mech == M.CKM_EC_KEY_PAIR_GEN:
@@ -252,7 +247,7 @@ async def generate_key_pair(t: SoftToken, args: list[Any]) -> list[Any]:
 
 async def generate_key(t: SoftToken, args: list[Any]) -> list[Any]:
     s = t.session(args[0])
-    mech, _param = _mech(args[1])
+    mech, _param = mech_of(args[1])
     if mech == M.CKM_AES_KEY_GEN:
         kt, sizes = O.CKK_AES, range(16, 33, 8)
         allowed_types = {O.CKK_AES}
