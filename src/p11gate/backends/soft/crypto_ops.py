@@ -8,7 +8,6 @@ import asyncio
 from typing import Any
 
 from ...codec import ckr
-from ...codec.values import Null
 from ...errors import Pkcs11Error
 from . import mechanisms as M
 from . import objects as O
@@ -240,7 +239,8 @@ def generate_random(t: SoftToken, args: list[Any]) -> list[Any]:
     if not isinstance(n, int) or n < 0:
         raise Pkcs11Error(ckr.ARGUMENTS_BAD)
     if n == 0:
-        return [Null(0)]  # a NULL buffer, as the native back ends answer
+        # a NULL buffer: no size query for random data; SoftHSM answers the same
+        raise Pkcs11Error(ckr.ARGUMENTS_BAD, "NULL random buffer")
     if n == EMPTY_BUFFER:
         return [b""]
     if n > MAX_RANDOM:
