@@ -71,6 +71,7 @@ def test_pss_with_every_hash_and_checked_params(tok: Tok) -> None:
         "unknown hash": (0x43, PssParams(0x999, 2, 32)),
         "unknown mgf": (0x43, PssParams(0x250, 9, 32)),
         "salt too long": (0x43, PssParams(0x250, 2, 1 << 20)),
+        "salt too long for the key": (0x43, PssParams(0x250, 2, 256 - 32 - 1)),
         "no params": (0x43, None),
         "raw bytes": (0xD, b"\0" * 24),
     }

@@ -113,6 +113,11 @@ class RsaSign(Buffered):
         else:
             self.pad, h = pss_padding(param, PSS_HASHED[mech])
             self.hasher = hashes.Hash(h)
+        if isinstance(param, PssParams):
+            # RFC 8017 §9.1.1: the salt and the hash must fit in the encoded message
+            digest = HASHES[param.hash_alg]().digest_size
+            if param.salt_len > (key.key_size - 1 + 7) // 8 - digest - 2:
+                raise fail(ckr.MECHANISM_PARAM_INVALID, "PSS salt too long for the key")
 
     def update(self, chunk: bytes) -> None:
         if self.hasher is not None:
