@@ -120,7 +120,7 @@ def test_pkcs11_tool_and_python_pkcs11_then_restart(gw: Gateway, cfg: Path,
     r = tool(gw, "-M")
     # (p11-kit-client hides mechanisms it does not know; the full list is a unit test)
     assert "ECDSA-KEY-PAIR-GEN" in r.stdout and "AES-KEY-GEN" in r.stdout
-    assert "SHA-1" not in r.stdout and "DES" not in r.stdout
+    assert "SHA-1, digest" in r.stdout and "DES" not in r.stdout and "MD5" not in r.stdout
     tool(gw, "--login", "--pin", USER_PIN, "--keypairgen", "--key-type", "EC:prime256v1",
          "--id", "01", "--label", "tool-ec")
     data = tmp_path / "data"

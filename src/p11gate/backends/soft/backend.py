@@ -18,7 +18,7 @@ from ...codec import ckr
 from ...codec.calls import CALLS, CALLS_BY_NAME
 from ...errors import BackendUnavailable, Pkcs11Error
 from ..base import Backend
-from . import ops
+from . import crypto_ops, ops, wrap_derive
 from .store import KeyFileMismatch, SoftStore, read_key_file, read_pin_file
 from .token import SoftToken
 
@@ -67,9 +67,13 @@ HANDLERS: dict[int, Handler] = {
     _id("C_FindObjectsFinal"): ops.find_final,
     _id("C_GenerateKey"): ops.generate_key,
     _id("C_GenerateKeyPair"): ops.generate_key_pair,
-    _id("C_GenerateRandom"): ops.generate_random,
-    _id("C_Verify"): ops.verify,
-    _id("C_VerifyFinal"): ops.verify_final,
+    _id("C_GenerateRandom"): crypto_ops.generate_random,
+    _id("C_Verify"): crypto_ops.verify,
+    _id("C_VerifyFinal"): crypto_ops.verify_final,
+    _id("C_DigestKey"): crypto_ops.digest_key,
+    _id("C_WrapKey"): wrap_derive.wrap_key,
+    _id("C_UnwrapKey"): wrap_derive.unwrap_key,
+    _id("C_DeriveKey"): wrap_derive.derive_key,
 }
 
 
@@ -80,12 +84,14 @@ def _kind(fn: Callable[[SoftToken, str, list[Any]], Any], kind: str) -> Handler:
 
 
 for _k in ("Sign", "Verify", "Encrypt", "Decrypt", "Digest"):
-    HANDLERS[_id(f"C_{_k}Init")] = _kind(ops.op_init, _k.lower())
+    HANDLERS[_id(f"C_{_k}Init")] = _kind(crypto_ops.op_init, _k.lower())
     if _k != "Verify":
-        HANDLERS[_id(f"C_{_k}")] = _kind(ops.one_part, _k.lower())
-        HANDLERS[_id(f"C_{_k}Final")] = _kind(ops.final, _k.lower())
+        HANDLERS[_id(f"C_{_k}")] = _kind(crypto_ops.one_part, _k.lower())
+        HANDLERS[_id(f"C_{_k}Final")] = _kind(crypto_ops.final, _k.lower())
 for _k in ("Sign", "Verify", "Digest"):
-    HANDLERS[_id(f"C_{_k}Update")] = _kind(ops.op_update, _k.lower())
+    HANDLERS[_id(f"C_{_k}Update")] = _kind(crypto_ops.op_update, _k.lower())
+for _k in ("Encrypt", "Decrypt"):
+    HANDLERS[_id(f"C_{_k}Update")] = _kind(crypto_ops.crypt_update, _k.lower())
 
 
 class SoftBackend(Backend):

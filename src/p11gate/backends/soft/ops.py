@@ -1,28 +1,24 @@
-"""Soft token calls on objects and keys: create, find, attributes, key generation,
-sign/verify, encrypt/decrypt, digest, random."""
+"""Soft token calls on objects and keys: create, find, attributes, key generation
+(mechanisms run in crypto_ops.py, wrap and derive in wrap_derive.py)."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ...codec import ckr
 from ...errors import Pkcs11Error
 from . import mechanisms as M
 from . import objects as O
+from .crypto_ops import mech_of
+from .hmac_digest import HMAC_KEY_TYPES, SECRET_MAX, SECRET_MIN
 from .objects import Attrs, SoftObject
-from .token import EMPTY_BUFFER, SoftToken, out_buffer
+from .token import SoftToken
 
 MAX_FIND = 1 << 16
 MAX_RANDOM = 1 << 20
-
-
-def _mech(m: Any) -> tuple[int, Any]:
-    if m is None or not isinstance(m[0], int):
-        raise Pkcs11Error(ckr.ARGUMENTS_BAD, "mechanism")
-    return m[0], m[1]
 
 
 async def _add(t: SoftToken, s: int | None, attrs: Attrs, value: bytes | None) -> int:
@@ -37,6 +33,12 @@ async def _add(t: SoftToken, s: int | None, attrs: Attrs, value: bytes | None) -
     h = t.next_object_handle()
     t.objects[h] = SoftObject(h, attrs, value=value, session=s)
     return h
+
+
+async def create_key_object(t: SoftToken, s: Any, attrs: Attrs, value: bytes) -> int:
+    """Store a key made by unwrapping or derivation, where the session may write it."""
+    t.may_write(s, bool(attrs[O.CKA_TOKEN]), bool(attrs[O.CKA_PRIVATE]))
+    return await _add(t, s.handle, attrs, value)
 
 
 def _cls_of(tpl: Attrs, default: int | None = None) -> int:
@@ -59,8 +61,8 @@ async def create_object(t: SoftToken, args: list[Any]) -> list[Any]:
     if cls == O.CKO_CERTIFICATE and attrs[O.CKA_CERTIFICATE_TYPE] != O.CKC_X_509:
         raise Pkcs11Error(ckr.ATTRIBUTE_VALUE_INVALID, "only X.509 certificates")
     if cls == O.CKO_PUBLIC_KEY:
-        if kt not in (O.CKK_RSA, O.CKK_EC):
-            raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, "RSA or EC public keys")
+        if kt not in (O.CKK_RSA, O.CKK_EC, M.CKK_EC_EDWARDS):
+            raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, "RSA, EC or EdDSA public keys")
         key = M.public_from_attrs(int(kt), attrs)
         if isinstance(key, rsa.RSAPublicKey):
             attrs[O.CKA_MODULUS_BITS] = key.key_size
@@ -68,8 +70,8 @@ async def create_object(t: SoftToken, args: list[Any]) -> list[Any]:
         v = attrs.pop(O.CKA_VALUE, None)
         if not isinstance(v, bytes) or not v:
             raise Pkcs11Error(ckr.TEMPLATE_INCOMPLETE, "CKA_VALUE")
-        if kt not in (O.CKK_AES, O.CKK_GENERIC_SECRET):
-            raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, "AES or generic secret keys")
+        if kt not in (O.CKK_AES, O.CKK_GENERIC_SECRET, *HMAC_KEY_TYPES):
+            raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, "AES, generic secret or HMAC keys")
         if kt == O.CKK_AES and len(v) not in (16, 24, 32):
             raise Pkcs11Error(ckr.ATTRIBUTE_VALUE_INVALID, "AES key length")
         if attrs.get(O.CKA_VALUE_LEN, len(v)) != len(v):
@@ -176,9 +178,27 @@ def _keygen_tpl(t: SoftToken, raw: Any, cls: int) -> Attrs:
     return tpl
 
 
+def add_public_parts(priv_key: M.PrivKey, pub_a: Attrs | None, priv_a: Attrs,
+                     params: Any) -> None:
+    """The public values a key pair's objects show (CKA_MODULUS..., CKA_EC_POINT)."""
+    pub_key = priv_key.public_key()
+    if isinstance(pub_key, rsa.RSAPublicKey):
+        nums = pub_key.public_numbers()
+        for a in (pub_a, priv_a):
+            if a is not None:
+                a[O.CKA_MODULUS] = M.int_bytes(nums.n)
+                a[O.CKA_PUBLIC_EXPONENT] = M.int_bytes(nums.e)
+        if pub_a is not None:
+            pub_a[O.CKA_MODULUS_BITS] = pub_key.key_size
+        return
+    priv_a[O.CKA_EC_PARAMS] = params
+    if pub_a is not None:
+        pub_a[O.CKA_EC_POINT] = M.ec_point(pub_key)
+
+
 async def generate_key_pair(t: SoftToken, args: list[Any]) -> list[Any]:
     s = t.session(args[0])
-    mech, _param = _mech(args[1])
+    mech, _param = mech_of(args[1])
     pub_t = _keygen_tpl(t, args[2], O.CKO_PUBLIC_KEY)
     priv_t = _keygen_tpl(t, args[3], O.CKO_PRIVATE_KEY)
     if mech == M.CKM_EC_KEY_PAIR_GEN:
@@ -187,6 +207,12 @@ async def generate_key_pair(t: SoftToken, args: list[Any]) -> list[Any]:
         if not isinstance(params, bytes):
             raise Pkcs11Error(ckr.TEMPLATE_INCOMPLETE, "CKA_EC_PARAMS")
         priv_key: M.PrivKey = M.generate_ec(params)
+    elif mech == M.CKM_EC_EDWARDS_KEY_PAIR_GEN:
+        kt = M.CKK_EC_EDWARDS
+        params = pub_t.get(O.CKA_EC_PARAMS)
+        if not isinstance(params, bytes):
+            raise Pkcs11Error(ckr.TEMPLATE_INCOMPLETE, "CKA_EC_PARAMS")
+        priv_key = M.generate_edwards(params)
     elif mech == M.CKM_RSA_PKCS_KEY_PAIR_GEN:
         kt = O.CKK_RSA
         bits = pub_t.pop(O.CKA_MODULUS_BITS, None) if O.CKA_MODULUS_BITS in pub_t else None
@@ -206,16 +232,7 @@ async def generate_key_pair(t: SoftToken, args: list[Any]) -> list[Any]:
     gen: Attrs = {O.CKA_KEY_TYPE: kt, O.CKA_LOCAL: 1, O.CKA_KEY_GEN_MECHANISM: mech}
     pub_a = O.with_defaults(O.CKO_PUBLIC_KEY, pub_t | gen)
     priv_a = O.with_defaults(O.CKO_PRIVATE_KEY, priv_t | gen)
-    pub_key = priv_key.public_key()
-    if isinstance(pub_key, ec.EllipticCurvePublicKey):
-        pub_a[O.CKA_EC_POINT] = M.ec_point(pub_key)
-        priv_a[O.CKA_EC_PARAMS] = pub_a[O.CKA_EC_PARAMS]
-    else:
-        nums = pub_key.public_numbers()
-        for a in (pub_a, priv_a):
-            a[O.CKA_MODULUS] = M.int_bytes(nums.n)
-            a[O.CKA_PUBLIC_EXPONENT] = M.int_bytes(nums.e)
-        pub_a[O.CKA_MODULUS_BITS] = pub_key.key_size
+    add_public_parts(priv_key, pub_a, priv_a, pub_t.get(O.CKA_EC_PARAMS))
     t.may_write(s, bool(pub_a[O.CKA_TOKEN]), bool(pub_a[O.CKA_PRIVATE]))
     t.may_write(s, bool(priv_a[O.CKA_TOKEN]), bool(priv_a[O.CKA_PRIVATE]))
     t.session(s.handle)  # still open after the keygen thread?
@@ -230,8 +247,14 @@ async def generate_key_pair(t: SoftToken, args: list[Any]) -> list[Any]:
 
 async def generate_key(t: SoftToken, args: list[Any]) -> list[Any]:
     s = t.session(args[0])
-    mech, _param = _mech(args[1])
-    if mech != M.CKM_AES_KEY_GEN:
+    mech, _param = mech_of(args[1])
+    if mech == M.CKM_AES_KEY_GEN:
+        kt, sizes = O.CKK_AES, range(16, 33, 8)
+        allowed_types = {O.CKK_AES}
+    elif mech == M.CKM_GENERIC_SECRET_KEY_GEN:
+        kt, sizes = O.CKK_GENERIC_SECRET, range(SECRET_MIN, SECRET_MAX + 1)
+        allowed_types = {O.CKK_GENERIC_SECRET, *HMAC_KEY_TYPES}
+    else:
         raise Pkcs11Error(ckr.MECHANISM_INVALID)
     tpl = _keygen_tpl(t, args[2], O.CKO_SECRET_KEY)
     if O.CKA_VALUE in tpl:
@@ -239,161 +262,12 @@ async def generate_key(t: SoftToken, args: list[Any]) -> list[Any]:
     n = tpl.get(O.CKA_VALUE_LEN)
     if n is None:
         raise Pkcs11Error(ckr.TEMPLATE_INCOMPLETE, "CKA_VALUE_LEN")
-    if n not in (16, 24, 32):
+    if n not in sizes:
         raise Pkcs11Error(ckr.KEY_SIZE_RANGE)
-    if tpl.get(O.CKA_KEY_TYPE, O.CKK_AES) != O.CKK_AES:
+    kt = int(tpl.get(O.CKA_KEY_TYPE, kt))
+    if kt not in allowed_types:
         raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, "CKA_KEY_TYPE")
     attrs = O.with_defaults(O.CKO_SECRET_KEY, tpl | {
-        O.CKA_KEY_TYPE: O.CKK_AES, O.CKA_LOCAL: 1, O.CKA_KEY_GEN_MECHANISM: mech})
+        O.CKA_KEY_TYPE: kt, O.CKA_LOCAL: 1, O.CKA_KEY_GEN_MECHANISM: mech})
     t.may_write(s, bool(attrs[O.CKA_TOKEN]), bool(attrs[O.CKA_PRIVATE]))
     return [await _add(t, s.handle, attrs, M.random_bytes(int(n)))]
-
-
-# ------------------------------------------------------------------ operations
-
-_PURPOSE = {"sign": O.CKA_SIGN, "verify": O.CKA_VERIFY, "encrypt": O.CKA_ENCRYPT,
-            "decrypt": O.CKA_DECRYPT}
-
-
-def _crypto_key(t: SoftToken, o: SoftObject) -> Any:
-    cached = o.extra.get("key")
-    if cached is not None:
-        return cached
-    if o.cls == O.CKO_PUBLIC_KEY:
-        key: Any = M.public_from_attrs(int(o.attrs.get(O.CKA_KEY_TYPE, -1)), o.attrs)
-    elif o.cls == O.CKO_PRIVATE_KEY:
-        key = M.load_private(t.key_value(o))
-    elif o.cls == O.CKO_SECRET_KEY:
-        key = t.key_value(o)
-    else:
-        raise Pkcs11Error(ckr.KEY_HANDLE_INVALID)
-    o.extra["key"] = key
-    return key
-
-
-def op_init(t: SoftToken, kind: str, args: list[Any]) -> list[Any]:
-    s = t.session(args[0])
-    if kind in s.ops:
-        raise Pkcs11Error(ckr.OPERATION_ACTIVE)
-    mech, param = _mech(args[1])
-    if mech not in M.MECHANISMS:
-        raise Pkcs11Error(ckr.MECHANISM_INVALID)
-    if kind == "digest":
-        s.ops[kind] = M.start(mech, param, None, kind)
-        return []
-    info = M.MECHANISMS[mech][2]
-    want = {"sign": M.F_SIGN, "verify": M.F_VERIFY, "encrypt": M.F_ENCRYPT,
-            "decrypt": M.F_DECRYPT}[kind]
-    if not info & want:
-        raise Pkcs11Error(ckr.MECHANISM_INVALID)
-    o = t.obj(args[2], ckr.KEY_HANDLE_INVALID)
-    if o.cls not in (O.CKO_PUBLIC_KEY, O.CKO_PRIVATE_KEY, O.CKO_SECRET_KEY):
-        raise Pkcs11Error(ckr.KEY_HANDLE_INVALID)
-    if not o.flag(_PURPOSE[kind]):
-        raise Pkcs11Error(ckr.KEY_FUNCTION_NOT_PERMITTED)
-    if kind == "sign" and o.cls == O.CKO_PUBLIC_KEY:
-        raise Pkcs11Error(ckr.KEY_TYPE_INCONSISTENT)
-    s.ops[kind] = M.start(mech, param, _crypto_key(t, o), kind)
-    return []
-
-
-def _op(t: SoftToken, kind: str, h: Any) -> tuple[Any, M.Operation]:
-    s = t.session(h)
-    op = s.ops.get(kind)
-    if op is None:
-        raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
-    return s, op
-
-
-def _data(v: Any) -> bytes:
-    if v is None:
-        return b""
-    if not isinstance(v, bytes):
-        raise Pkcs11Error(ckr.ARGUMENTS_BAD, "data")
-    return v
-
-
-def op_update(t: SoftToken, kind: str, args: list[Any]) -> list[Any]:
-    s, op = _op(t, kind, args[0])
-    try:
-        op.update(_data(args[1]))
-    except Pkcs11Error:
-        s.ops.pop(kind, None)
-        raise
-    return []
-
-
-async def _finish(t: SoftToken, kind: str, h: Any, cap: Any, data: bytes | None) -> list[Any]:
-    """Sign/digest/encrypt/decrypt, one part (data given) or the final part."""
-    s, op = _op(t, kind, h)
-    try:
-        if data is not None:
-            if kind in ("sign", "digest"):
-                if op.hasher is None and op.data:
-                    raise Pkcs11Error(ckr.OPERATION_ACTIVE)
-        if kind == "sign":
-            n = M.signature_length(op.key)
-            if cap == 0 or (cap == EMPTY_BUFFER and n) or (isinstance(cap, int) and cap < n):
-                return [out_buffer(cap, b"\0" * n)[1]]
-            if data is not None:
-                op.update(data)
-            result = await asyncio.to_thread(M.sign, op)
-        elif kind == "digest":
-            h2 = op.hasher.copy()
-            if data is not None:
-                h2.update(data)
-            result = h2.digest()
-        else:
-            if data is None:
-                raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED, "multi-part ciphers")
-            fn = M.encrypt if kind == "encrypt" else M.decrypt
-            result = fn(op, data)
-        done, value = out_buffer(cap, result)
-        if done:
-            s.ops.pop(kind, None)
-        return [value]
-    except Pkcs11Error:
-        s.ops.pop(kind, None)
-        raise
-
-
-async def one_part(t: SoftToken, kind: str, args: list[Any]) -> list[Any]:
-    return await _finish(t, kind, args[0], args[2], _data(args[1]))
-
-
-async def final(t: SoftToken, kind: str, args: list[Any]) -> list[Any]:
-    return await _finish(t, kind, args[0], args[1], None)
-
-
-def verify(t: SoftToken, args: list[Any]) -> list[Any]:
-    s, op = _op(t, "verify", args[0])
-    try:
-        op.update(_data(args[1]))
-        M.verify(op, _data(args[2]))
-    finally:
-        s.ops.pop("verify", None)
-    return []
-
-
-def verify_final(t: SoftToken, args: list[Any]) -> list[Any]:
-    s, op = _op(t, "verify", args[0])
-    try:
-        M.verify(op, _data(args[1]))
-    finally:
-        s.ops.pop("verify", None)
-    return []
-
-
-def generate_random(t: SoftToken, args: list[Any]) -> list[Any]:
-    t.session(args[0])
-    n = args[1]
-    if not isinstance(n, int) or n < 0:
-        raise Pkcs11Error(ckr.ARGUMENTS_BAD)
-    if n == 0:
-        # a NULL buffer: no size query for random data; SoftHSM answers the same
-        raise Pkcs11Error(ckr.ARGUMENTS_BAD, "NULL random buffer")
-    if n == EMPTY_BUFFER:
-        return [b""]
-    if n > MAX_RANDOM:
-        raise Pkcs11Error(ckr.DATA_LEN_RANGE)
-    return [M.random_bytes(n)]
