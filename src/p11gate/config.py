@@ -21,6 +21,7 @@ from .metrics_config import MetricsConfig
 from .policy.config import RuleConfig
 from .pools.config import PoolConfig
 from .remote.config import TlsConfig
+from .state.config import StateConfig
 
 DEFAULT_SOCKET = "/run/p11gate/p11gate.sock"
 DEFAULT_STATE_DIR = "/var/lib/p11gate"
@@ -321,6 +322,8 @@ class Config(_Strict):
     pool: list[PoolConfig] = Field(default_factory=list)
     #: the Prometheus endpoint (off unless [metrics] listen is set)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    #: the shared state store (SQLite in state_dir unless [state] says otherwise)
+    state: StateConfig = Field(default_factory=StateConfig)
     #: the file this came from, for messages
     source: str = "<config>"
 

@@ -15,8 +15,9 @@ from .config_checks import check
 from .frontend.limits import limited_log
 from .frontend.server import Gateway
 from .metrics_http import MetricsServer
-from .registry import RegistryError, RegistryUnusable
+from .registry import RegistryError
 from .reload import Reloader
+from .state import StoreError, StoreUnusable
 from .state_dir import DAEMON_UMASK, StateDirInUse, StateLock, tighten_and_warn
 from .unix_socket import SocketInUse
 
@@ -87,12 +88,15 @@ async def _serve(cfg: Config, config_path: str | None) -> int:
         current[0] if current else None, reloader[0] if reloader else None))
     try:
         gw = Gateway(cfg)
-    except RegistryUnusable as e:
-        print(f"{cfg.source}: {e}", file=sys.stderr)  # one line: the file and the fix
+    except StoreUnusable as e:
+        print(f"{cfg.source}: {e}", file=sys.stderr)  # one line: the store and the fix
         return 2
     except RegistryError as e:
         print(f"{cfg.source}: registry {e.path}: {e.reason}; free space on its file system "
               "and make it writable by the gateway's user", file=sys.stderr)
+        return 2
+    except StoreError as e:
+        print(f"{cfg.source}: state store {e.where}: {e.reason}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"{cfg.source}: server.state_dir / audit.file: cannot use "

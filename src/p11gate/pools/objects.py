@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import ck
 from ..codec import Attribute
-from ..registry import Registry
+from ..state.base import StateStore
 
 #: (CKA_CLASS, CKA_ID, CKA_LABEL, CKA_UNIQUE_ID); None = not part of the identity: the
 #: object has no such attribute (data objects have no CKA_ID), which a find template must
@@ -53,7 +53,7 @@ class SessionObject:
 
 
 class ObjectIds:
-    def __init__(self, pool: str, registry: Registry) -> None:
+    def __init__(self, pool: str, registry: StateStore) -> None:
         self.pool = pool
         self.registry = registry
         registry.ensure(*_SCHEMA)
