@@ -9,7 +9,22 @@ from .base import StateStore, StoreError, StoreUnusable, Transaction
 from .config import StateConfig
 
 __all__ = ["StateConfig", "StateStore", "StoreError", "StoreUnusable", "Transaction",
-           "open_store"]
+           "open_engine", "open_store"]
+
+
+def open_engine(cfg: StateConfig, state_dir: str | os.PathLike[str], *,
+                migrate: bool) -> StateStore:
+    """The configured engine, opened; its schema migrated only if ``migrate``."""
+    if cfg.engine == "postgresql":
+        from .postgres import PostgresStore
+
+        return PostgresStore(cfg, migrate=migrate)
+    from .sqlite import Registry
+
+    if cfg.path:
+        return Registry(os.path.dirname(cfg.path), migrate=migrate,
+                        file_name=os.path.basename(cfg.path))
+    return Registry(state_dir, migrate=migrate)
 
 
 def open_store(cfg: StateConfig, state_dir: str | os.PathLike[str], *,
@@ -18,15 +33,7 @@ def open_store(cfg: StateConfig, state_dir: str | os.PathLike[str], *,
     says so) bring its schema up to date. Raises StoreUnusable with a one-line message.
     Without migration, a schema older than this release is refused."""
     run = cfg.migrate_at_start if migrate is None else migrate
-    store: StateStore
-    if cfg.engine == "postgresql":
-        from .postgres import PostgresStore
-
-        store = PostgresStore(cfg, migrate=run)
-    else:
-        from .sqlite import Registry
-
-        store = Registry(state_dir, migrate=run)
+    store = open_engine(cfg, state_dir, migrate=run)
     if not run:
         from .migrate import applied_versions, latest_version
 

@@ -17,6 +17,9 @@ class StateConfig(BaseModel):
     #: dbname=p11gate user=p11gate sslmode=verify-full"; put no password here (use
     #: password_file or password_env: the DSN is shown in status and messages)
     dsn: str = ""
+    #: sqlite: the database file (default <state_dir>/registry.sqlite3); gateways on one
+    #: host with separate state directories share their state by naming one file here
+    path: str | None = None
     #: postgresql: a file holding the password (first line), read at start
     password_file: str | None = None
     #: postgresql: the name of an environment variable holding the password

@@ -121,10 +121,11 @@ class _SqliteTransaction(Transaction):
 class Registry(StateStore):
     engine = "sqlite"
 
-    def __init__(self, state_dir: str | os.PathLike[str], *, migrate: bool = True) -> None:
+    def __init__(self, state_dir: str | os.PathLike[str], *, migrate: bool = True,
+                 file_name: str = FILE_NAME) -> None:
         path = Path(state_dir)
         path.mkdir(parents=True, exist_ok=True)
-        self.path = path / FILE_NAME
+        self.path = path / file_name
         self.where = str(self.path)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None,
