@@ -107,6 +107,20 @@ class ServerConfig(_Strict):
                 )
         return v
 
+    #: gateway processes serving the same listeners (each with its own backends and
+    #: workers; shared state in the store); "auto" = one per core
+    processes: int | Literal["auto"] = Field(default=1)
+
+    @field_validator("processes")
+    @classmethod
+    def _process_count(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 256:
+            raise ValueError("processes: 1 to 256, or \"auto\"")
+        return v
+
+    def process_count(self) -> int:
+        return (os.cpu_count() or 1) if self.processes == "auto" else int(self.processes)
+
     #: log to this file instead of stderr (reopened on SIGHUP, for logrotate)
     log_file: str | None = None
 

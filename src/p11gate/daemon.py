@@ -15,6 +15,7 @@ from .config_checks import check
 from .frontend.limits import limited_log
 from .frontend.server import Gateway
 from .metrics_http import MetricsServer
+from .processes import child_config, child_dir, child_index, inherited_from_supervisor, supervise
 from .registry import RegistryError
 from .reload import Reloader
 from .state import StoreError, StoreUnusable
@@ -105,7 +106,8 @@ async def _serve(cfg: Config, config_path: str | None) -> int:
         return 2
     current.append(gw)
     # socket activation: listeners systemd bound, matched to [server] listen by address
-    gw.inherited = systemd.inherited_sockets()
+    passed = inherited_from_supervisor()  # [server] processes: the supervisor bound them
+    gw.inherited = passed if passed is not None else systemd.inherited_sockets()
     try:
         await gw.start()
         unmatched = gw.inherited.leftovers()
@@ -188,6 +190,10 @@ def _lock(config_path: str | None, state_dir: str | None) -> tuple[StateLock, Co
         lock = StateLock(str(Path(state_dir) if state_dir else default_state_dir()))
         return lock, _load(config_path, state_dir, None)
     cfg = load_config(config_path)
+    index = child_index()
+    if index is not None:  # one of [server] processes: the supervisor holds state_dir
+        cfg = child_config(cfg, index)
+        return StateLock(child_dir(cfg.server.state_dir, index)), cfg
     return StateLock(cfg.server.state_dir), cfg
 
 
@@ -227,6 +233,9 @@ def run(config_path: str | None, state_dir: str | None = None, listen: str | Non
                 for err in findings.errors:
                     print(err, file=sys.stderr)
                 return 2
+        if (config_path is not None and child_index() is None
+                and cfg.server.process_count() > 1):
+            return supervise(cfg, config_path)
         if cfg.server.uvloop:
             try:
                 import uvloop
