@@ -7,6 +7,7 @@ down fails closed with CKR_DEVICE_ERROR and works again when it is back."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,3 +188,46 @@ def test_an_older_schema_is_refused_without_migration(pg: Postgres, tmp_path: Pa
         open_store(c, tmp_path)
     open_store(c, tmp_path, migrate=True).close()  # what `p11gate migrate` does
     open_store(c, tmp_path).close()
+
+
+def _ids_of(c: StateConfig, state_dir: str, start: Any, q: Any) -> None:
+    """One "node": meets identities shared with the others and its own, at once."""
+    store = open_store(c, state_dir)
+    ids = ObjectIds("ha", store)
+    start.wait()
+    me = os.getpid()
+    got = {}
+    for i in range(20):
+        shared = (3, f"shared-{i}".encode(), b"k", None)
+        own = (3, f"own-{me}-{i}".encode(), b"k", None)
+        got[shared[1].decode()] = ids.token_oid(shared)
+        got[own[1].decode()] = ids.token_oid(own)
+    store.close()
+    q.put(got)
+
+
+def test_nodes_meeting_identities_at_once_agree_on_one_id_each(
+    cfg: tuple[StateConfig, Path],
+) -> None:
+    """The race of two nodes creating objects in one replicated pool, at the store:
+    the same identity gets one id on every node, different ones never share an id."""
+    c, state_dir = cfg
+    open_store(c, state_dir).close()
+    ctx = multiprocessing.get_context("spawn")
+    q, start = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_ids_of, args=(c, str(state_dir), start, q))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    start.set()
+    results = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    shared = {k for k in results[0] if k.startswith("shared-")}
+    for k in shared:
+        assert len({r[k] for r in results}) == 1, k  # one id per identity
+    every = {oid for r in results for oid in r.values()}
+    assert len(every) == 20 + 4 * 20  # no two identities share one
+    store = open_store(c, state_dir)
+    assert store.query("SELECT count(*) FROM pool_object WHERE pool='ha'")[0][0] == 100
+    store.close()

@@ -50,6 +50,12 @@ class Transaction(ABC):
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         ...
 
+    @abstractmethod
+    def lock(self, name: str) -> None:
+        """Hold ``name`` until the transaction ends: transactions that take the same
+        name run one after the other on every process and node (SQLite: the whole
+        store is held already)."""
+
 
 class StateStore(ABC):
     #: "sqlite" or "postgresql": which migration set applies

@@ -1,6 +1,6 @@
 """SQLite's SQL, as the components write it, into PostgreSQL's.
 
-Only what the components use is translated: ``?`` placeholders, ``INSERT OR REPLACE``
+Only what the components use is translated: ``?`` placeholders (and ``IS ?``), ``INSERT OR REPLACE``
 and ``INSERT OR IGNORE`` (into ``ON CONFLICT`` on the table's primary key),
 ``PRAGMA table_info`` and the column types of ``CREATE TABLE``. Anything else passes
 unchanged, so a construct that differs shows up as a PostgreSQL syntax error in the
@@ -25,9 +25,14 @@ _TYPES = [
 ]
 
 
+_NULL_SAFE = re.compile(r"\bIS\s+\?", re.IGNORECASE)
+
+
 def placeholders(sql: str) -> str:
-    """``?`` → ``%s`` (and a literal ``%`` doubled, as psycopg wants)."""
-    return sql.replace("%", "%%").replace("?", "%s")
+    """``?`` → ``%s`` (and a literal ``%`` doubled, as psycopg wants); SQLite's
+    null-safe ``IS ?`` → ``IS NOT DISTINCT FROM %s``."""
+    sql = _NULL_SAFE.sub("IS NOT DISTINCT FROM ?", sql.replace("%", "%%"))
+    return sql.replace("?", "%s")
 
 
 def ddl(sql: str) -> str:

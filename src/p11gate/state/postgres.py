@@ -84,6 +84,9 @@ class _PgTransaction(Transaction):
         cur = self._conn.execute(self._store.translate(sql), list(params))
         return [tuple(r) for r in cur.fetchall()]
 
+    def lock(self, name: str) -> None:
+        self._conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [name])
+
 
 class PostgresStore(StateStore):
     engine = "postgresql"

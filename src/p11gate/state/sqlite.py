@@ -117,6 +117,9 @@ class _SqliteTransaction(Transaction):
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return list(self._db.execute(sql, params))
 
+    def lock(self, name: str) -> None:
+        pass  # BEGIN IMMEDIATE holds the whole file until COMMIT
+
 
 class Registry(StateStore):
     engine = "sqlite"
