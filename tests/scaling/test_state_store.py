@@ -231,3 +231,19 @@ def test_nodes_meeting_identities_at_once_agree_on_one_id_each(
     store = open_store(c, state_dir)
     assert store.query("SELECT count(*) FROM pool_object WHERE pool='ha'")[0][0] == 100
     store.close()
+
+
+def test_the_backend_counter_key_is_stored_on_both_engines(
+    cfg: tuple[StateConfig, Path],
+) -> None:
+    """The device's own counter is keyed "\\0backend:N" (no identity can take it): a key
+    PostgreSQL text would refuse as it is."""
+    c, state_dir = cfg
+    store = open_store(c, state_dir)
+    t = StoredPinThrottle("tok", 2, 60.0, store)
+    for _ in range(2):
+        assert t.begin("\0backend:1") == 0
+        t.failed("\0backend:1")
+    assert t.locked_for("\0backend:1") > 55
+    assert t.locked_for("uid:1") == 0  # another key, its own counter
+    store.close()

@@ -33,6 +33,12 @@ _LIVE_INFLIGHT = "(CASE WHEN inflight_until < ? THEN 0 ELSE inflight END)"
 _DEC = "inflight = CASE WHEN inflight > 0 THEN inflight - 1 ELSE 0 END"
 
 
+def _stored(who: str) -> str:
+    """The key as a text column holds it: PostgreSQL text has no NUL, which the
+    backend's own counter key starts with (no identity starts with a backslash)."""
+    return who.replace("\x00", "\\x00")
+
+
 class StoredPinThrottle(PinThrottle):
     def __init__(self, token: str, max_failures: int, lockout: float,
                  store: StateStore) -> None:
@@ -44,11 +50,11 @@ class StoredPinThrottle(PinThrottle):
 
     def _row(self, who: str) -> None:
         self.store.execute("INSERT OR IGNORE INTO pin_throttle (token, who, next_lock) "
-                           "VALUES (?, ?, ?)", (self.token, who, self.lockout))
+                           "VALUES (?, ?, ?)", (self.token, _stored(who), self.lockout))
 
     def locked_for(self, who: str) -> float:
         rows = self.store.query("SELECT locked_until FROM pin_throttle WHERE token=? AND "
-                                "who=?", (self.token, who))
+                                "who=?", (self.token, _stored(who)))
         if not rows:
             return 0.0
         return max(0.0, float(rows[0][0]) - time.time())
@@ -57,12 +63,12 @@ class StoredPinThrottle(PinThrottle):
         return self.store.update(
             f"UPDATE pin_throttle SET inflight = {_LIVE_INFLIGHT} + 1, inflight_until = ? "
             f"WHERE token=? AND who=? AND locked_until <= ? AND fails + {_LIVE_INFLIGHT} < ?",
-            (now, now + SLOT_TTL, self.token, who, now, now, self.max_failures)) == 1
+            (now, now + SLOT_TTL, self.token, _stored(who), now, now, self.max_failures)) == 1
 
     def _refusal(self, who: str, now: float) -> list[tuple[float, int]]:
         return [(float(a), int(b)) for a, b in self.store.query(
             f"SELECT locked_until, {_LIVE_INFLIGHT} FROM pin_throttle "
-            "WHERE token=? AND who=?", (now, self.token, who))]
+            "WHERE token=? AND who=?", (now, self.token, _stored(who)))]
 
     def begin(self, who: str) -> float:
         now = time.time()
@@ -110,23 +116,23 @@ class StoredPinThrottle(PinThrottle):
         with contextlib.suppress(StoreError):
             self._row(who)  # C_SetPIN counts a wrong old PIN without taking a slot
             self.store.update(f"UPDATE pin_throttle SET {_DEC}, fails = fails + 1 "
-                              "WHERE token=? AND who=?", (self.token, who))
+                              "WHERE token=? AND who=?", (self.token, _stored(who)))
             if self.store.update(
                     "UPDATE pin_throttle SET fails = 0, locked_until = ? + next_lock, "
                     "next_lock = CASE WHEN next_lock * 2 < ? THEN next_lock * 2 ELSE ? END "
                     "WHERE token=? AND who=? AND fails >= ?",
-                    (now, MAX_LOCKOUT, MAX_LOCKOUT, self.token, who, self.max_failures)):
+                    (now, MAX_LOCKOUT, MAX_LOCKOUT, self.token, _stored(who), self.max_failures)):
                 self.lockouts += 1
         self._wake(who)
 
     def succeeded(self, who: str) -> None:
         with contextlib.suppress(StoreError):
             self.store.update(f"UPDATE pin_throttle SET {_DEC}, fails = 0, next_lock = ? "
-                              "WHERE token=? AND who=?", (self.lockout, self.token, who))
+                              "WHERE token=? AND who=?", (self.lockout, self.token, _stored(who)))
         self._wake(who)
 
     def abandoned(self, who: str) -> None:
         with contextlib.suppress(StoreError):
             self.store.update(f"UPDATE pin_throttle SET {_DEC} WHERE token=? AND who=?",
-                              (self.token, who))
+                              (self.token, _stored(who)))
         self._wake(who)

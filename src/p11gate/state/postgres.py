@@ -142,10 +142,12 @@ class PostgresStore(StateStore):
 
     # ------------------------------------------------------------ running
 
-    def _failed(self, e: BaseException, what: str) -> StoreError:
+    def _failed(self, e: BaseException, what: str, sql: str = "") -> StoreError:
         err = StoreError(self.where, _reason(e))
+        # the statement's first words name the table; its parameters are never logged
         log.error(f"state store {what} failed", extra={"store": self.where,
-                                                       "error": err.reason})
+                                                       "error": err.reason,
+                                                       "statement": " ".join(sql.split()[:4])})
         return err
 
     def _run(self, sql: str, params: Sequence[Any], *, fetch: bool,
@@ -157,7 +159,7 @@ class PostgresStore(StateStore):
                     return [tuple(r) for r in cur.fetchall()]
                 return max(cur.rowcount, 0)
         except (psycopg.Error, PoolTimeout) as e:
-            raise self._failed(e, what) from None
+            raise self._failed(e, what, sql) from None
 
     def ensure(self, *statements: str) -> None:
         for sql in statements:
