@@ -195,3 +195,22 @@ def test_reload_reaches_every_process(gw: dict[str, Any]) -> None:
     reply = query(gw["admin"], "reload", timeout=60)
     assert reply["ok"] is True and len(reply["processes"]) == 2, reply
     assert [p["status"]["reloads"] for p in _per_process(gw)] == [1, 1]
+
+
+def test_p11gate_status_shows_the_sum_and_each_process(gw: dict[str, Any]) -> None:
+    import subprocess
+    import sys
+
+    c, _, _ = _signer(gw["gw"].path)  # one connection open while asked
+    try:
+        text = subprocess.run([sys.executable, "-m", "p11gate.cli", "status", "--socket",
+                               gw["admin"]], capture_output=True, text=True, timeout=60)
+        assert text.returncode == 0, text.stderr
+        as_json = subprocess.run([sys.executable, "-m", "p11gate.cli", "status", "--socket",
+                                  gw["admin"], "--json"], capture_output=True, text=True,
+                                 timeout=60)
+        reply = json.loads(as_json.stdout)
+        assert reply["connections"] == 1
+        assert sum(p["status"]["connections"] for p in reply["processes"]) == 1
+    finally:
+        c.close()
