@@ -9,7 +9,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 PACKAGES=(softhsm2 p11-kit p11-kit-modules opensc gnutls-bin libengine-pkcs11-openssl
           openssl gcc libc6-dev libp11-kit-dev python3 python3-pip python3-venv procps
-          tmux systemd util-linux mount e2fsprogs git)
+          tmux systemd util-linux mount e2fsprogs git postgresql)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

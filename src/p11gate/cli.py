@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from .cli_migrate import migrate
 from .cli_ops import admin_options, admin_socket_for, module_file, reload_cmd, top
 from .config import ConfigError, load_config
 
@@ -224,6 +225,7 @@ def worker(
 main.add_command(top)
 main.add_command(reload_cmd)
 main.add_command(module_file)
+main.add_command(migrate)
 
 
 def _register_optional() -> None:

@@ -22,6 +22,7 @@ from .metrics_config import MetricsConfig
 from .policy.config import RuleConfig
 from .pools.config import PoolConfig
 from .remote.config import TlsConfig
+from .state.config import StateConfig
 
 DEFAULT_SOCKET = "/run/p11gate/p11gate.sock"
 DEFAULT_STATE_DIR = "/var/lib/p11gate"
@@ -106,6 +107,20 @@ class ServerConfig(_Strict):
                     f"{a!r}: listeners are 'unix:path=/absolute/path' or 'tls:HOST:PORT'"
                 )
         return v
+
+    #: gateway processes serving the same listeners (each with its own backends and
+    #: workers; shared state in the store); "auto" = one per core
+    processes: int | Literal["auto"] = Field(default=1)
+
+    @field_validator("processes")
+    @classmethod
+    def _process_count(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 256:
+            raise ValueError("processes: 1 to 256, or \"auto\"")
+        return v
+
+    def process_count(self) -> int:
+        return (os.cpu_count() or 1) if self.processes == "auto" else int(self.processes)
 
     #: log to this file instead of stderr (reopened on SIGHUP, for logrotate)
     log_file: str | None = None
@@ -414,6 +429,8 @@ class Config(_Strict):
     pool: list[PoolConfig] = Field(default_factory=list)
     #: the Prometheus endpoint (off unless [metrics] listen is set)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    #: the shared state store (SQLite in state_dir unless [state] says otherwise)
+    state: StateConfig = Field(default_factory=StateConfig)
     #: the file this came from, for messages
     source: str = "<config>"
 

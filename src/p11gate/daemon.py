@@ -15,8 +15,10 @@ from .config_checks import check
 from .frontend.limits import limited_log
 from .frontend.server import Gateway
 from .metrics_http import MetricsServer
-from .registry import RegistryError, RegistryUnusable
+from .processes import child_config, child_dir, child_index, inherited_from_supervisor, supervise
+from .registry import RegistryError
 from .reload import Reloader
+from .state import StoreError, StoreUnusable
 from .state_dir import DAEMON_UMASK, StateDirInUse, StateLock, tighten_and_warn
 from .unix_socket import SocketInUse
 
@@ -87,12 +89,15 @@ async def _serve(cfg: Config, config_path: str | None) -> int:
         current[0] if current else None, reloader[0] if reloader else None))
     try:
         gw = Gateway(cfg)
-    except RegistryUnusable as e:
-        print(f"{cfg.source}: {e}", file=sys.stderr)  # one line: the file and the fix
+    except StoreUnusable as e:
+        print(f"{cfg.source}: {e}", file=sys.stderr)  # one line: the store and the fix
         return 2
     except RegistryError as e:
         print(f"{cfg.source}: registry {e.path}: {e.reason}; free space on its file system "
               "and make it writable by the gateway's user", file=sys.stderr)
+        return 2
+    except StoreError as e:
+        print(f"{cfg.source}: state store {e.where}: {e.reason}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"{cfg.source}: server.state_dir / audit.file: cannot use "
@@ -101,7 +106,8 @@ async def _serve(cfg: Config, config_path: str | None) -> int:
         return 2
     current.append(gw)
     # socket activation: listeners systemd bound, matched to [server] listen by address
-    gw.inherited = systemd.inherited_sockets()
+    passed = inherited_from_supervisor()  # [server] processes: the supervisor bound them
+    gw.inherited = passed if passed is not None else systemd.inherited_sockets()
     try:
         await gw.start()
         unmatched = gw.inherited.leftovers()
@@ -184,6 +190,10 @@ def _lock(config_path: str | None, state_dir: str | None) -> tuple[StateLock, Co
         lock = StateLock(str(Path(state_dir) if state_dir else default_state_dir()))
         return lock, _load(config_path, state_dir, None)
     cfg = load_config(config_path)
+    index = child_index()
+    if index is not None:  # one of [server] processes: the supervisor holds state_dir
+        cfg = child_config(cfg, index)
+        return StateLock(child_dir(cfg.server.state_dir, index)), cfg
     return StateLock(cfg.server.state_dir), cfg
 
 
@@ -223,6 +233,9 @@ def run(config_path: str | None, state_dir: str | None = None, listen: str | Non
                 for err in findings.errors:
                     print(err, file=sys.stderr)
                 return 2
+        if (config_path is not None and child_index() is None
+                and cfg.server.process_count() > 1):
+            return supervise(cfg, config_path)
         if cfg.server.uvloop:
             try:
                 import uvloop

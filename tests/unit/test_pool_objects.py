@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from p11gate.pools.objects import ObjectIds
-from p11gate.registry import Registry
+from p11gate.registry import FILE_NAME, Registry
 
 
 def test_ids_persist_and_identities_by_unique_id_are_distinct(tmp_path: Path) -> None:
@@ -25,10 +26,14 @@ def test_ids_persist_and_identities_by_unique_id_are_distinct(tmp_path: Path) ->
 
 
 def test_a_registry_from_before_unique_ids_is_upgraded(tmp_path: Path) -> None:
+    # written by a release before CKA_UNIQUE_ID identities (and before migrations)
+    old = sqlite3.connect(tmp_path / FILE_NAME)
+    old.execute("""CREATE TABLE pool_object (pool TEXT NOT NULL, oid INTEGER NOT NULL,
+                   class INTEGER NOT NULL, id BLOB, label BLOB, PRIMARY KEY (pool, oid))""")
+    old.execute("INSERT INTO pool_object VALUES ('ha', 7, 3, x'01', x'656331')")
+    old.commit()
+    old.close()
     reg = Registry(tmp_path)
-    reg.ensure("""CREATE TABLE pool_object (pool TEXT NOT NULL, oid INTEGER NOT NULL,
-                  class INTEGER NOT NULL, id BLOB, label BLOB, PRIMARY KEY (pool, oid))""")
-    reg.execute("INSERT INTO pool_object VALUES ('ha', 7, 3, x'01', x'656331')")
     ids = ObjectIds("ha", reg)
     assert ids.by_oid == {7: (3, b"\x01", b"ec1", None)}
     assert ids.token_oid((3, None, None, b"u")) == 8

@@ -245,7 +245,7 @@ def _wait_for_address(proc: subprocess.Popen[bytes], what: str, log: Path) -> st
     return line.split("P11_KIT_SERVER_ADDRESS=", 1)[1].split(";", 1)[0].strip()
 
 
-def gateway_config(name: str, base: Path, env: dict[str, str]) -> Path:
+def gateway_config(name: str, base: Path, env: dict[str, str], processes: int = 1) -> Path:
     sock = base / f"{name}.sock"
     cfg = base / f"{name}.toml"
     cfg.write_text(f"""\
@@ -253,6 +253,7 @@ def gateway_config(name: str, base: Path, env: dict[str, str]) -> Path:
 listen = "unix:path={sock}"
 state_dir = "{base / f'state-{name}'}"
 log_level = "warning"
+processes = {processes}
 
 [[backend]]
 name = "softhsm"
@@ -288,7 +289,7 @@ def pool_gateway_config(base: Path) -> Path:
     return cfg
 
 
-def start_target(name: str, base: Path, env: dict[str, str]) -> Target:
+def start_target(name: str, base: Path, env: dict[str, str], processes: int = 1) -> Target:
     if name == "direct":
         return Target(name, SOFTHSM, env)
     log = base / f"{name}.log"
@@ -311,8 +312,8 @@ def start_target(name: str, base: Path, env: dict[str, str]) -> Target:
         what = "p11gate serve (soft token)"
     else:
         cmd = [sys.executable, "-m", "p11gate.cli", "serve", "--config",
-               str(gateway_config(name, base, env))]
-        what = f"p11gate serve (isolation={name})"
+               str(gateway_config(name, base, env, processes))]
+        what = f"p11gate serve (isolation={name}, processes={processes})"
     if not Path(CLIENT).exists():
         raise Unavailable(f"{CLIENT} is missing (apt-get install p11-kit-modules)")
     with log.open("wb") as err:
@@ -330,8 +331,9 @@ def start_target(name: str, base: Path, env: dict[str, str]) -> Target:
 
 
 @contextmanager
-def running(name: str, base: Path, env: dict[str, str]) -> Iterator[Target]:
-    t = start_target(name, base, env)
+def running(name: str, base: Path, env: dict[str, str], processes: int = 1
+            ) -> Iterator[Target]:
+    t = start_target(name, base, env, processes)
     try:
         yield t
     finally:
@@ -720,11 +722,13 @@ def split_list(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
               help="run each cell this many times and report the median of each measure")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="write all results to this file")
+@click.option("--processes", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="[server] processes of the p11gate targets (gateway processes)")
 @click.option("--yardstick", "yardstick_src", type=click.Path(exists=True, dir_okay=False),
               default=None, help="also run the cells through this p11bench.c (shared-"
                                  "connection cells only), as a check on the load generator")
 def bench(seconds: float, warmup: float, quick: bool, ops: str, targets: str, threads_opt: str,
-          connections_opt: str, repeat: int, json_path: str | None,
+          connections_opt: str, repeat: int, json_path: str | None, processes: int,
           yardstick_src: str | None) -> None:
     """Benchmark SoftHSMv2 directly, through p11-kit server and through p11gate.
 
@@ -780,7 +784,7 @@ def bench(seconds: float, warmup: float, quick: bool, ops: str, targets: str, th
         env = make_token(base)
         for name in target_list:
             try:
-                with running(name, base, env) as t:
+                with running(name, base, env, processes) as t:
                     click.echo(f"# {name}: {DESCRIPTIONS[name]}", err=True)
                     for op in op_list:
                         for threads, conns in cells:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ..codec import Call, ckr
 from ..errors import BackendUnavailable, Pkcs11Error
 from ..pools.pool import PoolBackend
-from ..registry import RegistryError
+from ..state.base import StoreError as RegistryError
 from .token import VirtualToken
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from .. import ck
 from ..audit import object_fields
 from ..codec import Attribute, AttrRequest, Call, Mechanism, Null, ckr
 from ..errors import Pkcs11Error
-from ..registry import RegistryError
+from ..state.base import StoreError as RegistryError
 from . import key_limits
 from .common import ID, PRIVATE_FALSE, ObjectInfo, Stale, attr_bool, attr_value
 from .handles import IDENTITY_KNOWN, IDENTITY_UNKNOWN, ObjectRef, Session

@@ -16,7 +16,7 @@ import hmac
 import os
 import time
 
-from ..registry import Registry
+from ..state.base import StateStore
 
 #: scrypt cost: about 50 ms and 16 MiB per check on this class of machine
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
@@ -156,7 +156,7 @@ class MappedPins:
             replaced TEXT NOT NULL, PRIMARY KEY (token, who))""",
     )
 
-    def __init__(self, token: str, configured: dict[str, str], registry: Registry) -> None:
+    def __init__(self, token: str, configured: dict[str, str], registry: StateStore) -> None:
         self.token = token
         self.configured = dict(configured)
         self.registry = registry

@@ -21,7 +21,6 @@ from ..metrics import GatewayMetrics
 from ..policy import Policy
 from ..policy.namespace import OwnershipStore
 from ..pools.pool import PoolBackend
-from ..registry import Registry
 from ..remote.tls import (
     parse_tls_address,
     peer_address,
@@ -29,6 +28,7 @@ from ..remote.tls import (
     server_context,
     watch_crl,
 )
+from ..state import open_store
 from ..systemd import Inherited, keep_socket_file
 from ..unix_socket import BoundSocket, bind_unix, make_socket_dir
 from .connection import ClientConnection
@@ -79,7 +79,7 @@ class Gateway:
         #: the Prometheus registry (served by metrics_http when [metrics] listen is set)
         self.metrics = GatewayMetrics()
         self.backends: dict[str, Backend] = {b.name: make_backend(b) for b in cfg.backend}
-        self.registry = Registry(cfg.server.state_dir)
+        self.registry = open_store(cfg.state, cfg.server.state_dir)
         self.ownership = OwnershipStore(self.registry)
         #: connection, session and object quotas; the file descriptor reserve
         self.limits = GatewayLimits(cfg.server, self.ownership)

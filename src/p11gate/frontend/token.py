@@ -12,9 +12,10 @@ from ..codec import ckr
 from ..codec.calls import CALLS_BY_NAME
 from ..config import ConfigError, TokenConfig
 from ..errors import Pkcs11Error
-from ..registry import Registry
+from ..state.base import StateStore
 from .call_stats import CallStats
 from .login import LoginState
+from .pin_throttle import StoredPinThrottle
 from .pins import MappedPins, PinThrottle
 from .token_uri import client_uri, configured_uri
 
@@ -30,13 +31,16 @@ C_Logout = CALLS_BY_NAME["C_Logout"].id
 
 class VirtualToken:
     def __init__(self, cfg: TokenConfig, backend: Backend,
-                 registry: Registry | None = None) -> None:
+                 registry: StateStore | None = None) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.pin_mode = cfg.pin_mode
         #: mapped/none: the gateway, not the clients, logs the backend in
         self.gateway_login = cfg.pin_mode != "passthrough"
-        self.throttle = PinThrottle(cfg.max_pin_failures, cfg.pin_lockout)
+        # in the store when there is one: one counter for every process and node
+        self.throttle = (
+            PinThrottle(cfg.max_pin_failures, cfg.pin_lockout) if registry is None
+            else StoredPinThrottle(cfg.name, cfg.max_pin_failures, cfg.pin_lockout, registry))
         self.mapped_pins: MappedPins | None = None
         if cfg.pin_mode == "mapped":
             assert registry is not None, "mapped PINs need the registry"

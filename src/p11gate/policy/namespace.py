@@ -9,7 +9,7 @@ of different owners.
 
 from __future__ import annotations
 
-from ..registry import Registry
+from ..state.base import StateStore
 
 ObjectKey = tuple[int, bytes, bytes]  # (CKA_CLASS, CKA_ID, CKA_LABEL)
 
@@ -22,7 +22,7 @@ _SCHEMA = (
 
 
 class OwnershipStore:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: StateStore) -> None:
         self.registry = registry
         registry.ensure(*_SCHEMA)
         self._cache: dict[tuple[str, ObjectKey], str] = {

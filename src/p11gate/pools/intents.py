@@ -32,7 +32,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from ..codec import ckr
-from ..registry import Registry
+from ..state.base import StateStore
 from .member import Member
 from .objects import Key
 
@@ -79,7 +79,7 @@ def _decode_key(raw: list[int | str | None]) -> Key:
 
 
 class IntentLog:
-    def __init__(self, pool: str, registry: Registry) -> None:
+    def __init__(self, pool: str, registry: StateStore) -> None:
         self.pool = pool
         self.registry = registry
         registry.ensure(*_SCHEMA)

@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import ck
 from ..codec import Attribute
-from ..registry import Registry
+from ..state.base import StateStore
 
 #: (CKA_CLASS, CKA_ID, CKA_LABEL, CKA_UNIQUE_ID); None = not part of the identity: the
 #: object has no such attribute (data objects have no CKA_ID), which a find template must
@@ -53,7 +53,7 @@ class SessionObject:
 
 
 class ObjectIds:
-    def __init__(self, pool: str, registry: Registry) -> None:
+    def __init__(self, pool: str, registry: StateStore) -> None:
         self.pool = pool
         self.registry = registry
         registry.ensure(*_SCHEMA)
@@ -92,13 +92,26 @@ class ObjectIds:
     def token_oid(self, key: Key) -> int:
         oid = self.by_key.get(key)
         if oid is None:
-            oid = self._next
-            self._next += 1
-            self.registry.execute(
-                "INSERT INTO pool_object (pool, oid, class, id, label, uid) "
-                "VALUES (?, ?, ?, ?, ?, ?)", (self.pool, oid, *key))
+            oid = self._claim(key)
+            self._next = max(self._next, oid + 1)
             self.by_key[key] = oid
             self.by_oid[oid] = key
+        return oid
+
+    def _claim(self, key: Key) -> int:
+        """The id of ``key`` in the store, made now if no process or node has: in one
+        transaction that no other gateway on the store interleaves with, so two nodes
+        that meet the same identity at once end with one id, and new ids never clash."""
+        with self.registry.transaction() as tx:
+            tx.lock(f"pool_object:{self.pool}")
+            found = tx.query("SELECT oid FROM pool_object WHERE pool=? AND class=? AND "
+                             "id IS ? AND label IS ? AND uid IS ?", (self.pool, *key))
+            if found:
+                return int(found[0][0])
+            top = tx.query("SELECT MAX(oid) FROM pool_object WHERE pool=?", (self.pool,))
+            oid = max(int(top[0][0] or 0) + 1, self._next)
+            tx.execute("INSERT INTO pool_object (pool, oid, class, id, label, uid) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (self.pool, oid, *key))
         return oid
 
     def set_state(self, oid: int, *, origin: str | None = None, pinned: str | None = None,

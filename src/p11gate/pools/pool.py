@@ -31,7 +31,7 @@ from ..codec.calls import CALLS
 from ..codec.values import HandleParam, KyberParams
 from ..errors import BackendUnavailable, Pkcs11Error
 from ..frontend.tables import NEW_OBJECTS, OBJECT_ARGS, OPTIONAL_OBJECT_ARGS
-from ..registry import Registry
+from ..state.base import StateStore
 from .config import PoolConfig
 from .finds import find_init, hidden
 from .intents import note_doubtful
@@ -109,7 +109,7 @@ class _Session:
 
 class PoolBackend(Backend):
     def __init__(self, cfg: PoolConfig, backends: dict[str, Backend],
-                 registry: Registry) -> None:
+                 registry: StateStore) -> None:
         self.name = cfg.name
         self.cfg = cfg
         self.generation = 1  # logical sessions and object ids outlive any member
