@@ -16,10 +16,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .backends.limits_config import KeyBitsConfig
+from .backends.pool.config import PoolConfig
 from .config_select import TokenSelect
 from .metrics_config import MetricsConfig
 from .policy.config import RuleConfig
-from .pools.config import PoolConfig
 from .remote.config import TlsConfig
 
 DEFAULT_SOCKET = "/run/p11gate/p11gate.sock"

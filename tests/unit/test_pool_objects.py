@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from p11gate.pools.objects import ObjectIds
+from p11gate.backends.pool.objects import ObjectIds
 from p11gate.registry import Registry
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .. import ck
 from ..codec import Attribute
+from ..codec import constants as ck
 from ..codec.calls import CALLS_BY_NAME
 from .handles import ObjectRef
 

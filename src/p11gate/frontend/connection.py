@@ -15,7 +15,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from .. import ck
 from ..audit import AuditError, object_fields
 from ..codec import (
     HANDSHAKE,
@@ -38,7 +37,9 @@ from ..codec import (
     encode_reply,
     reply_rv,
 )
+from ..codec import constants as ck
 from ..codec.param_kinds import (
+    HANDLE_IN_RAW_PARAM,
     MESSAGE_PARAMETER_CALLS,
     message_parameter_refusal,
     raw_parameter_refusal,
@@ -405,7 +406,7 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(p, KyberParams) and p.secret_handle:
             bh = self.object_for(p.secret_handle, token).backend_handle
             return Mechanism(m.type, p._replace(secret_handle=bh))
-        if m.type in ck.HANDLE_IN_RAW_PARAM and p is not None:
+        if m.type in HANDLE_IN_RAW_PARAM and p is not None:
             raise Pkcs11Error(ckr.MECHANISM_PARAM_INVALID, "parameter carries a handle")
         if isinstance(p, bytes):  # no serializer built it: only a flat parameter passes
             why = raw_parameter_refusal(m.type, len(p), token.backend.raw_parameter_mechanisms)

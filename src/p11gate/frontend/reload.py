@@ -15,10 +15,10 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from ..backends.base import Backend
+from ..backends.pool.pool import PoolBackend
 from ..config import Config, TokenConfig
 from ..errors import Pkcs11Error
 from ..policy import Policy
-from ..pools.pool import PoolBackend
 from ..remote.tls import server_context, watch_crl
 from . import login_calls
 from .common import ID

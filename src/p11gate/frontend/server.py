@@ -14,13 +14,13 @@ from typing import Any
 from ..admin import AdminServer, admin_socket_path
 from ..audit import AuditLog
 from ..backends.base import Backend
+from ..backends.pool.pool import PoolBackend
 from ..config import BackendConfig, Config
 from ..errors import Pkcs11Error
 from ..identity import Identity
 from ..metrics import GatewayMetrics
 from ..policy import Policy
 from ..policy.namespace import OwnershipStore
-from ..pools.pool import PoolBackend
 from ..registry import Registry
 from ..remote.tls import (
     parse_tls_address,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .. import ck
 from ..backends.base import Backend
 from ..backends.slots import pad, select_slot
 from ..codec import ckr
+from ..codec import constants as ck
 from ..codec.calls import CALLS_BY_NAME
 from ..config import ConfigError, TokenConfig
 from ..errors import Pkcs11Error

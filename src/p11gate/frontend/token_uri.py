@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..backends.pool.pool import PoolBackend
 from ..codec.calls import CALLS_BY_NAME
 from ..errors import BackendUnavailable, Pkcs11Error
 from ..pkcs11_uri import format_token_uri, padded_text
-from ..pools.pool import PoolBackend
 
 if TYPE_CHECKING:
     from .token import VirtualToken

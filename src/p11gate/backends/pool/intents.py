@@ -31,8 +31,8 @@ import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-from ..codec import ckr
-from ..registry import Registry
+from ...codec import ckr
+from ...registry import Registry
 from .member import Member
 from .objects import Key
 
