@@ -81,7 +81,7 @@ from .tables import (
 from .token import VirtualToken, pad
 
 if TYPE_CHECKING:
-    from .server import Gateway
+    from ..gateway import Gateway
 
 log = logging.getLogger("p11gate.conn")
 
