@@ -11,14 +11,13 @@ of looking a call id up in a dozen sets.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum, IntEnum
+from enum import Enum
 
 from . import ckr
-from .calls import CALLS, Call
-from .constants import CKR_UNWRAPPING_KEY_HANDLE_INVALID
+from .calls import CALLS, Call, CallId
 
-CallId = IntEnum("CallId", [(c.name, c.id) for c in CALLS])  # type: ignore[misc]
-CallId.__doc__ = "Every RPC call id, named as in PKCS#11 (``CallId.C_Sign``)."
+__all__ = ["PLANS", "CallId", "CallPlan", "Phase", "ids_where"]
+from .constants import CKR_UNWRAPPING_KEY_HANDLE_INVALID
 
 
 class Phase(Enum):

@@ -20,15 +20,15 @@ from typing import Any
 
 from ..backends.limits_config import KeyBitsConfig
 from ..codec import Attribute, Mechanism, ckr
-from ..codec.calls import CALLS_BY_NAME
+from ..codec.calls import CallId
 from ..config import Config
 from ..errors import Pkcs11Error
 from .fair_share import member_backends
 
 log = logging.getLogger("p11gate.limits")
 
-C_GenerateKey = CALLS_BY_NAME["C_GenerateKey"].id
-C_GenerateKeyPair = CALLS_BY_NAME["C_GenerateKeyPair"].id
+C_GenerateKey = CallId.C_GenerateKey
+C_GenerateKeyPair = CallId.C_GenerateKeyPair
 #: the calls checked here (template positions: C_GenerateKey 2; C_GenerateKeyPair 2, 3)
 CHECKED_CALLS = frozenset({C_GenerateKey, C_GenerateKeyPair})
 
