@@ -21,8 +21,8 @@ import os
 import time
 from typing import Any
 
-from . import ck
 from .codec import ckr
+from .codec import constants as ck
 from .errors import Pkcs11Error
 
 log = logging.getLogger("p11gate.audit")

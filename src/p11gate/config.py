@@ -17,10 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .backends.kmip.config import KmipConfig
 from .backends.limits_config import KeyBitsConfig
+from .backends.pool.config import PoolConfig
 from .config_select import TokenSelect
 from .metrics_config import MetricsConfig
 from .policy.config import RuleConfig
-from .pools.config import PoolConfig
 from .remote.config import TlsConfig
 from .state.config import StateConfig
 

@@ -13,7 +13,7 @@ from . import logs, systemd
 from .config import Config, ConfigError, load_config, parse_config
 from .config_checks import check
 from .frontend.limits import limited_log
-from .frontend.server import Gateway
+from .gateway import Gateway
 from .metrics_http import MetricsServer
 from .processes import child_config, child_dir, child_index, inherited_from_supervisor, supervise
 from .registry import RegistryError

@@ -20,7 +20,7 @@ from typing import Any
 from .config import Config, ConfigError, load_config
 from .config_checks import check
 from .frontend.reload import apply, tls_context
-from .frontend.server import Gateway
+from .gateway import Gateway
 
 log = logging.getLogger("p11gate.reload")
 

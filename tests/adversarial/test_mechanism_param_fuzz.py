@@ -36,7 +36,6 @@ from tests.policy.tenants import CKF_SERIAL, C_OpenSession, slot_of
 from tests.softhsm import make_token
 from tests.unit.test_worker import WORKER, Peer
 
-from p11gate import ck
 from p11gate.codec import (
     HANDSHAKE,
     ArgumentError,
@@ -47,7 +46,7 @@ from p11gate.codec import (
     dialect_for_version,
     encode_request,
 )
-from p11gate.codec.param_kinds import KINDS, raw_parameter_refusal
+from p11gate.codec.param_kinds import HANDLE_IN_RAW_PARAM, KINDS, raw_parameter_refusal
 
 SECONDS = 12.0  # per phase
 C_DecryptInit, C_VerifyInit, C_DigestInit, C_WrapKey = 33, 48, 37, 60
@@ -143,7 +142,7 @@ class Fuzzer:
             rv = e.rv
         if isinstance(wire, bytes):
             why = raw_parameter_refusal(mtype, len(wire), {LISTED_VENDOR})
-            if mtype in ck.HANDLE_IN_RAW_PARAM and self.frontend:
+            if mtype in HANDLE_IN_RAW_PARAM and self.frontend:
                 why = why or "carries a handle"
             if why is not None:
                 assert rv == ckr.MECHANISM_PARAM_INVALID, (

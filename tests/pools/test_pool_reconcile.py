@@ -270,7 +270,7 @@ def test_kill_9_during_pool_key_generation_is_reconciled_on_restart(tmp_path: Pa
             st = query(admin)["pools"][0]
             found_at_start += st["intents_found_at_start"]
             logged_in(gw)[0].close()  # the pool is logged in: reconcile completes
-            # (pending_intents counts the fragment checks too: see p11gate.pools.intents)
+            # (pending_intents counts the fragment checks too: see p11gate.backends.pool.intents)
             assert wait_for(lambda: query(admin)["pools"][0]["intents_unsettled"] == 0
                             and pending_intents(state) == 0, timeout=30)
             st = query(admin)["pools"][0]

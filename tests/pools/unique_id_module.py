@@ -15,9 +15,9 @@ import sys
 import threading
 from typing import Any
 
-from p11gate import ck
 from p11gate.backends.native import NativeModule
 from p11gate.codec import Attribute, AttrRequest, ckr
+from p11gate.codec import constants as ck
 from p11gate.codec.calls import CALLS_BY_NAME
 
 ID = {n: CALLS_BY_NAME[n].id for n in ("C_GetAttributeValue", "C_FindObjectsInit",

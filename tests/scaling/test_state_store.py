@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from tests.postgres import Postgres
 
+from p11gate.backends.pool.objects import ObjectIds
 from p11gate.codec import ckr
 from p11gate.frontend.pin_throttle import StoredPinThrottle
 from p11gate.frontend.pins import MappedPins
 from p11gate.policy.namespace import OwnershipStore
-from p11gate.pools.objects import ObjectIds
 from p11gate.state import StateConfig, StateStore, StoreError, StoreUnusable, open_store
 from p11gate.state.migrate import latest_version
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from p11gate import ck
+from p11gate.backends.pool.intents import IntentLog
+from p11gate.backends.pool.member import ID
+from p11gate.backends.pool.objects import ObjectIds
+from p11gate.backends.pool.reconcile import creation_keys
 from p11gate.codec import Attribute
-from p11gate.pools.intents import IntentLog
-from p11gate.pools.member import ID
-from p11gate.pools.objects import ObjectIds
-from p11gate.pools.reconcile import creation_keys
+from p11gate.codec import constants as ck
 from p11gate.registry import Registry
 
 

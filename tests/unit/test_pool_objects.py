@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from p11gate.pools.objects import ObjectIds
+from p11gate.backends.pool.objects import ObjectIds
 from p11gate.registry import FILE_NAME, Registry
 
 

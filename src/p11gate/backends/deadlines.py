@@ -13,10 +13,10 @@ C_DeriveKey is not among them: derivation (ECDH, HKDF, …) costs what a signatu
 
 from __future__ import annotations
 
-from ..codec.calls import CALLS_BY_NAME
+from ..codec.calls import CallId
 
 #: calls that get ``keygen_timeout`` instead of ``call_timeout``
-SLOW_CALLS = frozenset(CALLS_BY_NAME[n].id for n in ("C_GenerateKey", "C_GenerateKeyPair"))
+SLOW_CALLS = frozenset(CallId[n] for n in ("C_GenerateKey", "C_GenerateKeyPair"))
 
 
 def deadline(call_id: int, call_timeout: float, keygen_timeout: float) -> float:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from ..codec import ckr
-from ..codec.calls import CALLS_BY_NAME
+from ..codec.calls import CallId
 from ..config_select import TokenSelect
 from ..errors import BackendUnavailable, Pkcs11Error
 from .base import Backend
 
-C_GetSlotList = CALLS_BY_NAME["C_GetSlotList"].id
-C_GetTokenInfo = CALLS_BY_NAME["C_GetTokenInfo"].id
+C_GetSlotList = CallId.C_GetSlotList
+C_GetTokenInfo = CallId.C_GetTokenInfo
 
 
 def pad(text: str | bytes, size: int) -> bytes:

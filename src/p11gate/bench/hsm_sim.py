@@ -17,10 +17,10 @@ import time
 from typing import Any
 
 from ..backends.native import NativeModule
-from ..codec.calls import CALLS_BY_NAME
+from ..codec.calls import CallId
 
 #: calls that cost the simulated service time (the private-key operations)
-SLOW = frozenset(CALLS_BY_NAME[n].id for n in (
+SLOW = frozenset(CallId[n] for n in (
     "C_Sign", "C_SignFinal", "C_Decrypt", "C_DecryptFinal", "C_SignRecover"))
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from ..codec import Attribute, Mechanism
+from ..codec import constants as ck
 from .rpc_client import AsyncRpcClient
 from .tokens import import_keys, key_material, pool_config_text, softhsm_token
 
@@ -27,7 +28,7 @@ PIN = "1234"
 C_GetSlotList, C_OpenSession, C_Login = 4, 10, 18
 C_FindObjectsInit, C_FindObjects, C_FindObjectsFinal = 26, 27, 28
 C_SignInit, C_Sign = 42, 43
-CKM_ECDSA = 0x1041
+CKM_ECDSA = ck.CKM_ECDSA
 
 
 def write_config(base: Path, members: list[dict[str, str]], service_ms: float) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 
 
 def split_signature(sig: str) -> tuple[str, ...]:
@@ -161,15 +162,112 @@ CALLS: tuple[Call, ...] = _build()
 CALLS_BY_NAME: dict[str, Call] = {c.name: c for c in CALLS}
 MAX_CALL_ID = len(CALLS) - 1
 
-ERROR = 0
-C_Initialize = 1
-C_Finalize = 2
-C_InitToken = 9
-C_InitToken2 = 88
-C_DeriveKey = 62
-C_DeriveKey2 = 89
-C_GetAttributeValue = 24
-C_SignMessageNext = 81
+class CallId(IntEnum):
+    """Every call id, named as in PKCS#11 (``CallId.C_Sign``); the same ids as
+    ``_TABLE`` (tests/unit/test_call_table.py). What each call's arguments mean is
+    in call_table.py."""
+
+    ERROR = 0
+    C_Initialize = 1
+    C_Finalize = 2
+    C_GetInfo = 3
+    C_GetSlotList = 4
+    C_GetSlotInfo = 5
+    C_GetTokenInfo = 6
+    C_GetMechanismList = 7
+    C_GetMechanismInfo = 8
+    C_InitToken = 9
+    C_OpenSession = 10
+    C_CloseSession = 11
+    C_CloseAllSessions = 12
+    C_GetSessionInfo = 13
+    C_InitPIN = 14
+    C_SetPIN = 15
+    C_GetOperationState = 16
+    C_SetOperationState = 17
+    C_Login = 18
+    C_Logout = 19
+    C_CreateObject = 20
+    C_CopyObject = 21
+    C_DestroyObject = 22
+    C_GetObjectSize = 23
+    C_GetAttributeValue = 24
+    C_SetAttributeValue = 25
+    C_FindObjectsInit = 26
+    C_FindObjects = 27
+    C_FindObjectsFinal = 28
+    C_EncryptInit = 29
+    C_Encrypt = 30
+    C_EncryptUpdate = 31
+    C_EncryptFinal = 32
+    C_DecryptInit = 33
+    C_Decrypt = 34
+    C_DecryptUpdate = 35
+    C_DecryptFinal = 36
+    C_DigestInit = 37
+    C_Digest = 38
+    C_DigestUpdate = 39
+    C_DigestKey = 40
+    C_DigestFinal = 41
+    C_SignInit = 42
+    C_Sign = 43
+    C_SignUpdate = 44
+    C_SignFinal = 45
+    C_SignRecoverInit = 46
+    C_SignRecover = 47
+    C_VerifyInit = 48
+    C_Verify = 49
+    C_VerifyUpdate = 50
+    C_VerifyFinal = 51
+    C_VerifyRecoverInit = 52
+    C_VerifyRecover = 53
+    C_DigestEncryptUpdate = 54
+    C_DecryptDigestUpdate = 55
+    C_SignEncryptUpdate = 56
+    C_DecryptVerifyUpdate = 57
+    C_GenerateKey = 58
+    C_GenerateKeyPair = 59
+    C_WrapKey = 60
+    C_UnwrapKey = 61
+    C_DeriveKey = 62
+    C_SeedRandom = 63
+    C_GenerateRandom = 64
+    C_WaitForSlotEvent = 65
+    C_LoginUser = 66
+    C_SessionCancel = 67
+    C_MessageEncryptInit = 68
+    C_EncryptMessage = 69
+    C_EncryptMessageBegin = 70
+    C_EncryptMessageNext = 71
+    C_MessageEncryptFinal = 72
+    C_MessageDecryptInit = 73
+    C_DecryptMessage = 74
+    C_DecryptMessageBegin = 75
+    C_DecryptMessageNext = 76
+    C_MessageDecryptFinal = 77
+    C_MessageSignInit = 78
+    C_SignMessage = 79
+    C_SignMessageBegin = 80
+    C_SignMessageNext = 81
+    C_MessageSignFinal = 82
+    C_MessageVerifyInit = 83
+    C_VerifyMessage = 84
+    C_VerifyMessageBegin = 85
+    C_VerifyMessageNext = 86
+    C_MessageVerifyFinal = 87
+    C_InitToken2 = 88
+    C_DeriveKey2 = 89
+
+
+ERROR = CallId.ERROR
+C_Initialize = CallId.C_Initialize
+C_Finalize = CallId.C_Finalize
+C_InitToken = CallId.C_InitToken
+C_InitToken2 = CallId.C_InitToken2
+C_DeriveKey = CallId.C_DeriveKey
+C_DeriveKey2 = CallId.C_DeriveKey2
+C_GetAttributeValue = CallId.C_GetAttributeValue
+C_SignMessageNext = CallId.C_SignMessageNext
 
 #: the handshake string carried in the first argument of C_Initialize
 HANDSHAKE = b"PRIVATE-GNOME-KEYRING-PKCS11-PROTOCOL-V-1"

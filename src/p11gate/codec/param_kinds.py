@@ -26,10 +26,16 @@ import struct
 from collections.abc import Collection
 from typing import NamedTuple
 
+from . import constants as ck
 from .calls import CALLS
 from .param_kinds_data import MECHANISM_PARAMETERS
 
-CKM_VENDOR_DEFINED = 0x80000000
+#: mechanisms whose raw parameter structure holds an object handle the gateway cannot
+#: translate: refused rather than forwarded with a client's virtual handle
+HANDLE_IN_RAW_PARAM = frozenset({ck.CKM_X9_42_DH_HYBRID_DERIVE, ck.CKM_X9_42_MQV_DERIVE,
+                                 ck.CKM_CONCATENATE_BASE_AND_KEY, ck.CKM_ECMQV_DERIVE})
+
+CKM_VENDOR_DEFINED = ck.CKM_VENDOR_DEFINED
 #: the largest mechanism type a 32-bit wire field carries (0xFFFFFFFF is the NULL marker)
 MAX_MECHANISM = 0xFFFFFFFE
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from .. import ck
 from ..codec import Attribute
-from ..codec.calls import CALLS_BY_NAME
+from ..codec import constants as ck
+from ..codec.calls import CallId
 from .handles import ObjectRef
 
 #: call name → call id
-ID = {c: CALLS_BY_NAME[c].id for c in CALLS_BY_NAME}
+ID = CallId.__members__
 
 #: how long a call that opens something new waits for a restarting backend, seconds
 RESTART_WAIT = 10.0

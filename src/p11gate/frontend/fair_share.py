@@ -41,10 +41,10 @@ from typing import Any, Protocol
 
 from ..backends.base import Backend
 from ..backends.deadlines import SLOW_CALLS
+from ..backends.pool.pool import PoolBackend
 from ..codec import ckr
 from ..config import BackendConfig, Config
 from ..errors import BackendUnavailable, Pkcs11Error
-from ..pools.pool import PoolBackend
 
 log = logging.getLogger("p11gate.share")
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING
 
-from .. import ck
 from ..codec import Attribute, ckr
+from ..codec import constants as ck
 from ..errors import Pkcs11Error
 from ..policy import Denied
 from ..policy.rules import Namespace

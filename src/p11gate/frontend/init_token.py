@@ -21,9 +21,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from ..backends.pool.pool import PoolBackend
 from ..codec import Call, ckr
 from ..errors import BackendUnavailable, Pkcs11Error
-from ..pools.pool import PoolBackend
 from ..state.base import StoreError as RegistryError
 from .token import VirtualToken
 

@@ -12,9 +12,9 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .. import ck
 from ..audit import AuditError
 from ..codec import AttrRequest, Call, ckr
+from ..codec import constants as ck
 from ..errors import BackendUnavailable, Pkcs11Error
 from ..policy import Denied
 from .common import ID

@@ -11,7 +11,7 @@ from ..metrics import Snapshot
 from .tls_listener import TlsListener
 
 if TYPE_CHECKING:
-    from .server import Gateway
+    from ..gateway import Gateway
 
 
 def snapshot(gw: Gateway) -> Snapshot:

@@ -12,9 +12,9 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .. import ck
 from ..audit import object_fields
 from ..codec import Attribute, AttrRequest, Call, Mechanism, Null, ckr
+from ..codec import constants as ck
 from ..errors import Pkcs11Error
 from ..state.base import StoreError as RegistryError
 from . import key_limits

@@ -15,8 +15,8 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .. import ck
 from ..codec import ckr
+from ..codec import constants as ck
 from ..config import ServerConfig
 from ..errors import Pkcs11Error
 from .common import ID, attr_bool

@@ -15,10 +15,11 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from ..backends.base import Backend
+from ..backends.factory import make_backend
+from ..backends.pool.pool import PoolBackend
 from ..config import Config, TokenConfig
 from ..errors import Pkcs11Error
 from ..policy import Policy
-from ..pools.pool import PoolBackend
 from ..remote.tls import server_context, watch_crl
 from . import login_calls
 from .common import ID
@@ -28,15 +29,14 @@ from .tls_listener import TlsListener
 from .token import VirtualToken
 
 if TYPE_CHECKING:
+    from ..gateway import Gateway
     from .connection import ClientConnection
-    from .server import Gateway
 
 log = logging.getLogger("p11gate.reload")
 
 #: token settings a running token takes over in place; any other change makes it a new
 #: token (its sessions end as for a removed one)
 _IN_PLACE = {"pins", "max_pin_failures", "pin_lockout"}
-
 
 def tls_context(gw: Gateway, cfg: Config) -> ssl.SSLContext | None:
     """The context for new TLS handshakes, built before anything changes (a bad
@@ -47,7 +47,6 @@ def tls_context(gw: Gateway, cfg: Config) -> ssl.SSLContext | None:
         raise ValueError("[tls] removed while a tls: listener is running; restart to "
                          "remove the listener")
     return server_context(cfg.tls)
-
 
 async def apply(gw: Gateway, cfg: Config, ctx: ssl.SSLContext | None) -> dict[str, Any]:
     """Switch ``gw`` to ``cfg``; returns what changed (for the log and the reply)."""
@@ -88,7 +87,6 @@ async def apply(gw: Gateway, cfg: Config, ctx: ssl.SSLContext | None) -> dict[st
                                    if getattr(cfg.server, k) != getattr(old.server, k))
     return changes
 
-
 def _new_shares(gw: Gateway, cfg: Config) -> None:
     """A share book that knows the new back ends too (FairShares knows only those it
     was made with): the running back ends keep their share objects, with their queues
@@ -98,14 +96,11 @@ def _new_shares(gw: Gateway, cfg: Config) -> None:
     shares._by_backend.update({b: running[b] for b in shares._by_backend if b in running})
     gw.fair_share = shares
 
-
 def _served(gw: Gateway) -> dict[str, Backend]:
     return {**gw.backends, **gw.pools}
 
 
 async def _add_backends(gw: Gateway, cfg: Config) -> list[str]:
-    from .server import make_backend  # server imports this module
-
     added = []
     for bc in cfg.backend:
         if bc.name in gw.backends:
@@ -120,7 +115,6 @@ async def _add_backends(gw: Gateway, cfg: Config) -> list[str]:
         added.append(bc.name)
     return added
 
-
 async def _add_pools(gw: Gateway, cfg: Config) -> list[str]:
     added = []
     for pc in cfg.pool:
@@ -131,7 +125,6 @@ async def _add_pools(gw: Gateway, cfg: Config) -> list[str]:
         gw.pools[pc.name] = p
         added.append(pc.name)
     return added
-
 
 async def _swap_tokens(gw: Gateway, cfg: Config) -> tuple[list[str], list[str], list[str]]:
     running = {t.name: t for t in gw.tokens}
@@ -168,11 +161,9 @@ async def _swap_tokens(gw: Gateway, cfg: Config) -> tuple[list[str], list[str], 
         await _retire(gw, t)
     return [t.name for t in removed], added, updated
 
-
 def _only_in_place(old: TokenConfig, new: TokenConfig) -> bool:
     diff = {k for k in type(new).model_fields if getattr(old, k) != getattr(new, k)}
     return diff <= _IN_PLACE
-
 
 def _update_in_place(gw: Gateway, t: VirtualToken, tc: TokenConfig) -> None:
     t.cfg = tc
@@ -181,7 +172,6 @@ def _update_in_place(gw: Gateway, t: VirtualToken, tc: TokenConfig) -> None:
     t.throttle.lockout = tc.pin_lockout
     if tc.pin_mode == "mapped":
         t.mapped_pins = MappedPins(tc.name, tc.pins, gw.registry)
-
 
 async def _retire(gw: Gateway, t: VirtualToken) -> None:
     """A token gone from the configuration: every connection's sessions, handles and
@@ -197,7 +187,6 @@ async def _retire(gw: Gateway, t: VirtualToken) -> None:
         t.control_session = None
     t.attached_generation = -1
 
-
 async def drop_token(c: ClientConnection, t: VirtualToken) -> None:
     """End ``c``'s use of ``t`` (a token removed, or a grant revoked)."""
     c.grants.pop(t, None)
@@ -209,7 +198,6 @@ async def drop_token(c: ClientConnection, t: VirtualToken) -> None:
     await c._close_sessions(t)
     for ref in list(c.handles.objects_of(t)):
         c.handles.objects.pop(ref.handle, None)
-
 
 async def _regrant(gw: Gateway) -> list[str]:
     """Each connection's grants from the new rules; they decide its next call. A token
@@ -226,7 +214,6 @@ async def _regrant(gw: Gateway) -> list[str]:
             await drop_token(c, t)
         c.grants = new
     return revoked
-
 
 async def _drop_unused(gw: Gateway, cfg: Config) -> list[str]:
     """Back ends and pools no longer in the file stop once no token uses them."""

@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .server import Gateway
+    from ..gateway import Gateway
     from .token import VirtualToken
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .. import ck
 from ..backends.base import Backend
 from ..backends.slots import pad, select_slot
 from ..codec import ckr
-from ..codec.calls import CALLS_BY_NAME
+from ..codec import constants as ck
+from ..codec.calls import CallId
 from ..config import ConfigError, TokenConfig
 from ..errors import Pkcs11Error
 from ..state.base import StateStore
@@ -21,12 +21,12 @@ from .token_uri import client_uri, configured_uri
 
 log = logging.getLogger("p11gate.token")
 
-C_GetSlotList = CALLS_BY_NAME["C_GetSlotList"].id
-C_GetTokenInfo = CALLS_BY_NAME["C_GetTokenInfo"].id
-C_OpenSession = CALLS_BY_NAME["C_OpenSession"].id
-C_CloseSession = CALLS_BY_NAME["C_CloseSession"].id
-C_Login = CALLS_BY_NAME["C_Login"].id
-C_Logout = CALLS_BY_NAME["C_Logout"].id
+C_GetSlotList = CallId.C_GetSlotList
+C_GetTokenInfo = CallId.C_GetTokenInfo
+C_OpenSession = CallId.C_OpenSession
+C_CloseSession = CallId.C_CloseSession
+C_Login = CallId.C_Login
+C_Logout = CallId.C_Logout
 
 
 class VirtualToken:

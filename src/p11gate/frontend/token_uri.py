@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..codec.calls import CALLS_BY_NAME
+from ..backends.pool.pool import PoolBackend
+from ..codec.calls import CallId
 from ..errors import BackendUnavailable, Pkcs11Error
 from ..pkcs11_uri import format_token_uri, padded_text
-from ..pools.pool import PoolBackend
 
 if TYPE_CHECKING:
     from .token import VirtualToken
 
-C_GetTokenInfo = CALLS_BY_NAME["C_GetTokenInfo"].id
+C_GetTokenInfo = CallId.C_GetTokenInfo
 
 
 def configured_uri(name: str) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 
 from ...codec import ckr
 from ...codec.calls import CALLS
+from ...codec.mechanisms import CKM_IBM_BTC_DERIVE, CKM_IBM_KYBER
 from ...codec.param_kinds import (
     MESSAGE_PARAMETER_CALLS,
     message_parameter_refusal,
@@ -63,8 +64,6 @@ EMPTY_BUFFER = 0xFFFFFFFF
 MAX_DEPTH = 8
 #: at most this many entries in a nested template buffer of C_GetAttributeValue
 MAX_NESTED = 1024
-CKM_IBM_KYBER = 0x80010024
-CKM_IBM_BTC_DERIVE = 0x80070001
 KYBER_ENCAPSULATE = 1
 
 _NULL = ffi.NULL

@@ -24,14 +24,13 @@ import itertools
 import logging
 from typing import Any
 
-from .. import ck
-from ..backends.base import Backend
-from ..codec import AttrRequest, Mechanism, Null, ckr
-from ..codec.calls import CALLS
-from ..codec.values import HandleParam, KyberParams
-from ..errors import BackendUnavailable, Pkcs11Error
-from ..frontend.tables import NEW_OBJECTS, OBJECT_ARGS, OPTIONAL_OBJECT_ARGS
-from ..state.base import StateStore
+from ...codec import AttrRequest, Mechanism, Null, ckr
+from ...codec import constants as ck
+from ...codec.call_table import PLANS, Phase, ids_where
+from ...codec.values import HandleParam, KyberParams
+from ...errors import BackendUnavailable, Pkcs11Error
+from ...state.base import StateStore
+from ..base import Backend
 from .config import PoolConfig
 from .finds import find_init, hidden
 from .intents import note_doubtful
@@ -50,29 +49,18 @@ from .session_rules import (
 
 log = logging.getLogger("p11gate.pool")
 
-SLOT_CALLS = frozenset(ID[n] for n in ("C_GetSlotInfo", "C_GetTokenInfo",
-                                       "C_GetMechanismList", "C_GetMechanismInfo"))
-INIT_CALLS = frozenset([c.id for c in CALLS if c.request == "uMu"] + [ID["C_DigestInit"]])
-MESSAGE_INITS = frozenset(ID[n] for n in ("C_MessageEncryptInit", "C_MessageDecryptInit",
-                                          "C_MessageSignInit", "C_MessageVerifyInit"))
-UPDATES = frozenset(ID[n] for n in ("C_EncryptUpdate", "C_DecryptUpdate", "C_DigestUpdate",
-                                    "C_SignUpdate", "C_VerifyUpdate", "C_DigestKey"))
+# the call classes the pool routes by, all read from the codec's call table
+SLOT_CALLS = ids_where(lambda p: p.slot_query)
+INIT_CALLS = ids_where(lambda p: p.phase is Phase.INIT)
+MESSAGE_INITS = ids_where(lambda p: p.phase is Phase.INIT and p.call.request == "uMu"
+                          and p.operations[0].startswith("Message"))
+UPDATES = ids_where(lambda p: p.phase is Phase.UPDATE and not p.pool_unsupported)
 #: calls that end an operation (unless they only asked for the output size)
-ENDERS = frozenset(ID[n] for n in (
-    "C_Encrypt", "C_EncryptFinal", "C_Decrypt", "C_DecryptFinal", "C_Digest", "C_DigestFinal",
-    "C_Sign", "C_SignFinal", "C_Verify", "C_VerifyFinal", "C_SignRecover", "C_VerifyRecover",
-    "C_MessageEncryptFinal", "C_MessageDecryptFinal", "C_MessageSignFinal",
-    "C_MessageVerifyFinal"))
-MESSAGE_CALLS = frozenset(ID[n] for n in (
-    "C_EncryptMessage", "C_EncryptMessageBegin", "C_EncryptMessageNext", "C_DecryptMessage",
-    "C_DecryptMessageBegin", "C_DecryptMessageNext", "C_SignMessage", "C_SignMessageBegin",
-    "C_SignMessageNext", "C_VerifyMessage", "C_VerifyMessageBegin", "C_VerifyMessageNext"))
+ENDERS = ids_where(lambda p: p.phase in (Phase.ONE_SHOT, Phase.FINAL))
+MESSAGE_CALLS = ids_where(lambda p: p.phase is Phase.MESSAGE)
 OP_CALLS = UPDATES | ENDERS | MESSAGE_CALLS
 #: not served by pools (state that cannot move between members, or token-wide actions)
-UNSUPPORTED = frozenset(ID[n] for n in (
-    "C_GetOperationState", "C_SetOperationState", "C_SessionCancel", "C_DigestEncryptUpdate",
-    "C_DecryptDigestUpdate", "C_SignEncryptUpdate", "C_DecryptVerifyUpdate", "C_InitToken",
-    "C_InitToken2", "C_WaitForSlotEvent"))
+UNSUPPORTED = ids_where(lambda p: p.pool_unsupported)
 _IDENTITY_REQUEST = (ck.CKA_CLASS, ck.CKA_ID, ck.CKA_LABEL)
 
 
@@ -280,8 +268,9 @@ class PoolBackend(Backend):
 
     @staticmethod
     def _oids_in(call_id: int, args: list[Any]) -> list[int]:
-        out = [args[p] for p in OBJECT_ARGS.get(call_id, ())
-               if not (args[p] == 0 and call_id in OPTIONAL_OBJECT_ARGS)]
+        plan = PLANS[call_id]
+        out = [args[p] for p in plan.object_args
+               if not (args[p] == 0 and plan.optional_objects)]
         if len(args) > 1 and isinstance(args[1], Mechanism):
             p = args[1].param
             if isinstance(p, HandleParam):
@@ -307,7 +296,7 @@ class PoolBackend(Backend):
     async def translate(self, m: Member, call_id: int, args: list[Any]) -> list[Any] | None:
         """``args`` with object ids replaced by ``m``'s handles; None if ``m`` lacks one."""
         margs = list(args)
-        for p in OBJECT_ARGS.get(call_id, ()):
+        for p in PLANS[call_id].object_args:
             if margs[p] == 0:  # CK_INVALID_HANDLE names no object: the module answers it
                 continue  # (optional arguments; the gateway's probe of what a module refuses)
             h = await self._handle_on(m, margs[p])
@@ -569,7 +558,7 @@ class PoolBackend(Backend):
     def _own_session_objects(self, s: _Session, m: Member, call_id: int,
                              reply: list[Any]) -> None:
         """Session objects a session made die with it, and tie it to their member."""
-        for p in NEW_OBJECTS.get(call_id, ()):
+        for p in PLANS[call_id].new_objects:
             if p < len(reply) and reply[p] in self.objects.sessions:
                 s.objects.add(reply[p])
                 s.pin = m.index
@@ -578,7 +567,7 @@ class PoolBackend(Backend):
                          reply: list[Any]) -> None:
         assert self.replicator is not None
         if call_id in DETERMINISTIC or call_id in GENERATED:
-            new = NEW_OBJECTS.get(call_id, ())
+            new = PLANS[call_id].new_objects
             oids = [reply[p] for p in new if p < len(reply)]
             await self.replicator.created(m, call_id, args, oids)
         elif call_id in EVERYWHERE:
@@ -595,8 +584,8 @@ class PoolBackend(Backend):
     async def _after(self, m: Member, call_id: int, args: list[Any],
                      reply: list[Any]) -> list[Any]:
         """Give new objects pool ids; keep the identity map right after changes."""
-        new = NEW_OBJECTS.get(call_id)
-        if new is not None and not (call_id == ID["C_DeriveKey2"] and len(reply) < 3):
+        new = PLANS[call_id].new_objects
+        if new and not (call_id == ID["C_DeriveKey2"] and len(reply) < 3):
             reply = list(reply)
             for p in new:
                 reply[p] = await self._oid_for(m, reply[p])

@@ -29,9 +29,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from .. import ck
-from ..codec import Attribute, ckr
-from ..errors import Pkcs11Error
+from ...codec import Attribute, ckr
+from ...codec import constants as ck
+from ...errors import Pkcs11Error
 from .intents import CURRENT, FRAGMENT, MIDWAY_ERRORS, Intent, IntentLog
 from .member import ID, Member, MemberDown
 from .objects import Key, ObjectIds

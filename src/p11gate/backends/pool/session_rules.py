@@ -7,23 +7,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import ck
-from ..codec import ckr
-from ..codec.calls import CALLS_BY_NAME
-from ..errors import Pkcs11Error
-
-ID = {c: CALLS_BY_NAME[c].id for c in CALLS_BY_NAME}
+from ...codec import ckr
+from ...codec import constants as ck
+from ...codec.call_table import PLANS, CallId, ids_where
+from ...errors import Pkcs11Error
 
 #: request positions of the templates of the calls that make objects
 CREATE_TEMPLATES: dict[int, tuple[int, ...]] = {
-    ID["C_CreateObject"]: (1,), ID["C_CopyObject"]: (2,), ID["C_GenerateKey"]: (2,),
-    ID["C_GenerateKeyPair"]: (2, 3), ID["C_UnwrapKey"]: (4,), ID["C_DeriveKey"]: (3,),
-    ID["C_DeriveKey2"]: (3,),
-}
+    p.call.id: p.create_templates for p in PLANS if p.create_templates}
 #: calls that change or destroy the object at request position 1
-OBJECT_WRITES = frozenset({ID["C_DestroyObject"], ID["C_SetAttributeValue"]})
+OBJECT_WRITES = ids_where(lambda p: p.replication == "everywhere")
 
-_DIGEST_KEY = ID["C_DigestKey"]
+_DIGEST_KEY = CallId["C_DigestKey"]
 
 
 def keeps_operation(call_id: int, rv: int) -> bool:
@@ -56,7 +51,7 @@ def new_objects_on_token(call_id: int, args: list[Any], source_is_token: bool) -
     for pos in CREATE_TEMPLATES.get(call_id, ()):
         v = template_token(args[pos]) if pos < len(args) else None
         if v is None:
-            v = source_is_token if call_id == ID["C_CopyObject"] else False
+            v = source_is_token if call_id == CallId["C_CopyObject"] else False
         out.append(v)
     return out
 
@@ -73,4 +68,4 @@ def check_read_only(flags: int, call_id: int, args: list[Any],
         raise Pkcs11Error(ckr.SESSION_READ_ONLY)
 
 #: calls that copy, change or destroy the object at request position 1
-OBJECT_WRITE_CALLS = OBJECT_WRITES | {ID["C_CopyObject"]}
+OBJECT_WRITE_CALLS = OBJECT_WRITES | {CallId["C_CopyObject"]}

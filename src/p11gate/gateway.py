@@ -1,4 +1,8 @@
-"""The gateway: backends, virtual tokens, listeners and live connections."""
+"""The gateway, the composition root: it makes the back ends (module, soft, pool), the
+virtual tokens, the listeners, and holds the live connections.
+
+It sits above the frontend (cli → daemon → gateway → frontend → backends → codec): the
+frontend's modules only name it as a type."""
 
 from __future__ import annotations
 
@@ -11,61 +15,36 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..admin import AdminServer, admin_socket_path
-from ..audit import AuditLog
-from ..backends.base import Backend
-from ..config import BackendConfig, Config
-from ..errors import Pkcs11Error
-from ..identity import Identity
-from ..metrics import GatewayMetrics
-from ..policy import Policy
-from ..policy.namespace import OwnershipStore
-from ..pools.pool import PoolBackend
-from ..remote.tls import (
+from .admin import AdminServer, admin_socket_path
+from .audit import AuditLog
+from .backends.base import Backend
+from .backends.factory import make_backend
+from .backends.pool.pool import PoolBackend
+from .config import Config
+from .errors import Pkcs11Error
+from .frontend.connection import ClientConnection
+from .frontend.fair_share import FairShares
+from .frontend.layer_views import LayerViews
+from .frontend.quotas import GatewayLimits, raise_fd_limit
+from .frontend.status_info import StartTime, gateway_header, token_extras
+from .frontend.tls_listener import TlsListener
+from .frontend.token import VirtualToken
+from .identity import Identity
+from .metrics import GatewayMetrics
+from .policy import Policy
+from .policy.namespace import OwnershipStore
+from .remote.tls import (
     parse_tls_address,
     peer_address,
     peer_identity,
     server_context,
     watch_crl,
 )
-from ..state import open_store
-from ..systemd import Inherited, keep_socket_file
-from ..unix_socket import BoundSocket, bind_unix, make_socket_dir
-from .connection import ClientConnection
-from .fair_share import FairShares
-from .layer_views import LayerViews
-from .quotas import GatewayLimits, raise_fd_limit
-from .status_info import StartTime, gateway_header, token_extras
-from .tls_listener import TlsListener
-from .token import VirtualToken
+from .state import open_store
+from .systemd import Inherited, keep_socket_file
+from .unix_socket import BoundSocket, bind_unix, make_socket_dir
 
 log = logging.getLogger("p11gate.server")
-
-
-def make_backend(cfg: BackendConfig) -> Backend:
-    if cfg.type == "soft" and cfg.layered:
-        from ..backends.soft.layered_backend import LayeredSoftBackend
-
-        return LayeredSoftBackend(cfg)
-    if cfg.type == "soft":
-        from ..backends.soft.backend import SoftBackend
-
-        return SoftBackend(cfg)
-    if cfg.type == "kmip":
-        from ..backends.kmip.backend import KmipBackend
-
-        return KmipBackend(cfg)
-    if cfg.isolation == "none":
-        from ..backends.inprocess import InProcessBackend
-
-        return InProcessBackend(
-            cfg.name, cfg.module, threads=cfg.threads, call_timeout=cfg.call_timeout,
-            init_reserved=cfg.init_reserved, env=cfg.env, keygen_timeout=cfg.keygen_timeout,
-            raw_parameter_mechanisms=cfg.raw_parameter_mechanisms,
-        )
-    from ..backends.worker_process import WorkerBackend
-
-    return WorkerBackend(cfg)
 
 
 def unix_path(address: str) -> str:

@@ -16,19 +16,20 @@ import logging
 import time
 from typing import Any
 
-from .. import ck
-from ..backends.base import Backend
-from ..backends.slots import select_slot
-from ..codec import Attribute, ckr
-from ..codec.calls import CALLS_BY_NAME
-from ..config_select import TokenSelect
-from ..errors import BackendUnavailable, Pkcs11Error
+from ...codec import Attribute, ckr
+from ...codec import constants as ck
+from ...codec.call_table import CallId
+from ...config_select import TokenSelect
+from ...errors import BackendUnavailable, Pkcs11Error
+from ..base import Backend
+from ..slots import select_slot
 
 log = logging.getLogger("p11gate.pool")
 #: the latency estimate of a member that has answered nothing yet (seconds)
 INITIAL_LATENCY = 0.0005
 
-ID = {c: CALLS_BY_NAME[c].id for c in CALLS_BY_NAME}
+#: call name → call id (the codec's CallId enum, indexed by name)
+ID = CallId.__members__
 
 #: results that say "this member (or its session) is broken", not "this request is
 #: wrong". CKR_GENERAL_ERROR and CKR_DEVICE_MEMORY are not among them: modules give them

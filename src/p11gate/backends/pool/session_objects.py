@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any
 
-from ..errors import Pkcs11Error
+from ...errors import Pkcs11Error
 from .member import ID, Member, MemberDown
 
 if TYPE_CHECKING:

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .. import ck
-from ..codec import Attribute
-from ..state.base import StateStore
+from ...codec import Attribute
+from ...codec import constants as ck
+from ...state.base import StateStore
 
 #: (CKA_CLASS, CKA_ID, CKA_LABEL, CKA_UNIQUE_ID); None = not part of the identity: the
 #: object has no such attribute (data objects have no CKA_ID), which a find template must

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..config_select import TokenSelect
+from ...config_select import TokenSelect
 
 
 class _Strict(BaseModel):

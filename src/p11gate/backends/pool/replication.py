@@ -23,9 +23,10 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .. import ck
-from ..codec import Attribute, AttrRequest, Mechanism, ckr
-from ..errors import Pkcs11Error
+from ...codec import Attribute, AttrRequest, Mechanism, ckr
+from ...codec import constants as ck
+from ...codec.call_table import ids_where
+from ...errors import Pkcs11Error
 from .intents import MIDWAY_ERRORS, avoided, note_doubtful
 from .member import ID, Member, MemberDown
 from .objects import ObjectIds
@@ -35,19 +36,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("p11gate.pool")
 
-CKA_KEY_TYPE, CKA_VALUE_LEN = 0x100, 0x161
-CKA_SENSITIVE, CKA_EXTRACTABLE = 0x103, 0x162
-CKM_AES_KEY_WRAP_PAD = 0x210A
+CKA_KEY_TYPE, CKA_VALUE_LEN = ck.CKA_KEY_TYPE, ck.CKA_VALUE_LEN
+CKA_SENSITIVE, CKA_EXTRACTABLE = ck.CKA_SENSITIVE, ck.CKA_EXTRACTABLE
+CKM_AES_KEY_WRAP_PAD = ck.CKM_AES_KEY_WRAP_PAD
 #: attributes a copy keeps, by object class (read from the original; those it lacks skip)
-BOOL_ATTRS = (ck.CKA_TOKEN, ck.CKA_PRIVATE, 0x104, 0x105, 0x106, 0x107, 0x108, 0x10A,
-              0x10C, CKA_SENSITIVE, CKA_EXTRACTABLE)
-PUBLIC_VALUE_ATTRS = (0x180, 0x181, 0x120, 0x122)  # EC params/point, modulus, exponent
+BOOL_ATTRS = (ck.CKA_TOKEN, ck.CKA_PRIVATE, ck.CKA_ENCRYPT, ck.CKA_DECRYPT, ck.CKA_WRAP,
+              ck.CKA_UNWRAP, ck.CKA_SIGN, ck.CKA_VERIFY, ck.CKA_DERIVE, CKA_SENSITIVE,
+              CKA_EXTRACTABLE)
+PUBLIC_VALUE_ATTRS = (ck.CKA_EC_PARAMS, ck.CKA_EC_POINT, ck.CKA_MODULUS,
+                      ck.CKA_PUBLIC_EXPONENT)
 WRAP_MAX = 16384
 
-DETERMINISTIC = frozenset(ID[n] for n in ("C_CreateObject", "C_CopyObject", "C_UnwrapKey",
-                                          "C_DeriveKey"))
-GENERATED = frozenset(ID[n] for n in ("C_GenerateKey", "C_GenerateKeyPair"))
-EVERYWHERE = frozenset(ID[n] for n in ("C_SetAttributeValue", "C_DestroyObject"))
+DETERMINISTIC = ids_where(lambda p: p.replication == "deterministic")
+GENERATED = ids_where(lambda p: p.replication == "generated")
+EVERYWHERE = ids_where(lambda p: p.replication == "everywhere")
 
 
 class Replicator:

@@ -31,8 +31,8 @@ import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-from ..codec import ckr
-from ..state.base import StateStore
+from ...codec import ckr
+from ...state.base import StateStore
 from .member import Member
 from .objects import Key
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any
 
-from .. import ck
-from ..codec import ckr
-from ..errors import BackendUnavailable, Pkcs11Error
+from ...codec import ckr
+from ...codec import constants as ck
+from ...errors import BackendUnavailable, Pkcs11Error
 from .member import ID, Member, MemberDown
 from .objects import Key
 
