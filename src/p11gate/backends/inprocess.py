@@ -229,11 +229,13 @@ class InProcessBackend(Backend):
                 return
 
     def _drain(self) -> None:
-        # cleared before the queue is emptied: a job appended after this point either is
-        # popped below or rings the bell again, so none is left waiting
-        self._bell_rung = False
         with contextlib.suppress(BlockingIOError, OSError):
             os.read(self._bell_r, 65536)
+        # cleared after the pipe is read (a byte written before the read was by a thread
+        # that set the flag first, so clearing now loses no bell) and before the queue
+        # is emptied (a thread that saw the flag set appended its job before this, so
+        # the loop below pops it; one that sees it clear rings again)
+        self._bell_rung = False
         done = self._done
         while done:
             job = done.popleft()
