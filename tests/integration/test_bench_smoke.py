@@ -83,3 +83,26 @@ def test_bench_quick_cpu_per_op_p11kit_process_pool(tmp_path: Path) -> None:
     for target, what in (("process", "server CPU per op vs p11-kit server"),
                          ("pool", "pool server CPU per op vs plain token")):
         assert re.search(rf"^(PASS|FAIL) {target}\s+{what}\s+[\d.]+×", r.stdout, re.M), r.stdout
+
+
+def test_bench_remote_target_serves_through_p11kit_remote(tmp_path: Path) -> None:
+    """The opt-in `remote` target (process isolation, `p11-kit remote` as the worker) is
+    measured like the others and ratioed to p11-kit server, but is not a default target
+    and gets no verdict (it is a comparison, not a supported configuration)."""
+    out = tmp_path / "bench.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "p11gate.cli", "bench", "--quick", "--ops", "random",
+         "--targets", "p11kit,remote", "--threads", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=90,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "SKIPPED" not in r.stdout and "FAILED" not in r.stdout, r.stdout
+    data = json.loads(out.read_text())
+    by = {x["target"]: x for x in data["results"]}
+    remote = by["remote"]
+    assert remote["errors"] == 0 and remote["completed"] > 100, remote
+    assert "p11-kit remote" in remote["cpu_of"]
+    assert remote["cpu_per_op_us"] > 0 and math.isfinite(remote["cpu_ratio"])
+    assert not any(c["target"] == "remote" for c in data["checks"])
+    from p11gate.bench.cli import TARGETS
+    assert "remote" not in TARGETS

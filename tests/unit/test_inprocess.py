@@ -124,3 +124,42 @@ def test_bad_module_path() -> None:
             await b.start()
 
     asyncio.run(main())
+
+
+def test_doorbell_rings_once_for_replies_that_finish_together(
+    token: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Module threads that finish while the loop has not yet drained skip their doorbell
+    write; every reply still arrives (no job is left waiting for a bell nobody rings)."""
+    rings = 0
+    real_write = os.write
+
+    async def main() -> None:
+        nonlocal rings
+        b = InProcessBackend("soft", token["module"], threads=4)
+        await b.start()
+        try:
+            session = await _session(b, token)
+
+            def counting_write(fd: int, data: Any) -> int:
+                nonlocal rings
+                if fd == b._bell_w:
+                    rings += 1
+                return real_write(fd, data)
+
+            monkeypatch.setattr(os, "write", counting_write)
+            calls = 2000
+            for _ in range(3):  # bursts: everything queued at once, then drained
+                results = await asyncio.wait_for(asyncio.gather(
+                    *(b.submit(C_GenerateRandom, [session, 16]) for _ in range(calls))), 60)
+                assert [len(r[0]) for r in results] == [16] * calls
+            monkeypatch.setattr(os, "write", real_write)
+            assert 0 < rings < 3 * calls  # coalesced: fewer bells than replies
+            # and a lone call after the bursts still wakes the loop by itself
+            (one,) = await asyncio.wait_for(b.call(C_GenerateRandom, [session, 4]), 10)
+            assert len(one) == 4
+        finally:
+            monkeypatch.setattr(os, "write", real_write)
+            await b.stop()
+
+    asyncio.run(main())

@@ -67,6 +67,13 @@ class Backend(ABC):
         uses :meth:`submit`)."""
         return None
 
+    def submit_body(self, call_id: int, body: bytes, dialect: Any) -> asyncio.Future[bytes] | None:
+        """Like :meth:`submit_raw`, for a request already encoded in ``dialect`` (a
+        :class:`~p11gate.codec.Dialect`, the client's): relayed byte for byte, no decode
+        and re-encode, when the back end speaks that dialect. None = not possible (the
+        caller encodes the arguments and uses :meth:`submit_raw` or :meth:`submit`)."""
+        return None
+
     async def wait_up(self, timeout: float) -> bool:
         """Wait (bounded) for a restarting back end to come back; True if it is up.
         Used before calls that start something new (C_OpenSession, slot queries), so

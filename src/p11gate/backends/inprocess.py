@@ -88,6 +88,10 @@ class InProcessBackend(Backend):
         self._state = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._bell_r = self._bell_w = -1
+        #: a byte is in the doorbell pipe that the loop has not read: under load, module
+        #: threads finishing meanwhile skip their write (one wake-up, one syscall, many
+        #: replies)
+        self._bell_rung = False
         self.timeouts = 0
 
     @property
@@ -200,7 +204,7 @@ class InProcessBackend(Backend):
     def _serve_calls(self) -> None:
         """A module thread: take jobs, call the module, hand results back through the
         doorbell pipe. Lighter than ThreadPoolExecutor + call_soon_threadsafe: one queue
-        get, one module call, one 1-byte write per call."""
+        get, one module call, and a 1-byte write only if the bell is not already rung."""
         calls, module, done, bell = self._calls, self._module, self._done, self._bell_w
         assert calls is not None and module is not None
         while True:
@@ -216,6 +220,9 @@ class InProcessBackend(Backend):
             except BaseException as e:  # delivered to the caller, never lost
                 job.error = e
             done.append(job)
+            if self._bell_rung:  # the loop has not drained yet: it will see this job too
+                continue
+            self._bell_rung = True
             try:
                 os.write(bell, b"\0")
             except OSError:  # stopped meanwhile
@@ -224,6 +231,11 @@ class InProcessBackend(Backend):
     def _drain(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
             os.read(self._bell_r, 65536)
+        # cleared after the pipe is read (a byte written before the read was by a thread
+        # that set the flag first, so clearing now loses no bell) and before the queue
+        # is emptied (a thread that saw the flag set appended its job before this, so
+        # the loop below pops it; one that sees it clear rings again)
+        self._bell_rung = False
         done = self._done
         while done:
             job = done.popleft()

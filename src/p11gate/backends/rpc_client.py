@@ -104,7 +104,16 @@ class RpcClientProtocol(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing() or self.closed.done():
             raise BackendUnavailable(self.close_reason or "not connected")
         assert self.dialect is not None
-        body = encode_request(call_id, args, self.dialect)
+        return self._send_frame(encode_request(call_id, args, self.dialect), call_id)
+
+    def send_body(self, body: bytes, call_id: int) -> asyncio.Future[bytes]:
+        """Send an already encoded request ``body`` (for ``call_id``) as it is."""
+        if self.transport is None or self.transport.is_closing() or self.closed.done():
+            raise BackendUnavailable(self.close_reason or "not connected")
+        return self._send_frame(body, call_id)
+
+    def _send_frame(self, body: bytes, call_id: int) -> asyncio.Future[bytes]:
+        assert self.transport is not None
         code = next(self._codes) & 0xFFFFFFFF or next(self._codes)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[code] = (fut, call_id)
@@ -192,7 +201,22 @@ class RpcChannel:
     ) -> asyncio.Future[bytes]:
         """Like :meth:`submit`, but the future resolves to the reply *body*, checked only
         for its header: for relaying replies that need no translation."""
-        raw = self.proto.send(call_id, args)
+        return self._relay(call_id, self.proto.send(call_id, args), on_timeout)
+
+    def submit_body(
+        self, call_id: int, body: bytes, on_timeout: Callable[[], None] | None = None
+    ) -> asyncio.Future[bytes]:
+        """Like :meth:`submit_raw`, for a request already encoded in this channel's
+        dialect: relayed byte for byte, with no decoding and re-encoding in between
+        (the caller has checked it, and patched any handles in place). Calls the peer
+        lacks (see :meth:`submit`) must not come this way."""
+        if call_id > self.dialect.max_call_id or not body.startswith(call_id.to_bytes(4, "big")):
+            raise ValueError(f"not a request body for call {call_id} in this dialect")
+        return self._relay(call_id, self.proto.send_body(body, call_id), on_timeout)
+
+    def _relay(
+        self, call_id: int, raw: asyncio.Future[bytes], on_timeout: Callable[[], None] | None
+    ) -> asyncio.Future[bytes]:
         loop = asyncio.get_running_loop()
         out: asyncio.Future[bytes] = loop.create_future()
         timer = loop.call_later(self.timeout, _expire, raw)

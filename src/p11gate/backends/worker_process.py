@@ -215,6 +215,18 @@ class WorkerBackend(Backend):
             return None
         return chan.submit_raw(call_id, args, self._deadline_missed)
 
+    def submit_body(self, call_id: int, body: bytes, dialect: Any) -> asyncio.Future[bytes] | None:
+        # Nothing may await between the frontend's generation check and the send (see
+        # submit); the body's handles must already be this instance's.
+        chan = self._chan
+        if chan is None:
+            raise BackendUnavailable(f"backend {self.name} is restarting")
+        d = chan.dialect
+        # version 0 peers need some arguments rewritten (RpcChannel.submit), so not those
+        if dialect is not d or d.version == 0 or call_id > d.max_call_id or call_id in SLOW_CALLS:
+            return None
+        return chan.submit_body(call_id, body, self._deadline_missed)
+
     def _deadline_missed(self) -> None:
         self._down(f"a call missed its deadline (call_timeout {self.cfg.call_timeout}s, "
                    f"keygen_timeout {self.cfg.keygen_timeout}s)")

@@ -35,6 +35,10 @@ CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 OPS = ("random", "ecsign", "rsasign", "attrs", "find")
 QUICK_OPS = ("random", "ecsign")  # --quick: RPC overhead alone, and a signature
 TARGETS = ("direct", "p11kit", "process", "none", "pool", "soft")
+# opt-in (--targets): process isolation with stock `p11-kit remote` as the worker, to
+# weigh it against `p11gate worker` (it has no deadlines of its own and no native
+# parameter checks, so it is not the default worker; see docs/benchmarks.md)
+EXTRA_TARGETS = ("remote",)
 GATEWAYS = ("process", "none")
 RATIOED = (*GATEWAYS, "pool", "soft")  # rows that get ratios to p11-kit server's
 CONNECTIONS = ("shared", "separate")
@@ -57,12 +61,14 @@ DESCRIPTIONS = {
     "none": 'p11gate, isolation = "none" (module in the gateway, thread pool)',
     "pool": 'p11gate, a pool of two SoftHSM tokens (members isolation = "process")',
     "soft": "p11gate, the built-in soft token (SQLite file, crypto by `cryptography`)",
+    "remote": 'p11gate, isolation = "process", worker_command = p11-kit remote',
 }
 # whose CPU time is the row's cpu_per_op_us
 CPU_OF = {"direct": "load generator (module in-process: reference)",
           "p11kit": "p11-kit server and its children",
           "process": "gateway and its worker", "none": "gateway",
-          "pool": "gateway and its two workers", "soft": "gateway"}
+          "pool": "gateway and its two workers", "soft": "gateway",
+          "remote": "gateway and p11-kit remote"}
 
 
 @dataclass
@@ -248,6 +254,9 @@ def _wait_for_address(proc: subprocess.Popen[bytes], what: str, log: Path) -> st
 def gateway_config(name: str, base: Path, env: dict[str, str], processes: int = 1) -> Path:
     sock = base / f"{name}.sock"
     cfg = base / f"{name}.toml"
+    isolation = f'isolation = "{name}"'
+    if name == "remote":
+        isolation = f'isolation = "process"\nworker_command = ["p11-kit", "remote", "{SOFTHSM}"]'
     cfg.write_text(f"""\
 [server]
 listen = "unix:path={sock}"
@@ -258,7 +267,7 @@ processes = {processes}
 [[backend]]
 name = "softhsm"
 module = "{SOFTHSM}"
-isolation = "{name}"
+{isolation}
 env = {{ SOFTHSM2_CONF = "{env['SOFTHSM2_CONF']}" }}
 
 [[token]]
@@ -311,6 +320,8 @@ def start_target(name: str, base: Path, env: dict[str, str], processes: int = 1)
         cmd = [sys.executable, "-m", "p11gate.cli", "serve", "--config", str(cfg)]
         what = "p11gate serve (soft token)"
     else:
+        if name == "remote" and shutil.which("p11-kit") is None:
+            raise Unavailable("p11-kit is not installed (apt-get install p11-kit)")
         cmd = [sys.executable, "-m", "p11gate.cli", "serve", "--config",
                str(gateway_config(name, base, env, processes))]
         what = f"p11gate serve (isolation={name}, processes={processes})"
@@ -754,7 +765,7 @@ def bench(seconds: float, warmup: float, quick: bool, ops: str, targets: str, th
     if seconds <= 0 or warmup < 0:
         raise click.BadParameter("--seconds must be > 0 and --warmup ≥ 0")
     op_list = split_list(ops, OPS, "op")
-    target_list = split_list(targets, TARGETS, "target")
+    target_list = split_list(targets, (*TARGETS, *EXTRA_TARGETS), "target")
     conn_list = split_list(connections_opt, CONNECTIONS, "connections mode")
     try:
         thread_list = [int(x) for x in threads_opt.split(",") if x.strip()]

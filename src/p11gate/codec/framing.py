@@ -49,6 +49,11 @@ class FrameReader:
         self._buf += data
 
     def feed(self, data: bytes) -> Generator[Frame, None, None]:
+        if not self._buf and type(data) is bytes:
+            # the common case: nothing carried over, so frames are sliced straight out
+            # of the chunk, and only an incomplete tail is copied into the buffer
+            yield from self._feed_chunk(data)
+            return
         buf = self._buf
         buf += data
         pos = 0
@@ -74,3 +79,25 @@ class FrameReader:
         finally:
             if pos:
                 del buf[:pos]
+
+    def _feed_chunk(self, data: bytes) -> Generator[Frame, None, None]:
+        """:meth:`feed` on an empty buffer: the same checks, without the copies."""
+        pos = 0
+        end = len(data)
+        try:
+            while end - pos >= HEADER_SIZE:
+                code, olen, blen = HEADER.unpack_from(data, pos)
+                if olen > MAX_OPTIONS or blen > self.max_frame:
+                    raise ProtocolError(f"frame too large (options {olen}, body {blen})")
+                if code == 0:
+                    raise ProtocolError("call code 0")
+                total = HEADER_SIZE + olen + blen
+                if end - pos < total:
+                    break
+                start = pos + HEADER_SIZE
+                frame = Frame(code, data[start : start + olen], data[start + olen : pos + total])
+                pos += total  # consumed before it is handed out, as in feed()
+                yield frame
+        finally:
+            if pos < end:
+                self._buf += data[pos:] if pos else data

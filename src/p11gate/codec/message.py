@@ -6,6 +6,7 @@ into a tuple of them, so encoding and decoding are table lookups, not parsing.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -225,6 +226,25 @@ _HEADERS_REQ = [_head(c.id, c.req_sig) for c in CALLS]
 _HEADERS_REP = [_head(c.id, c.rep_sig) for c in CALLS]
 
 
+#: struct codes of the arguments that are fixed-width numbers on the wire
+_FIXED_CODES = {"y": "B", "u": "Q", "fy": "I", "fu": "I"}
+
+
+def _fixed(call: Call, codes: tuple[str, ...], head: bytes) -> tuple[bytes, struct.Struct] | None:
+    """For a message made only of fixed-width numbers (C_GenerateRandom's request,
+    C_OpenSession's reply, …): its header and one struct for all its values, so that
+    decoding or encoding it is one comparison and one (un)pack, not a call per value."""
+    if call.id == 0 or call.id == C_SignMessageNext or not codes:
+        return None
+    if not all(c in _FIXED_CODES for c in codes):
+        return None
+    return head, struct.Struct(">" + "".join(_FIXED_CODES[c] for c in codes))
+
+
+_FIXED_REQ = [_fixed(c, c.req_codes, _HEADERS_REQ[c.id]) for c in CALLS]
+_FIXED_REP = [_fixed(c, c.rep_codes, _HEADERS_REP[c.id]) for c in CALLS]
+
+
 def _read_head(r: Reader, expect_reply: bool) -> tuple[Call, bytes]:
     cid = r.u32()
     sig = r.array()
@@ -237,6 +257,16 @@ def _read_head(r: Reader, expect_reply: bool) -> tuple[Call, bytes]:
 
 def decode_request(body: bytes | bytearray | memoryview, d: Dialect) -> tuple[Call, list[Any]]:
     """Decode a request body. ProtocolError → close; ArgumentError → ERROR reply."""
+    if len(body) >= 4:
+        cid = int.from_bytes(body[:4], "big")
+        fixed = _FIXED_REQ[cid] if cid < len(_FIXED_REQ) else None
+        if fixed is not None:
+            head, layout = fixed
+            hlen = len(head)
+            # the same checks as below (call id, signature), and the same tolerance of
+            # trailing bytes; anything else takes the general path and its errors
+            if body[:hlen] == head and len(body) >= hlen + layout.size:
+                return CALLS[cid], list(layout.unpack_from(body, hlen))
     r = Reader(body)
     call, sig = _read_head(r, False)
     if sig != call.req_sig:
@@ -260,6 +290,12 @@ def _read_sign_message_next(r: Reader, d: Dialect, ctx: _Ctx) -> list[Any]:
 
 
 def encode_request(call_id: int, args: Sequence[Any], d: Dialect) -> bytes:
+    fixed = _FIXED_REQ[call_id]
+    if fixed is not None:
+        try:
+            return fixed[0] + fixed[1].pack(*args)
+        except struct.error:  # out of range, not a number, wrong count: the general path
+            pass
     call = CALLS[call_id]
     w = Writer()
     w.raw(_HEADERS_REQ[call_id])
@@ -308,6 +344,12 @@ def encode_reply(
     d: Dialect,
     request_args: Sequence[Any] | None = None,
 ) -> bytes:
+    fixed = _FIXED_REP[call_id]
+    if fixed is not None:
+        try:
+            return fixed[0] + fixed[1].pack(*values)
+        except struct.error:  # out of range, not a number, wrong count: the general path
+            pass
     call = CALLS[call_id]
     w = Writer()
     w.raw(_HEADERS_REP[call_id])
