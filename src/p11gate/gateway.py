@@ -59,6 +59,8 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.backends: dict[str, Backend] = {b.name: make_backend(b) for b in cfg.backend}
         self.registry = open_store(cfg.state, cfg.server.state_dir)
+        self.registry.shared = (cfg.state.engine != "sqlite" or cfg.state.path is not None
+                                or cfg.server.process_count() > 1)
         self.ownership = OwnershipStore(self.registry)
         #: connection, session and object quotas; the file descriptor reserve
         self.limits = GatewayLimits(cfg.server, self.ownership)

@@ -37,9 +37,10 @@ class VirtualToken:
         self.pin_mode = cfg.pin_mode
         #: mapped/none: the gateway, not the clients, logs the backend in
         self.gateway_login = cfg.pin_mode != "passthrough"
-        # in the store when there is one: one counter for every process and node
+        # in the store when it is shared: one counter for every process and node
         self.throttle = (
-            PinThrottle(cfg.max_pin_failures, cfg.pin_lockout) if registry is None
+            PinThrottle(cfg.max_pin_failures, cfg.pin_lockout)
+            if registry is None or not registry.shared
             else StoredPinThrottle(cfg.name, cfg.max_pin_failures, cfg.pin_lockout, registry))
         self.mapped_pins: MappedPins | None = None
         if cfg.pin_mode == "mapped":

@@ -62,6 +62,11 @@ class StateStore(ABC):
     engine: str
     #: where the store is, for messages (a file, or the DSN without its password)
     where: str
+    #: other processes or nodes use this store too: what must be one across them (PIN
+    #: attempt counters) lives in it. False for the single-process SQLite default, where
+    #: counting in memory keeps logins independent of the disk (a full or read-only
+    #: state disk then refuses only what must be recorded)
+    shared: bool = True
 
     @abstractmethod
     def ensure(self, *statements: str) -> None:
