@@ -124,10 +124,11 @@ uid = [{B}]
 tokens = ["team"]
 """)
     gw = Gateway(cfg)
+    env = {"gw": gw, "base": base, "path": gw.path}
     try:
-        yield {"gw": gw, "base": base, "path": gw.path}
+        yield env
     finally:
-        gw.stop()
+        env["gw"].stop()  # the one running now: a test restarts it
         remove(sockdir)
 
 

@@ -77,10 +77,11 @@ uid = [{A}, {B}]
 tokens = ["blank"]
 """)
     gw = Gateway(cfg)
+    env = {"gw": gw, "base": base, "path": gw.path}
     try:
-        yield {"gw": gw, "base": base, "path": gw.path}
+        yield env
     finally:
-        gw.stop()
+        env["gw"].stop()  # the one running now: a test restarts it
         remove(sockdir)
 
 
