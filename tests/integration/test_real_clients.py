@@ -138,11 +138,13 @@ def test_pkcs11_tool_keygen_and_sign(gw: Gateway, tmp_path: Path) -> None:
     assert r.stdout.count(f"gen-ec-{kid}") == 1
 
 
-def test_pkcs11_tool_test_matches_p11kit_server(gw: Gateway, softhsm_token: dict,
-                                                tmp_path: Path) -> None:
+def test_pkcs11_tool_test_matches_p11kit_server(gw: Gateway, served: tuple[dict, str],
+                                                softhsm_token: dict, tmp_path: Path) -> None:
     """`pkcs11-tool --test` through p11gate gives what it gives through p11-kit server
-    over SoftHSM (with Debian's 0.24 client both fail the same RSA-OAEP case: a client
-    limitation). The reference is SoftHSM for the soft token too."""
+    over SoftHSM. The reference is SoftHSM for the soft token too, with one intended
+    difference: SoftHSM 2.6 refuses an RSA-OAEP label (C_DecryptInit gives
+    CKR_ARGUMENTS_BAD, pkcs11-tool aborts), the soft token decrypts with it, so there the
+    soft token must get through the whole test."""
     token = softhsm_token
     sock = tmp_path / "p11kit.sock"
     server = subprocess.Popen(
@@ -164,12 +166,21 @@ def test_pkcs11_tool_test_matches_p11kit_server(gw: Gateway, softhsm_token: dict
         server.wait(10)
     got = tool(gw, "--test", "--login", "--pin", "1234", check=False)
     assert "C_GenerateRandom" in ref.stdout + ref.stderr or ref.returncode is not None
-    assert got.returncode == ref.returncode
 
     def failures(r: subprocess.CompletedProcess[str]) -> set[str]:
         return {ln.strip() for ln in (r.stdout + r.stderr).splitlines()
                 if "ERR" in ln or "failed" in ln}
 
+    oaep_label_refused = {f for f in failures(ref)
+                          if "C_DecryptInit failed" in f and "CKR_ARGUMENTS_BAD" in f}
+    if served[0].get("type") == "soft" and ref.returncode != 0 and oaep_label_refused:
+        # the reference aborted at SoftHSM's OAEP label refusal; the soft token goes on,
+        # and fails nothing the reference did not fail before that point
+        assert got.returncode == 0, got.stdout + got.stderr
+        assert "encoding parameter (Label) present" in got.stdout + got.stderr
+        assert failures(got) <= failures(ref) - oaep_label_refused, failures(got)
+    else:
+        assert got.returncode == ref.returncode, got.stdout + got.stderr
     assert failures(got) <= failures(ref), failures(got) - failures(ref)
     assert "Digests:" in got.stdout and "SHA256: OK" in got.stdout
 
