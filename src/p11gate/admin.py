@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,9 @@ from .unix_socket import BoundSocket, bind_unix
 #: requests the admin socket understands
 COMMANDS = ("status", "reload")
 
-#: the daemon's reload: the reply says whether the new file is in force, and why not
-Reload = Callable[[], Awaitable[dict[str, Any]]]
+#: the daemon's reload, given who asked (for the audit record); the reply says whether
+#: the new file is in force, and why not
+Reload = Callable[[str], Awaitable[dict[str, Any]]]
 
 
 def admin_socket_path(state_dir: str, configured: str | None) -> str:
@@ -79,7 +81,7 @@ class _AdminProtocol(asyncio.Protocol):
         command = self._buf.split(b"\n", 1)[0].strip().decode(errors="replace")
         if command == "reload" and self._reload is not None:
             # answered when the reload has finished (or was refused)
-            self._task = asyncio.ensure_future(self._reload())
+            self._task = asyncio.ensure_future(self._reload(self._requester()))
             self._task.add_done_callback(self._reloaded)
             return
         if command == "status":
@@ -87,6 +89,17 @@ class _AdminProtocol(asyncio.Protocol):
         else:
             reply = {"error": f"unknown command {command[:32]!r}; known: {', '.join(COMMANDS)}"}
         self._answer(reply)
+
+    def _requester(self) -> str:
+        """Who asked, for the audit record: the admin socket's peer uid and pid."""
+        assert self._transport is not None
+        sock = self._transport.get_extra_info("socket")
+        try:
+            pid, uid, _ = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        except (OSError, AttributeError, struct.error):
+            return "admin socket"
+        return f"admin socket uid={uid} pid={pid}"
 
     def _reloaded(self, task: asyncio.Task[dict[str, Any]]) -> None:
         if task.cancelled():

@@ -88,7 +88,7 @@ class Gateway:
         #: hook: the daemon knows the file)
         self.reloads = 0
         self.reload_failures = 0
-        self.on_reload: Callable[[], Awaitable[dict[str, Any]]] | None = None
+        self.on_reload: Callable[[str], Awaitable[dict[str, Any]]] | None = None
         for b in self.backends.values():
             b.on_restart = self._reattach_hook(b)
 
@@ -128,10 +128,10 @@ class Gateway:
         )
         await self.admin.start()
 
-    async def _admin_reload(self) -> dict[str, Any]:
+    async def _admin_reload(self, requested_by: str) -> dict[str, Any]:
         if self.on_reload is None:
             return {"ok": False, "error": "this gateway cannot reload"}
-        return await self.on_reload()
+        return await self.on_reload(requested_by)
 
     async def _listen(self, address: str) -> None:
         if address.startswith("tls:"):

@@ -189,8 +189,9 @@ class Supervisor:
         total["processes"] = parts
         return total
 
-    async def _reload(self) -> dict[str, Any]:
-        """`p11gate reload`: every child reloads; ok when all did."""
+    async def _reload(self, requested_by: str) -> dict[str, Any]:
+        """`p11gate reload`: every child reloads; ok when all did. Each child audits its
+        own reload, naming this supervisor (it asked them) as the requester."""
         answers = []
         for c in self.children:
             path = os.path.join(child_dir(self.cfg.server.state_dir, c.index), "admin.sock")

@@ -17,6 +17,8 @@ import logging
 import ssl
 from typing import Any
 
+from .audit import AuditError
+from .codec import ckr
 from .config import Config, ConfigError, load_config
 from .config_checks import check
 from .frontend.reload import apply, tls_context
@@ -44,21 +46,35 @@ class Reloader:
         self.path = path
         self._lock = asyncio.Lock()
 
-    async def reload(self) -> dict[str, Any]:
+    async def reload(self, requested_by: str = "SIGHUP") -> dict[str, Any]:
+        """Reload, audited: a file that passes its checks is applied only once a
+        ``PENDING`` record of the reload is written (a reload the audit log cannot show
+        is not done: fail closed); the outcome follows as a record, and a refused file is
+        recorded too where the log can take it. ``requested_by`` names who asked."""
         async with self._lock:  # SIGHUPs in a burst: one after the other, none lost
+            audit = self.gw.audit
             try:
                 cfg, warnings = self._load()
                 ctx = self._tls(cfg)
+                try:
+                    audit.attempt("reload", requested_by, file=self.path)
+                except AuditError as e:
+                    raise Refused(f"not applied: {e}") from None
             except Refused as e:
                 self.gw.reload_failures += 1
                 log.error("configuration reload refused; the running configuration stays "
                           "in force", extra={"file": self.path, "reason": str(e)})
+                audit.record_best_effort("reload", ckr.FUNCTION_FAILED, requested_by,
+                                         file=self.path, reason=str(e))
                 return {"ok": False, "error": str(e)}
             for w in warnings:
                 log.warning(w)
             changes = await apply(self.gw, cfg, ctx)
             self.gw.reloads += 1
             log.info("configuration reloaded", extra={"file": self.path, "changes": changes})
+            # applied: the PENDING record stands for it if this one cannot be written
+            audit.record_best_effort("reload", ckr.OK, requested_by, file=self.path,
+                                     changes=changes)
             return {"ok": True, "changes": changes, "warnings": warnings}
 
     def _load(self) -> tuple[Config, list[str]]:
