@@ -24,8 +24,9 @@ from .config import TlsConfig
 
 log = logging.getLogger("p11gate.tls")
 
-#: running CRL watchers (a reference keeps each task alive)
-_watchers: set[asyncio.Task[None]] = set()
+#: the running CRL watcher of each listener, by id (a reference keeps each task alive;
+#: one per listener: a reload replaces the listener's watcher, it does not add one)
+_watchers: dict[int, asyncio.Task[None]] = {}
 
 
 def server_context(cfg: TlsConfig) -> ssl.SSLContext:
@@ -58,12 +59,27 @@ def watch_crl(server: Serving, ctx: ssl.SSLContext, cfg: TlsConfig) -> None:
     listener serves: new revocations apply to the next handshakes, and a fresh CRL
     replaces one that expires (an expired CRL refuses every client). OpenSSL keeps the
     CRLs it has loaded and uses the newest of each CA. A file that does not check out
-    (junk, expired, foreign) is logged and not loaded; the previous CRL stays in force."""
+    (junk, expired, foreign) is logged and not loaded; the previous CRL stays in force.
+    A listener has one watcher: a new context (reload) stops the old one's."""
+    key = id(server)
+    old = _watchers.pop(key, None)
+    if old is not None:
+        old.cancel()
     if cfg.crl is None:
         return
     task = asyncio.get_running_loop().create_task(_watch_crl(server, ctx, cfg, cfg.crl))
-    _watchers.add(task)
-    task.add_done_callback(_watchers.discard)
+    _watchers[key] = task
+
+    def done(t: asyncio.Task[None]) -> None:
+        if _watchers.get(key) is t:
+            del _watchers[key]
+
+    task.add_done_callback(done)
+
+
+def crl_watchers() -> int:
+    """How many CRL watchers run (tests, status)."""
+    return sum(not t.done() for t in _watchers.values())
 
 
 def _file_version(path: str) -> tuple[int, int, int] | None:
