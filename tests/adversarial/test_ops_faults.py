@@ -192,12 +192,20 @@ def test_sighup_reopens_logs_and_audit_and_never_kills(tmp_path: Path) -> None:
         assert gw.alive()
         login_once()  # the same connection goes on
         assert len(slots(gw.path)) == 1  # and new ones are served
-        assert wait_for(lambda: audit.exists() and audit.read_text().count("\n") == 1)
-        rec = json.loads(audit.read_text())
-        assert rec["op"] == "C_Login" and rec["result"] == "CKR_OK"
+        # the new file holds the login and each reload's two records (PENDING, outcome):
+        # the file is reopened before the reload is audited, so none reach the old one
+        def records() -> list[dict[str, object]]:
+            return [json.loads(line) for line in audit.read_text().splitlines()]
+
+        assert wait_for(lambda: audit.exists() and len(records()) == 1 + 3 * 2)
+        logins = [r for r in records() if r["op"] == "C_Login"]
+        assert len(logins) == 1 and logins[0]["result"] == "CKR_OK"
+        reloads = [r for r in records() if r["op"] == "reload"]
+        assert [r["result"] for r in reloads] == ["PENDING", "CKR_OK"] * 3, reloads
+        assert {r["identity"] for r in reloads} == {"SIGHUP"}
         assert (tmp_path / "audit.jsonl.1").read_text().count("\n") == 1
         assert mode(audit) == 0o600
-        assert status(cfg)["audit_records"] == 2  # the count goes on across the reopen
+        assert status(cfg)["audit_records"] == 2 + 3 * 2  # the count goes on across the reopen
         c.close()
         records = [json.loads(line) for line in log_file.read_text().splitlines()]
         hup = [r for r in records if r["msg"].startswith("SIGHUP")]
