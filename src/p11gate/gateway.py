@@ -26,6 +26,7 @@ from .frontend.connection import ClientConnection
 from .frontend.fair_share import FairShares
 from .frontend.layer_views import LayerViews
 from .frontend.quotas import GatewayLimits, raise_fd_limit
+from .frontend.shared_usage import SharedUsage
 from .frontend.status_info import StartTime, gateway_header, token_extras
 from .frontend.tls_listener import TlsListener
 from .frontend.token import VirtualToken
@@ -64,6 +65,8 @@ class Gateway:
         self.ownership = OwnershipStore(self.registry)
         #: connection, session and object quotas; the file descriptor reserve
         self.limits = GatewayLimits(cfg.server, self.ownership)
+        if self.registry.shared:  # other processes or nodes: one quota for all of them
+            self.limits.shared = SharedUsage(self.registry)
         self.policy = Policy(cfg.rule)
         audit_path = None
         if cfg.audit.enabled:
@@ -106,6 +109,8 @@ class Gateway:
 
     async def start(self) -> None:
         raise_fd_limit()  # systemd's soft limit of 1024 is too few for a gateway
+        if self.limits.shared is not None:
+            self.limits.shared.start(self.limits.counts)
         for b in self.backends.values():
             try:
                 await b.start()
@@ -213,6 +218,8 @@ class Gateway:
         for b in self.backends.values():
             await b.stop()
         self.audit.close()
+        if self.limits.shared is not None:
+            self.limits.shared.stop()
         self.registry.close()
         for bound in self._sockets:
             bound.unlink()  # only the files this gateway created

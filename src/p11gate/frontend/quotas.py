@@ -21,6 +21,7 @@ from ..config import ServerConfig
 from ..errors import Pkcs11Error
 from .common import ID, attr_bool
 from .limits import IdentityUsage, limited_log, log
+from .shared_usage import SharedUsage
 from .tables import CREATE_TEMPLATES, NEW_OBJECTS
 
 if TYPE_CHECKING:
@@ -80,6 +81,20 @@ class GatewayLimits:
         #: (token, class, id, label) -> identity key; and the count per identity
         self._made: dict[tuple[str, int, bytes, bytes], str] = {}
         self._made_by: Counter[str] = Counter()
+        #: on a shared state store: the per-identity quotas counted across processes
+        #: and nodes (shared_usage.py); None: this process is the whole deployment
+        self.shared: SharedUsage | None = None
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """Connections and sessions (open and being opened) per identity, here."""
+        return {key: (len(u.connections), self._sessions_of(key, u.connections))
+                for key, u in self.by_identity.items()}
+
+    def _sessions_of(self, key: str, conns: set[ClientConnection] | None = None) -> int:
+        if conns is None:
+            usage = self.by_identity.get(key)
+            conns = usage.connections if usage is not None else set()
+        return self._opening[key] + sum(len(c.handles.sessions) for c in conns)
 
     # -- connections and file descriptors
 
@@ -94,6 +109,11 @@ class GatewayLimits:
             why = "max_connections_per_identity"
         elif self.fds_short():
             why = "fd_reserve"
+        elif self.shared is not None and not self.shared.take(
+                key, "connections", (len(mine.connections) if mine else 0,
+                                     self._sessions_of(key)),
+                self.cfg.max_connections_per_identity):
+            why = "max_connections_per_identity"  # with the other processes' and nodes'
         if why is not None:
             self.refused += 1
             limited_log.warning("connection refused: limit reached", limit=why,
@@ -117,6 +137,9 @@ class GatewayLimits:
             mine.connections.discard(conn)
             if not mine.connections:
                 del self.by_identity[key]
+        if self.shared is not None:
+            self.shared.publish(key, (len(mine.connections) if mine else 0,
+                                      self._sessions_of(key)))
 
     def fds_short(self) -> bool:
         """Fewer than fd_reserve descriptors free (counted only when it could be so)."""
@@ -157,6 +180,9 @@ class GatewayLimits:
             total = self._opening[key] + sum(len(c.handles.sessions) for c in conns)
             if total >= self.cfg.max_sessions_per_identity:
                 self._hit(conn, "max_sessions_per_identity", ckr.SESSION_COUNT)
+        if self.shared is not None and not self.shared.take(
+                key, "sessions", (len(conns), total), self.cfg.max_sessions_per_identity):
+            self._hit(conn, "max_sessions_per_identity", ckr.SESSION_COUNT)
         self._opening[key] += 1
         try:
             yield

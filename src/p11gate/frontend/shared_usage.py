@@ -1,0 +1,138 @@
+"""Connections and sessions per identity counted across every process and node on a
+shared state store, so that ``max_connections_per_identity`` and
+``max_sessions_per_identity`` hold for the whole deployment, not per process (an
+identity must not get N times its quota from N processes or nodes).
+
+Each gateway process is one *holder*: a row per identity in ``identity_usage`` with
+its own counts and a lease (``until``). Taking a connection or a session reads what the
+other holders with a live lease have and writes this holder's new count, in one
+transaction under a lock named after the identity: two processes cannot both take the
+last place. Counts going down are written when a connection ends and by the heartbeat
+(every ``HEARTBEAT`` s, which also renews the lease); until then the others see the
+higher count, which errs on the side of fewer places. A process that dies stops
+renewing: its rows no longer count ``LEASE`` s after its last heartbeat.
+
+A store that cannot be read or written does not stop new connections (the store may be
+a remote database; quotas protect resources, they are not a credential): the per-process
+limit, always checked first, still applies, and the failure is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+
+from ..state.base import StateStore, StoreError
+from .limits import limited_log
+
+#: seconds between renewals of this holder's leases (and publications of its counts)
+HEARTBEAT = 5.0
+#: seconds a holder's counts still count after its last renewal
+LEASE = 30.0
+
+_OTHERS = ("SELECT COALESCE(SUM(connections), 0), COALESCE(SUM(sessions), 0) "
+           "FROM identity_usage WHERE who = ? AND holder <> ? AND until >= ?")
+_UPSERT = ("INSERT INTO identity_usage (holder, who, connections, sessions, until) "
+           "VALUES (?, ?, ?, ?, ?) ON CONFLICT (holder, who) DO UPDATE SET "
+           "connections = excluded.connections, sessions = excluded.sessions, "
+           "until = excluded.until")
+
+
+def _stored(who: str) -> str:
+    """PostgreSQL text has no NUL (see pin_throttle)."""
+    return who.replace("\x00", "\\x00")
+
+
+class SharedUsage:
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        #: this process: host, pid and a random part (a pid is reused after a restart)
+        self.holder = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
+        self._task: asyncio.Task[None] | None = None
+        #: store failures seen (status)
+        self.failures = 0
+
+    def take(self, who: str, what: str, mine: tuple[int, int], limit: int) -> bool:
+        """Whether ``who`` may have one more ``what`` ("connections" or "sessions")
+        given this process's counts ``mine`` (connections, sessions) before it, and
+        ``limit`` for the whole store; on yes, this holder's row carries the new count."""
+        conns, sess = mine
+        now = time.time()
+        try:
+            with self.store.transaction() as t:
+                t.lock(f"identity_usage:{who}")
+                ((other_conns, other_sess),) = t.query(_OTHERS, (_stored(who), self.holder,
+                                                                 now))
+                have = (int(other_conns) + conns if what == "connections"
+                        else int(other_sess) + sess)
+                if have >= limit:
+                    return False
+                if what == "connections":
+                    conns += 1
+                else:
+                    sess += 1
+                t.execute(_UPSERT, (self.holder, _stored(who), conns, sess, now + LEASE))
+        except StoreError as e:
+            self._failed(e)
+        return True
+
+    def publish(self, who: str, mine: tuple[int, int]) -> None:
+        """This holder's counts for ``who`` now (best effort: the heartbeat repeats)."""
+        try:
+            self._write(who, mine, time.time())
+        except StoreError as e:
+            self._failed(e)
+
+    def _write(self, who: str, mine: tuple[int, int], now: float) -> None:
+        if mine == (0, 0):
+            self.store.execute("DELETE FROM identity_usage WHERE holder = ? AND who = ?",
+                               (self.holder, _stored(who)))
+        else:
+            self.store.execute(_UPSERT, (self.holder, _stored(who), mine[0], mine[1],
+                                         now + LEASE))
+
+    def renew(self, counts: dict[str, tuple[int, int]]) -> None:
+        """The heartbeat: every identity this holder has rows or counts for, written
+        again with a new lease; expired rows of dead holders cleared."""
+        now = time.time()
+        try:
+            rows = self.store.query("SELECT who FROM identity_usage WHERE holder = ?",
+                                    (self.holder,))
+            stored = {str(r[0]) for r in rows}
+            for who, mine in counts.items():
+                stored.discard(_stored(who))
+                self._write(who, mine, now)
+            for who in stored:  # counted before, nothing now
+                self.store.execute("DELETE FROM identity_usage WHERE holder = ? AND who = ?",
+                                   (self.holder, who))
+            self.store.execute("DELETE FROM identity_usage WHERE until < ?", (now - LEASE,))
+        except StoreError as e:
+            self._failed(e)
+
+    def start(self, counts: Callable[[], dict[str, tuple[int, int]]]) -> None:
+        """Renew every HEARTBEAT s with this process's ``counts()``."""
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(HEARTBEAT)
+                self.renew(counts())
+
+        self._task = asyncio.get_running_loop().create_task(beat())
+
+    def stop(self) -> None:
+        """Stop renewing and drop this holder's rows (best effort: a process that cannot
+        reach the store lets them expire)."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        with contextlib.suppress(StoreError):
+            self.store.execute("DELETE FROM identity_usage WHERE holder = ?", (self.holder,))
+
+    def _failed(self, e: StoreError) -> None:
+        self.failures += 1
+        limited_log.warning("per-identity quotas counted in this process only: the state "
+                            "store cannot be used", error=e.reason, where=e.where)
