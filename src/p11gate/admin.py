@@ -20,8 +20,9 @@ from typing import Any
 
 from .unix_socket import BoundSocket, bind_unix
 
-#: requests the admin socket understands
-COMMANDS = ("status", "reload")
+#: requests the admin socket understands ("metrics": the process's samples, for the
+#: supervisor of [server] processes, see metrics_merge.py)
+COMMANDS = ("status", "reload", "metrics")
 
 #: the daemon's reload, given who asked (for the audit record); the reply says whether
 #: the new file is in force, and why not
@@ -34,10 +35,12 @@ def admin_socket_path(state_dir: str, configured: str | None) -> str:
 
 class AdminServer:
     def __init__(self, path: str, status: Callable[[], dict[str, Any]],
-                 reload: Reload | None = None) -> None:
+                 reload: Reload | None = None,
+                 metrics: Callable[[], Any] | None = None) -> None:
         self.path = path
         self._status = status
         self._reload = reload
+        self._metrics = metrics
         self._server: asyncio.AbstractServer | None = None
         self._bound: BoundSocket | None = None
 
@@ -46,8 +49,8 @@ class AdminServer:
         # created 0600 from the start; a live gateway's admin socket is never taken over
         self._bound = bind_unix(self.path, 0o600, what="admin socket")
         self._server = await asyncio.get_running_loop().create_unix_server(
-            lambda: _AdminProtocol(self._status, self._reload), sock=self._bound.sock
-        )
+            lambda: _AdminProtocol(self._status, self._reload, self._metrics),
+            sock=self._bound.sock)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -57,9 +60,11 @@ class AdminServer:
 
 
 class _AdminProtocol(asyncio.Protocol):
-    def __init__(self, status: Callable[[], dict[str, Any]], reload: Reload | None) -> None:
+    def __init__(self, status: Callable[[], dict[str, Any]], reload: Reload | None,
+                 metrics: Callable[[], Any] | None) -> None:
         self._status = status
         self._reload = reload
+        self._metrics = metrics
         self._busy = False
         self._task: asyncio.Task[dict[str, Any]] | None = None
         self._buf = b""
@@ -86,6 +91,8 @@ class _AdminProtocol(asyncio.Protocol):
             return
         if command == "status":
             reply: dict[str, Any] = self._status()
+        elif command == "metrics" and self._metrics is not None:
+            reply = {"families": self._metrics()}
         else:
             reply = {"error": f"unknown command {command[:32]!r}; known: {', '.join(COMMANDS)}"}
         self._answer(reply)

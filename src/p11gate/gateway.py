@@ -25,6 +25,7 @@ from .errors import Pkcs11Error
 from .frontend.connection import ClientConnection
 from .frontend.fair_share import FairShares
 from .frontend.layer_views import LayerViews
+from .frontend.metrics_state import snapshot
 from .frontend.quotas import GatewayLimits, raise_fd_limit
 from .frontend.shared_usage import SharedUsage
 from .frontend.status_info import StartTime, gateway_header, token_extras
@@ -32,6 +33,7 @@ from .frontend.tls_listener import TlsListener
 from .frontend.token import VirtualToken
 from .identity import Identity
 from .metrics import GatewayMetrics
+from .metrics_merge import Family, export
 from .policy import Policy
 from .policy.namespace import OwnershipStore
 from .remote.tls import (
@@ -129,9 +131,14 @@ class Gateway:
             await self._listen(address)
         self.admin = AdminServer(
             admin_socket_path(self.cfg.server.state_dir, self.cfg.server.admin_socket),
-            self.status, self._admin_reload,
+            self.status, self._admin_reload, self._metrics_families,
         )
         await self.admin.start()
+
+    def _metrics_families(self) -> list[Family]:
+        """This process's samples, for the supervisor's merged /metrics."""
+        self.metrics.state.snapshot = snapshot(self)
+        return export(self.metrics.registry)
 
     async def _admin_reload(self, requested_by: str) -> dict[str, Any]:
         if self.on_reload is None:

@@ -19,8 +19,9 @@ import asyncio
 import contextlib
 import logging
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from .metrics import GatewayMetrics, Snapshot
@@ -35,12 +36,21 @@ HEAD_TIMEOUT = 5.0
 WRITE_TIMEOUT = 10.0
 
 
+#: where a scrape's samples come from, given whether they are wanted per process: a
+#: registry to render (the supervisor of [server] processes: every child's, merged)
+Source = Callable[[bool], Awaitable[CollectorRegistry]]
+
+
 class MetricsServer:
-    def __init__(self, address: str, metrics: GatewayMetrics,
-                 snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(self, address: str, metrics: GatewayMetrics | None = None,
+                 snapshot: Callable[[], Snapshot] | None = None,
+                 source: Source | None = None) -> None:
+        """One gateway's ``metrics`` with its state ``snapshot`` (made on the loop), or
+        another ``source`` of registries."""
         self.address = address
         self.metrics = metrics
         self.snapshot = snapshot
+        self.source = source
         #: where it listens, with the real port when the configured one was 0
         self.bound = address
         self.scrapes = 0
@@ -109,9 +119,12 @@ class MetricsServer:
         if method not in ("GET", "HEAD"):
             await self._send(writer, 405, "only GET /metrics\n")
             return
-        if target.split("?", 1)[0] != "/metrics":
+        path, _, query = target.partition("?")
+        if path != "/metrics":
             await self._send(writer, 404, "try /metrics\n")
             return
+        per_process = urllib.parse.parse_qs(query).get("per_process", ["0"])[-1] in (
+            "1", "true", "yes")
         accept = ""
         for line in lines[1:]:
             name, _, value = line.partition(":")
@@ -119,11 +132,17 @@ class MetricsServer:
                 accept = value.strip()
         encoder, content_type = choose_encoder(accept)
         async with self._render:
-            # state read on the loop; the text rendered off it
-            self.metrics.state.snapshot = self.snapshot()
-            body = await asyncio.to_thread(encoder, self.metrics.registry)
+            registry = await self._registry(per_process)
+            body = await asyncio.to_thread(encoder, registry)  # rendered off the loop
         self.scrapes += 1
         await self._send(writer, 200, body, content_type, head_only=method == "HEAD")
+
+    async def _registry(self, per_process: bool) -> CollectorRegistry:
+        if self.source is not None:
+            return await self.source(per_process)
+        assert self.metrics is not None and self.snapshot is not None
+        self.metrics.state.snapshot = self.snapshot()  # state read on the loop
+        return self.metrics.registry
 
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, status: int, body: bytes | str,

@@ -15,7 +15,8 @@ attempts and lock-outs) or in one file they all append to:
 The supervisor restarts a child that dies (its clients reconnect), passes SIGHUP on
 (reopen logs, reload the configuration: every child re-reads the file) and SIGTERM,
 and answers `p11gate status` on the usual admin socket with every child's status
-summed up, each child's own under ``processes``.
+summed up, each child's own under ``processes``, and ``[metrics] listen`` with every
+child's samples merged (metrics_merge.py).
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from . import systemd
 from .admin import AdminServer, admin_socket_path, query
 from .config import Config
+from .metrics_http import MetricsServer
+from .metrics_merge import Family, families, merged_registry
 from .remote.tls import parse_tls_address
 from .state.sqlite import FILE_NAME
 from .unix_socket import BoundSocket, SocketInUse, bind_unix, make_socket_dir
@@ -60,8 +65,8 @@ def child_dir(state_dir: str, index: int) -> str:
 
 def child_config(cfg: Config, index: int) -> Config:
     """What a child changes in the configuration: its own admin socket; the registry
-    and the audit log of the supervisor's state directory (one for all); the metrics
-    endpoint on the first child only (its port can be bound once)."""
+    and the audit log of the supervisor's state directory (one for all); no metrics
+    endpoint (the supervisor serves one for all of them, metrics_merge.py)."""
     state_dir = cfg.server.state_dir
     server = cfg.server.model_copy(update={
         "admin_socket": os.path.join(child_dir(state_dir, index), "admin.sock"),
@@ -73,7 +78,7 @@ def child_config(cfg: Config, index: int) -> Config:
     if cfg.audit.enabled and not cfg.audit.file:
         update["audit"] = cfg.audit.model_copy(
             update={"file": os.path.join(state_dir, "audit.jsonl")})
-    if index > 0 and cfg.metrics.listen is not None:
+    if cfg.metrics.listen is not None:
         update["metrics"] = cfg.metrics.model_copy(update={"listen": None})
     return cfg.model_copy(update=update)
 
@@ -146,6 +151,7 @@ class Supervisor:
         self.children: list[_Child] = []
         self.stopping = False
         self.admin: AdminServer | None = None
+        self.metrics: MetricsServer | None = None
 
     def bind(self) -> None:
         inherited = systemd.inherited_sockets()
@@ -201,6 +207,21 @@ class Supervisor:
                 answers.append({"ok": False, "error": e.strerror or str(e)})
         return {"ok": all(a.get("ok") for a in answers), "processes": answers}
 
+    async def _metrics(self, per_process: bool) -> CollectorRegistry:
+        """A scrape: every child's samples, merged (metrics_merge.py)."""
+        async def one(c: _Child) -> list[Family] | None:
+            path = os.path.join(child_dir(self.cfg.server.state_dir, c.index), "admin.sock")
+            try:
+                reply = await asyncio.to_thread(query, path, "metrics", 5.0)
+                return families(reply.get("families"))
+            except (OSError, ValueError, TypeError, AttributeError) as e:
+                log.warning("metrics: a gateway process did not answer",
+                            extra={"index": c.index, "error": str(e)})
+                return None
+        got = await asyncio.gather(*(one(c) for c in self.children))
+        parts = {c.index: f for c, f in zip(self.children, got, strict=True) if f is not None}
+        return merged_registry(parts, len(self.children) - len(parts), per_process)
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -220,9 +241,21 @@ class Supervisor:
                                                    self.cfg.server.admin_socket),
                                  self.status, self._reload)
         await self.admin.start()
+        if self.cfg.metrics.listen is not None:
+            self.metrics = MetricsServer(self.cfg.metrics.listen, source=self._metrics)
+            try:
+                await self.metrics.start()
+            except (OSError, SocketInUse) as e:
+                print(f"{self.cfg.source}: metrics.listen: {e}; free the address or change "
+                      "[metrics] listen", file=sys.stderr)
+                await self._stop_children()
+                await self.admin.stop()
+                return 2
         if lines[0].strip():
             print(lines[0].strip(), flush=True)
         print(f"# {self.count} gateway processes", flush=True)
+        if self.metrics is not None:
+            print(f"# metrics on {self.metrics.bound} (GET /metrics)", flush=True)
         systemd.notify("READY=1", f"STATUS=serving with {self.count} processes",
                        f"MAINPID={os.getpid()}")
         watchers = [asyncio.ensure_future(self._watch(c, fds)) for c in self.children]
@@ -231,6 +264,8 @@ class Supervisor:
         systemd.notify("STOPPING=1")
         for w in watchers:
             w.cancel()
+        if self.metrics is not None:
+            await self.metrics.stop()
         await self._stop_children()
         await self.admin.stop()
         for b in self._bound:

@@ -4,8 +4,8 @@ application behind it rides through a node killed with -9.
 Real parts: gateway nodes (`p11gate serve`, TLS listeners, certificates made by the
 test) serving one SoftHSM token directory, the agent, and clients through the stock
 p11-kit-client.so; raw RPC frames for the hostile cases. Each node has its own state
-directory today; `node_store()` is where the nodes' shared store goes when it is one
-(e.g. the PostgreSQL store), a configuration detail of the nodes only.
+directory and sockets; all of them share one PostgreSQL store (a throw-away cluster the
+module starts, `node_store()`), as nodes on several hosts would.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from tests.gateway_proc import CLIENT_MODULE, Gateway, RawClient, rv_of, wait_for
+from tests.postgres import Postgres
 from tests.remote.pki import make_pki
 from tests.remote.test_clients import (
     Agent,
@@ -41,6 +42,7 @@ from tests.remote.test_clients import (
 from tests.softhsm import MODULE, make_token
 
 from p11gate.codec import Attribute, AttrRequest, Mechanism, build_frame, ckr
+from p11gate.state import StateConfig, open_store
 
 ROOT = Path(__file__).resolve().parents[2]
 #: the token's user PIN: distinctive, so finding it in a log cannot be a coincidence
@@ -53,20 +55,19 @@ P256 = bytes.fromhex("06082a8648ce3d030107")
 CKA_MODULUS_BITS, CKA_PUBLIC_EXPONENT, CKM_RSA_KEY_PAIR_GEN = 0x121, 0x122, 0x0
 
 
-def node_store(base: Path) -> str:
-    """Extra `[server]` lines for a node's state store: none (a SQLite state dir per
-    node) until the shared store is configured here."""
-    return ""
+def node_store(pg: Postgres) -> str:
+    """The nodes' one state store: the `[state]` table of every node's configuration."""
+    return (f'\n[state]\nengine = "postgresql"\ndsn = "{pg.dsn}"\n'
+            f'password_file = "{pg.password_file}"\nconnect_timeout = 2.0\n')
 
 
 class Node:
-    def __init__(self, base: Path, token: dict[str, Any], pki: dict[str, Path]) -> None:
+    def __init__(self, base: Path, token: dict[str, Any], pki: dict[str, Path],
+                 pg: Postgres) -> None:
         self.port = free_port()
         self.config = open_config(base, token, pki, self.port)
-        extra = node_store(base)
-        if extra:
-            text = self.config.read_text().replace("[server]\n", "[server]\n" + extra, 1)
-            self.config.write_text(text)
+        with self.config.open("a") as f:
+            f.write(node_store(pg))
         self.address = f"tls:127.0.0.1:{self.port}"
         self.gw: Gateway | None = None
         self.start()
@@ -91,7 +92,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     base = tmp_path_factory.mktemp("node-death")
     pki = make_pki(base / "pki")
     token = make_token(base / "softhsm", pin=PIN)
-    nodes = [Node(base / f"node{i}", token, pki) for i in range(3)]
+    pg = Postgres().start()  # the nodes' one state store, a throw-away cluster
+    nodes = [Node(base / f"node{i}", token, pki, pg) for i in range(3)]
     pubs = {}
     for cka_id in ("01", "02"):
         out = base / f"pub{cka_id}.der"
@@ -99,10 +101,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
                         "pubkey", "--id", cka_id, "-o", str(out)], env=token["env"],
                        check=True, capture_output=True, timeout=60)
         pubs[cka_id] = load_der_public_key(out.read_bytes())
-    yield {"base": base, "pki": pki, "token": token, "nodes": nodes, "pubs": pubs}
+    yield {"base": base, "pki": pki, "token": token, "nodes": nodes, "pubs": pubs, "pg": pg}
     for n in nodes:
         if n.gw is not None:
             n.gw.stop()
+    pg.close()
 
 
 def raw_signer(agent: Agent) -> tuple[RawClient, int, int]:
@@ -451,6 +454,14 @@ def test_eight_clients_ride_through_a_node_killed_with_minus_9(
         assert wait_for(lambda: all(o.exists() and o.stat().st_size > 0 for o in outs),
                         timeout=60)
         time.sleep(3)
+        # both nodes serve from the one store: each has its rows of connections there
+        store = open_store(StateConfig(engine="postgresql", dsn=cluster["pg"].dsn,
+                                       password_file=str(cluster["pg"].password_file)),
+                           tmp_path)
+        holders = {h.split("/")[1]
+                   for (h,) in store.query("SELECT DISTINCT holder FROM identity_usage")}
+        store.close()
+        assert {str(n.gw.proc.pid) for n in nodes if n.gw is not None} <= holders, holders
         killed_at = time.time()
         nodes[0].kill()
         time.sleep(3)

@@ -1,8 +1,8 @@
 """Issue 14, point 1: ``[server] processes = 2``. Both processes accept on the one
 listener; the lock-out holds across them; a process killed with -9 is restarted while
 the other one goes on serving; the audit log stays one well-formed stream with a record
-for every call; status sums the processes up (each one's own on request); reload
-reaches both."""
+for every call; status and the metrics sum the processes up (each one's own on
+request); reload reaches both."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from tests.adversarial.hostile import (
     CKA_CLASS,
     CKA_LABEL,
@@ -30,6 +31,7 @@ from tests.adversarial.hostile import (
     u,
 )
 from tests.gateway_proc import Gateway, wait_for
+from tests.metrics_scrape import http, scrape, value
 from tests.policy.tenants import raw, remove, shared_socket_dir, slot_of
 from tests.softhsm import make_token
 
@@ -68,6 +70,9 @@ state_dir = "{base / 'state'}"
 log_format = "json"
 processes = 2
 
+[metrics]
+listen = "unix:path={base / 'metrics.sock'}"
+
 [[backend]]
 name = "softhsm"
 module = "{hsm['module']}"
@@ -76,7 +81,8 @@ env = {{ SOFTHSM2_CONF = "{hsm['conf']}" }}
 """)
     g = Gateway(cfg)
     try:
-        yield {"gw": g, "base": base, "admin": str(base / "state" / "admin.sock")}
+        yield {"gw": g, "base": base, "admin": str(base / "state" / "admin.sock"),
+               "metrics": str(base / "metrics.sock")}
     finally:
         g.stop()
         remove(sockdir)
@@ -113,6 +119,47 @@ def test_both_processes_accept_and_status_sums_them(gw: dict[str, Any]) -> None:
     assert query(gw["admin"])["connections"] == 16
     for c, h, key in clients:
         _sign(c, h, key)
+        c.close()
+
+
+def test_metrics_sum_the_processes_and_show_each_on_request(gw: dict[str, Any]) -> None:
+    path, address = gw["gw"].path, gw["metrics"]
+    ok = {"token": "signing", "call": "C_GenerateRandom", "result": "CKR_OK"}
+    before, _ = scrape(address)
+    clients = []
+    for _ in range(16):
+        c = raw(path)
+        (h,) = call(c, "C_OpenSession", slot_of(c, "signing"), CKF_SERIAL)
+        for _ in range(5):
+            call(c, "C_GenerateRandom", h, 32)
+        clients.append(c)
+    served = [p["status"]["connections"] for p in _per_process(gw)]
+    assert min(served) > 0, served  # both processes answered some of the 80 calls
+    after, _ = scrape(address)
+    assert value(after, "p11gate_calls_total", **ok) - value(
+        before, "p11gate_calls_total", **ok) == 80
+    assert value(after, "p11gate_connections", listener=gw["gw"].address) == 16
+    assert value(after, "p11gate_backend_up", backend="softhsm") == 1  # up in both
+    assert value(after, "p11gate_metrics_processes_missing") == 0
+    # per process: two sets of samples, labelled, that add up to the sum
+    status, body = http(address, b"GET /metrics?per_process=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 200
+    each: dict[str, float] = {}
+    conns: dict[str, float] = {}
+    for fam in text_string_to_metric_families(body.decode()):
+        for smp in fam.samples:
+            labels = dict(smp.labels)
+            proc = labels.pop("process", None)
+            if smp.name == "p11gate_calls_total" and labels == ok:
+                assert proc is not None
+                each[proc] = smp.value
+            if smp.name == "p11gate_connections" and labels == {"listener": gw["gw"].address}:
+                assert proc is not None
+                conns[proc] = smp.value
+    assert sorted(each) == ["0", "1"], each
+    assert sum(each.values()) == value(after, "p11gate_calls_total", **ok)
+    assert sorted(conns.values()) == sorted(float(n) for n in served), (conns, served)
+    for c in clients:
         c.close()
 
 
