@@ -27,7 +27,7 @@ from tests.softhsm import make_token
 from p11gate.codec import ckr
 from p11gate.frontend import shared_usage
 from p11gate.frontend.shared_usage import SharedUsage
-from p11gate.state import StateConfig, open_store
+from p11gate.state import StateConfig, StoreError, open_store
 
 MAX_CONNS = 3
 MAX_SESSIONS = 5
@@ -192,3 +192,42 @@ def test_takes_raced_from_many_processes_never_exceed_the_limit(
     # 120 takes from 6 holders of one identity: exactly 10 places in all
     assert sum(m for m, _ in got) == 10, got
     assert all(f == 0 for _, f in got), got
+
+
+class _DownStore:
+    """A store that fails every statement, and counts how often it was asked."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.asked = 0
+
+    def __getattr__(self, name: str) -> Any:
+        def fail(*args: Any, **kwargs: Any) -> Any:
+            self.asked += 1
+            raise StoreError("test store", "connection refused")
+        return fail
+
+
+def test_a_store_that_is_down_is_asked_once_per_retry_window(
+    cfg: tuple[StateConfig, Path],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    c, state_dir = cfg
+    store = _store(c, state_dir)
+    usage = SharedUsage(store)
+    down = _DownStore(store)
+    usage.store = down
+    # down: connections are not refused for it (the per-process limit still holds)
+    assert all(usage.take("uid:5", "connections", (0, 0), 1) for _ in range(50))
+    usage.publish("uid:5", (1, 0))
+    assert down.asked == 1 and usage.failures == 1  # one timeout, not 50
+    clock = time.monotonic()
+    monkeypatch.setattr(shared_usage.time, "monotonic",
+                        lambda: clock + shared_usage.RETRY + 0.1)
+    assert usage.take("uid:5", "connections", (0, 0), 1)
+    assert down.asked == 2  # asked again once the window passed
+    # back: the heartbeat finds it, and the limit counts across holders again
+    usage.store = store
+    usage.renew({"uid:5": (1, 0)})
+    assert not SharedUsage(store).take("uid:5", "connections", (0, 0), 1)
+    store.close()

@@ -14,7 +14,9 @@ renewing: its rows no longer count ``LEASE`` s after its last heartbeat.
 
 A store that cannot be read or written does not stop new connections (the store may be
 a remote database; quotas protect resources, they are not a credential): the per-process
-limit, always checked first, still applies, and the failure is logged.
+limit, always checked first, still applies, and the failure is logged. After a failure
+the store is left alone for ``RETRY`` s (the heartbeat tries it again), so that a store
+that hangs costs the event loop one timeout per ``RETRY`` s, not one per connection.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from .limits import limited_log
 HEARTBEAT = 5.0
 #: seconds a holder's counts still count after its last renewal
 LEASE = 30.0
+#: seconds after a store failure during which takes count in this process only
+RETRY = HEARTBEAT
 
 _OTHERS = ("SELECT COALESCE(SUM(connections), 0), COALESCE(SUM(sessions), 0) "
            "FROM identity_usage WHERE who = ? AND holder <> ? AND until >= ?")
@@ -56,12 +60,16 @@ class SharedUsage:
         self._task: asyncio.Task[None] | None = None
         #: store failures seen (status)
         self.failures = 0
+        #: monotonic time until which the store is not asked (after a failure)
+        self._down_until = 0.0
 
     def take(self, who: str, what: str, mine: tuple[int, int], limit: int) -> bool:
         """Whether ``who`` may have one more ``what`` ("connections" or "sessions")
         given this process's counts ``mine`` (connections, sessions) before it, and
         ``limit`` for the whole store; on yes, this holder's row carries the new count."""
         conns, sess = mine
+        if time.monotonic() < self._down_until:
+            return True  # the store failed a moment ago: the local limit only
         now = time.time()
         try:
             with self.store.transaction() as t:
@@ -83,6 +91,8 @@ class SharedUsage:
 
     def publish(self, who: str, mine: tuple[int, int]) -> None:
         """This holder's counts for ``who`` now (best effort: the heartbeat repeats)."""
+        if time.monotonic() < self._down_until:
+            return
         try:
             self._write(who, mine, time.time())
         except StoreError as e:
@@ -113,6 +123,8 @@ class SharedUsage:
             self.store.execute("DELETE FROM identity_usage WHERE until < ?", (now - LEASE,))
         except StoreError as e:
             self._failed(e)
+        else:
+            self._down_until = 0.0  # the store answers again
 
     def start(self, counts: Callable[[], dict[str, tuple[int, int]]]) -> None:
         """Renew every HEARTBEAT s with this process's ``counts()``."""
@@ -134,5 +146,6 @@ class SharedUsage:
 
     def _failed(self, e: StoreError) -> None:
         self.failures += 1
+        self._down_until = time.monotonic() + RETRY
         limited_log.warning("per-identity quotas counted in this process only: the state "
                             "store cannot be used", error=e.reason, where=e.where)
