@@ -60,10 +60,11 @@ class Gateway:
         self.started = StartTime()
         #: the Prometheus registry (served by metrics_http when [metrics] listen is set)
         self.metrics = GatewayMetrics()
-        self.backends: dict[str, Backend] = {b.name: make_backend(b) for b in cfg.backend}
         self.registry = open_store(cfg.state, cfg.server.state_dir)
         self.registry.shared = (cfg.state.engine != "sqlite" or cfg.state.path is not None
                                 or cfg.server.process_count() > 1)
+        self.backends: dict[str, Backend] = {b.name: make_backend(b, self.registry)
+                                             for b in cfg.backend}
         self.ownership = OwnershipStore(self.registry)
         #: connection, session and object quotas; the file descriptor reserve
         self.limits = GatewayLimits(cfg.server, self.ownership)

@@ -50,8 +50,9 @@ def _sign(gw: Gateway, pin: str) -> int | bytes:
 
 
 def _config(base: Path, server: KmipServerProc, softhsm: dict, pin_file: Path,
-            idmap: Path, pool: bool) -> Path:
-    kmip = server.backend_toml("kmip", pin_file, idmap_path=str(idmap))
+            store: Path, pool: bool) -> Path:
+    """``store``: the state store both gateways share (the KMIP identity map is in it)."""
+    kmip = server.backend_toml("kmip", pin_file)
     if not pool:
         tokens = '[[token]]\nname = "kmip"\nbackend = "kmip"\nselect = { label = "kmip" }\n'
         soft = ""
@@ -81,6 +82,9 @@ backend = "ha"
 listen = "unix:path={base / ('pool.sock' if pool else 'import.sock')}"
 state_dir = "{base / ('state-pool' if pool else 'state-import')}"
 log_format = "json"
+
+[state]
+path = "{store}"
 {soft}
 {kmip}
 {tokens}""")
@@ -94,9 +98,9 @@ def test_pool_of_softhsm_and_kmip_signs_through_either(kmip_server: KmipServerPr
     pin_file = tmp_path / "kmip.pin"
     pin_file.write_text(PIN + "\n")
     pin_file.chmod(0o600)
-    idmap = tmp_path / "kmip-idmap.sqlite"
+    store = tmp_path / "shared-state.sqlite3"
     # the same RSA key into the KMIP server (Register), through the gateway
-    imp = Gateway(_config(tmp_path, kmip_server, softhsm, pin_file, idmap, pool=False))
+    imp = Gateway(_config(tmp_path, kmip_server, softhsm, pin_file, store, pool=False))
     try:
         for kind, typ in (("priv", "privkey"), ("pub", "pubkey")):
             r = subprocess.run(["pkcs11-tool", "--module", CLIENT_MODULE, "--login", "--pin",
@@ -115,7 +119,7 @@ def test_pool_of_softhsm_and_kmip_signs_through_either(kmip_server: KmipServerPr
         pub.verify(sig, MSG, padding.PKCS1v15(), hashes.SHA256())
         return True
 
-    gw = Gateway(_config(tmp_path, kmip_server, softhsm, pin_file, idmap, pool=True))
+    gw = Gateway(_config(tmp_path, kmip_server, softhsm, pin_file, store, pool=True))
     try:
         assert all(verified(_sign(gw, PIN)) for _ in range(4))
         # SoftHSM frozen: the pool takes it out of rotation, the KMIP server signs

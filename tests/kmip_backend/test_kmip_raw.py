@@ -229,19 +229,19 @@ def test_identity_map_write_fails_closed(kmip_server: KmipServerProc, tmp_path: 
     import sqlite3
 
     gw = Gateway(kmip_gateway_config(tmp_path, kmip_server))
-    db = tmp_path / "state" / "kmip-kmip.sqlite"
+    db = tmp_path / "state" / "registry.sqlite3"  # the state store holds the map
     try:
         c, sess = session(gw)
         # a real SQLite failure on the next write of the map
         with sqlite3.connect(db) as con:
-            con.execute("CREATE TRIGGER refuse BEFORE INSERT ON kmip_objects "
+            con.execute("CREATE TRIGGER refuse BEFORE INSERT ON kmip_object "
                         "BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
         assert rv(c, "C_GenerateKeyPair", sess, Mechanism(CKM_RSA_KEYGEN, None),
                   [u(CKA_MODULUS_BITS, 2048), s(CKA_LABEL, "unmapped")],
                   [s(CKA_LABEL, "unmapped")]) == ckr.DEVICE_ERROR
         with sqlite3.connect(db) as con:
             con.execute("DROP TRIGGER refuse")
-            assert con.execute("SELECT count(*) FROM kmip_objects").fetchone() == (0,)
+            assert con.execute("SELECT count(*) FROM kmip_object").fetchone() == (0,)
         # the pair the server made is not lost: its KMIP Name finds it, once
         priv = c.find(sess, [u(0x0, 3), s(CKA_LABEL, "unmapped")])
         pub = c.find(sess, [u(0x0, 2), s(CKA_LABEL, "unmapped")])

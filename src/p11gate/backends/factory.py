@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..config import BackendConfig
+from ..state.base import StateStore
 from .base import Backend
 
 
-def _module(cfg: BackendConfig) -> Backend:
+def _module(cfg: BackendConfig, store: StateStore) -> Backend:
     """A PKCS#11 module: in this process (isolation = "none") or in a worker process."""
     if cfg.isolation == "none":
         from .inprocess import InProcessBackend
@@ -28,7 +29,7 @@ def _module(cfg: BackendConfig) -> Backend:
     return WorkerBackend(cfg)
 
 
-def _soft(cfg: BackendConfig) -> Backend:
+def _soft(cfg: BackendConfig, store: StateStore) -> Backend:
     """The built-in token; a stack of layers when the section names layers."""
     if cfg.layered:
         from .soft.layered_backend import LayeredSoftBackend
@@ -39,19 +40,21 @@ def _soft(cfg: BackendConfig) -> Backend:
     return SoftBackend(cfg)
 
 
-def _kmip(cfg: BackendConfig) -> Backend:
+def _kmip(cfg: BackendConfig, store: StateStore) -> Backend:
+    """A KMIP server; its identity map lives in the gateway's state store."""
     from .kmip.backend import KmipBackend
 
-    return KmipBackend(cfg)
+    return KmipBackend(cfg, store)
 
 
 #: ``BackendConfig.type`` → the function that makes its back end
-MAKERS: dict[str, Callable[[BackendConfig], Backend]] = {
+MAKERS: dict[str, Callable[[BackendConfig, StateStore], Backend]] = {
     "module": _module,
     "soft": _soft,
     "kmip": _kmip,
 }
 
 
-def make_backend(cfg: BackendConfig) -> Backend:
-    return MAKERS[cfg.type](cfg)
+def make_backend(cfg: BackendConfig, store: StateStore) -> Backend:
+    """``store``: the gateway's state store, for back ends that keep state in it."""
+    return MAKERS[cfg.type](cfg, store)

@@ -105,7 +105,7 @@ async def _add_backends(gw: Gateway, cfg: Config) -> list[str]:
     for bc in cfg.backend:
         if bc.name in gw.backends:
             continue
-        b = make_backend(bc)
+        b = make_backend(bc, gw.registry)
         b.on_restart = gw._reattach_hook(b)
         try:
             await b.start()

@@ -2,7 +2,7 @@
 
 Calls that need the server run on the connection pool's threads (pool.py), so the event
 loop never waits on the network; the rest (sessions, find, attributes) is answered from
-the persisted identity map (idmap.py). A call this back end does not implement gives
+the identity map in the state store (idmap.py). A call this back end does not implement gives
 CKR_FUNCTION_NOT_SUPPORTED, a mechanism the server cannot do CKR_MECHANISM_INVALID.
 """
 
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ...codec import ckr
 from ...codec.calls import CALLS, CALLS_BY_NAME
 from ...errors import BackendUnavailable, Pkcs11Error
+from ...state.base import StateStore, StoreError
 from ..base import Backend
 from .idmap import IdMap
 from .pool import KmipPool
@@ -75,11 +76,12 @@ HANDLERS[_id("C_VerifyFinal")] = lambda t, a: t.verify(a, None, a[1])
 
 
 class KmipBackend(Backend):
-    def __init__(self, cfg: BackendConfig) -> None:
+    def __init__(self, cfg: BackendConfig, store: StateStore) -> None:
         assert cfg.kmip is not None
         self.name = cfg.name
         self.cfg = cfg
         self.kmip = cfg.kmip
+        self.store = store
         self._token: KmipToken | None = None
 
     @property
@@ -93,13 +95,14 @@ class KmipBackend(Backend):
         k = self.kmip
         try:
             pin = k.pin()
-            idmap = IdMap(k.idmap_path, self.name)
-        except (OSError, sqlite3.Error) as e:
-            raise BackendUnavailable(f"{self.name}: cannot open the KMIP identity map or PIN "
+            idmap = IdMap(self.store, self.name, k.idmap_path)
+            objects = idmap.load()
+        except (OSError, sqlite3.Error, StoreError) as e:
+            raise BackendUnavailable(f"{self.name}: cannot read the KMIP identity map or PIN "
                                      f"file: {type(e).__name__}") from None
         # the server is not contacted here: a KMIP server that is down at start makes
         # calls fail with CKR_DEVICE_ERROR until it is back, not the gateway refuse to run
-        self._token = KmipToken(KmipPool(k, self.name), idmap, pin, self.cfg.label)
+        self._token = KmipToken(KmipPool(k, self.name), idmap, objects, pin, self.cfg.label)
         self.generation += 1
         log.info("backend up", extra={"backend": self.name, "type": "kmip",
                                       "server": f"{k.host}:{k.port}",
@@ -128,13 +131,14 @@ class KmipBackend(Backend):
             if isinstance(result, Awaitable):
                 return await result
             return result
+        except StoreError as e:
+            # the identity map could not be read or written: the object is not reported
+            # created (CKR_DEVICE_ERROR)
+            log.error("KMIP identity map failed", extra={"backend": self.name,
+                                                         "reason": e.reason})
+            raise
         except Pkcs11Error:
             raise
-        except sqlite3.Error as e:
-            # the identity map could not be written: the object is not reported created
-            log.error("KMIP identity map failed", extra={"backend": self.name,
-                                                         "reason": type(e).__name__})
-            raise Pkcs11Error(ckr.DEVICE_ERROR, "identity map") from None
         except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError):
             log.warning("KMIP token refused odd arguments",
                         extra={"backend": self.name, "call": CALLS[call_id].name})

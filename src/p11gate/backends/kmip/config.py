@@ -47,7 +47,8 @@ class KmipConfig(BaseModel):
     retry_backoff: float = Field(default=0.2, ge=0, le=30)
     #: file holding the token's user PIN (C_Login compares against it)
     pin_file: str
-    #: the identity map (SQLite); default <state_dir>/kmip-<backend name>.sqlite
+    #: an older gateway's identity map file, imported into the state store at start
+    #: (the map lives there now); default <state_dir>/kmip-<backend name>.sqlite
     idmap_path: str = ""
 
     @model_validator(mode="after")

@@ -2,30 +2,39 @@
 
 A KMIP server names objects by a UID it chooses; PKCS#11 clients find them by class,
 CKA_ID and CKA_LABEL. The server cannot keep CKA_ID (KMIP has no such attribute), so
-the gateway keeps (token, class, CKA_ID, CKA_LABEL, public attributes) ↔ UID here, in
-SQLite, and writes the row in a transaction *before* the object is reported created: if
-the write fails the client hears an error (fail closed) rather than getting a key that
-the next restart would lose. Only public attributes are stored: never key material.
+the gateway keeps (backend, class, CKA_ID, CKA_LABEL, public attributes) ↔ UID in the
+state store (table ``kmip_object``), and writes the row in a transaction *before* the
+object is reported created: if the write fails the client hears CKR_DEVICE_ERROR (fail
+closed) rather than getting a key that the next restart would lose. Only public
+attributes are stored: never key material.
+
+In the store, the map is one for every gateway process and node on it: a handle means
+the same KMIP object everywhere, and an object one process mapped is found by the
+others at their next search (the token re-reads the map then). Two processes adopting
+the same server object at once get the one row (``UNIQUE (token, uid)``).
+
+Gateways before the map moved into the store kept it in its own SQLite file
+(``idmap_path``, by default ``<state_dir>/kmip-<backend>.sqlite``): at start a file
+found there is imported once, handles kept, and renamed ``*.imported``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS kmip_objects (
-    handle INTEGER PRIMARY KEY AUTOINCREMENT,
-    token  TEXT NOT NULL,
-    uid    TEXT NOT NULL,
-    cls    INTEGER NOT NULL,
-    attrs  TEXT NOT NULL,
-    UNIQUE (token, uid)
-);
-"""
+from ...state.base import StateStore
+
+log = logging.getLogger("p11gate.kmip")
+
+_ADD = ("INSERT INTO kmip_object (token, uid, cls, attrs) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (token, uid) DO NOTHING")
+_IMPORT = ("INSERT INTO kmip_object (handle, token, uid, cls, attrs) VALUES (?, ?, ?, ?, ?) "
+           "ON CONFLICT DO NOTHING")
 
 
 @dataclass
@@ -48,42 +57,59 @@ def _load(text: str) -> dict[int, int | bytes]:
 
 
 class IdMap:
-    def __init__(self, path: str, token: str) -> None:
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    def __init__(self, store: StateStore, token: str, legacy_path: str = "") -> None:
+        """The map of back end ``token`` in ``store``; a file at ``legacy_path`` (the
+        map of an older gateway) is imported first. Raises StoreError, OSError,
+        sqlite3.Error."""
+        self.store = store
         self.token = token
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        os.chmod(path, 0o600)  # class, labels and ids of every key: the owner's only
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        if legacy_path and os.path.exists(legacy_path):
+            self._import(legacy_path)
 
     def load(self) -> list[MappedObject]:
-        rows = self._db.execute("SELECT handle, uid, cls, attrs FROM kmip_objects "
+        rows = self.store.query("SELECT handle, uid, cls, attrs FROM kmip_object "
                                 "WHERE token = ? ORDER BY handle", (self.token,))
-        return [MappedObject(h, u, c, _load(a)) for h, u, c, a in rows]
+        return [MappedObject(int(h), str(u), int(c), _load(a)) for h, u, c, a in rows]
 
     def add(self, objs: list[tuple[str, int, dict[int, int | bytes]]]) -> list[int]:
-        """Several objects (a key pair) in one transaction; their new handles."""
+        """Several objects (a key pair) in one transaction; their handles (an object
+        another process mapped already keeps its handle)."""
         handles: list[int] = []
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self.store.transaction() as t:
             for uid, cls, attrs in objs:
-                cur = self._db.execute(
-                    "INSERT INTO kmip_objects (token, uid, cls, attrs) VALUES (?, ?, ?, ?)",
-                    (self.token, uid, cls, _dump(attrs)))
-                assert cur.lastrowid is not None
-                handles.append(cur.lastrowid)
+                t.execute(_ADD, (self.token, uid, cls, _dump(attrs)))
+                ((handle,),) = t.query("SELECT handle FROM kmip_object WHERE token = ? "
+                                       "AND uid = ?", (self.token, uid))
+                handles.append(int(handle))
         return handles
 
     def update(self, handle: int, attrs: dict[int, int | bytes]) -> None:
-        with self._db:
-            self._db.execute("UPDATE kmip_objects SET attrs = ? WHERE handle = ? AND token = ?",
-                             (_dump(attrs), handle, self.token))
+        self.store.execute("UPDATE kmip_object SET attrs = ? WHERE handle = ? AND token = ?",
+                           (_dump(attrs), handle, self.token))
 
     def remove(self, handle: int) -> None:
-        with self._db:
-            self._db.execute("DELETE FROM kmip_objects WHERE handle = ? AND token = ?",
-                             (handle, self.token))
+        self.store.execute("DELETE FROM kmip_object WHERE handle = ? AND token = ?",
+                           (handle, self.token))
 
     def close(self) -> None:
-        self._db.close()
+        """Nothing to close: the store is the gateway's."""
+
+    def _import(self, path: str) -> None:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT handle, token, uid, cls, attrs FROM kmip_objects "
+                              "WHERE token = ?", (self.token,)).fetchall()
+        finally:
+            db.close()
+        with self.store.transaction() as t:
+            for row in rows:
+                t.execute(_IMPORT, row)
+            if self.store.engine == "postgresql":  # new handles after the imported ones
+                t.query("SELECT setval(pg_get_serial_sequence('kmip_object', 'handle'), "
+                        "GREATEST((SELECT MAX(handle) FROM kmip_object), 1))")
+        os.replace(path, path + ".imported")
+        log.warning("KMIP identity map imported into the state store",
+                    extra={"backend": self.token, "file": path, "objects": len(rows),
+                           "renamed_to": path + ".imported"})
+
+

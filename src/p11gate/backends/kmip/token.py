@@ -53,9 +53,10 @@ class Session:
 
 
 class KmipToken:
-    def __init__(self, pool: KmipPool, idmap: IdMap, pin: bytes, label: str) -> None:
+    def __init__(self, pool: KmipPool, idmap: IdMap, objects: list[MappedObject],
+                 pin: bytes, label: str) -> None:
         self.pool, self.idmap, self._pin, self.label = pool, idmap, pin, label
-        self.objects: dict[int, MappedObject] = {o.handle: o for o in idmap.load()}
+        self.objects: dict[int, MappedObject] = {o.handle: o for o in objects}
         self.sessions: dict[int, Session] = {}
         self.logged_in = False
         self._ids = itertools.count(1)
@@ -348,6 +349,8 @@ class KmipToken:
         if s.found is not None:
             raise Pkcs11Error(ckr.OPERATION_ACTIVE)
         tpl = O.parse_template(args[1] or [])
+        # what other gateway processes and nodes on the store mapped (or destroyed) since
+        self.objects = {o.handle: o for o in self.idmap.load()}
         label = tpl.get(O.CKA_LABEL)
         if self.logged_in and isinstance(label, bytes) and label and not any(
                 o.attrs.get(O.CKA_LABEL) == label for o in self.objects.values()):
