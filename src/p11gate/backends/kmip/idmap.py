@@ -95,19 +95,29 @@ class IdMap:
         """Nothing to close: the store is the gateway's."""
 
     def _import(self, path: str) -> None:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        # [server] processes: every process starts at once and may try; the rows go in
+        # once (ON CONFLICT), and the file is renamed by whichever is first
         try:
-            rows = db.execute("SELECT handle, token, uid, cls, attrs FROM kmip_objects "
-                              "WHERE token = ?", (self.token,)).fetchall()
-        finally:
-            db.close()
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                rows = db.execute("SELECT handle, token, uid, cls, attrs FROM kmip_objects "
+                                  "WHERE token = ?", (self.token,)).fetchall()
+            finally:
+                db.close()
+        except sqlite3.OperationalError:
+            if not os.path.exists(path):
+                return  # another process imported and renamed it meanwhile
+            raise
         with self.store.transaction() as t:
             for row in rows:
                 t.execute(_IMPORT, row)
             if self.store.engine == "postgresql":  # new handles after the imported ones
                 t.query("SELECT setval(pg_get_serial_sequence('kmip_object', 'handle'), "
                         "GREATEST((SELECT MAX(handle) FROM kmip_object), 1))")
-        os.replace(path, path + ".imported")
+        try:
+            os.replace(path, path + ".imported")
+        except FileNotFoundError:
+            return  # renamed by another process
         log.warning("KMIP identity map imported into the state store",
                     extra={"backend": self.token, "file": path, "objects": len(rows),
                            "renamed_to": path + ".imported"})
