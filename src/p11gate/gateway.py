@@ -63,6 +63,11 @@ class Gateway:
         self.registry = open_store(cfg.state, cfg.server.state_dir)
         self.registry.shared = (cfg.state.engine != "sqlite" or cfg.state.path is not None
                                 or cfg.server.process_count() > 1)
+        # this process on the store: its host and the directory of its admin socket
+        # (one live process each; the same after a restart)
+        admin_dir = os.path.dirname(admin_socket_path(cfg.server.state_dir,
+                                                      cfg.server.admin_socket))
+        self.registry.holder = f"{socket.gethostname()}:{os.path.realpath(admin_dir)}"
         self.backends: dict[str, Backend] = {b.name: make_backend(b, self.registry)
                                              for b in cfg.backend}
         self.ownership = OwnershipStore(self.registry)

@@ -146,7 +146,7 @@ def test_a_holder_whose_lease_ran_out_no_longer_counts(
 ) -> None:
     c, state_dir = cfg
     store = _store(c, state_dir)
-    dead, alive = SharedUsage(store), SharedUsage(store)
+    dead, alive = SharedUsage(store, "host:/dead"), SharedUsage(store, "host:/alive")
     assert dead.take("uid:7", "connections", (0, 0), 2)
     assert dead.take("uid:7", "connections", (1, 0), 2)
     assert not alive.take("uid:7", "connections", (0, 0), 2)  # two held by the other
@@ -214,7 +214,7 @@ def test_a_store_that_is_down_is_asked_once_per_retry_window(
 ) -> None:
     c, state_dir = cfg
     store = _store(c, state_dir)
-    usage = SharedUsage(store)
+    usage = SharedUsage(store, "host:/one")
     down = _DownStore(store)
     usage.store = down
     # down: connections are not refused for it (the per-process limit still holds)
@@ -229,5 +229,5 @@ def test_a_store_that_is_down_is_asked_once_per_retry_window(
     # back: the heartbeat finds it, and the limit counts across holders again
     usage.store = store
     usage.renew({"uid:5": (1, 0)})
-    assert not SharedUsage(store).take("uid:5", "connections", (0, 0), 1)
+    assert not SharedUsage(store, "host:/two").take("uid:5", "connections", (0, 0), 1)
     store.close()

@@ -3,14 +3,16 @@ shared state store, so that ``max_connections_per_identity`` and
 ``max_sessions_per_identity`` hold for the whole deployment, not per process (an
 identity must not get N times its quota from N processes or nodes).
 
-Each gateway process is one *holder*: a row per identity in ``identity_usage`` with
-its own counts and a lease (``until``). Taking a connection or a session reads what the
-other holders with a live lease have and writes this holder's new count, in one
-transaction under a lock named after the identity: two processes cannot both take the
-last place. Counts going down are written when a connection ends and by the heartbeat
-(every ``HEARTBEAT`` s, which also renews the lease); until then the others see the
-higher count, which errs on the side of fewer places. A process that dies stops
-renewing: its rows no longer count ``LEASE`` s after its last heartbeat.
+Each gateway process is one *holder* (host and state directory): a row per identity in
+``identity_usage`` with its own counts and a lease (``until``), and a row in
+``gateway_lease`` saying it is alive (pool intents it owns are left to it). Taking a
+connection or a session reads what the other holders with a live lease have and writes
+this holder's new count, in one transaction under a lock named after the identity: two
+processes cannot both take the last place. Counts going down are written when a
+connection ends and by the heartbeat (every ``HEARTBEAT`` s, which also renews the
+lease); until then the others see the higher count, which errs on the side of fewer
+places. A process that dies stops renewing: its rows no longer count ``LEASE`` s after
+its last heartbeat.
 
 A store that cannot be read or written does not stop new connections (the store may be
 a remote database; quotas protect resources, they are not a credential): the per-process
@@ -24,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -52,11 +53,16 @@ def _stored(who: str) -> str:
     return who.replace("\x00", "\\x00")
 
 
+_LEASE = ("INSERT INTO gateway_lease (holder, until) VALUES (?, ?) ON CONFLICT (holder) "
+          "DO UPDATE SET until = excluded.until")
+
+
 class SharedUsage:
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: StateStore, holder: str = "") -> None:
         self.store = store
-        #: this process: host, pid and a random part (a pid is reused after a restart)
-        self.holder = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
+        #: this process (the store's holder: host and state directory, the same after a
+        #: restart, so that a restarted process replaces its rows at once)
+        self.holder = holder or store.holder or f"{socket.gethostname()}/{os.getpid()}"
         self._task: asyncio.Task[None] | None = None
         #: store failures seen (status)
         self.failures = 0
@@ -121,13 +127,18 @@ class SharedUsage:
                 self.store.execute("DELETE FROM identity_usage WHERE holder = ? AND who = ?",
                                    (self.holder, who))
             self.store.execute("DELETE FROM identity_usage WHERE until < ?", (now - LEASE,))
+            # alive: the pool intents it owns are its own to settle (pool/intents.py)
+            self.store.execute(_LEASE, (self.holder, now + LEASE))
         except StoreError as e:
             self._failed(e)
         else:
             self._down_until = 0.0  # the store answers again
 
     def start(self, counts: Callable[[], dict[str, tuple[int, int]]]) -> None:
-        """Renew every HEARTBEAT s with this process's ``counts()``."""
+        """Renew now (rows of this holder's previous run are replaced) and every
+        HEARTBEAT s with this process's ``counts()``."""
+        self.renew(counts())
+
         async def beat() -> None:
             while True:
                 await asyncio.sleep(HEARTBEAT)
@@ -143,6 +154,7 @@ class SharedUsage:
             self._task = None
         with contextlib.suppress(StoreError):
             self.store.execute("DELETE FROM identity_usage WHERE holder = ?", (self.holder,))
+            self.store.execute("DELETE FROM gateway_lease WHERE holder = ?", (self.holder,))
 
     def _failed(self, e: StoreError) -> None:
         self.failures += 1

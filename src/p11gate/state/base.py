@@ -67,6 +67,10 @@ class StateStore(ABC):
     #: counting in memory keeps logins independent of the disk (a full or read-only
     #: state disk then refuses only what must be recorded)
     shared: bool = True
+    #: who this gateway process is on the store, stable across its restarts (host and
+    #: state directory): rows it owns (pool intents, quota counts) name it, and its
+    #: lease in ``gateway_lease`` says it is alive (frontend/shared_usage.py)
+    holder: str = ""
 
     @abstractmethod
     def ensure(self, *statements: str) -> None:

@@ -25,8 +25,8 @@ in the process that wrote it: the next start destroys those fragments on that me
 
 from __future__ import annotations
 
-import itertools
 import json
+import secrets
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -47,8 +47,15 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS pool_intent (
         pool TEXT NOT NULL, intent INTEGER NOT NULL, state TEXT NOT NULL,
         objects TEXT NOT NULL, unsettled TEXT NOT NULL, created REAL NOT NULL,
-        PRIMARY KEY (pool, intent))""",
+        owner TEXT, PRIMARY KEY (pool, intent))""",
 )
+#: the intents this process may act on: its own (from before a restart), those of no
+#: one (written before owners were), and those of processes whose lease ran out. Those
+#: of a live process on the store are its own business: it may be creating them now.
+_MINE_OR_ORPHANED = (
+    "SELECT intent, state, objects, unsettled FROM pool_intent WHERE pool=? AND "
+    "(owner IS NULL OR owner = ? OR owner NOT IN "
+    "(SELECT holder FROM gateway_lease WHERE until >= ?))")
 
 
 @dataclass
@@ -86,22 +93,27 @@ class IntentLog:
         #: intents not yet settled: in flight, or left by a failure or an earlier run
         self.open: dict[int, Intent] = {}
         for iid, state, objects, unsettled in registry.query(
-                "SELECT intent, state, objects, unsettled FROM pool_intent WHERE pool=?",
-                (pool,)):
+                _MINE_OR_ORPHANED, (pool, registry.holder, time.time())):
             self.open[int(iid)] = Intent(
                 int(iid), [_decode_key(k) for k in json.loads(objects)],
                 set(json.loads(unsettled)), state=str(state), live=False)
         #: found at start: the figures the reconcile log line and status report
         self.found_at_start = sum(1 for it in self.open.values() if it.state != FRAGMENT)
         self.fragment_checks_at_start = len(self.open) - self.found_at_start
-        self._ids = itertools.count(max(self.open, default=0) + 1)
+
+    def _new_id(self) -> int:
+        """A random id: processes and nodes on one store write intents at once, and a
+        counter of their own would give two of them one row."""
+        while (iid := secrets.randbits(62) + 1) in self.open:
+            pass
+        return iid
 
     def _write(self, it: Intent) -> None:
         self.registry.execute(
             "INSERT OR REPLACE INTO pool_intent (pool, intent, state, objects, unsettled, "
-            "created) VALUES (?, ?, ?, ?, ?, ?)",
+            "created, owner) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (self.pool, it.id, it.state, json.dumps([_encode_key(k) for k in it.keys]),
-             json.dumps(sorted(it.unsettled)), time.time()))
+             json.dumps(sorted(it.unsettled)), time.time(), self.registry.holder or None))
 
     def _drop(self, it: Intent) -> None:
         self.registry.execute("DELETE FROM pool_intent WHERE pool=? AND intent=?",
@@ -114,12 +126,12 @@ class IntentLog:
         keys: list[Key] = [(c, None if c == CKO_DATA else b"", b"", None)
                            for c in sorted(classes)]
         if keys:
-            self._write(Intent(next(self._ids), keys, {member}, state=FRAGMENT, live=False))
+            self._write(Intent(self._new_id(), keys, {member}, state=FRAGMENT, live=False))
 
     def reserve(self, keys: list[Key], members: list[str]) -> Intent:
         """Claim ``keys`` for a creation in this process (not written yet: the call
         first checks that they are not on the pool already)."""
-        it = Intent(next(self._ids), keys, set(members))
+        it = Intent(self._new_id(), keys, set(members))
         it.avoid = self.unsettled_for(keys)
         self.open[it.id] = it
         return it

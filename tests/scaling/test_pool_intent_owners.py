@@ -1,0 +1,57 @@
+"""Pool intents on a store shared by several gateway processes or nodes (both engines):
+an intent names the process that wrote it, and a process loads for reconciling only its
+own (from before its restart), ownerless ones, and those of a process whose lease ran
+out -- never those of a live process, which may be creating their objects right now
+(reconciling them would destroy objects its client is about to be told of). Intents of
+two processes never share a row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.scaling.test_state_store import cfg, pg  # noqa: F401  (fixtures)
+
+from p11gate.backends.pool.intents import IntentLog
+from p11gate.frontend.shared_usage import SharedUsage
+from p11gate.state import StateConfig, StateStore, open_store
+
+KEY = (3, b"\x01", b"being-made", None)
+
+
+def _process(c: StateConfig, state_dir: Path, holder: str) -> StateStore:
+    store = open_store(c, state_dir)
+    store.shared, store.holder = True, holder
+    return store
+
+
+def test_a_live_process_keeps_its_intents(cfg: tuple[StateConfig, Path]) -> None:  # noqa: F811
+    c, state_dir = cfg
+    a, b = _process(c, state_dir, "host:/a"), _process(c, state_dir, "host:/b")
+    SharedUsage(a).renew({})  # A's heartbeat: alive
+    SharedUsage(b).renew({})
+    log_a = IntentLog("ha", a)
+    pending = log_a.reserve([KEY], ["m1", "m2"])
+    log_a.begin(pending)  # A is creating KEY now
+    other = IntentLog("ha", b).reserve([KEY], ["m1", "m2"])
+    IntentLog("ha", b).begin(other)
+    assert other.id != pending.id
+    rows = a.query("SELECT intent, owner FROM pool_intent WHERE pool = 'ha'")
+    assert sorted(rows) == sorted([(pending.id, "host:/a"), (other.id, "host:/b")])
+    # B starting now does not take A's pending intent for a dead one
+    assert set(IntentLog("ha", _process(c, state_dir, "host:/b")).open) == {other.id}
+    # A restarted (same holder): its own intent is its to reconcile, B's is not
+    assert set(IntentLog("ha", _process(c, state_dir, "host:/a")).open) == {pending.id}
+    # A's lease runs out (it died and did not come back): B takes it over at its start
+    a.execute("UPDATE gateway_lease SET until = 0 WHERE holder = 'host:/a'")
+    assert set(IntentLog("ha", _process(c, state_dir, "host:/b")).open) == {
+        pending.id, other.id}
+    # a row written before intents had owners is anyone's
+    a.execute("UPDATE pool_intent SET owner = NULL WHERE intent = ?", (other.id,))
+    SharedUsage(a).renew({})
+    assert set(IntentLog("ha", _process(c, state_dir, "host:/a")).open) == {
+        pending.id, other.id}
+    # a clean stop ends the lease at once
+    SharedUsage(b).stop()
+    assert a.query("SELECT holder FROM gateway_lease") == [("host:/a",)]
+    a.close()
+    b.close()
