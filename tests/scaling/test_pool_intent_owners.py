@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from tests.scaling.test_state_store import cfg, pg  # noqa: F401  (fixtures)
 
-from p11gate.backends.pool.intents import IntentLog
+from p11gate.backends.pool.intents import IdentityBusy, IntentLog
+from p11gate.backends.pool.objects import ObjectIds
+from p11gate.codec import ckr
 from p11gate.frontend.shared_usage import SharedUsage
 from p11gate.state import StateConfig, StateStore, open_store
 
 KEY = (3, b"\x01", b"being-made", None)
+OTHER = (3, b"\x02", b"another", None)
+STUCK = (3, b"\x03", b"left-by-a-dead-node", None)
 
 
 def _process(c: StateConfig, state_dir: Path, holder: str) -> StateStore:
@@ -32,7 +37,7 @@ def test_a_live_process_keeps_its_intents(cfg: tuple[StateConfig, Path]) -> None
     log_a = IntentLog("ha", a)
     pending = log_a.reserve([KEY], ["m1", "m2"])
     log_a.begin(pending)  # A is creating KEY now
-    other = IntentLog("ha", b).reserve([KEY], ["m1", "m2"])
+    other = IntentLog("ha", b).reserve([OTHER], ["m1", "m2"])
     IntentLog("ha", b).begin(other)
     assert other.id != pending.id
     rows = a.query("SELECT intent, owner FROM pool_intent WHERE pool = 'ha'")
@@ -53,5 +58,38 @@ def test_a_live_process_keeps_its_intents(cfg: tuple[StateConfig, Path]) -> None
     # a clean stop ends the lease at once
     SharedUsage(b).stop()
     assert a.query("SELECT holder FROM gateway_lease") == [("host:/a",)]
+    a.close()
+    b.close()
+
+
+def test_one_identity_is_begun_by_one_process_at_a_time(
+    cfg: tuple[StateConfig, Path],  # noqa: F811
+) -> None:
+    c, state_dir = cfg
+    a, b = _process(c, state_dir, "host:/a"), _process(c, state_dir, "host:/b")
+    SharedUsage(a).renew({})
+    SharedUsage(b).renew({})
+    log_a, log_b = IntentLog("ha", a), IntentLog("ha", b)
+    first = log_a.reserve([KEY], ["m1"])
+    log_a.begin(first)
+    # B's creation of the same identity is refused while A's is pending; another is not
+    with pytest.raises(IdentityBusy) as e:
+        log_b.begin(log_b.reserve([KEY], ["m1"]))
+    assert e.value.rv == ckr.ATTRIBUTE_VALUE_INVALID
+    log_b.begin(log_b.reserve([OTHER], ["m1"]))
+    # A's creation went through: its origin is recorded, its intent dropped
+    objects = ObjectIds("ha", a)
+    oid = objects.token_oid(KEY)
+    objects.set_state(oid, origin="m1")
+    log_a.done(first)
+    with pytest.raises(IdentityBusy):  # made on the pool: still refused
+        log_b.begin(log_b.reserve([KEY], ["m1"]))
+    objects.set_state(oid, origin="m1", destroyed=True)  # destroyed through the pool
+    log_b.begin(log_b.reserve([KEY], ["m1"]))
+    # a dead process's pending intent does not block the identity for ever
+    stuck = log_a.reserve([STUCK], ["m1"])
+    log_a.begin(stuck)
+    a.execute("UPDATE gateway_lease SET until = 0 WHERE holder = 'host:/a'")
+    log_b.begin(log_b.reserve([STUCK], ["m1"]))
     a.close()
     b.close()

@@ -32,6 +32,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from ...codec import ckr
+from ...errors import Pkcs11Error
 from ...state.base import StateStore
 from .member import Member
 from .objects import Key
@@ -56,6 +57,26 @@ _MINE_OR_ORPHANED = (
     "SELECT intent, state, objects, unsettled FROM pool_intent WHERE pool=? AND "
     "(owner IS NULL OR owner = ? OR owner NOT IN "
     "(SELECT holder FROM gateway_lease WHERE until >= ?))")
+
+
+class IdentityBusy(Pkcs11Error):
+    """Another gateway process on the store is creating, or has made, one of these
+    identities."""
+
+    def __init__(self) -> None:
+        super().__init__(ckr.ATTRIBUTE_VALUE_INVALID, "an object of this class, CKA_ID and "
+                         "CKA_LABEL exists or is being created on the store")
+
+
+#: an identity a pool creation made (its origin is set before the creation's intent is
+#: dropped) and nobody destroyed since
+_MADE = ("SELECT 1 FROM pool_object o JOIN pool_object_state s ON s.pool = o.pool AND "
+         "s.oid = o.oid WHERE o.pool=? AND o.class=? AND o.id IS ? AND o.label IS ? AND "
+         "o.uid IS ? AND s.origin IS NOT NULL AND s.destroyed = 0")
+#: pending intents of other live processes on the store (see IntentLog.begin)
+_OTHERS_PENDING = (
+    "SELECT objects FROM pool_intent WHERE pool=? AND state='pending' AND owner IS NOT NULL "
+    "AND owner <> ? AND owner IN (SELECT holder FROM gateway_lease WHERE until >= ?)")
 
 
 @dataclass
@@ -108,12 +129,36 @@ class IntentLog:
             pass
         return iid
 
+    def _row(self, it: Intent) -> tuple[object, ...]:
+        return (self.pool, it.id, it.state, json.dumps([_encode_key(k) for k in it.keys]),
+                json.dumps(sorted(it.unsettled)), time.time(), self.registry.holder or None)
+
+    _UPSERT = ("INSERT OR REPLACE INTO pool_intent (pool, intent, state, objects, unsettled, "
+               "created, owner) VALUES (?, ?, ?, ?, ?, ?, ?)")
+
     def _write(self, it: Intent) -> None:
-        self.registry.execute(
-            "INSERT OR REPLACE INTO pool_intent (pool, intent, state, objects, unsettled, "
-            "created, owner) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (self.pool, it.id, it.state, json.dumps([_encode_key(k) for k in it.keys]),
-             json.dumps(sorted(it.unsettled)), time.time(), self.registry.holder or None))
+        self.registry.execute(self._UPSERT, self._row(it))
+
+    def _claim(self, it: Intent) -> None:
+        """Write ``it`` unless another gateway on the store is creating, or has made,
+        one of its identities (IdentityBusy): a live process's pending intent for it, or
+        an object of it that a pool creation made (its origin recorded) and nobody
+        destroyed. Checked and written in one transaction under the pool's lock, so of
+        two gateways beginning the same identity at once exactly one goes on; and one
+        that began earlier is seen either way: its intent is pending until its origin is
+        recorded. The members' own check (reconcile.py) ran before, but cannot see a
+        creation under way on another node."""
+        wanted = set(it.keys)
+        with self.registry.transaction() as t:
+            t.lock(f"pool_intent:{self.pool}")
+            for (objects,) in t.query(_OTHERS_PENDING, (self.pool, self.registry.holder,
+                                                        time.time())):
+                if wanted.intersection(_decode_key(k) for k in json.loads(objects)):
+                    raise IdentityBusy()
+            for key in it.keys:
+                if t.query(_MADE, (self.pool, *key)):
+                    raise IdentityBusy()
+            t.execute(self._UPSERT, self._row(it))
 
     def _drop(self, it: Intent) -> None:
         self.registry.execute("DELETE FROM pool_intent WHERE pool=? AND intent=?",
@@ -140,10 +185,14 @@ class IntentLog:
         """Record, durably, that ``it`` is about to be created (raises if the registry
         cannot be written: then nothing may be created)."""
         try:
-            self._write(it)
+            if self.registry.shared:  # other processes or nodes may create at once
+                self._claim(it)
+            else:
+                self._write(it)
         except BaseException:
             self.open.pop(it.id, None)
             raise
+
 
     def done(self, it: Intent) -> None:
         """The client is told: only the members whose outcome is unknown stay to clean."""

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ...codec import Attribute, ckr
 from ...codec import constants as ck
 from ...errors import Pkcs11Error
-from .intents import CURRENT, FRAGMENT, MIDWAY_ERRORS, Intent, IntentLog
+from .intents import CURRENT, FRAGMENT, MIDWAY_ERRORS, IdentityBusy, Intent, IntentLog
 from .member import ID, Member, MemberDown
 from .objects import Key, ObjectIds
 from .replication import DETERMINISTIC, GENERATED
@@ -165,6 +165,8 @@ class Reconciler:
             raise
         try:
             self.intents.begin(it)
+        except IdentityBusy:
+            raise
         except Exception as e:
             log.error("pool creation refused: its intent cannot be recorded",
                       extra={"pool": self.pool.name, "error": str(e)})
