@@ -102,8 +102,8 @@ def metrics_exposure(cfg: Config) -> list[str]:
     """Metrics on a TCP address beyond loopback: plain HTTP anyone there can read (no
     secrets, but which tokens and functions are used, and how often)."""
     listen = cfg.metrics.listen
-    if listen is None or listen.startswith("unix:"):
-        return []
+    if listen is None or listen.startswith("unix:") or cfg.metrics.tls_client_ca:
+        return []  # (HTTPS with client certificates: only the CA's scrapers read it)
     import ipaddress
 
     from .metrics_config import parse_tcp
@@ -115,6 +115,8 @@ def metrics_exposure(cfg: Config) -> list[str]:
     except ValueError:
         if host == "localhost":
             return []
-    return [f"{cfg.source}: metrics.listen = {listen!r}: plain HTTP that every host which "
+    kind = "HTTPS without client certificates" if cfg.metrics.tls_cert else "plain HTTP"
+    return [f"{cfg.source}: metrics.listen = {listen!r}: {kind} that every host which "
             "can reach it may read (tokens, functions and call rates; no secrets); listen "
-            "on 127.0.0.1 or a unix socket and let a local agent or proxy scrape it"]
+            "on 127.0.0.1 or a unix socket and let a local agent or proxy scrape it, or set "
+            "tls_cert, tls_key and tls_client_ca"]

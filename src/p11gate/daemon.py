@@ -14,7 +14,7 @@ from .config import Config, ConfigError, load_config, parse_config
 from .config_checks import check
 from .frontend.limits import limited_log
 from .gateway import Gateway
-from .metrics_http import MetricsServer
+from .metrics_http import MetricsServer, tls_for
 from .processes import child_config, child_dir, child_index, inherited_from_supervisor, supervise
 from .registry import RegistryError
 from .reload import Reloader
@@ -131,7 +131,7 @@ async def _serve(cfg: Config, config_path: str | None) -> int:
         metrics = await _start_metrics(cfg, gw)
     except (OSError, SocketInUse) as e:
         print(f"{cfg.source}: metrics.listen: {e}; free the address or change [metrics] "
-              "listen", file=sys.stderr)
+              "listen (or its tls_cert/tls_key)", file=sys.stderr)
         await gw.stop()
         return 2
     stop = asyncio.Event()
@@ -176,7 +176,8 @@ async def _start_metrics(cfg: Config, gw: Gateway) -> MetricsServer | None:
         return None
     from .frontend.metrics_state import snapshot
 
-    server = MetricsServer(cfg.metrics.listen, gw.metrics, lambda: snapshot(gw))
+    server = MetricsServer(cfg.metrics.listen, gw.metrics, lambda: snapshot(gw),
+                           tls=tls_for(cfg.metrics))
     await server.start()
     return server
 

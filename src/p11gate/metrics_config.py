@@ -1,11 +1,12 @@
-"""The ``[metrics]`` section: where the Prometheus endpoint listens (off by default)."""
+"""The ``[metrics]`` section: where the Prometheus endpoint listens (off by default),
+and whether it speaks HTTPS (with client certificates, if asked)."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 
 def parse_tcp(address: str) -> tuple[str, int]:
@@ -29,6 +30,34 @@ class MetricsConfig(BaseModel):
     #: at start) or "unix:path=/abs/path"; serves GET /metrics, plain HTTP: keep it on
     #: localhost or a management network (no secrets, but it shows what is used)
     listen: str | None = None
+    #: HTTPS instead of HTTP on a TCP address: the server's certificate chain and key
+    #: (PEM, absolute paths; both or neither). Read at start (a new certificate needs a
+    #: restart). TLS 1.2 or newer.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: with TLS: only scrapers with a client certificate from this CA bundle (PEM) are
+    #: answered; others fail the handshake. None: any client (server TLS only)
+    tls_client_ca: str | None = None
+
+    @model_validator(mode="after")
+    def _tls(self) -> MetricsConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("metrics: give tls_cert and tls_key together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("metrics.tls_client_ca needs tls_cert and tls_key")
+        for key in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, key)
+            if path is None:
+                continue
+            if not os.path.isabs(path):
+                raise ValueError(f"metrics.{key}: {path!r}: give an absolute path")
+            if not os.path.isfile(path):
+                raise ValueError(f"metrics.{key}: {path!r} does not exist")
+        if self.tls_cert is not None and (self.listen is None
+                                          or self.listen.startswith("unix:")):
+            raise ValueError("metrics: TLS needs a TCP listen address (HOST:PORT); a unix "
+                             "socket is protected by its mode (0600)")
+        return self
 
     @field_validator("listen")
     @classmethod

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import urllib.parse
 from collections.abc import Awaitable, Callable
 
@@ -25,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from .metrics import GatewayMetrics, Snapshot
-from .metrics_config import parse_tcp
+from .metrics_config import MetricsConfig, parse_tcp
 from .unix_socket import BoundSocket, bind_unix, make_socket_dir
 
 log = logging.getLogger("p11gate.metrics")
@@ -44,13 +45,16 @@ Source = Callable[[bool], Awaitable[CollectorRegistry]]
 class MetricsServer:
     def __init__(self, address: str, metrics: GatewayMetrics | None = None,
                  snapshot: Callable[[], Snapshot] | None = None,
-                 source: Source | None = None) -> None:
+                 source: Source | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         """One gateway's ``metrics`` with its state ``snapshot`` (made on the loop), or
         another ``source`` of registries."""
         self.address = address
         self.metrics = metrics
         self.snapshot = snapshot
         self.source = source
+        #: HTTPS (metrics_tls_context); None: plain HTTP
+        self.tls = tls
         #: where it listens, with the real port when the configured one was 0
         self.bound = address
         self.scrapes = 0
@@ -71,11 +75,13 @@ class MetricsServer:
         else:
             host, port = parse_tcp(self.address)
             self._server = await asyncio.start_server(
-                self._handle, host, port, limit=MAX_HEAD, reuse_address=True)
+                self._handle, host, port, limit=MAX_HEAD, reuse_address=True, ssl=self.tls,
+                ssl_handshake_timeout=HEAD_TIMEOUT if self.tls is not None else None)
             sockname = self._server.sockets[0].getsockname()
             shown = f"[{host}]" if ":" in host else host
             self.bound = f"{shown}:{sockname[1]}"
-        log.info("metrics listening", extra={"address": self.bound})
+        log.info("metrics listening", extra={"address": self.bound,
+                                             "tls": self.tls is not None})
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -156,3 +162,22 @@ class MetricsServer:
         if not head_only:
             writer.write(data)
         await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+
+
+def metrics_tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
+    """The HTTPS context of ``[metrics] tls_cert``/``tls_key`` (and ``tls_client_ca``:
+    client certificates required). Raises OSError / ssl.SSLError on a bad file."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if client_ca is not None:
+        ctx.load_verify_locations(cafile=client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def tls_for(cfg: MetricsConfig) -> ssl.SSLContext | None:
+    """``[metrics]``'s HTTPS context, or None (plain HTTP)."""
+    if cfg.tls_cert is None or cfg.tls_key is None:
+        return None
+    return metrics_tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)

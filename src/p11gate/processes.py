@@ -39,7 +39,7 @@ from prometheus_client import CollectorRegistry
 from . import systemd
 from .admin import AdminServer, admin_socket_path, query
 from .config import Config
-from .metrics_http import MetricsServer
+from .metrics_http import MetricsServer, tls_for
 from .metrics_merge import Family, families, merged_registry
 from .remote.tls import parse_tls_address
 from .state.sqlite import FILE_NAME
@@ -242,12 +242,14 @@ class Supervisor:
                                  self.status, self._reload)
         await self.admin.start()
         if self.cfg.metrics.listen is not None:
-            self.metrics = MetricsServer(self.cfg.metrics.listen, source=self._metrics)
             try:
+                self.metrics = MetricsServer(self.cfg.metrics.listen, source=self._metrics,
+                                             tls=tls_for(self.cfg.metrics))
                 await self.metrics.start()
             except (OSError, SocketInUse) as e:
+                self.metrics = None
                 print(f"{self.cfg.source}: metrics.listen: {e}; free the address or change "
-                      "[metrics] listen", file=sys.stderr)
+                      "[metrics] listen (or its tls_cert/tls_key)", file=sys.stderr)
                 await self._stop_children()
                 await self.admin.stop()
                 return 2
