@@ -2,9 +2,10 @@
 
 Two kinds of series, both in the gateway's own :class:`CollectorRegistry`:
 
-* **Events counted where they happen** (``prometheus_client`` counters and a histogram):
-  calls answered and their latency, fed by the same hook as ``status`` (call_stats.py),
-  connections accepted per listener, policy denials.
+* **Events counted where they happen**: calls answered and their latency, in plain
+  numbers per (token, call) (:class:`CallSeries`, fed by the same hook as ``status``,
+  call_stats.py; exported by :class:`CallsCollector`), connections accepted per listener
+  and policy denials (``prometheus_client`` counters).
 * **State read at scrape time** (:class:`StateCollector`): backend health, pool members,
   sessions, connections open, and the counters the gateway already keeps for ``status``
   (restarts, failovers, replays, refusals, lock-outs, audit failures). The event loop
@@ -21,13 +22,20 @@ This module sits below the frontend: it imports only the codec and prometheus_cl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from bisect import bisect_left as _bisect
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .codec import ckr
 from .codec.calls import CALLS
@@ -141,25 +149,67 @@ class StateCollector(Collector):
 
 
 class CallSeries:
-    """The children of one (token, call): its histogram and one counter per result,
-    looked up once and kept, so a reply costs two dict lookups and two increments."""
+    """The calls answered for one (token, call) and their latencies, in plain numbers:
+    a reply costs a bisect, three additions and a dict update (no locks, no
+    prometheus_client calls, about a microsecond). :class:`CallsCollector` turns them
+    into the ``p11gate_calls`` counter and ``p11gate_call_duration_seconds`` histogram
+    at scrape time (reading them from another thread is safe: each value is one object
+    replaced whole; a scrape may see a call in the count and not yet in the sum, as
+    prometheus_client's own histogram can)."""
 
-    __slots__ = ("_by_rv", "_call", "_calls", "_token", "observe")
+    __slots__ = ("by_rv", "call", "counts", "sum", "token")
 
-    def __init__(self, calls: Counter, duration: Histogram, token: str, call: str) -> None:
-        self._calls = calls
-        self._token = token
-        self._call = call
-        self._by_rv: dict[int, Callable[[], None]] = {}
-        self.observe: Callable[[float], None] = duration.labels(token, call).observe
+    def __init__(self, token: str, call: str) -> None:
+        self.token = token
+        self.call = call
+        #: CK_RV → calls answered with it
+        self.by_rv: dict[int, int] = {}
+        #: per bucket of _BOUNDS (not cumulative; the last is +Inf)
+        self.counts = [0] * len(_BOUNDS)
+        self.sum = 0.0
 
     def done(self, seconds: float, rv: int) -> None:
-        self.observe(seconds)
-        inc = self._by_rv.get(rv)
-        if inc is None:
-            inc = self._by_rv[rv] = self._calls.labels(
-                self._token, self._call, result_label(rv)).inc
-        inc()
+        self.counts[_bisect(_BOUNDS, seconds)] += 1
+        self.sum += seconds
+        by_rv = self.by_rv
+        by_rv[rv] = by_rv.get(rv, 0) + 1
+
+
+#: the buckets' upper bounds, +Inf last: a value v falls into the first bound >= v
+_BOUNDS = (*DURATION_BUCKETS, float("inf"))
+
+CALLS_HELP = "PKCS#11 calls answered, by token, function and result (CKR name)"
+DURATION_HELP = "Seconds from a request's decoding to its reply's hand-off to the socket"
+
+
+class CallsCollector(Collector):
+    """``p11gate_calls_total`` and ``p11gate_call_duration_seconds`` from the
+    gateway's :class:`CallSeries`."""
+
+    def __init__(self, series: dict[tuple[str, int], CallSeries]) -> None:
+        self._series = series
+
+    def collect(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily("p11gate_calls", CALLS_HELP,
+                                    labels=("token", "call", "result"))
+        duration = HistogramMetricFamily("p11gate_call_duration_seconds", DURATION_HELP,
+                                         labels=("token", "call"))
+        for s in list(self._series.values()):  # one C call: safe against the loop adding
+            by_label: dict[str, int] = {}
+            for rv, n in list(s.by_rv.items()):
+                label = result_label(rv)
+                by_label[label] = by_label.get(label, 0) + n
+            for label, n in by_label.items():
+                calls.add_metric([s.token, s.call, label], n)
+            counts = list(s.counts)
+            total = 0
+            buckets = []
+            for bound, n in zip(_BOUNDS, counts, strict=True):
+                total += n
+                buckets.append((floatToGoString(bound), total))
+            duration.add_metric([s.token, s.call], buckets, s.sum)
+        yield calls
+        yield duration
 
 
 def _call_name(call_id: int) -> str:
@@ -172,12 +222,8 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.calls = Counter("p11gate_calls", "PKCS#11 calls answered, by token, function and "
-                             "result (CKR name)", ("token", "call", "result"), registry=r)
-        self.duration = Histogram(
-            "p11gate_call_duration_seconds",
-            "Seconds from a request's decoding to its reply's hand-off to the socket",
-            ("token", "call"), buckets=DURATION_BUCKETS, registry=r)
+        self._series: dict[tuple[str, int], CallSeries] = {}
+        r.register(CallsCollector(self._series))
         self.connections_accepted = Counter(
             "p11gate_connections_accepted", "Client connections accepted, per listener "
             "(TLS: handshake passed)", ("listener",), registry=r)
@@ -188,14 +234,12 @@ class GatewayMetrics:
         r.register(self.state)
         #: connections closed in connection_made for want of an identity (status has none)
         self.identity_refused = 0
-        self._series: dict[tuple[str, int], CallSeries] = {}
 
     def series(self, token: str, call_id: int) -> CallSeries:
         key = (token, call_id)
         s = self._series.get(key)
         if s is None:
-            s = self._series[key] = CallSeries(self.calls, self.duration, token,
-                                               _call_name(call_id))
+            s = self._series[key] = CallSeries(token, _call_name(call_id))
         return s
 
     def names(self) -> Iterable[str]:

@@ -38,17 +38,19 @@ from .deadlines import deadline
 from .native import DEFAULT_MAX_BUFFER, NativeModule
 
 log = logging.getLogger("p11gate.backend")
+_NEVER = float("inf")
 
 
 
 class _Job:
-    __slots__ = ("args", "call_id", "cancelled", "error", "out", "result", "started", "timer")
+    __slots__ = ("args", "call_id", "cancelled", "error", "out", "result", "started", "timeout")
 
-    def __init__(self, call_id: int, args: list[Any], out: asyncio.Future[list[Any]]) -> None:
+    def __init__(self, call_id: int, args: list[Any], out: asyncio.Future[list[Any]],
+                 timeout: float) -> None:
         self.call_id = call_id
         self.args = args
         self.out = out
-        self.timer: asyncio.TimerHandle | None = None
+        self.timeout = timeout
         self.started = False
         self.cancelled = False
         self.result: list[Any] = []
@@ -92,6 +94,11 @@ class InProcessBackend(Backend):
         #: threads finishing meanwhile skip their write (one wake-up, one syscall, many
         #: replies)
         self._bell_rung = False
+        #: calls not yet back from their thread → deadline (loop time); one timer, armed
+        #: at the earliest, serves them all (a call costs no timer of its own)
+        self._deadlines: dict[_Job, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = _NEVER
         self.timeouts = 0
 
     @property
@@ -195,11 +202,35 @@ class InProcessBackend(Backend):
         if not self._up or module is None or calls is None or loop is None:
             raise BackendUnavailable(f"backend {self.name} is not running")
         out: asyncio.Future[list[Any]] = loop.create_future()
-        job = _Job(call_id, args, out)
         timeout = deadline(call_id, self.call_timeout, self.keygen_timeout)
-        job.timer = loop.call_later(timeout, self._expire, job, timeout)
+        job = _Job(call_id, args, out, timeout)
+        at = loop.time() + timeout
+        self._deadlines[job] = at
+        if at < self._timer_at:
+            self._arm(loop, at)
         calls.put(job)
         return out
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = loop.call_at(at, self._expire_due)
+
+    def _expire_due(self) -> None:
+        """The earliest deadline has come: expire every call past its own, re-arm for
+        the earliest left (calls back from their thread were taken out by _drain)."""
+        self._timer, self._timer_at = None, _NEVER
+        loop = self._loop
+        if loop is None:
+            return
+        now = loop.time()
+        due = [job for job, at in self._deadlines.items() if at <= now]
+        for job in due:
+            del self._deadlines[job]
+            self._expire(job, job.timeout)
+        if self._deadlines:
+            self._arm(loop, min(self._deadlines.values()))
 
     def _serve_calls(self) -> None:
         """A module thread: take jobs, call the module, hand results back through the
@@ -239,8 +270,7 @@ class InProcessBackend(Backend):
         done = self._done
         while done:
             job = done.popleft()
-            if job.timer is not None:
-                job.timer.cancel()
+            self._deadlines.pop(job, None)
             hung = self._hung.pop(job, None)
             if hung is not None:
                 log.warning(

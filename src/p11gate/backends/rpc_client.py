@@ -33,6 +33,10 @@ from ..codec.values import ParamUpdate
 from ..errors import BackendUnavailable, Pkcs11Error
 
 OPTIONS = b"p11gate"
+_NEVER = float("inf")
+#: a call in flight: future, call id, deadline (loop time; None: none), on_timeout,
+#: whether the reply's header is checked (relayed replies)
+_Pending = tuple[asyncio.Future[bytes], int, float | None, Callable[[], None] | None, bool]
 
 
 class RpcClientProtocol(asyncio.Protocol):
@@ -41,12 +45,20 @@ class RpcClientProtocol(asyncio.Protocol):
     def __init__(self, max_frame: int = 1 << 30) -> None:
         self.transport: asyncio.Transport | None = None
         self.dialect: Dialect | None = None
-        self._version_fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending: dict[int, tuple[asyncio.Future[bytes], int]] = {}
+        #: kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11
+        self._loop = loop = asyncio.get_running_loop()
+        self._version_fut: asyncio.Future[int] = loop.create_future()
+        #: code → the call in flight: (future, call id, deadline (loop time) or None,
+        #: on_timeout, check the reply's header)
+        self._pending: dict[int, _Pending] = {}
+        #: one timer for the deadlines of all calls in flight, armed at the earliest
+        #: (not one timer per call: a reply costs no timer cancel, a call no timer)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = _NEVER
         self._codes = itertools.count(0x10)
         self._reader = FrameReader(max_frame)
         self._got_version = False
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
         self.close_reason = ""
         #: called once, synchronously, when the connection fails, before any pending
         #: call is failed: the owner marks itself down first, so a client that reacts to
@@ -68,10 +80,18 @@ class RpcClientProtocol(asyncio.Protocol):
             if not data:
                 return
         try:
+            pending = self._pending
             for frame in self._reader.feed(data):
-                entry = self._pending.pop(frame.code, None)
-                if entry is not None and not entry[0].done():
-                    entry[0].set_result(frame.body)
+                entry = pending.pop(frame.code, None)
+                if entry is None:
+                    continue
+                fut = entry[0]
+                if fut.done():
+                    continue
+                if entry[4] and not is_reply_to(frame.body, entry[1]):
+                    fut.set_exception(Pkcs11Error(ckr.DEVICE_ERROR, "bad reply"))
+                else:
+                    fut.set_result(frame.body)
         except CodecError as e:
             self._fail(f"bad frame from peer: {e}")
             if self.transport is not None:
@@ -88,7 +108,10 @@ class RpcClientProtocol(asyncio.Protocol):
         if not self._version_fut.done():
             self._version_fut.set_exception(BackendUnavailable(reason))
         pending, self._pending = self._pending, {}
-        for fut, _ in pending.values():
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, _NEVER
+        for fut, *_ in pending.values():
             if not fut.done():
                 fut.set_exception(BackendUnavailable(reason))
         if not self.closed.done():
@@ -100,28 +123,71 @@ class RpcClientProtocol(asyncio.Protocol):
         self.dialect = dialect_for_version(version)
         return self.dialect
 
-    def send(self, call_id: int, args: list[Any]) -> asyncio.Future[bytes]:
+    def send(self, call_id: int, args: list[Any], timeout: float | None = None,
+             on_timeout: Callable[[], None] | None = None,
+             check: bool = False) -> asyncio.Future[bytes]:
+        """Send one request; the future resolves to the reply body. With ``timeout``
+        (seconds), a reply not in by then fails it with TimeoutError, after
+        ``on_timeout`` is called; with ``check``, a reply whose header is not this
+        call's fails it with CKR_DEVICE_ERROR."""
         if self.transport is None or self.transport.is_closing() or self.closed.done():
             raise BackendUnavailable(self.close_reason or "not connected")
         assert self.dialect is not None
-        return self._send_frame(encode_request(call_id, args, self.dialect), call_id)
+        return self._send_frame(encode_request(call_id, args, self.dialect), call_id,
+                                timeout, on_timeout, check)
 
-    def send_body(self, body: bytes, call_id: int) -> asyncio.Future[bytes]:
+    def send_body(self, body: bytes, call_id: int, timeout: float | None = None,
+                  on_timeout: Callable[[], None] | None = None,
+                  check: bool = False) -> asyncio.Future[bytes]:
         """Send an already encoded request ``body`` (for ``call_id``) as it is."""
         if self.transport is None or self.transport.is_closing() or self.closed.done():
             raise BackendUnavailable(self.close_reason or "not connected")
-        return self._send_frame(body, call_id)
+        return self._send_frame(body, call_id, timeout, on_timeout, check)
 
-    def _send_frame(self, body: bytes, call_id: int) -> asyncio.Future[bytes]:
+    def _send_frame(self, body: bytes, call_id: int, timeout: float | None,
+                    on_timeout: Callable[[], None] | None,
+                    check: bool) -> asyncio.Future[bytes]:
         assert self.transport is not None
         code = next(self._codes) & 0xFFFFFFFF or next(self._codes)
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._pending[code] = (fut, call_id)
+        loop = self._loop
+        fut: asyncio.Future[bytes] = loop.create_future()
+        at = None
+        if timeout is not None:
+            at = loop.time() + timeout
+            if at < self._timer_at:
+                self._arm(at)
+        self._pending[code] = (fut, call_id, at, on_timeout, check)
         self.transport.write(build_frame(code, body, OPTIONS))
         return fut
 
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._expire_due)
+
+    def _expire_due(self) -> None:
+        """The earliest deadline has come: fail every call past its deadline (each
+        after its on_timeout), re-arm for the earliest left. Calls answered since were
+        taken out of ``_pending``, so a call answered in time costs nothing here."""
+        self._timer, self._timer_at = None, _NEVER
+        now = self._loop.time()
+        due = [(code, e) for code, e in self._pending.items() if e[2] is not None and e[2] <= now]
+        for code, _ in due:
+            del self._pending[code]
+        for _, (fut, _, _, on_timeout, _) in due:
+            if fut.done():
+                continue
+            if on_timeout is not None:
+                on_timeout()
+            if not fut.done():
+                fut.set_exception(TimeoutError())
+        left = [e[2] for e in self._pending.values() if e[2] is not None]
+        if left and not self.close_reason:
+            self._arm(min(left))
+
     def abandon(self, fut: asyncio.Future[bytes]) -> None:
-        for code, (f, _) in list(self._pending.items()):
+        for code, (f, *_) in list(self._pending.items()):
             if f is fut:
                 del self._pending[code]
 
@@ -167,23 +233,15 @@ class RpcChannel:
             return asyncio.ensure_future(self._downgrade(call_id, args, timeout))
         if d.version == 0:
             args = _old_server_safe(call_id, args)
-        raw = self.proto.send(call_id, args)
-        loop = asyncio.get_running_loop()
-        out: asyncio.Future[list[Any]] = loop.create_future()
-        timer = loop.call_later(
-            timeout if timeout is not None else self.timeout, _expire, raw
-        )
+        raw = self.proto.send(call_id, args,
+                              timeout if timeout is not None else self.timeout, on_timeout)
+        out: asyncio.Future[list[Any]] = self.proto._loop.create_future()
 
         def done(f: asyncio.Future[bytes]) -> None:
-            timer.cancel()
             if out.done():
                 return
             exc = f.exception()
             if exc is not None:
-                if isinstance(exc, TimeoutError):
-                    self.proto.abandon(f)
-                    if on_timeout is not None:
-                        on_timeout()
                 out.set_exception(exc)
                 return
             try:
@@ -201,7 +259,7 @@ class RpcChannel:
     ) -> asyncio.Future[bytes]:
         """Like :meth:`submit`, but the future resolves to the reply *body*, checked only
         for its header: for relaying replies that need no translation."""
-        return self._relay(call_id, self.proto.send(call_id, args), on_timeout)
+        return self.proto.send(call_id, args, self.timeout, on_timeout, check=True)
 
     def submit_body(
         self, call_id: int, body: bytes, on_timeout: Callable[[], None] | None = None
@@ -212,35 +270,7 @@ class RpcChannel:
         lacks (see :meth:`submit`) must not come this way."""
         if call_id > self.dialect.max_call_id or not body.startswith(call_id.to_bytes(4, "big")):
             raise ValueError(f"not a request body for call {call_id} in this dialect")
-        return self._relay(call_id, self.proto.send_body(body, call_id), on_timeout)
-
-    def _relay(
-        self, call_id: int, raw: asyncio.Future[bytes], on_timeout: Callable[[], None] | None
-    ) -> asyncio.Future[bytes]:
-        loop = asyncio.get_running_loop()
-        out: asyncio.Future[bytes] = loop.create_future()
-        timer = loop.call_later(self.timeout, _expire, raw)
-
-        def done(f: asyncio.Future[bytes]) -> None:
-            timer.cancel()
-            if out.done():
-                return
-            exc = f.exception()
-            if exc is not None:
-                if isinstance(exc, TimeoutError):
-                    self.proto.abandon(f)
-                    if on_timeout is not None:
-                        on_timeout()
-                out.set_exception(exc)
-                return
-            body = f.result()
-            if is_reply_to(body, call_id):
-                out.set_result(body)
-            else:
-                out.set_exception(Pkcs11Error(ckr.DEVICE_ERROR, "bad reply"))
-
-        raw.add_done_callback(done)
-        return out
+        return self.proto.send_body(body, call_id, self.timeout, on_timeout, check=True)
 
     async def _downgrade(self, call_id: int, args: list[Any], timeout: float | None) -> list[Any]:
         if call_id == C_InitToken2:
@@ -250,11 +280,6 @@ class RpcChannel:
             (handle,) = await self.call(C_DeriveKey, args, timeout)
             return [ckr.OK, ParamUpdate(True), handle]
         raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED)
-
-
-def _expire(fut: asyncio.Future[bytes]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
 
 
 def _old_server_safe(call_id: int, args: list[Any]) -> list[Any]:
