@@ -458,10 +458,12 @@ def test_eight_clients_ride_through_a_node_killed_with_minus_9(
         store = open_store(StateConfig(engine="postgresql", dsn=cluster["pg"].dsn,
                                        password_file=str(cluster["pg"].password_file)),
                            tmp_path)
-        holders = {h.split("/")[1]
+        # (a holder is "host:state directory")
+        holders = {h.split(":", 1)[1]
                    for (h,) in store.query("SELECT DISTINCT holder FROM identity_usage")}
         store.close()
-        assert {str(n.gw.proc.pid) for n in nodes if n.gw is not None} <= holders, holders
+        assert {os.path.realpath(n.config.parent / "state") for n in nodes} <= holders, \
+            holders
         killed_at = time.time()
         nodes[0].kill()
         time.sleep(3)
