@@ -28,9 +28,15 @@ def http(address: str, request: bytes = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r
         data = b""
         while chunk := s.recv(65536):
             data += chunk
+    return reply(data)
+
+
+def reply(data: bytes) -> tuple[int, bytes]:
+    """(status, body) of one HTTP response; (0, b"") when the server closed without one
+    (over MAX_CLIENTS, or a TLS 1.3 server refusing the client's certificate)."""
     head, _, body = data.partition(b"\r\n\r\n")
     if not head:
-        return 0, b""  # closed without a reply (over MAX_CLIENTS)
+        return 0, b""
     return int(head.split(b" ")[1]), body
 
 

@@ -42,6 +42,13 @@ class Postgres:
     def dsn(self) -> str:
         return f"host={self.sockdir} port={PORT} dbname=postgres user=p11gate"
 
+    def state_toml(self, connect_timeout: float | None = 2.0) -> str:
+        """The ``[state]`` table of a gateway on this server (None: the default
+        connect_timeout)."""
+        timeout = "" if connect_timeout is None else f"connect_timeout = {connect_timeout}\n"
+        return (f'\n[state]\nengine = "postgresql"\ndsn = "{self.dsn}"\n'
+                f'password_file = "{self.password_file}"\n{timeout}')
+
     def _run(self, *cmd: str) -> None:
         proc = subprocess.run([*self._as, *cmd], capture_output=True, text=True, timeout=120)
         if proc.returncode:

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tests.gateway_proc import write_config
 from tests.integration.test_metrics import PIN, metrics_gateway, signer
-from tests.metrics_scrape import http
+from tests.metrics_scrape import http, reply
 from tests.remote.pki import make_pki
 from tests.softhsm import make_token
 
@@ -38,10 +38,7 @@ def _https(address: str, pki: dict[str, Path], client: str | None) -> tuple[int,
         data = b""
         while chunk := s.recv(65536):
             data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    if not head:
-        return 0, b""  # closed without an answer (TLS 1.3: a refused client certificate)
-    return int(head.split(b" ")[1]), body
+    return reply(data)
 
 
 def _refused(address: str, pki: dict[str, Path], client: str | None) -> bool:

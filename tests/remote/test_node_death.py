@@ -57,8 +57,7 @@ CKA_MODULUS_BITS, CKA_PUBLIC_EXPONENT, CKM_RSA_KEY_PAIR_GEN = 0x121, 0x122, 0x0
 
 def node_store(pg: Postgres) -> str:
     """The nodes' one state store: the `[state]` table of every node's configuration."""
-    return (f'\n[state]\nengine = "postgresql"\ndsn = "{pg.dsn}"\n'
-            f'password_file = "{pg.password_file}"\nconnect_timeout = 2.0\n')
+    return pg.state_toml()
 
 
 class Node:

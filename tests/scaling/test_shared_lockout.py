@@ -85,8 +85,7 @@ def _gateways(base: Path, engine: str) -> Iterator[dict[str, Any]]:
     pg: Postgres | None = None
     if engine == "postgresql":
         pg = Postgres().start()
-        state = (f'[state]\nengine = "postgresql"\ndsn = "{pg.dsn}"\n'
-                 f'password_file = "{pg.password_file}"\nconnect_timeout = 2.0')
+        state = pg.state_toml()
     else:
         state = f'[state]\npath = "{base / "shared-registry.sqlite3"}"'
     gws: list[Gateway] = []

@@ -67,8 +67,7 @@ def _gateways(base: Path, engine: str) -> Iterator[list[Gateway]]:
     server: Postgres | None = None
     if engine == "postgresql":
         server = Postgres().start()
-        state = (f'[state]\nengine = "postgresql"\ndsn = "{server.dsn}"\n'
-                 f'password_file = "{server.password_file}"\nconnect_timeout = 2.0')
+        state = server.state_toml()
     else:
         state = f'[state]\npath = "{base / "shared-registry.sqlite3"}"'
     gws: list[Gateway] = []

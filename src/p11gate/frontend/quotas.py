@@ -173,11 +173,11 @@ class GatewayLimits:
             _prune_dead_sessions(conn)
             if len(conn.handles.sessions) >= self.cfg.max_sessions_per_connection:
                 self._hit(conn, "max_sessions_per_connection", ckr.SESSION_COUNT)
-        total = self._opening[key] + sum(len(c.handles.sessions) for c in conns)
+        total = self._sessions_of(key, conns)
         if total >= self.cfg.max_sessions_per_identity:
             for c in conns:
                 _prune_dead_sessions(c)
-            total = self._opening[key] + sum(len(c.handles.sessions) for c in conns)
+            total = self._sessions_of(key, conns)
             if total >= self.cfg.max_sessions_per_identity:
                 self._hit(conn, "max_sessions_per_identity", ckr.SESSION_COUNT)
         if self.shared is not None and not self.shared.take(

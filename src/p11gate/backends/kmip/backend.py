@@ -113,7 +113,6 @@ class KmipBackend(Backend):
         token, self._token = self._token, None
         if token is not None:
             token.pool.close()
-            token.idmap.close()
 
     async def call(self, call_id: int, args: list[Any]) -> list[Any]:
         token = self._token

@@ -10,7 +10,8 @@ attributes are stored: never key material.
 
 In the store, the map is one for every gateway process and node on it: a handle means
 the same KMIP object everywhere, and an object one process mapped is found by the
-others at their next search (the token re-reads the map then). Two processes adopting
+others at their next search (the token re-reads the map then, when the store is
+shared; otherwise this process wrote every row it holds). Two processes adopting
 the same server object at once get the one row (``UNIQUE (token, uid)``).
 
 Gateways before the map moved into the store kept it in its own SQLite file
@@ -90,9 +91,6 @@ class IdMap:
     def remove(self, handle: int) -> None:
         self.store.execute("DELETE FROM kmip_object WHERE handle = ? AND token = ?",
                            (handle, self.token))
-
-    def close(self) -> None:
-        """Nothing to close: the store is the gateway's."""
 
     def _import(self, path: str) -> None:
         # [server] processes: every process starts at once and may try; the rows go in

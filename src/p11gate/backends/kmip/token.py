@@ -349,8 +349,9 @@ class KmipToken:
         if s.found is not None:
             raise Pkcs11Error(ckr.OPERATION_ACTIVE)
         tpl = O.parse_template(args[1] or [])
-        # what other gateway processes and nodes on the store mapped (or destroyed) since
-        self.objects = {o.handle: o for o in self.idmap.load()}
+        if self.idmap.store.shared:
+            # what other gateway processes and nodes on the store mapped (or destroyed)
+            self.objects = {o.handle: o for o in self.idmap.load()}
         label = tpl.get(O.CKA_LABEL)
         if self.logged_in and isinstance(label, bytes) and label and not any(
                 o.attrs.get(O.CKA_LABEL) == label for o in self.objects.values()):
