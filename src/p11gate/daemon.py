@@ -15,7 +15,7 @@ from .config_checks import check
 from .frontend.limits import limited_log
 from .gateway import Gateway
 from .metrics_http import MetricsServer, tls_for
-from .processes import child_config, child_dir, child_index, inherited_from_supervisor, supervise
+from .processes import child_config, child_dir, child_index, handoff_from_supervisor, supervise
 from .registry import RegistryError
 from .reload import Reloader
 from .state import StoreError, StoreUnusable
@@ -106,8 +106,10 @@ async def _serve(cfg: Config, config_path: str | None) -> int:
         return 2
     current.append(gw)
     # socket activation: listeners systemd bound, matched to [server] listen by address
-    passed = inherited_from_supervisor()  # [server] processes: the supervisor bound them
-    gw.inherited = passed if passed is not None else systemd.inherited_sockets()
+    # [server] processes: the supervisor accepts, and hands each connection over
+    gw.handoff = handoff_from_supervisor(lambda: len(gw.connections))
+    if gw.handoff is None:
+        gw.inherited = systemd.inherited_sockets()
     try:
         await gw.start()
         unmatched = gw.inherited.leftovers()

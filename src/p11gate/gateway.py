@@ -24,6 +24,7 @@ from .config import Config
 from .errors import Pkcs11Error
 from .frontend.connection import ClientConnection
 from .frontend.fair_share import FairShares
+from .frontend.handoff import Receiver
 from .frontend.layer_views import LayerViews
 from .frontend.metrics_state import snapshot
 from .frontend.quotas import GatewayLimits, raise_fd_limit
@@ -95,6 +96,9 @@ class Gateway:
         self._sockets: list[BoundSocket] = []
         #: listening sockets passed by systemd (socket activation), claimed by _listen
         self.inherited = Inherited()
+        #: a process of ``[server] processes``: the supervisor accepts and hands each
+        #: connection over (frontend/handoff.py); the process binds no listener
+        self.handoff: Receiver | None = None
         #: configuration reloads done and refused since start (p11gate.reload sets the
         #: hook: the daemon knows the file)
         self.reloads = 0
@@ -133,8 +137,13 @@ class Gateway:
                     await t.attach()
                 except Pkcs11Error as e:
                     log.error("token not attached", extra={"token": t.name, "error": str(e)})
-        for address in self.cfg.server.listen:
-            await self._listen(address)
+        for index, address in enumerate(self.cfg.server.listen):
+            if self.handoff is not None:
+                self._serve_handed(index, address)
+            else:
+                await self._listen(address)
+        if self.handoff is not None:
+            self.handoff.start()
         self.admin = AdminServer(
             admin_socket_path(self.cfg.server.state_dir, self.cfg.server.admin_socket),
             self.status, self._admin_reload, self._metrics_families,
@@ -173,28 +182,62 @@ class Gateway:
         self._servers.append(server)
         log.info("listening", extra={"address": address, "from_systemd": activated})
 
-    async def _listen_tls(self, address: str) -> None:
+    def _serve_handed(self, index: int, address: str) -> None:
+        """The connections to ``address`` the supervisor accepts and hands over."""
+        assert self.handoff is not None
+        if address.startswith("tls:"):
+            listener = self._tls_listener(address)
+            listener.start_handed()
+            self.handoff.serve(index, listener.adopt)
+            return
+        loop = asyncio.get_running_loop()
+
+        def adopt(sock: socket.socket) -> None:
+            task = loop.create_task(loop.connect_accepted_socket(
+                lambda: self._new_connection(address), sock))
+            self.background.add(task)
+            task.add_done_callback(self._adopted(sock))
+
+        self.handoff.serve(index, adopt)
+        log.info("serving handed connections", extra={"address": address})
+
+    def _adopted(self, sock: socket.socket) -> Callable[[asyncio.Task[Any]], None]:
+        def done(task: asyncio.Task[Any]) -> None:
+            self.background.discard(task)
+            if task.cancelled() or task.exception() is not None:
+                sock.close()  # closed by its peer already, or the gateway is stopping
+        return done
+
+    def _tls_listener(self, address: str) -> TlsListener:
         assert self.cfg.tls is not None  # the configuration checks it
-        host, port = parse_tls_address(address)
         ctx = server_context(self.cfg.tls)
         listener = TlsListener(lambda: _TlsClientConnection(self, address), ctx,
                                can_accept=self.limits.can_accept)
         listener.address = address
-        await listener.start(host, port, inherited=self.inherited.take_tcp(host, port))
         watch_crl(listener, ctx, self.cfg.tls)
         self._servers.append(listener)
+        return listener
+
+    async def _listen_tls(self, address: str) -> None:
+        host, port = parse_tls_address(address)
+        listener = self._tls_listener(address)
+        await listener.start(host, port, inherited=self.inherited.take_tcp(host, port))
         log.info("listening", extra={"address": address, "tls": "1.3, client certificates"})
 
     def _new_connection(self, listener: str) -> ClientConnection:
         c = ClientConnection(self)
         c.listener = listener
         self.connections.add(c)
+        if self.handoff is not None:
+            self.handoff.report()
         self.metrics.connections_accepted.labels(listener).inc()
         return c
 
     def forget(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
         self.limits.release(conn)
+        if self.handoff is not None:
+            self.handoff.report()
 
     def identify(self, transport: asyncio.Transport) -> Identity | None:
         """The identity of a new connection, or None when it has none (then it is
@@ -218,6 +261,8 @@ class Gateway:
     async def stop(self) -> None:
         if self.admin is not None:
             await self.admin.stop()
+        if self.handoff is not None:
+            self.handoff.close()
         for s in self._servers:
             s.close()
         for c in list(self.connections):
@@ -275,5 +320,7 @@ class _TlsClientConnection(ClientConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.gw.connections.add(self)
+        if self.gw.handoff is not None:
+            self.gw.handoff.report()
         self.gw.metrics.connections_accepted.labels(self.listener).inc()
         super().connection_made(transport)

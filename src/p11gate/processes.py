@@ -1,18 +1,21 @@
 """``[server] processes = N``: N gateway processes serving the same listeners.
 
-The supervisor (the process `p11gate serve` started) binds every listener once and
-starts N children, `p11gate serve` again, that inherit the listening sockets (the
-kernel hands each new connection to one of the processes waiting in accept). Each child
-has its own backends and workers, its own admin socket (``<state_dir>/proc-K/admin.sock``)
-and lock directory; what must be one across them is in the state store (registry, PIN
-attempts and lock-outs) or in one file they all append to:
+The supervisor (the process `p11gate serve` started) binds every listener once, starts
+N children, `p11gate serve` again, and accepts every connection itself: it hands each
+one to the child with the fewest open connections (ties in turn) over a private socket
+pair (frontend/handoff.py says why the children do not accept on the shared listener).
+Each child has its own backends and workers, its own admin socket
+(``<state_dir>/proc-K/admin.sock``) and lock directory; what must be one across them is
+in the state store (registry, PIN attempts and lock-outs, quotas) or in one file they
+all append to:
 
 * the audit log: every record is one ``write(2)`` of a whole line to a file opened with
   ``O_APPEND``, so the records of all processes form one well-formed stream in the
   order they were written, none lost or cut;
 * the log: the same stderr (or log file), one line per record.
 
-The supervisor restarts a child that dies (its clients reconnect), passes SIGHUP on
+The supervisor restarts a child that dies (its clients reconnect; new connections go to
+the other children until it is back), passes SIGHUP on
 (reopen logs, reload the configuration: every child re-reads the file) and SIGTERM,
 and answers `p11gate status` on the usual admin socket with every child's status
 summed up, each child's own under ``processes``, and ``[metrics] listen`` with every
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,7 @@ from prometheus_client import CollectorRegistry
 from . import systemd
 from .admin import AdminServer, admin_socket_path, query
 from .config import Config
+from .frontend.handoff import HANDOFF_ENV, Balancer, Lane, Receiver, channel_pair
 from .metrics_http import MetricsServer, tls_for
 from .metrics_merge import Family, families, merged_registry
 from .remote.tls import parse_tls_address
@@ -47,9 +52,8 @@ from .unix_socket import BoundSocket, SocketInUse, bind_unix, make_socket_dir
 
 log = logging.getLogger("p11gate")
 
-#: set in a child's environment: its index, and the inherited listeners ("fd,fd")
+#: set in a child's environment: its index (HANDOFF_ENV: its end of the socket pair)
 CHILD_ENV = "P11GATE_PROCESS"
-FDS_ENV = "P11GATE_LISTEN_FDS"
 #: a child that dies sooner than this after its start waits before the next try
 RESTART_BACKOFF = (0.5, 10.0)
 
@@ -83,16 +87,14 @@ def child_config(cfg: Config, index: int) -> Config:
     return cfg.model_copy(update=update)
 
 
-def inherited_from_supervisor() -> systemd.Inherited | None:
-    """A child's listeners, passed by the supervisor (None: not a child)."""
-    text = os.environ.pop(FDS_ENV, None)
-    if text is None:
+def handoff_from_supervisor(open_count: Callable[[], int]) -> Receiver | None:
+    """A child's end of its socket pair with the supervisor (None: not a child)."""
+    text = os.environ.pop(HANDOFF_ENV, None)
+    if text is None or not text.isdigit():
         return None
-    out = systemd.Inherited()
-    for fd in (int(x) for x in text.split(",") if x):
-        os.set_inheritable(fd, False)  # not on to the workers
-        out.sockets.append(systemd.InheritedSocket(socket.socket(fileno=fd), "supervisor"))
-    return out
+    fd = int(text)
+    os.set_inheritable(fd, False)  # not on to the workers
+    return Receiver(socket.socket(fileno=fd), open_count)
 
 
 def _settle(fut: asyncio.Future[str], value: str) -> None:
@@ -111,15 +113,25 @@ class _Child:
         self.restarts = 0
         self.first_line: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
-    def start(self, config_path: str, fds: list[int]) -> None:
-        env = {**os.environ, CHILD_ENV: str(self.index), FDS_ENV: ",".join(map(str, fds))}
+    def start(self, config_path: str, lane: Lane) -> None:
+        """Starts the process with a new socket pair; the lane takes no connection
+        until the process says it serves (``first_line``)."""
+        loop = asyncio.get_running_loop()
+        if lane.channel is not None:
+            loop.remove_reader(lane.channel.fileno())
+        ours, theirs = channel_pair()
+        lane.reset(ours)
+        env = {**os.environ, CHILD_ENV: str(self.index), HANDOFF_ENV: str(theirs.fileno())}
         for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET"):
             env.pop(k, None)  # the supervisor speaks to systemd, not the children
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "p11gate.cli", "serve", "--config", config_path],
-            stdout=subprocess.PIPE, pass_fds=fds, env=env)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "p11gate.cli", "serve", "--config", config_path],
+                stdout=subprocess.PIPE, pass_fds=[theirs.fileno()], env=env)
+        finally:
+            theirs.close()
+        loop.add_reader(ours.fileno(), self._reports, lane, ours)
         self.started = time.monotonic()
-        loop = asyncio.get_running_loop()
         self.first_line = loop.create_future()
         threading.Thread(target=self._read, args=(loop, self.proc, self.first_line),
                          daemon=True, name=f"p11gate-proc-{self.index}").start()
@@ -134,6 +146,13 @@ class _Child:
             pass  # the children's stdout says nothing the supervisor has not said
         proc.stdout.close()
 
+    @staticmethod
+    def _reports(lane: Lane, channel: socket.socket) -> None:
+        if lane.channel is channel and not lane.read_reports():
+            # the child is gone (or closed its end): no connection goes to it now
+            asyncio.get_running_loop().remove_reader(channel.fileno())
+            lane.ready = False
+
     async def wait(self) -> int:
         assert self.proc is not None
         while (rc := self.proc.poll()) is None:
@@ -147,7 +166,9 @@ class Supervisor:
         self.config_path = config_path
         self.count = cfg.server.process_count()
         self._bound: list[BoundSocket] = []
-        self._socks: list[socket.socket] = []
+        #: (index in [server] listen, listening socket)
+        self._socks: list[tuple[int, socket.socket]] = []
+        self.balancer = Balancer(self.count)
         self.children: list[_Child] = []
         self.stopping = False
         self.admin: AdminServer | None = None
@@ -155,14 +176,14 @@ class Supervisor:
 
     def bind(self) -> None:
         inherited = systemd.inherited_sockets()
-        for address in self.cfg.server.listen:
+        for index, address in enumerate(self.cfg.server.listen):
             if address.startswith("tls:"):
                 host, port = parse_tls_address(address)
                 taken = inherited.take_tcp(host, port)
                 if not taken:
                     s = socket.create_server((host, port), backlog=1024, reuse_port=True)
                     taken = [s]
-                self._socks += taken
+                self._socks += [(index, s) for s in taken]
                 continue
             path = address.removeprefix("unix:path=")
             sock = inherited.take_unix(path)
@@ -172,7 +193,7 @@ class Supervisor:
                 self._bound.append(bound)
                 sock = bound.sock
                 sock.listen(1024)
-            self._socks.append(sock)
+            self._socks.append((index, sock))
 
     def status(self) -> dict[str, Any]:
         """Every child's status, numbers summed; each one's own under ``processes``."""
@@ -228,15 +249,18 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._forward_hangup)
-        fds = [s.fileno() for s in self._socks]
         self.children = [_Child(k) for k in range(self.count)]
+        lanes = self.balancer.lanes
         for c in self.children:
-            c.start(self.config_path, fds)
+            c.start(self.config_path, lanes[c.index])
         lines = [await c.first_line for c in self.children]
-        if not all("P11_KIT_SERVER_ADDRESS=" in ln or ln.startswith("#") for ln in lines):
+        if not all(_serving(ln) for ln in lines):
             log.error("a gateway process did not start", extra={"processes": self.count})
             await self._stop_children()
             return 2
+        for lane in lanes:
+            lane.ready = True
+        accepting = [asyncio.ensure_future(self._accept(i, s)) for i, s in self._socks]
         self.admin = AdminServer(admin_socket_path(self.cfg.server.state_dir,
                                                    self.cfg.server.admin_socket),
                                  self.status, self._reload)
@@ -260,11 +284,11 @@ class Supervisor:
             print(f"# metrics on {self.metrics.bound} (GET /metrics)", flush=True)
         systemd.notify("READY=1", f"STATUS=serving with {self.count} processes",
                        f"MAINPID={os.getpid()}")
-        watchers = [asyncio.ensure_future(self._watch(c, fds)) for c in self.children]
+        watchers = [asyncio.ensure_future(self._watch(c)) for c in self.children]
         await stop.wait()
         self.stopping = True
         systemd.notify("STOPPING=1")
-        for w in watchers:
+        for w in watchers + accepting:
             w.cancel()
         if self.metrics is not None:
             await self.metrics.stop()
@@ -274,17 +298,35 @@ class Supervisor:
             b.unlink()
         return 0
 
-    async def _watch(self, c: _Child, fds: list[int]) -> None:
+    async def _accept(self, index: int, lsock: socket.socket) -> None:
+        """Accepts the connections of one listening socket and hands each on."""
+        loop = asyncio.get_running_loop()
+        lsock.setblocking(False)
+        while True:
+            while not self.balancer.order():
+                await asyncio.sleep(0.05)  # every child restarting: clients wait queued
+            try:
+                conn, _ = await loop.sock_accept(lsock)
+            except OSError as e:  # EMFILE and the like: do not spin, do not stop
+                log.error("cannot accept a connection", extra={"error": str(e)})
+                await asyncio.sleep(0.1)
+                continue
+            with conn:
+                if not self.balancer.hand(index, conn):
+                    log.warning("no gateway process could take a connection; closed it")
+
+    async def _watch(self, c: _Child) -> None:
         try:
-            await self._keep_running(c, fds)
+            await self._keep_running(c)
         except Exception:
             log.exception("supervising a gateway process failed", extra={"index": c.index})
             raise
 
-    async def _keep_running(self, c: _Child, fds: list[int]) -> None:
+    async def _keep_running(self, c: _Child) -> None:
         backoff = RESTART_BACKOFF[0]
         while not self.stopping:
             rc = await c.wait()
+            self.balancer.lanes[c.index].ready = False
             if self.stopping:
                 return
             lived = time.monotonic() - c.started
@@ -293,7 +335,11 @@ class Supervisor:
                         extra={"index": c.index, "rc": rc, "after": round(backoff, 1)})
             await asyncio.sleep(backoff)
             c.restarts += 1
-            c.start(self.config_path, fds)
+            lane = self.balancer.lanes[c.index]
+            c.start(self.config_path, lane)
+            # it takes connections once it serves; one that did not start dies again
+            if _serving(await c.first_line):
+                lane.ready = True
 
     def _forward_hangup(self) -> None:
         for c in self.children:
@@ -314,6 +360,11 @@ class Supervisor:
             except TimeoutError:
                 c.proc.kill()
                 await c.wait()
+
+
+def _serving(first_line: str) -> bool:
+    """A child's first line of output says it serves (the address, or a comment)."""
+    return "P11_KIT_SERVER_ADDRESS=" in first_line or first_line.startswith("#")
 
 
 def supervise(cfg: Config, config_path: str) -> int:

@@ -102,10 +102,19 @@ class TlsListener:
                 log.error("cannot accept a TLS connection", extra={"error": str(e)})
                 await asyncio.sleep(0.1)
                 continue
-            if self.can_accept is not None and not self.can_accept():
-                sock.close()
-                continue
-            self._spawn(self._handshake(sock))
+            self.adopt(sock)
+
+    def start_handed(self) -> None:
+        """Serve the connections another process accepts and hands over (the
+        supervisor of ``[server] processes``, frontend/handoff.py)."""
+        self._serving = True
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Runs the handshake of an accepted connection, if there is room for it."""
+        if not self._serving or (self.can_accept is not None and not self.can_accept()):
+            sock.close()
+            return
+        self._spawn(self._handshake(sock))
 
     async def _handshake(self, sock: socket.socket) -> None:
         try:
