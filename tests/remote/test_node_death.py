@@ -43,6 +43,7 @@ from tests.softhsm import MODULE, make_token
 
 from p11gate.codec import Attribute, AttrRequest, Mechanism, build_frame, ckr
 from p11gate.state import StateConfig, open_store
+from p11gate.state.base import StoreError
 
 ROOT = Path(__file__).resolve().parents[2]
 #: the token's user PIN: distinctive, so finding it in a log cannot be a coincidence
@@ -438,6 +439,57 @@ def percentiles(ms: list[float]) -> str:
     return f"n={len(ms)} p50={q[49]:.1f} ms p99={q[98]:.1f} ms"
 
 
+def tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def store_rows(pg: Postgres, tmp: Path) -> str:
+    """The shared store's rows that can hold a client back: PIN attempts (in flight,
+    failed, locked out) and connections counted per holder."""
+    try:
+        store = open_store(StateConfig(engine="postgresql", dsn=pg.dsn,
+                                       password_file=str(pg.password_file)), tmp)
+    except StoreError as e:
+        return f"store: {e}"
+    try:
+        now = time.time()
+        throttle = store.query("SELECT token, who, fails, inflight, inflight_until - ?, "
+                               "locked_until - ? FROM pin_throttle", (now, now))
+        usage = store.query("SELECT holder, who, connections, sessions, until - ? "
+                            "FROM identity_usage", (now,))
+    except StoreError as e:
+        return f"store: {e}"
+    finally:
+        store.close()
+    return (f"pin_throttle (token, who, fails, inflight, inflight for s, locked for s): "
+            f"{throttle}\nidentity_usage (holder, who, conns, sessions, lease s): {usage}")
+
+
+def clients_report(procs: list[subprocess.Popen[bytes]], outs: list[Path],
+                   errs: list[Path], agent: Agent, nodes: list[Node], pg: Postgres,
+                   tmp: Path) -> str:
+    """What a failed step needs to be understood: each client's state, lines written
+    and stderr, the store's rows and the tails of the agent's and the nodes' logs."""
+    parts = [store_rows(pg, tmp)]
+    for i, (p, out, err) in enumerate(zip(procs, outs, errs, strict=True)):
+        lines = len(out.read_text().splitlines()) if out.exists() else "no file"
+        stderr = err.read_text(errors="replace").strip() if err.exists() else ""
+        parts.append(f"client {i}: exit {p.poll()}, lines {lines}, stderr: "
+                     f"{tail(stderr, 10) or '(empty)'}")
+    parts.append(f"agent log:\n{tail(agent.log())}")
+    for i, n in enumerate(nodes):
+        if n.gw is None:
+            parts.append(f"node {i}: not running")
+            continue
+        # a node's start fills its tail with routine records: its warnings and errors
+        # (a refused login, a store failure) first, then what it did last
+        log = n.gw.log()
+        alarms = "\n".join(line for line in log.splitlines() if '"level": "info"' not in line)
+        parts.append(f"node {i} warnings and errors:\n{tail(alarms, 15)}\n"
+                     f"node {i} log:\n{tail(log, 15)}")
+    return "\n".join(parts)
+
+
 def test_eight_clients_ride_through_a_node_killed_with_minus_9(
         cluster: dict[str, Any], tmp_path: Path) -> None:
     nodes: list[Node] = cluster["nodes"][:2]
@@ -445,13 +497,19 @@ def test_eight_clients_ride_through_a_node_killed_with_minus_9(
     stop = tmp_path / "stop"
     env = {**agent.env, "PYTHONPATH": str(ROOT)}
     outs = [tmp_path / f"client{i}.jsonl" for i in range(8)]
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "tests.remote.node_death_client", CLIENT_MODULE, "signing",
-         PIN, str(stop), str(out)], env=env, cwd=ROOT, stderr=subprocess.PIPE)
-        for out in outs]
+    # stderr to files, not pipes: read while they run (the report) and never a full pipe
+    # that blocks a client which has a lot to say
+    errs = [out.with_suffix(".err") for out in outs]
+    procs = []
+    for out, err in zip(outs, errs, strict=True):
+        with err.open("wb") as f:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "tests.remote.node_death_client", CLIENT_MODULE,
+                 "signing", PIN, str(stop), str(out)], env=env, cwd=ROOT, stderr=f))
     try:
         assert wait_for(lambda: all(o.exists() and o.stat().st_size > 0 for o in outs),
-                        timeout=60)
+                        timeout=60), \
+            clients_report(procs, outs, errs, agent, nodes, cluster["pg"], tmp_path)
         time.sleep(3)
         # both nodes serve from the one store: each has its rows of connections there
         store = open_store(StateConfig(engine="postgresql", dsn=cluster["pg"].dsn,
@@ -471,13 +529,19 @@ def test_eight_clients_ride_through_a_node_killed_with_minus_9(
         time.sleep(4)
     finally:
         stop.touch()
-        errors = [p.communicate(timeout=60)[1].decode() for p in procs]
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # hung: the report says where it was
+                p.kill()
+                p.wait()
         agent_log = agent.log()
+        report = clients_report(procs, outs, errs, agent, nodes, cluster["pg"], tmp_path)
         agent.stop()
-    assert all(p.returncode == 0 for p in procs), errors
+    assert all(p.returncode == 0 for p in procs), report
     records = [json.loads(line) for o in outs for line in o.read_text().splitlines()]
     failed = [r for r in records if "error" in r]
-    assert not failed, failed[:5]
+    assert not failed, (failed[:5], report)
     pubs = cluster["pubs"]
     for r in records:
         data, sig = bytes.fromhex(r["data"]), bytes.fromhex(r["sig"])
@@ -494,7 +558,8 @@ def test_eight_clients_ride_through_a_node_killed_with_minus_9(
     for name, ms in phases.items():
         print(f"node death, 8 clients, {name}: {percentiles(ms)}, max {max(ms):.0f} ms")
     print(f"node death: {resumed} application connections resumed on the other node")
-    assert all(len(ms) > 8 for ms in phases.values()), {k: len(v) for k, v in phases.items()}
-    assert resumed >= 1  # the kill was felt, and ridden out
+    assert all(len(ms) > 8 for ms in phases.values()), \
+        ({k: len(v) for k, v in phases.items()}, report)
+    assert resumed >= 1, report  # the kill was felt, and ridden out
     assert PIN not in agent_log
     assert {r["kind"] for r in records} == {"ecdsa", "rsa", "rsa-multi"}

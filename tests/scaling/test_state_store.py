@@ -6,6 +6,7 @@ down fails closed with CKR_DEVICE_ERROR and works again when it is back."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import time
@@ -246,4 +247,40 @@ def test_the_backend_counter_key_is_stored_on_both_engines(
         t.failed("\0backend:1")
     assert t.locked_for("\0backend:1") > 55
     assert t.locked_for("uid:1") == 0  # another key, its own counter
+    store.close()
+
+
+class _EndsBetween(StoredPinThrottle):
+    """A node whose refused take is followed, before it reads the row, by the end of
+    every attempt in flight on another node (``other``)."""
+
+    def __init__(self, store: StateStore, other: StoredPinThrottle, who: str) -> None:
+        super().__init__("tok", 5, 30.0, store)
+        self.other, self.who = other, who
+
+    def _take_slot(self, who: str, now: float) -> bool:
+        taken = super()._take_slot(who, now)
+        if not taken:
+            for _ in range(5):
+                self.other.succeeded(self.who)
+        return taken
+
+
+def test_slots_freed_between_a_refused_take_and_its_read_are_no_lock_out(
+    cfg: tuple[StateConfig, Path],
+) -> None:
+    """The node-death CI failure: eight right-PIN logins of one identity over two nodes,
+    more than max_pin_failures in flight at once. One node's take was refused while the
+    slots were full, the other node's logins all ended before it read the row, and the
+    empty row was taken for a lock-out: CKR_PIN_LOCKED for a right PIN, the client died
+    before its first call. Freed slots are taken instead."""
+    c, state_dir = cfg
+    store = open_store(c, state_dir)
+    a = StoredPinThrottle("tok", 5, 30.0, store)
+    for _ in range(5):
+        assert a.begin("cert:CN=b") == 0  # five right PINs in flight on node A
+    b = _EndsBetween(store, a, "cert:CN=b")
+    assert asyncio.run(b.acquire("cert:CN=b")) == 0
+    assert b.locked_for("cert:CN=b") == 0
+    b.succeeded("cert:CN=b")
     store.close()

@@ -4,11 +4,14 @@ call table."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+from typing import Any
 
 import pytest
 
 from p11gate.codec import CALLS
+from p11gate.remote import nodes
 from p11gate.remote import resume_calls as rc
 from p11gate.remote.nodes import BACKOFF_FIRST, BACKOFF_MAX, NodeSet
 from p11gate.remote.resume_state import Handles, Login, Operation, Session
@@ -50,6 +53,26 @@ def test_failed_node_goes_last_with_doubling_backoff_and_comes_back() -> None:
     assert bad.healthy(0.0) and bad.failures == 0
     ns.nodes[1].active = 1
     assert ns.order()[0] is bad
+
+
+def test_a_burst_of_connections_spreads_over_the_nodes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One connection made, then seven applications connecting at once (the node-death
+    test's clients): the handshakes in progress count, so the seven do not all go to
+    the node that had none yet."""
+    async def slow_handshake(address: str, ctx: ssl.SSLContext, timeout: float) -> Any:
+        await asyncio.sleep(0.05)
+        return None, None
+
+    monkeypatch.setattr(nodes, "tls_connect", slow_handshake)
+    ns = nodeset(2)
+
+    async def burst() -> None:
+        await ns.connect()
+        await asyncio.gather(*(ns.connect() for _ in range(7)))
+
+    asyncio.run(burst())
+    assert [n.active for n in ns.nodes] == [4, 4]
 
 
 def test_excluded_node_is_the_last_resort() -> None:

@@ -28,6 +28,8 @@ SLOT_TTL = 120.0
 #: how often an attempt waiting for others in flight looks again (they may be in
 #: another process, which cannot wake this one)
 POLL = 0.02
+#: tries of begin() whose refusals the store's row does not bear out (see there)
+_TAKES = 3
 
 _LIVE_INFLIGHT = "(CASE WHEN inflight_until < ? THEN 0 ELSE inflight END)"
 _DEC = "inflight = CASE WHEN inflight > 0 THEN inflight - 1 ELSE 0 END"
@@ -65,25 +67,33 @@ class StoredPinThrottle(PinThrottle):
             f"WHERE token=? AND who=? AND locked_until <= ? AND fails + {_LIVE_INFLIGHT} < ?",
             (now, now + SLOT_TTL, self.token, _stored(who), now, now, self.max_failures)) == 1
 
-    def _refusal(self, who: str, now: float) -> list[tuple[float, int]]:
-        return [(float(a), int(b)) for a, b in self.store.query(
-            f"SELECT locked_until, {_LIVE_INFLIGHT} FROM pin_throttle "
+    def _refusal(self, who: str, now: float) -> list[tuple[float, int, int]]:
+        return [(float(a), int(b), int(c)) for a, b, c in self.store.query(
+            f"SELECT locked_until, {_LIVE_INFLIGHT}, fails FROM pin_throttle "
             "WHERE token=? AND who=?", (now, self.token, _stored(who)))]
 
     def begin(self, who: str) -> float:
-        now = time.time()
-        if self._take_slot(who, now):
-            return 0.0
-        rows = self._refusal(who, now)
-        if not rows:
-            self._row(who)  # the first attempt of this identity on this token
+        for _ in range(_TAKES):
+            now = time.time()
             if self._take_slot(who, now):
                 return 0.0
             rows = self._refusal(who, now)
-        locked_until, inflight = rows[0] if rows else (0.0, 0)
-        if locked_until > now:
-            return locked_until - now
-        self._inflight_seen[who] = inflight
+            if not rows:
+                self._row(who)  # the first attempt of this identity on this token
+                continue
+            locked_until, inflight, fails = rows[0]
+            if locked_until > now:
+                return locked_until - now
+            if fails + inflight >= self.max_failures:
+                self._inflight_seen[who] = inflight
+                return max(self.lockout, 1.0)
+            # Neither locked out nor full: the attempts that filled the slots when the
+            # UPDATE was refused have ended since (in another process or node, between
+            # the two statements). That refusal is stale: try again, never call it a
+            # lock-out (a right PIN would get CKR_PIN_LOCKED with no failure counted).
+        # still stale after _TAKES tries (attempts coming and going all the while): as
+        # if one were in flight, so that acquire() waits and looks again
+        self._inflight_seen[who] = 1
         return max(self.lockout, 1.0)
 
     async def acquire(self, who: str) -> float:

@@ -104,14 +104,20 @@ class NodeSet:
         is raised, the caller lowers it with :meth:`release`."""
         errors = []
         for node in self.order(exclude):
+            # counted from the start of its handshake, not its end: applications that
+            # connect at once (a burst) would otherwise all see the same counts and
+            # pile onto one node
+            node.active += 1
             try:
                 streams = await tls_connect(node.address, self.ctx, self.timeout)
-            except (OSError, TimeoutError, ssl.SSLError) as e:
+            except BaseException as e:
+                self.release(node)
+                if not isinstance(e, (OSError, TimeoutError, ssl.SSLError)):
+                    raise
                 errors.append(f"{node.address}: {e.__class__.__name__}: {e}")
                 self.mark_down(node, str(e))
                 continue
             self.mark_up(node)
-            node.active += 1
             node.connections += 1
             return streams, node
         raise NoGateway("no gateway reachable (" + "; ".join(errors) + ")")
