@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,24 @@ CREATING = DETERMINISTIC | GENERATED
 _FIND_BATCH = 64
 #: half-made objects destroyed per class and pass at most (a module leaves few)
 _FRAGMENT_MAX = 256
+#: what a module answers when a creation broke down inside it rather than because of
+#: the request. SoftHSM's file store, written by two processes at once (two gateway nodes
+#: whose workers share a token), fails a C_GenerateKeyPair now and then with
+#: CKR_GENERAL_ERROR, or CKR_TEMPLATE_INCONSISTENT when it re-read its new object half
+#: written, and makes it on a second try. The failed attempt is undone (its objects
+#: destroyed, its fragments recorded) before the next, so a retry never leaves a copy;
+#: a request that is really wrong gets the same error after the last attempt.
+RETRIED = frozenset((ckr.GENERAL_ERROR, ckr.FUNCTION_FAILED, ckr.TEMPLATE_INCONSISTENT))
+CREATION_ATTEMPTS = 3
+#: seconds, at most, between two attempts (random: two racing writers fall out of step)
+_RETRY_PAUSE = 0.05
+
+
+class NotRecorded(Pkcs11Error):
+    """The registry could not be written for a creation: it was refused or undone."""
+
+    def __init__(self) -> None:
+        super().__init__(ckr.GENERAL_ERROR, "the registry cannot be written")
 
 
 def _attr(template: Any, atype: int) -> Any:
@@ -148,10 +167,29 @@ class Reconciler:
 
     async def run(self, call_id: int, args: list[Any],
                   call: Callable[[set[int]], Awaitable[list[Any]]]) -> list[Any]:
-        """Run creation ``call`` (given the members it must not use) under an intent."""
+        """Run creation ``call`` (given the members it must not use) under an intent;
+        again, under a new one, when a module broke down in it (see RETRIED)."""
         keys = creation_keys(call_id, args, self.objects)
         if not keys:
             return await call(set())
+        for attempt in range(1, CREATION_ATTEMPTS + 1):
+            try:
+                return await self._run_once(keys, call)
+            except NotRecorded:
+                raise  # the registry, not a module: a retry would only hide it
+            except Pkcs11Error as e:
+                if e.rv not in RETRIED or attempt == CREATION_ATTEMPTS:
+                    raise
+                log.warning("pool creation failed in a member's module; undone and "
+                            "tried again", extra={"pool": self.pool.name, "attempt": attempt,
+                                                  "error": ckr.name(e.rv)})
+            # out of step with whatever else writes the token (another node's worker)
+            await asyncio.sleep(random.uniform(0.0, _RETRY_PAUSE))
+        raise AssertionError("unreachable")
+
+    async def _run_once(self, keys: list[Key],
+                        call: Callable[[set[int]], Awaitable[list[Any]]]) -> list[Any]:
+        """One attempt: intent, call, then done -- or undone, the error raised."""
         if self.intents.in_flight(keys):
             raise Pkcs11Error(ckr.ATTRIBUTE_VALUE_INVALID,
                               "an object of this class, CKA_ID and CKA_LABEL is being created")
@@ -170,7 +208,7 @@ class Reconciler:
         except Exception as e:
             log.error("pool creation refused: its intent cannot be recorded",
                       extra={"pool": self.pool.name, "error": str(e)})
-            raise Pkcs11Error(ckr.GENERAL_ERROR, "the registry cannot be written") from None
+            raise NotRecorded() from None
         token = CURRENT.set(it)
         # a member down for the whole call was never asked: a failure need not wait for it
         asked = {m.name for m in self.pool.members if m.usable}
@@ -186,8 +224,7 @@ class Reconciler:
                 if isinstance(e, Exception) and not isinstance(e, Pkcs11Error):
                     log.error("pool creation undone: it could not be recorded",
                               extra={"pool": self.pool.name, "error": str(e)})
-                    raise Pkcs11Error(ckr.GENERAL_ERROR,
-                                      "the registry cannot be written") from None
+                    raise NotRecorded() from None
                 raise
         finally:
             CURRENT.reset(token)
