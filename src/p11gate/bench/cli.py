@@ -28,6 +28,7 @@ import click
 from click.core import ParameterSource
 
 from .cpu import Sample, sample, used
+from .floor_report import FLOOR_TARGETS, floor_ratios, floor_report
 from .tokens import import_keys, key_material, pool_config_text, soft_gateway_config, softhsm_token
 
 SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
@@ -37,8 +38,10 @@ QUICK_OPS = ("random", "ecsign")  # --quick: RPC overhead alone, and a signature
 TARGETS = ("direct", "p11kit", "process", "none", "pool", "soft")
 # opt-in (--targets): process isolation with stock `p11-kit remote` as the worker, to
 # weigh it against `p11gate worker` (it has no deadlines of its own and no native
-# parameter checks, so it is not the default worker; see docs/benchmarks.md)
-EXTRA_TARGETS = ("remote",)
+# parameter checks, so it is not the default worker; see docs/benchmarks.md); and the
+# Python floor (bench/floor.py): the least server p11gate's codec allows, module called
+# in-line, and the same answering C_GenerateRandom without the module (floor-echo)
+EXTRA_TARGETS = ("remote", *FLOOR_TARGETS)
 GATEWAYS = ("process", "none")
 RATIOED = (*GATEWAYS, "pool", "soft")  # rows that get ratios to p11-kit server's
 CONNECTIONS = ("shared", "separate")
@@ -62,13 +65,16 @@ DESCRIPTIONS = {
     "pool": 'p11gate, a pool of two SoftHSM tokens (members isolation = "process")',
     "soft": "p11gate, the built-in soft token (SQLite file, crypto by `cryptography`)",
     "remote": 'p11gate, isolation = "process", worker_command = p11-kit remote',
+    "floor": "least Python server on p11gate's codec, module in-line on the loop (floor)",
+    "floor-echo": "the floor, C_GenerateRandom from os.urandom (asyncio + codec only)",
 }
 # whose CPU time is the row's cpu_per_op_us
 CPU_OF = {"direct": "load generator (module in-process: reference)",
           "p11kit": "p11-kit server and its children",
           "process": "gateway and its worker", "none": "gateway",
           "pool": "gateway and its two workers", "soft": "gateway",
-          "remote": "gateway and p11-kit remote"}
+          "remote": "gateway and p11-kit remote", "floor": "floor server",
+          "floor-echo": "floor server (echo)"}
 
 
 @dataclass
@@ -99,6 +105,7 @@ class Result:
     throughput_ratio: float | None = None
     cpu_ratio: float | None = None  # cpu_per_op_us / p11-kit server's, same cell
     pool_cpu_ratio: float | None = None  # pool rows: cpu_per_op_us / process target's
+    floor_ratio: float | None = None  # cpu_per_op_us / the floor target's, same cell
 
 
 @dataclass
@@ -319,6 +326,12 @@ def start_target(name: str, base: Path, env: dict[str, str], processes: int = 1)
         cfg = soft_gateway_config(base / "soft", LABEL, PIN, SO_PIN)
         cmd = [sys.executable, "-m", "p11gate.cli", "serve", "--config", str(cfg)]
         what = "p11gate serve (soft token)"
+    elif name in FLOOR_TARGETS:
+        cmd = [sys.executable, "-m", "p11gate.bench.floor", "--module", SOFTHSM,
+               "--socket", str(base / f"{name}.sock")]
+        if name == "floor-echo":
+            cmd.append("--echo")
+        what = f"the Python floor ({name})"
     else:
         if name == "remote" and shutil.which("p11-kit") is None:
             raise Unavailable("p11-kit is not installed (apt-get install p11-kit)")
@@ -537,6 +550,7 @@ def shape_name(r: Result) -> str:
 def analyse(results: list[Result]) -> list[Check]:
     """Fill in the ratios of the rows and return the checks against the targets."""
     by = {(r.target, r.op, r.threads, r.connections): r for r in results}
+    floor_ratios(results)
     checks: list[Check] = []
     for r in results:
         cell = (r.op, r.threads, r.connections)
@@ -681,6 +695,8 @@ def report(run: Run, checks: list[Check], context: str) -> None:
             click.echo(f"{y.target:8} {y.op:8} {y.threads:3} {y.ops_per_s:10.0f} "
                        f"{y.p50_us:9.1f} {y.p99_us:9.1f} {y.errors:6}  "
                        f"{m.ops_per_s if m else float('nan'):.0f}")
+    for line in floor_report(run.results, CPU_LIMIT):
+        click.echo(line)
     for name, why in run.skipped.items():
         click.echo(f"\nSKIPPED {name}: {why}")
     for cell in run.failed_cells:
@@ -849,6 +865,7 @@ def bench(seconds: float, warmup: float, quick: bool, ops: str, targets: str, th
                 "cpu_per_op_us": r.cpu_per_op_us, "cpu_of": r.cpu_of,
                 "client_cpu_per_op_us": r.client_cpu_per_op_us,
                 "ratio_vs_p11kit": r.cpu_ratio, "ratio_vs_process": r.pool_cpu_ratio,
+                "ratio_vs_floor": r.floor_ratio,
                 "p50_us": r.p50_us, "ops_per_s": r.ops_per_s} for r in run.results},
             "skipped": run.skipped, "failed_cells": run.failed_cells,
         }, indent=1) + "\n")
