@@ -6,10 +6,11 @@ templates is bounded (MAX_DEPTH) so a hostile frame cannot recurse without limit
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from . import ckr
-from .buffer import Reader, Writer
+from .buffer import MAX_ARRAY, Reader, Writer
 from .errors import ArgumentError, ProtocolError
 from .tables import AttrClass, Dialect
 from .values import Attribute, AttrRequest, Null
@@ -21,6 +22,17 @@ ATTRIBUTE_SIZE = 24
 MAX_DEPTH = 8
 #: more attributes than this in one array cannot be real; refuse before allocating
 MAX_COUNT = 1 << 16
+
+
+#: fast paths (see read_attr_requests, write_attribute): one struct per common shape
+#: instead of a Reader/Writer call per field; anything else takes the general code
+FAST_REQUESTS = 64
+FAST_HEAD = 9  # bytes of an attribute's type, validity and length
+_PAIRS = [struct.Struct(">" + "II" * n) for n in range(FAST_REQUESTS + 1)]
+_ATTR_HEAD = struct.Struct(">IBI")  # type, valid, length
+_HEAD_BYTE = struct.Struct(">IBIB")  # type, valid, length, CK_BBOOL value
+_HEAD_ULONG = struct.Struct(">IBIQ")  # type, valid, length, CK_ULONG value
+_HEAD_ARRAY = struct.Struct(">IBII")  # type, valid, length, byte-array length
 
 
 def _count(r: Reader) -> int:
@@ -46,10 +58,16 @@ def read_attributes(
 def read_attribute(
     r: Reader, d: Dialect, depth: int = 0, size_query: bool = False
 ) -> Attribute:
-    atype = r.u32()
-    if r.byte() == 0:
-        return Attribute(atype, None, None)
-    length = r.u32()
+    if r.remaining() >= FAST_HEAD:  # type, validity and length in one unpack
+        atype, valid, length = r.unpack(_ATTR_HEAD)
+        if not valid:
+            r.pos -= 4  # an unavailable entry has no length field
+            return Attribute(atype, None, None)
+    else:
+        atype = r.u32()
+        if r.byte() == 0:
+            return Attribute(atype, None, None)
+        length = r.u32()
     cls = d.attr_class(atype)
     value: Any
     if cls is AttrClass.BYTE:
@@ -93,13 +111,29 @@ def write_attributes(w: Writer, attrs: list[Attribute], d: Dialect) -> None:
 
 def write_attribute(w: Writer, a: Attribute, d: Dialect) -> None:
     atype, value, length = a
+    cls = d.attr_class(atype)
+    if length is not None:
+        # the common shapes in one pack; out-of-range or odd values take the general path
+        vcls = value.__class__
+        try:
+            if cls is AttrClass.BYTE and (vcls is int or vcls is bool):
+                w.buf += _HEAD_BYTE.pack(atype, 1, length, value & 0xFF)
+                return
+            if cls is AttrClass.ULONG and vcls is int:
+                w.buf += _HEAD_ULONG.pack(atype, 1, length, value & 0xFFFFFFFFFFFFFFFF)
+                return
+            if cls is AttrClass.BYTE_ARRAY and vcls is bytes and len(value) < MAX_ARRAY:
+                w.buf += _HEAD_ARRAY.pack(atype, 1, length, len(value))
+                w.buf += value
+                return
+        except struct.error:
+            pass
     w.u32(atype)
     if length is None:
         w.byte(0)
         return
     w.byte(1)
     w.u32(length)
-    cls = d.attr_class(atype)
     if cls is AttrClass.BYTE:
         w.byte(int(value or 0))
     elif cls is AttrClass.ULONG:
@@ -126,6 +160,13 @@ def read_attr_requests(r: Reader, d: Dialect, depth: int = 0) -> list[AttrReques
     if depth > MAX_DEPTH:
         raise ArgumentError(ckr.DEVICE_ERROR, "attribute templates nested too deeply")
     n = _count(r)
+    if n <= FAST_REQUESTS and r.remaining() >= 8 * n:
+        start = r.pos
+        flat = r.unpack(_PAIRS[n])
+        types = flat[0::2]
+        if not d.nested_fa or _array_types(d).isdisjoint(types):
+            return list(map(AttrRequest, types, flat[1::2]))
+        r.pos = start  # a nested fA body may follow an entry: the general path reads it
     out = []
     for _ in range(n):
         atype = r.u32()
@@ -137,6 +178,18 @@ def read_attr_requests(r: Reader, d: Dialect, depth: int = 0) -> list[AttrReques
                 raise ArgumentError(ckr.DEVICE_ERROR, "nested template larger than buffer")
         out.append(AttrRequest(atype, length, nested))
     return out
+
+
+_ARRAY_TYPES: dict[str, frozenset[int]] = {}
+
+
+def _array_types(d: Dialect) -> frozenset[int]:
+    """The attribute types of ``d`` whose fA entries may carry a nested fA body."""
+    types = _ARRAY_TYPES.get(d.name)
+    if types is None:
+        types = frozenset(t for t, c in d.attr_classes.items() if c is AttrClass.ATTRIBUTE_ARRAY)
+        _ARRAY_TYPES[d.name] = types
+    return types
 
 
 def write_attr_requests(w: Writer, reqs: list[AttrRequest], d: Dialect) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from .errors import ProtocolError
 
@@ -47,6 +48,14 @@ class Reader:
             raise ProtocolError("truncated: u64")
         self.pos = p + 8
         return int(_U64.unpack_from(self._buf, p)[0])
+
+    def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
+        """Several fixed-width fields at once (a fast path's one struct)."""
+        p = self.pos
+        if p + layout.size > self._end:
+            raise ProtocolError("truncated: fields")
+        self.pos = p + layout.size
+        return layout.unpack_from(self._buf, p)
 
     def raw(self, n: int) -> bytes:
         p = self.pos

@@ -224,6 +224,10 @@ def _head(call_id: int, sig: bytes) -> bytes:
 
 _HEADERS_REQ = [_head(c.id, c.req_sig) for c in CALLS]
 _HEADERS_REP = [_head(c.id, c.rep_sig) for c in CALLS]
+#: the headers the decoders compare in one go (tests point these elsewhere to run the
+#: general path, which reads the header field by field and says what is wrong)
+_QUICK_REQ = _HEADERS_REQ
+_QUICK_REP = _HEADERS_REP
 
 
 #: struct codes of the arguments that are fixed-width numbers on the wire
@@ -267,14 +271,26 @@ def decode_request(body: bytes | bytearray | memoryview, d: Dialect) -> tuple[Ca
             # trailing bytes; anything else takes the general path and its errors
             if body[:hlen] == head and len(body) >= hlen + layout.size:
                 return CALLS[cid], list(layout.unpack_from(body, hlen))
+        elif 0 < cid < len(CALLS):
+            # the expected header (call id, signature) compared in one go; a mismatch
+            # takes the general path below, which says what is wrong
+            head = _QUICK_REQ[cid]
+            if body[:len(head)] == head:
+                call = CALLS[cid]
+                r = Reader(body, len(head))
+                return call, _read_request_args(call, r, d)
     r = Reader(body)
     call, sig = _read_head(r, False)
     if sig != call.req_sig:
         raise ProtocolError(f"{call.name}: signature {sig!r} != {call.req_sig!r}")
+    return call, _read_request_args(call, r, d)
+
+
+def _read_request_args(call: Call, r: Reader, d: Dialect) -> list[Any]:
     ctx = _Ctx(call.req_s_sizes)
     if call.id == C_SignMessageNext:
-        return call, _read_sign_message_next(r, d, ctx)
-    return call, [f(r, d, ctx) for f in _REQ_READERS[call.id]]
+        return _read_sign_message_next(r, d, ctx)
+    return [f(r, d, ctx) for f in _REQ_READERS[call.id]]
 
 
 def _read_sign_message_next(r: Reader, d: Dialect, ctx: _Ctx) -> list[Any]:
@@ -318,17 +334,22 @@ def decode_reply(
     request_args: Sequence[Any] | None = None,
 ) -> list[Any]:
     """Decode a reply to ``expect_call``. An ERROR reply raises :class:`ReplyError`."""
-    r = Reader(body)
-    call, sig = _read_head(r, True)
-    if call.id == 0:
-        if sig != b"u":
-            raise ProtocolError("ERROR reply with a bad signature")
-        rv = r.u64()
-        raise ReplyError(rv if rv else ckr.DEVICE_ERROR)
-    if call.id != expect_call:
-        raise ProtocolError(f"reply for {call.name}, expected {CALLS[expect_call].name}")
-    if sig != call.rep_sig:
-        raise ProtocolError(f"{call.name}: reply signature {sig!r} != {call.rep_sig!r}")
+    head = _QUICK_REP[expect_call] if 0 < expect_call < len(CALLS) else None
+    if head is not None and body[:len(head)] == head:  # the expected header, in one go
+        call = CALLS[expect_call]
+        r = Reader(body, len(head))
+    else:
+        r = Reader(body)
+        call, sig = _read_head(r, True)
+        if call.id == 0:
+            if sig != b"u":
+                raise ProtocolError("ERROR reply with a bad signature")
+            rv = r.u64()
+            raise ReplyError(rv if rv else ckr.DEVICE_ERROR)
+        if call.id != expect_call:
+            raise ProtocolError(f"reply for {call.name}, expected {CALLS[expect_call].name}")
+        if sig != call.rep_sig:
+            raise ProtocolError(f"{call.name}: reply signature {sig!r} != {call.rep_sig!r}")
     ctx = _reply_ctx(call, request_args)
     readers = _REP_READERS[call.id]
     if call.id == C_DeriveKey2:
