@@ -29,9 +29,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from tests.gateway_proc import CLIENT_MODULE, Gateway, wait_for
-from tests.remote.pki import make_pki
-from tests.remote.test_tls import refused, tls_socket
-from tests.softhsm import make_token
+from tests.remote.tls_setup import (
+    free_port,
+    open_config,
+    refused,
+    stop_checked,
+    tls_setup,
+    tls_socket,
+)
 
 from p11gate.codec import HANDSHAKE, V0241, build_frame, decode_reply, encode_request
 
@@ -40,55 +45,15 @@ P11GATE = str(Path(sys.executable).parent / "p11gate")  # the installed console 
 C_Initialize, C_GetSlotList = 1, 4
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def open_config(base: Path, token: dict[str, Any], pki: dict[str, Path], port: int) -> Path:
-    """A gateway with a TLS listener and no rules: every verified client may use the
-    token's keys (the make_token EC key, id 01)."""
-    base.mkdir(parents=True, exist_ok=True)
-    cfg = base / "p11gate.toml"
-    cfg.write_text(f"""
-[server]
-listen = ["unix:path={base / 'gw.sock'}", "tls:127.0.0.1:{port}"]
-state_dir = "{base / 'state'}"
-log_format = "json"
-
-[tls]
-cert = "{pki['server.pem']}"
-key = "{pki['server.key']}"
-client_ca = "{pki['ca']}"
-crl = "{pki['crl']}"
-
-[[backend]]
-name = "softhsm"
-module = "{token['module']}"
-env = {{ SOFTHSM2_CONF = "{token['conf']}" }}
-
-[[token]]
-name = "signing"
-backend = "softhsm"
-select = {{ label = "{token['label']}" }}
-""")
-    return cfg
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.mktemp("remote-clients")
-    pki = make_pki(base / "pki")
-    token = make_token(base / "softhsm")
-    port = free_port()
-    config = open_config(base / "gw", token, pki, port)
+    s = tls_setup(base)
+    config = open_config(base / "gw", s.token, s.pki, s.port)
     gw = Gateway(config)
-    yield {"gw": gw, "pki": pki, "port": port, "token": token, "base": base,
+    yield {"gw": gw, "pki": s.pki, "port": s.port, "token": s.token, "base": base,
            "config": config}
-    alive = gw.alive()
-    gw.stop()
-    assert alive, gw.log()[-3000:]
+    stop_checked(gw)
 
 
 def tunnel_argv(setup: dict[str, Any], *gateways: str, client: str = "tenant-a") -> list[str]:

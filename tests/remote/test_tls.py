@@ -5,8 +5,6 @@ the real p11-kit-client.so and pkcs11-tool against real SoftHSMv2."""
 from __future__ import annotations
 
 import os
-import socket
-import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,102 +17,27 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from tests.gateway_proc import CLIENT_MODULE, Gateway, RawClient, wait_for
-from tests.remote.pki import make_pki
-from tests.softhsm import make_token
+from tests.remote.tls_setup import (
+    free_port,
+    gateway_config,
+    refused,
+    stop_checked,
+    tls_setup,
+    tls_socket,
+)
 
 from p11gate.admin import query
-from p11gate.codec import HANDSHAKE, V0241, build_frame, encode_request
 
 C_GetSlotList, C_GetTokenInfo = 4, 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def gateway_config(base: Path, token: dict[str, Any], pki: dict[str, Path], port: int) -> Path:
-    base.mkdir(parents=True, exist_ok=True)
-    cfg = base / "p11gate.toml"
-    cfg.write_text(f"""
-[server]
-listen = ["unix:path={base / 'gw.sock'}", "tls:127.0.0.1:{port}"]
-state_dir = "{base / 'state'}"
-log_format = "json"
-
-[tls]
-cert = "{pki['server.pem']}"
-key = "{pki['server.key']}"
-client_ca = "{pki['ca']}"
-crl = "{pki['crl']}"
-
-[[backend]]
-name = "softhsm"
-module = "{token['module']}"
-env = {{ SOFTHSM2_CONF = "{token['conf']}" }}
-
-[[token]]
-name = "signing"
-backend = "softhsm"
-select = {{ label = "{token['label']}" }}
-
-[[rule]]
-name = "tenant-a"
-subject = ["CN=tenant-a,*"]
-tokens = ["signing"]
-namespace = {{ owned = true }}
-
-[[rule]]
-name = "tenant-b"
-san = ["DNS:tenant-b.clients.example"]
-tokens = ["signing"]
-namespace = {{ owned = true }}
-
-[[rule]]
-name = "local-admin"
-uid = [0]
-tokens = ["*"]
-role = "officer"
-""")
-    return cfg
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.mktemp("tls")
-    pki = make_pki(base / "pki")
-    token = make_token(base / "softhsm")
-    port = free_port()
-    gw = Gateway(gateway_config(base / "gw1", token, pki, port))
-    yield {"gw": gw, "pki": pki, "port": port, "token": token, "base": base}
-    alive = gw.alive()
-    gw.stop()
-    assert alive, gw.log()[-3000:]
-
-
-def tls_socket(pki: dict[str, Path], port: int, client: str | None,
-               tls12: bool = False) -> ssl.SSLSocket:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(cafile=pki["ca"])
-    if tls12:
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    if client is not None:
-        ctx.load_cert_chain(pki[f"{client}.pem"], pki[f"{client}.key"])
-    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-    return ctx.wrap_socket(raw, server_hostname="127.0.0.1")
-
-
-def refused(pki: dict[str, Path], port: int, client: str | None, tls12: bool = False) -> bool:
-    """True if the gateway serves this client no RPC reply at all."""
-    try:
-        s = tls_socket(pki, port, client, tls12)
-        s.sendall(b"\x00" + build_frame(1, encode_request(1, [HANDSHAKE, 0, b"\0"], V0241),
-                                        b"client"))
-        data = s.recv(64)
-        return data == b""
-    except (ssl.SSLError, ConnectionError, OSError):
-        return True
+    s = tls_setup(base)
+    gw = Gateway(gateway_config(base / "gw1", s.token, s.pki, s.port))
+    yield {"gw": gw, "pki": s.pki, "port": s.port, "token": s.token, "base": base}
+    stop_checked(gw)
 
 
 def test_tls_refuses_missing_untrusted_revoked_and_tls12_clients(setup: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from tests.gateway_proc import Gateway, RawClient, wait_for
 from tests.metrics_scrape import scrape, value
 from tests.remote.pki import make_pki
-from tests.remote.test_tls import free_port, gateway_config, refused, tls_socket
+from tests.remote.tls_setup import free_port, gateway_config, refused, tls_socket
 from tests.softhsm import make_token
 
 

@@ -11,9 +11,7 @@ from typing import Any
 
 import pytest
 from tests.gateway_proc import Gateway, RawClient, wait_for
-from tests.remote.pki import make_pki
-from tests.remote.test_tls import free_port, gateway_config, refused, tls_socket
-from tests.softhsm import make_token
+from tests.remote.tls_setup import gateway_config, refused, tls_setup, tls_socket
 
 from p11gate.admin import query
 
@@ -23,15 +21,13 @@ C_GetSlotList, C_GetTokenInfo = 4, 6
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.mktemp("tls-processes")
-    pki = make_pki(base / "pki")
-    token = make_token(base / "softhsm")
-    port = free_port()
-    cfg = gateway_config(base / "gw", token, pki, port)
+    s = tls_setup(base)
+    cfg = gateway_config(base / "gw", s.token, s.pki, s.port)
     text = cfg.read_text()
     cfg.write_text(text.replace("[server]\n", "[server]\nprocesses = 2\n", 1))
     gw = Gateway(cfg)
-    yield {"gw": gw, "pki": pki, "port": port, "admin": str(base / "gw" / "state" /
-                                                          "admin.sock")}
+    yield {"gw": gw, "pki": s.pki, "port": s.port, "admin": str(base / "gw" / "state" /
+                                                              "admin.sock")}
     gw.stop()
 
 

@@ -6,8 +6,9 @@ here: the first attempt fails, the next one is the client's answer."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import pytest
 
@@ -19,6 +20,8 @@ from p11gate.codec import Attribute, ckr
 from p11gate.codec import constants as ck
 from p11gate.errors import Pkcs11Error
 from p11gate.registry import Registry
+
+E = TypeVar("E", bound=Pkcs11Error)
 
 
 class _Token:
@@ -81,45 +84,39 @@ def test_a_generation_that_broke_down_in_a_module_is_undone_and_made_again(
     assert sorted(_intents(pool)) == ["fragment", "fragment"]
 
 
-def test_a_request_the_modules_keep_refusing_gets_their_answer(tmp_path: Path) -> None:
+def _refused_generation(tmp_path: Path, label: bytes, error: Callable[[], Exception],
+                        expected: type[E]
+                        ) -> tuple[PoolBackend, pytest.ExceptionInfo[E], list[int]]:
+    """A C_GenerateKeyPair whose every attempt fails with a new ``error()``: the pool,
+    the client's answer (an ``expected``), one entry in the list per attempt."""
     pool = _pool(tmp_path)
     assert pool.reconciler is not None
     calls: list[int] = []
 
-    async def inconsistent(avoid: set[int]) -> list[Any]:
+    async def failing(avoid: set[int]) -> list[Any]:
         calls.append(1)
-        raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT)
+        raise error()
 
-    with pytest.raises(Pkcs11Error) as e:
-        asyncio.run(pool.reconciler.run(ID["C_GenerateKeyPair"], _pair(b"b0"), inconsistent))
+    with pytest.raises(expected) as e:
+        asyncio.run(pool.reconciler.run(ID["C_GenerateKeyPair"], _pair(label), failing))
+    return pool, e, calls
+
+
+def test_a_request_the_modules_keep_refusing_gets_their_answer(tmp_path: Path) -> None:
+    pool, e, calls = _refused_generation(
+        tmp_path, b"b0", lambda: Pkcs11Error(ckr.TEMPLATE_INCONSISTENT), Pkcs11Error)
     assert e.value.rv == ckr.TEMPLATE_INCONSISTENT and len(calls) == CREATION_ATTEMPTS
     assert _intents(pool) == []  # every attempt undone and settled
 
 
 @pytest.mark.parametrize("rv", [ckr.ATTRIBUTE_VALUE_INVALID, ckr.KEY_SIZE_RANGE])
 def test_other_refusals_are_answered_at_once(tmp_path: Path, rv: int) -> None:
-    pool = _pool(tmp_path)
-    assert pool.reconciler is not None
-    calls: list[int] = []
-
-    async def refused(avoid: set[int]) -> list[Any]:
-        calls.append(1)
-        raise Pkcs11Error(rv)
-
-    with pytest.raises(Pkcs11Error) as e:
-        asyncio.run(pool.reconciler.run(ID["C_GenerateKeyPair"], _pair(b"c0"), refused))
+    _, e, calls = _refused_generation(tmp_path, b"c0", lambda: Pkcs11Error(rv), Pkcs11Error)
     assert e.value.rv == rv and calls == [1]
 
 
 def test_a_registry_that_cannot_be_written_is_not_tried_again(tmp_path: Path) -> None:
-    pool = _pool(tmp_path)
-    assert pool.reconciler is not None
-    calls: list[int] = []
-
-    async def unrecorded(avoid: set[int]) -> list[Any]:
-        calls.append(1)
-        raise RuntimeError("store gone")  # not a PKCS#11 error: the registry's part
-
-    with pytest.raises(NotRecorded) as e:
-        asyncio.run(pool.reconciler.run(ID["C_GenerateKeyPair"], _pair(b"d0"), unrecorded))
+    # not a PKCS#11 error: the registry's part
+    _, e, calls = _refused_generation(tmp_path, b"d0", lambda: RuntimeError("store gone"),
+                                      NotRecorded)
     assert e.value.rv == ckr.GENERAL_ERROR and calls == [1]
