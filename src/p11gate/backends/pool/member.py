@@ -39,6 +39,18 @@ DEVICE_ERRORS = frozenset({
     ckr.DEVICE_ERROR, ckr.DEVICE_REMOVED, ckr.TOKEN_NOT_PRESENT,
     ckr.TOKEN_NOT_RECOGNIZED, ckr.CRYPTOKI_NOT_INITIALIZED,
 })
+#: what a module answers when a query or a login broke down inside it rather than because
+#: of the request: SoftHSM's file store, read by one process while another (a second
+#: gateway node's worker on the same token) rewrites it, fails a C_GetTokenInfo or a
+#: C_Login now and then with CKR_GENERAL_ERROR -- before it looks at the PIN -- and
+#: answers the same call a moment later. The pool asks again (another member first, for
+#: a query) instead of passing the error on; it is the answer only after the last attempt
+BROKE_DOWN = frozenset({ckr.GENERAL_ERROR})
+#: attempts of a slot or token query (rounds over the usable members) or of one member's
+#: login, before the module's CKR_GENERAL_ERROR is the answer
+BROKE_DOWN_ATTEMPTS = 3
+#: seconds, at most, between two attempts (random: two racing processes fall out of step)
+BROKE_DOWN_PAUSE = 0.05
 #: a session the module no longer knows: the member is broken only when it is the
 #: control session; a leased one is dropped by the pool (a client's own calls can end
 #: one, so these must not take members down and be retried elsewhere)

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import random
 from typing import Any
 
 from ...codec import AttrRequest, Mechanism, Null, ckr
@@ -34,7 +35,15 @@ from ..base import Backend
 from .config import PoolConfig
 from .finds import find_init, hidden
 from .intents import note_doubtful
-from .member import ID, SESSION_GONE, Member, MemberDown
+from .member import (
+    BROKE_DOWN,
+    BROKE_DOWN_ATTEMPTS,
+    BROKE_DOWN_PAUSE,
+    ID,
+    SESSION_GONE,
+    Member,
+    MemberDown,
+)
 from .objects import Key, ObjectIds, SessionObject, as_bytes
 from .reconcile import CREATING, Reconciler
 from .replication import DETERMINISTIC, EVERYWHERE, GENERATED, Replicator
@@ -403,11 +412,33 @@ class PoolBackend(Backend):
         return isinstance(args[1], int) and args[1] not in self.objects.sessions
 
     async def _any_member(self, call_id: int, args: list[Any]) -> list[Any]:
-        for m in self._candidates(set(), None):
-            try:
-                return await m.call(call_id, [m.slot, *args[1:]])
-            except MemberDown:
-                continue
+        """A slot or token query on the best usable member. A member whose module broke
+        down in it (see BROKE_DOWN) is passed over for the next; when all of them did,
+        they are asked again after a short pause, up to BROKE_DOWN_ATTEMPTS rounds, and
+        the module's error is the answer after the last. Any other error is the answer
+        at once (a query names only the slot and a mechanism: it is the module's)."""
+        broke: Pkcs11Error | None = None
+        for attempt in range(1, BROKE_DOWN_ATTEMPTS + 1):
+            for m in self._candidates(set(), None):
+                try:
+                    return await m.call(call_id, [m.slot, *args[1:]])
+                except MemberDown:
+                    continue
+                except Pkcs11Error as e:
+                    if e.rv not in BROKE_DOWN:
+                        raise
+                    broke = e
+                    log.warning("slot query failed in a member's module; asked elsewhere "
+                                "or again", extra={"pool": self.name, "member": m.name,
+                                                   "attempt": attempt,
+                                                   "call": PLANS[call_id].call.name,
+                                                   "error": ckr.name(e.rv)})
+            if broke is None:
+                break  # no member up: nothing to ask again
+            if attempt < BROKE_DOWN_ATTEMPTS:
+                await asyncio.sleep(random.uniform(0.0, BROKE_DOWN_PAUSE))
+        if broke is not None:
+            raise broke
         raise BackendUnavailable(f"pool {self.name}: no member up")
 
     async def _close(self, h: int) -> None:
@@ -427,7 +458,7 @@ class PoolBackend(Backend):
             if not m.usable:
                 continue
             try:
-                await m.call(call_id, [m.control, *args[1:]])
+                await self._login_member(m, call_id, args)
                 ok += 1
             except MemberDown:
                 continue
@@ -448,6 +479,24 @@ class PoolBackend(Backend):
         if self.reconciler is not None and self.logged_in:
             await self.reconciler.reconcile_all()  # private objects are in sight now
         return []
+
+    async def _login_member(self, m: Member, call_id: int, args: list[Any]) -> None:
+        """The client's C_Login (or C_LoginUser) on member ``m``'s control session; again,
+        after a short pause, when its module broke down in it (see BROKE_DOWN: SoftHSM
+        fails so before it checks the PIN, so a retry counts no wrong PIN), up to
+        BROKE_DOWN_ATTEMPTS times. Any other error, or the last one, is raised: the
+        caller then treats the member as refusing the PIN, as before."""
+        for attempt in range(1, BROKE_DOWN_ATTEMPTS + 1):
+            try:
+                await m.call(call_id, [m.control, *args[1:]])
+                return
+            except Pkcs11Error as e:
+                if e.rv not in BROKE_DOWN or attempt == BROKE_DOWN_ATTEMPTS:
+                    raise
+                log.warning("login failed in a member's module; tried again",
+                            extra={"pool": self.name, "member": m.name, "attempt": attempt,
+                                   "error": ckr.name(e.rv)})
+            await asyncio.sleep(random.uniform(0.0, BROKE_DOWN_PAUSE))
 
     async def _logout_all(self) -> list[Any]:
         self._forget_pin()

@@ -58,6 +58,13 @@ RETRIED = frozenset((ckr.GENERAL_ERROR, ckr.FUNCTION_FAILED, ckr.TEMPLATE_INCONS
 CREATION_ATTEMPTS = 3
 #: seconds, at most, between two attempts (random: two racing writers fall out of step)
 _RETRY_PAUSE = 0.05
+#: what a cleaning pass on a member may meet from the same racing writers: a breakdown
+#: (above), or a handle its find gave a moment before that the module no longer knows
+#: (the other process rewrote the store, or destroyed the object). The pass is made
+#: again -- finds first, so only what is still there is destroyed -- up to
+#: CREATION_ATTEMPTS times; a member left unclean is avoided by the creation's retry,
+#: which then leaves it without a copy of the new object
+CLEAN_RETRIED = RETRIED | {ckr.OBJECT_HANDLE_INVALID}
 
 
 class NotRecorded(Pkcs11Error):
@@ -302,8 +309,7 @@ class Reconciler:
                 if it.live or m.name not in it.unsettled or not m.usable:
                     continue
                 try:
-                    for key in it.keys:
-                        await self._destroy_all(m, it, key)
+                    await self._clean(m, it)
                 except (MemberDown, Pkcs11Error) as e:
                     log.warning("pool reconcile incomplete on member",
                                 extra={"pool": self.pool.name, "member": m.name,
@@ -322,6 +328,23 @@ class Reconciler:
                     log.info("pool reconcile: intent settled on every member",
                              extra={"pool": self.pool.name, "intent": it.id,
                                     "intent_state": it.state, "objects": len(it.keys)})
+
+    async def _clean(self, m: Member, it: Intent) -> None:
+        """One cleaning pass for intent ``it`` on ``m``; again when it met a racing
+        writer (see CLEAN_RETRIED)."""
+        for attempt in range(1, CREATION_ATTEMPTS + 1):
+            try:
+                for key in it.keys:
+                    await self._destroy_all(m, it, key)
+                return
+            except Pkcs11Error as e:
+                if e.rv not in CLEAN_RETRIED or attempt == CREATION_ATTEMPTS:
+                    raise
+                log.warning("pool reconcile pass failed in a member's module; made again",
+                            extra={"pool": self.pool.name, "member": m.name,
+                                   "intent": it.id, "attempt": attempt,
+                                   "error": ckr.name(e.rv)})
+            await asyncio.sleep(random.uniform(0.0, _RETRY_PAUSE))
 
     async def _destroy_all(self, m: Member, it: Intent, key: Key) -> None:
         oid = self.objects.by_key.get(key)
