@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from p11gate.backends.pool import pool, replication, session_rules
+from p11gate.backends.pool import replication, routes, session_rules
 from p11gate.codec.call_table import PLANS, CallId, Phase
 from p11gate.codec.calls import CALLS, MAX_CALL_ID
 from p11gate.frontend import tables
@@ -303,7 +303,7 @@ def test_frontend_tables_are_derived_and_unchanged() -> None:
 def test_pool_classes_are_derived_and_unchanged() -> None:
     for name in ("SLOT_CALLS", "INIT_CALLS", "MESSAGE_INITS", "UPDATES", "ENDERS",
                  "MESSAGE_CALLS", "OP_CALLS", "UNSUPPORTED"):
-        assert _names(getattr(pool, name)) == FORMER["pool." + name], name
+        assert _names(getattr(routes, name)) == FORMER["pool." + name], name
     for name in ("DETERMINISTIC", "GENERATED", "EVERYWHERE"):
         assert _names(getattr(replication, name)) == FORMER["replication." + name], name
     assert _by_name(session_rules.CREATE_TEMPLATES) == FORMER["session_rules.CREATE_TEMPLATES"]

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ...codec import Attribute, ckr
@@ -162,21 +163,61 @@ class Member:
         t0 = time.monotonic()
         try:
             reply = await self.backend.call(call_id, args)
-        except (BackendUnavailable, TimeoutError) as e:
-            self.mark_down(f"transport: {e}")
-            raise MemberDown(str(e)) from None
-        except Pkcs11Error as e:
-            if e.rv in DEVICE_ERRORS or (
-                    e.rv in SESSION_GONE and args and args[0] == self.control):
-                self.mark_down(f"device: {ckr.name(e.rv)}")
-                raise MemberDown(ckr.name(e.rv)) from None
-            raise
+        except (BackendUnavailable, TimeoutError, Pkcs11Error) as e:
+            raise self._failure(e, args) from None
         finally:
             self.outstanding -= 1
+        self._answered(t0)
+        return reply
+
+    def send(self, call_id: int, args: list[Any],
+             then: Callable[[list[Any] | None, BaseException | None], None]) -> None:
+        """:meth:`call` in callback style, for the pool's direct path (no coroutine, no
+        future of its own): ``then(reply, None)`` or ``then(None, error)`` runs when the
+        call ends, the error being :class:`MemberDown` for a member-level failure (as
+        :meth:`call` raises it). Raises MemberDown at once when the member cannot take
+        the call."""
+        if not self.usable:
+            raise MemberDown(self.down_reason or "member down")
+        try:
+            inner = self.backend.submit(call_id, args)
+        except (BackendUnavailable, TimeoutError) as e:
+            raise self._failure(e, args) from None
+        self.outstanding += 1
+        t0 = time.monotonic()
+
+        def done(f: asyncio.Future[list[Any]]) -> None:
+            self.outstanding -= 1
+            if f.cancelled():
+                then(None, asyncio.CancelledError())
+                return
+            e = f.exception()
+            if e is None:
+                self._answered(t0)
+                then(f.result(), None)
+            elif isinstance(e, (BackendUnavailable, TimeoutError, Pkcs11Error)):
+                then(None, self._failure(e, args))
+            else:
+                then(None, e)
+
+        inner.add_done_callback(done)
+
+    def _answered(self, t0: float) -> None:
         self.calls += 1
         self.last_answer = time.monotonic()
         self.latency += 0.2 * ((self.last_answer - t0) - self.latency)
-        return reply
+
+    def _failure(self, e: Exception, args: list[Any]) -> Exception:
+        """What a failed call raises: MemberDown (the member marked down) for a transport
+        failure, a missed deadline or a device-class error, else the module's error."""
+        if isinstance(e, (BackendUnavailable, TimeoutError)):
+            self.mark_down(f"transport: {e}")
+            return MemberDown(str(e))
+        if isinstance(e, Pkcs11Error) and (e.rv in DEVICE_ERRORS or (
+                e.rv in SESSION_GONE and args and args[0] == self.control)):
+            self.mark_down(f"device: {ckr.name(e.rv)}")
+            return MemberDown(ckr.name(e.rv))
+        return e
 
     # ------------------------------------------------------------ session pool
 
@@ -237,17 +278,32 @@ class Member:
                 return True
         return False
 
+    def lease_now(self) -> tuple[int, int] | None:
+        """A lease without waiting: an idle session when nobody queues for one, else
+        None (the caller takes the waiting path, :meth:`lease`)."""
+        if self.idle and not self._waiters and self.usable:
+            self.leased += 1
+            return self.idle.pop(), self.epoch
+        return None
+
     async def release(self, session: int, epoch: int, broken: bool = False) -> None:
+        if self.give_back(session, epoch, broken):
+            with contextlib.suppress(Exception):
+                await self.backend.call(ID["C_CloseSession"], [session])
+
+    def give_back(self, session: int, epoch: int, broken: bool = False) -> bool:
+        """The synchronous part of :meth:`release`; True when ``session`` is broken and
+        must still be closed on the module."""
         if epoch != self.epoch:
-            return  # from a dead instance: nothing to give back
+            return False  # from a dead instance: nothing to give back
         self.leased -= 1
         if broken:
             self.open -= 1
             self._wake(None)
-            with contextlib.suppress(Exception):
-                await self.backend.call(ID["C_CloseSession"], [session])
-        elif not self._wake(session):
+            return True
+        if not self._wake(session):
             self.idle.append(session)
+        return False
 
     def _fail_waiters(self) -> None:
         while self._waiters:

@@ -27,12 +27,13 @@ from typing import Any
 
 from ...codec import AttrRequest, Mechanism, Null, ckr
 from ...codec import constants as ck
-from ...codec.call_table import PLANS, Phase, ids_where
+from ...codec.call_table import PLANS
 from ...codec.values import HandleParam, KyberParams
 from ...errors import BackendUnavailable, Pkcs11Error
 from ...state.base import StateStore
 from ..base import Backend
 from .config import PoolConfig
+from .direct import LOOK_UP, start_direct
 from .finds import find_init, hidden
 from .intents import note_doubtful
 from .member import (
@@ -47,6 +48,17 @@ from .member import (
 from .objects import Key, ObjectIds, SessionObject, as_bytes
 from .reconcile import CREATING, Reconciler
 from .replication import DETERMINISTIC, EVERYWHERE, GENERATED, Replicator
+from .routes import (
+    ANSWERED_HERE,
+    DIRECT,
+    ENDERS,
+    INIT_CALLS,
+    MESSAGE_INITS,
+    OP_CALLS,
+    SLOT_CALLS,
+    UNSUPPORTED,
+    UPDATES,
+)
 from .session_objects import call_on_control, destroy_session_objects
 from .session_rules import (
     CREATE_TEMPLATES,
@@ -58,18 +70,6 @@ from .session_rules import (
 
 log = logging.getLogger("p11gate.pool")
 
-# the call classes the pool routes by, all read from the codec's call table
-SLOT_CALLS = ids_where(lambda p: p.slot_query)
-INIT_CALLS = ids_where(lambda p: p.phase is Phase.INIT)
-MESSAGE_INITS = ids_where(lambda p: p.phase is Phase.INIT and p.call.request == "uMu"
-                          and p.operations[0].startswith("Message"))
-UPDATES = ids_where(lambda p: p.phase is Phase.UPDATE and not p.pool_unsupported)
-#: calls that end an operation (unless they only asked for the output size)
-ENDERS = ids_where(lambda p: p.phase in (Phase.ONE_SHOT, Phase.FINAL))
-MESSAGE_CALLS = ids_where(lambda p: p.phase is Phase.MESSAGE)
-OP_CALLS = UPDATES | ENDERS | MESSAGE_CALLS
-#: not served by pools (state that cannot move between members, or token-wide actions)
-UNSUPPORTED = ids_where(lambda p: p.pool_unsupported)
 _IDENTITY_REQUEST = (ck.CKA_CLASS, ck.CKA_ID, ck.CKA_LABEL)
 
 
@@ -128,6 +128,8 @@ class PoolBackend(Backend):
         #: gateway replication: creations recorded as intents first, reconciled after
         #: a crash (see reconcile.py)
         self.reconciler = Reconciler(self) if self.replicator is not None else None
+        #: the direct path's follow-ups (a failover, a broken session's close)
+        self._background: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------ life cycle
 
@@ -242,11 +244,13 @@ class PoolBackend(Backend):
               and (pinned is None or m.index == pinned)]
         if len(ms) < 2:
             return ms
-        ms.sort(key=Member.score)
-        best = ms[0].score()
-        tier = [m for m in ms if m.score() <= best * 1.5]
-        k = next(self._rr) % len(tier)
-        return tier[k:] + tier[:k] + ms[len(tier):]
+        # each score once (a clock read each), ties kept in member order
+        scored = sorted([(m.score(), m.index, m) for m in ms], key=lambda t: t[:2])
+        limit = scored[0][0] * 1.5
+        ordered = [m for _, _, m in scored]
+        n = sum(1 for sc, _, _ in scored if sc <= limit)
+        k = next(self._rr) % n
+        return ordered[k:n] + ordered[:k] + ordered[n:]
 
     def _pinned_member(self, call_id: int, args: list[Any]) -> int | None:
         """Session objects, and keys that could not be copied, live on one member: calls
@@ -289,6 +293,15 @@ class PoolBackend(Backend):
         return out
 
     async def _handle_on(self, m: Member, oid: int) -> int | None:
+        h = self.handle_known(m, oid)
+        if h != LOOK_UP:
+            return h
+        return await m.find_by_identity(oid, ObjectIds.template(self.objects.by_oid[oid]))
+
+    def handle_known(self, m: Member, oid: int) -> int | None:
+        """``m``'s handle of object ``oid`` as far as it is known now: the handle, None
+        when ``m`` must not be used for it, LOOK_UP when it must be found on ``m`` first.
+        Raises CKR_OBJECT_HANDLE_INVALID for an id that names no object."""
         so = self.objects.sessions.get(oid)
         if so is not None:
             return so.handle if so.member == m.index and so.epoch == m.epoch else None
@@ -300,7 +313,8 @@ class PoolBackend(Backend):
             return None
         if self.objects.is_stale(oid, m.name):
             return None  # its copy is missing or out of date: never a wrong object
-        return await m.find_by_identity(oid, ObjectIds.template(key))
+        h = m.handles.get(oid)
+        return LOOK_UP if h is None else h
 
     async def translate(self, m: Member, call_id: int, args: list[Any]) -> list[Any] | None:
         """``args`` with object ids replaced by ``m``'s handles; None if ``m`` lacks one."""
@@ -344,9 +358,45 @@ class PoolBackend(Backend):
 
     # ------------------------------------------------------------ the Backend call
 
-    async def call(self, call_id: int, args: list[Any]) -> list[Any]:
+    def submit(self, call_id: int, args: list[Any]) -> asyncio.Future[list[Any]]:
+        """The frontend's hot path: answers the pool keeps and direct calls (see
+        direct.py) start without a task; everything else runs :meth:`call`."""
+        if call_id in ANSWERED_HERE:
+            out: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+            try:
+                out.set_result(self._answer_here(call_id, args))
+            except Pkcs11Error as e:
+                out.set_exception(e)
+            return out
+        if call_id in DIRECT:
+            fut = start_direct(self, call_id, args)
+            if fut is not None:
+                return fut
+        return asyncio.ensure_future(self.call(call_id, args))
+
+    def _answer_here(self, call_id: int, args: list[Any]) -> list[Any]:
         if call_id == ID["C_GetSlotList"]:
             return [[0]] if args[1] >= 1 else [Null(1)]
+        s = self.sessions.get(args[0])
+        if s is None:
+            raise Pkcs11Error(ckr.SESSION_HANDLE_INVALID)
+        if call_id == ID["C_FindObjects"]:
+            n = args[1]
+            if n == 0:  # the module gets no array: SoftHSM answers so, before the rest
+                raise Pkcs11Error(ckr.ARGUMENTS_BAD)
+            if s.find is None:
+                raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
+            out, s.find = s.find[:n], s.find[n:]
+            return [out]
+        # C_FindObjectsFinal
+        if s.find is None:
+            raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
+        s.find = None
+        return []
+
+    async def call(self, call_id: int, args: list[Any]) -> list[Any]:
+        if call_id in ANSWERED_HERE:
+            return self._answer_here(call_id, args)
         if call_id in SLOT_CALLS:
             if args[0] != 0:
                 raise Pkcs11Error(ckr.SLOT_ID_INVALID)
@@ -381,19 +431,6 @@ class PoolBackend(Backend):
             raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED, "not served by pools")
         if call_id == ID["C_FindObjectsInit"]:
             return await find_init(self, s, args)
-        if call_id == ID["C_FindObjects"]:
-            n = args[1]
-            if n == 0:  # the module gets no array: SoftHSM answers so, before the rest
-                raise Pkcs11Error(ckr.ARGUMENTS_BAD)
-            if s.find is None:
-                raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
-            out, s.find = s.find[:n], s.find[n:]
-            return [out]
-        if call_id == ID["C_FindObjectsFinal"]:
-            if s.find is None:
-                raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
-            s.find = None
-            return []
         if call_id in INIT_CALLS:
             return await self._start_op(s, call_id, args)
         if call_id in OP_CALLS:
@@ -547,15 +584,15 @@ class PoolBackend(Backend):
         return pinned
 
     async def _single_call(self, call_id: int, args: list[Any], avoid: set[int],
-                           s: _Session | None = None) -> list[Any]:
-        """One call on the best member, failing over; never on members in ``avoid``."""
+                           s: _Session | None = None, failures: int = 0) -> list[Any]:
+        """One call on the best member, failing over; never on members in ``avoid``.
+        ``failures``: members it already failed on (the direct path's)."""
         pinned = self._session_pin(s, call_id, args)
         # a session object is made on the member's control session (see session_objects)
         on_control = call_id in CREATE_TEMPLATES and not all(
             new_objects_on_token(call_id, args, self._is_token_object(call_id, args)))
         tried: set[int] = set(avoid)
         lacking = False
-        failures = 0
         while True:
             cands = self._candidates(tried, pinned)
             if not cands:
