@@ -145,6 +145,16 @@ def pending_intents(state: Path) -> int:
         db.close()
 
 
+def creations_in_flight(state: Path) -> int:
+    """Intents of creations not settled (fragment checks not counted)."""
+    db = sqlite3.connect(f"file:{state / 'registry.sqlite3'}?mode=ro", uri=True)
+    try:
+        return int(db.execute(
+            "SELECT COUNT(*) FROM pool_intent WHERE state != 'fragment'").fetchone()[0])
+    finally:
+        db.close()
+
+
 def client_loop(gw: Gateway, prefix: str, told: list[str], untold: list[str]) -> None:
     """Generate key pairs until the gateway dies; the label in flight then is untold,
     and so is one whose creation failed (SoftHSM answers CKR_GENERAL_ERROR now and then
@@ -237,8 +247,12 @@ def start_pool(tmp_path: Path) -> tuple[list[dict[str, Any]], Path, Gateway]:
     return members, cfg, gw
 
 
-def run_and_kill(gw: Gateway, prefix: str, delay: float) -> tuple[list[str], list[str]]:
-    """Clients generate key pairs; the gateway is killed after ``delay`` seconds."""
+def run_and_kill(gw: Gateway, prefix: str, delay: float,
+                 state: Path) -> tuple[list[str], list[str]]:
+    """Clients generate key pairs; the gateway is killed after ``delay`` seconds, at a
+    moment a creation is in flight (its intent recorded in the registry). A fixed delay
+    alone once met a moment with none on a busy CI machine, and then there is nothing
+    to reconcile."""
     told: list[str] = []
     untold: list[str] = []
     threads = [threading.Thread(target=client_loop, args=(gw, f"{prefix}c{i}", told, untold))
@@ -246,7 +260,10 @@ def run_and_kill(gw: Gateway, prefix: str, delay: float) -> tuple[list[str], lis
     for t in threads:
         t.start()
     time.sleep(delay)
+    in_flight = wait_for(lambda: creations_in_flight(state) >= 1, timeout=30,
+                         interval=0.002)
     kill_gateway(gw)
+    assert in_flight, "no creation was ever in flight"
     for t in threads:
         t.join(60)
     return told, untold
@@ -262,7 +279,7 @@ def test_kill_9_during_pool_key_generation_is_reconciled_on_restart(tmp_path: Pa
     members, cfg, gw = start_pool(tmp_path)
     try:
         for rnd in range(ROUNDS):
-            round_told, untold = run_and_kill(gw, f"r{rnd}", rng.uniform(1.5, 3.0))
+            round_told, untold = run_and_kill(gw, f"r{rnd}", rng.uniform(1.5, 3.0), state)
             told |= set(round_told)
             untold_all |= set(untold)
 
@@ -310,7 +327,7 @@ def test_a_member_down_at_restart_is_reconciled_when_it_rejoins(tmp_path: Path) 
     admin = str(state / "admin.sock")
     members, cfg, gw = start_pool(tmp_path)
     try:
-        told, untold = run_and_kill(gw, "d", 2.0)
+        told, untold = run_and_kill(gw, "d", 2.0, state)
         m2_conf = Path(members[2]["conf"])
         m2_conf.rename(m2_conf.with_suffix(".away"))  # its worker will fail to start
         gw = Gateway(cfg)

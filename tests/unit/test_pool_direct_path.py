@@ -19,9 +19,10 @@ from p11gate.backends.pool.config import MemberConfig, PoolConfig
 from p11gate.backends.pool.member import ID
 from p11gate.backends.pool.pool import PoolBackend
 from p11gate.backends.pool.routes import ANSWERED_HERE, DIRECT
-from p11gate.codec import ckr
+from p11gate.codec import ckr, encode_error, encode_reply, reply_rv
 from p11gate.codec import constants as ck
 from p11gate.codec.calls import CALLS
+from p11gate.codec.tables import V026
 from p11gate.errors import BackendUnavailable, Pkcs11Error
 from p11gate.registry import Registry
 
@@ -39,6 +40,7 @@ class _Module:
         self.fail: dict[int, Callable[[], BaseException]] = {}
         self.sessions = iter(range(100, 1000))
         self.sync_fail: BaseException | None = None
+        self.relays_nothing = False
 
     async def call(self, call_id: int, args: list[Any]) -> list[Any]:
         self.calls.append((call_id, list(args)))
@@ -58,6 +60,22 @@ class _Module:
         if self.sync_fail is not None:
             raise self.sync_fail
         return asyncio.ensure_future(self.call(call_id, args))
+
+    def submit_raw(self, call_id: int, args: list[Any]) -> asyncio.Future[bytes] | None:
+        """As a worker relays: the reply body, module errors as an ERROR body."""
+        if self.relays_nothing:
+            return None
+        if self.sync_fail is not None:
+            raise self.sync_fail
+
+        async def body() -> bytes:
+            try:
+                values = await self.call(call_id, args)
+            except Pkcs11Error as e:
+                return encode_error(e.rv)
+            return encode_reply(call_id, values, V026)
+
+        return asyncio.ensure_future(body())
 
     def count(self, name: str) -> int:
         return sum(1 for c, _ in self.calls if c == ID[name])
@@ -310,5 +328,86 @@ def test_consecutive_direct_calls_spread_over_equal_members(tmp_path: Path) -> N
         h = await _session(pool)
         got = [await pool.submit(RANDOM, [h, 4]) for _ in range(6)]
         assert {r[0] for r in got} == {b"m0", b"m1"}
+
+    asyncio.run(go())
+
+
+def _body(name: str) -> bytes:
+    return encode_reply(RANDOM, [name.encode()], V026)
+
+
+def test_a_relayed_random_is_the_members_reply_bytes(tmp_path: Path) -> None:
+    pool, mods = _pool(tmp_path)
+
+    async def go() -> None:
+        h = await _session(pool)
+        fut = pool.submit_raw(RANDOM, [h, 4])
+        assert fut is not None and await fut == _body("m0")
+        assert mods[0].calls[-1] == (RANDOM, [10, 4])
+        assert pool.members[0].idle == [10] and pool.members[0].calls == 1
+        # not relayable (attributes are encoded per dialect): the decoded path only
+        assert pool.submit_raw(ID["C_GetAttributeValue"], [h, 1, []]) is None
+
+    asyncio.run(go())
+
+
+def test_a_back_end_that_relays_nothing_gives_the_lease_back(tmp_path: Path) -> None:
+    pool, mods = _pool(tmp_path)
+    mods[0].relays_nothing = True
+
+    async def go() -> None:
+        h = await _session(pool)
+        assert pool.submit_raw(RANDOM, [h, 4]) is None
+        m0 = pool.members[0]
+        assert m0.idle == [10] and m0.leased == 0 and not mods[0].calls[1:]
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("failure", [lambda: BackendUnavailable("worker died"),
+                                     lambda: Pkcs11Error(ckr.DEVICE_ERROR)])
+def test_a_relayed_call_fails_over_to_the_next_member(
+        tmp_path: Path, failure: Callable[[], BaseException]) -> None:
+    pool, mods = _pool(tmp_path)
+    mods[0].fail[RANDOM] = failure
+
+    async def go() -> None:
+        h = await _session(pool)
+        fut = pool.submit_raw(RANDOM, [h, 4])
+        assert fut is not None
+        assert await fut == _body("m1")  # encoded from the general path's values
+        assert not pool.members[0].usable and pool.failovers == 1
+        assert pool.members[0].open == 0
+
+    asyncio.run(go())
+
+
+def test_a_relayed_module_error_is_the_reply(tmp_path: Path) -> None:
+    pool, mods = _pool(tmp_path)
+    mods[0].fail[RANDOM] = lambda: Pkcs11Error(ckr.RANDOM_NO_RNG)
+
+    async def go() -> None:
+        h = await _session(pool)
+        fut = pool.submit_raw(RANDOM, [h, 4])
+        assert fut is not None and reply_rv(await fut) == ckr.RANDOM_NO_RNG
+        m0 = pool.members[0]
+        assert m0.usable and m0.idle == [10] and m0.calls == 0  # not an answer in time
+        assert mods[1].count("C_GenerateRandom") == 0
+
+    asyncio.run(go())
+
+
+def test_a_relayed_lost_session_is_replaced(tmp_path: Path) -> None:
+    pool, mods = _pool(tmp_path)
+    mods[0].fail[RANDOM] = lambda: Pkcs11Error(ckr.SESSION_HANDLE_INVALID)
+
+    async def go() -> None:
+        h = await _session(pool)
+        fut = pool.submit_raw(RANDOM, [h, 4])
+        assert fut is not None and reply_rv(await fut) == ckr.SESSION_HANDLE_INVALID
+        m0 = pool.members[0]
+        assert m0.usable and m0.idle == [] and m0.open == 0
+        await asyncio.sleep(0.01)
+        assert (ID["C_CloseSession"], [10]) in mods[0].calls
 
     asyncio.run(go())

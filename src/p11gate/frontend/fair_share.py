@@ -113,9 +113,12 @@ class FairShare:
                    args: list[Any]) -> asyncio.Future[bytes] | None:
         """Like ``Backend.submit_raw``; None when the call must go through
         :meth:`submit` instead (not relayable, or it has to queue)."""
+        if self._pool_limit is not None:
+            # as in submit: a pool's calls other than SLOW_CALLS are not counted here
+            return None if call_id in SLOW_CALLS else self.backend.submit_raw(call_id, args)
         n = self._active.get(who, 0)
-        if n >= self.limit or self._pool_limit is not None:
-            return None  # pools relay nothing raw
+        if n >= self.limit:
+            return None
         raw = self.backend.submit_raw(call_id, args)
         if raw is None:
             return None

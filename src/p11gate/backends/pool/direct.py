@@ -20,7 +20,9 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any
 
+from ...codec import encode_reply, reply_rv
 from ...codec.call_table import PLANS
+from ...codec.tables import V026
 from ...errors import BackendUnavailable, Pkcs11Error
 from .member import ID, SESSION_GONE, Member, MemberDown
 
@@ -34,6 +36,18 @@ LOOK_UP = -1
 def start_direct(pool: PoolBackend, call_id: int,
                  args: list[Any]) -> asyncio.Future[list[Any]] | None:
     """The call started on the best member, or None: take the general path."""
+    return _start(pool, call_id, args, False)
+
+
+def start_direct_raw(pool: PoolBackend, call_id: int,
+                     args: list[Any]) -> asyncio.Future[bytes] | None:
+    """:func:`start_direct` for a relayable call (``CallPlan.relayable``): the future
+    gives the reply body to relay, or None: take another path."""
+    return _start(pool, call_id, args, True)
+
+
+def _start(pool: PoolBackend, call_id: int, args: list[Any],
+           raw: bool) -> asyncio.Future[Any] | None:
     s = pool.sessions.get(args[0])
     if s is None:
         return None
@@ -50,16 +64,19 @@ def start_direct(pool: PoolBackend, call_id: int,
         return None
     session, epoch = lease
     margs[0] = session
-    out: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+    out: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
-    def then(reply: list[Any] | None, e: BaseException | None) -> None:
+    def then(reply: Any, e: BaseException | None) -> None:
         if e is None:
-            m.give_back(session, epoch)
+            if raw and reply_rv(reply) in SESSION_GONE:
+                _drop(pool, m, session, epoch)  # replaced; the member stays up
+            else:
+                m.give_back(session, epoch)
             if not out.done():
-                out.set_result(reply)  # type: ignore[arg-type]
+                out.set_result(reply)
         elif isinstance(e, MemberDown):
             _drop(pool, m, session, epoch)
-            _fail_over(pool, out, m, call_id, args, str(e))
+            _fail_over(pool, out, m, call_id, args, str(e), raw)
         elif isinstance(e, asyncio.CancelledError):
             m.give_back(session, epoch)  # as the general path's lease does
             if not out.done():
@@ -73,10 +90,15 @@ def start_direct(pool: PoolBackend, call_id: int,
                 out.set_exception(e)
 
     try:
-        m.send(call_id, margs, then)
+        if raw:
+            if not m.send_raw(call_id, margs, then):
+                m.give_back(session, epoch)  # this back end relays nothing raw
+                return None
+        else:
+            m.send(call_id, margs, then)
     except MemberDown as e:
         _drop(pool, m, session, epoch)
-        _fail_over(pool, out, m, call_id, args, str(e))
+        _fail_over(pool, out, m, call_id, args, str(e), raw)
     return out
 
 
@@ -111,9 +133,11 @@ async def _close(m: Member, session: int) -> None:
         await m.backend.call(ID["C_CloseSession"], [session])
 
 
-def _fail_over(pool: PoolBackend, out: asyncio.Future[list[Any]], m: Member, call_id: int,
-               args: list[Any], reason: str) -> None:
-    """``m`` failed the call: on to the others by the general path (one failure made)."""
+def _fail_over(pool: PoolBackend, out: asyncio.Future[Any], m: Member, call_id: int,
+               args: list[Any], reason: str, raw: bool) -> None:
+    """``m`` failed the call: on to the others by the general path (one failure made).
+    A relayed call's values are encoded as its reply body: relayable replies are
+    encoded alike in every dialect (``CallPlan.relayable``)."""
     pool._failed_over(m, call_id, reason)
     if pool.cfg.max_attempts <= 1:
         out.set_exception(BackendUnavailable(f"pool {pool.name}: failed on 1 members"))
@@ -130,6 +154,8 @@ def _fail_over(pool: PoolBackend, out: asyncio.Future[list[Any]], m: Member, cal
             out.cancel()
         elif (e := t.exception()) is not None:
             out.set_exception(e)
+        elif raw:
+            out.set_result(encode_reply(call_id, t.result(), V026))
         else:
             out.set_result(t.result())
 

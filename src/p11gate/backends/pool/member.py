@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ...codec import Attribute, ckr
+from ...codec import Attribute, ckr, reply_rv
 from ...codec import constants as ck
 from ...codec.call_table import CallId
 from ...config_select import TokenSelect
@@ -201,6 +201,45 @@ class Member:
                 then(None, e)
 
         inner.add_done_callback(done)
+
+    def send_raw(self, call_id: int, args: list[Any],
+                 then: Callable[[bytes | None, BaseException | None], None]) -> bool:
+        """:meth:`send` for a reply relayed as bytes (``Backend.submit_raw``): False, and
+        nothing sent, when the back end cannot relay this call. A module error in the
+        reply body that is a member failure (see :meth:`_failure`) comes as MemberDown;
+        any other reply body, errors included, is the reply."""
+        if not self.usable:
+            raise MemberDown(self.down_reason or "member down")
+        try:
+            inner = self.backend.submit_raw(call_id, args)
+        except (BackendUnavailable, TimeoutError) as e:
+            raise self._failure(e, args) from None
+        if inner is None:
+            return False
+        self.outstanding += 1
+        t0 = time.monotonic()
+
+        def done(f: asyncio.Future[bytes]) -> None:
+            self.outstanding -= 1
+            if f.cancelled():
+                then(None, asyncio.CancelledError())
+                return
+            e = f.exception()
+            if e is not None:
+                then(None, self._failure(e, args) if isinstance(
+                    e, (BackendUnavailable, TimeoutError)) else e)
+                return
+            body = f.result()
+            rv = reply_rv(body)
+            if rv == ckr.OK:
+                self._answered(t0)
+            elif isinstance(down := self._failure(Pkcs11Error(rv), args), MemberDown):
+                then(None, down)
+                return
+            then(body, None)
+
+        inner.add_done_callback(done)
+        return True
 
     def _answered(self, t0: float) -> None:
         self.calls += 1

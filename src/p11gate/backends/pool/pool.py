@@ -33,7 +33,7 @@ from ...errors import BackendUnavailable, Pkcs11Error
 from ...state.base import StateStore
 from ..base import Backend
 from .config import PoolConfig
-from .direct import LOOK_UP, start_direct
+from .direct import LOOK_UP, start_direct, start_direct_raw
 from .finds import find_init, hidden
 from .intents import note_doubtful
 from .member import (
@@ -373,6 +373,13 @@ class PoolBackend(Backend):
             if fut is not None:
                 return fut
         return asyncio.ensure_future(self.call(call_id, args))
+
+    def submit_raw(self, call_id: int, args: list[Any]) -> asyncio.Future[bytes] | None:
+        """A relayable direct call (C_GenerateRandom, C_SeedRandom) relayed as the
+        member's reply bytes: no decoding and re-encoding in the gateway."""
+        if call_id in DIRECT and PLANS[call_id].relayable:
+            return start_direct_raw(self, call_id, args)
+        return None
 
     def _answer_here(self, call_id: int, args: list[Any]) -> list[Any]:
         if call_id == ID["C_GetSlotList"]:
