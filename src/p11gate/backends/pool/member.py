@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from ...codec import Attribute, ckr, reply_rv
 from ...codec import constants as ck
@@ -26,6 +26,7 @@ from ..base import Backend
 from ..slots import select_slot
 
 log = logging.getLogger("p11gate.pool")
+_T = TypeVar("_T")
 #: the latency estimate of a member that has answered nothing yet (seconds)
 INITIAL_LATENCY = 0.0005
 
@@ -177,12 +178,7 @@ class Member:
         call ends, the error being :class:`MemberDown` for a member-level failure (as
         :meth:`call` raises it). Raises MemberDown at once when the member cannot take
         the call."""
-        if not self.usable:
-            raise MemberDown(self.down_reason or "member down")
-        try:
-            inner = self.backend.submit(call_id, args)
-        except (BackendUnavailable, TimeoutError) as e:
-            raise self._failure(e, args) from None
+        inner = self._send_now(self.backend.submit, call_id, args)
         self.outstanding += 1
         t0 = time.monotonic()
 
@@ -208,12 +204,7 @@ class Member:
         nothing sent, when the back end cannot relay this call. A module error in the
         reply body that is a member failure (see :meth:`_failure`) comes as MemberDown;
         any other reply body, errors included, is the reply."""
-        if not self.usable:
-            raise MemberDown(self.down_reason or "member down")
-        try:
-            inner = self.backend.submit_raw(call_id, args)
-        except (BackendUnavailable, TimeoutError) as e:
-            raise self._failure(e, args) from None
+        inner = self._send_now(self.backend.submit_raw, call_id, args)
         if inner is None:
             return False
         self.outstanding += 1
@@ -240,6 +231,17 @@ class Member:
 
         inner.add_done_callback(done)
         return True
+
+    def _send_now(self, submit: Callable[[int, list[Any]], _T], call_id: int,
+                  args: list[Any]) -> _T:
+        """``submit(call_id, args)`` on this member's back end, refused with MemberDown
+        when the member cannot take a call (as :meth:`call` refuses it)."""
+        if not self.usable:
+            raise MemberDown(self.down_reason or "member down")
+        try:
+            return submit(call_id, args)
+        except (BackendUnavailable, TimeoutError) as e:
+            raise self._failure(e, args) from None
 
     def _answered(self, t0: float) -> None:
         self.calls += 1
