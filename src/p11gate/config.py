@@ -188,6 +188,11 @@ class BackendConfig(_Strict):
     call_timeout: float = Field(default=30.0, gt=0)
     #: threads calling into the module (in the worker, or in-process)
     threads: int = Field(default=4, ge=1, le=256)
+    #: isolation = "none": what kind of thread calls the module. "native": POSIX threads
+    #: of a small C executor built on first use (no GIL hand-off per call; the back end
+    #: refuses to start without it); "threads": Python threads; "auto": native where it
+    #: can be built (a C compiler, LP64 x86_64/aarch64), else Python threads
+    executor: Literal["auto", "native", "threads"] = "auto"
     #: string passed as pReserved of C_Initialize (p11-kit's x-init-reserved)
     init_reserved: str | None = None
     #: extra environment for the worker (e.g. SOFTHSM2_CONF)

@@ -1,6 +1,7 @@
 """`uv build` makes a wheel that installs with pip into a fresh virtual environment and
-runs there: `p11gate --version`, the console script, and the load generator's C source
-that `p11gate bench` compiles is in the installed package (and compiles)."""
+runs there: `p11gate --version`, the console script, and the C sources it compiles on
+first use (the bench's load generator, the in-process native executor) are in the
+installed package (and compile)."""
 
 from __future__ import annotations
 
@@ -62,3 +63,17 @@ def test_wheel_installs_and_ships_the_load_generator(tmp_path: Path) -> None:
     assert digest == hashlib.sha256(source).hexdigest()
     # compiled from the installed copy into the fresh cache
     assert Path(exe).is_relative_to(tmp_path / "cache") and os.access(exe, os.X_OK)
+
+    # the native call executor's C source ships too, and builds from the installed copy
+    probe = (
+        "from p11gate.backends.native import executor\n"
+        "lib = executor.load()\n"
+        "print(executor.cache_dir())\n"
+        "print(lib.p11x_max_args())\n"
+    )
+    r = subprocess.run([str(venv / "bin" / "python"), "-c", probe], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    cache, max_args = r.stdout.split()
+    assert Path(cache) == tmp_path / "cache" / "p11gate" and max_args == "12"
+    assert list(Path(cache).glob("p11gate-executor-*.so"))

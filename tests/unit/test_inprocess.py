@@ -35,6 +35,18 @@ def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         os.environ["SOFTHSM2_CONF"] = old
 
 
+@pytest.fixture(params=["threads", "native"])
+def executor(request: pytest.FixtureRequest) -> str:
+    """Every test runs on both kinds of module thread: Python threads, and the native
+    executor (which must really be native here: gcc is installed by the test setup)."""
+    return str(request.param)
+
+
+async def _started(b: InProcessBackend) -> None:
+    await b.start()
+    assert b.describe()["executor"] == b.executor, b.executor_note
+
+
 async def _session(b: InProcessBackend, token: dict[str, Any]) -> int:
     (slots,) = await b.call(C_GetSlotList, [1, 8])
     (session,) = await b.call(C_OpenSession, [slots[0], 6])
@@ -45,13 +57,13 @@ async def _session(b: InProcessBackend, token: dict[str, Any]) -> int:
     return int(session)
 
 
-def test_calls(token: dict[str, Any]) -> None:
+def test_calls(token: dict[str, Any], executor: str) -> None:
     async def main() -> None:
-        b = InProcessBackend("soft", token["module"], threads=4)
+        b = InProcessBackend("soft", token["module"], threads=4, executor=executor)
         assert not b.up
         with pytest.raises(BackendUnavailable):
             b.submit(C_GetInfo, [])
-        await b.start()
+        await _started(b)
         assert b.up and b.generation == 1
         info = await b.call(C_GetInfo, [])
         assert info[1].startswith(b"SoftHSM")
@@ -73,10 +85,11 @@ def test_calls(token: dict[str, Any]) -> None:
     asyncio.run(main())
 
 
-def test_missed_deadline(token: dict[str, Any]) -> None:
+def test_missed_deadline(token: dict[str, Any], executor: str) -> None:
     async def main() -> None:
-        b = InProcessBackend("soft", token["module"], threads=1, call_timeout=5.0)
-        await b.start()
+        b = InProcessBackend("soft", token["module"], threads=1, call_timeout=5.0,
+                             executor=executor)
+        await _started(b)
         session = await _session(b, token)
         b.call_timeout = 0.001  # an RSA-4096 key pair takes far longer
         b.keygen_timeout = 0.001  # (key generation has its own deadline)
@@ -128,7 +141,7 @@ def test_bad_module_path() -> None:
 
 def test_doorbell_rings_once_for_replies_that_finish_together(
     token: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> None:  # Python module threads (the native executor's bell: test_native_executor.py)
     """Module threads that finish while the loop has not yet drained skip their doorbell
     write; every reply still arrives (no job is left waiting for a bell nobody rings)."""
     rings = 0
@@ -136,8 +149,8 @@ def test_doorbell_rings_once_for_replies_that_finish_together(
 
     async def main() -> None:
         nonlocal rings
-        b = InProcessBackend("soft", token["module"], threads=4)
-        await b.start()
+        b = InProcessBackend("soft", token["module"], threads=4, executor="threads")
+        await _started(b)
         try:
             session = await _session(b, token)
 

@@ -22,7 +22,7 @@ def _module(cfg: BackendConfig, store: StateStore) -> Backend:
         return InProcessBackend(
             cfg.name, cfg.module, threads=cfg.threads, call_timeout=cfg.call_timeout,
             init_reserved=cfg.init_reserved, env=cfg.env, keygen_timeout=cfg.keygen_timeout,
-            raw_parameter_mechanisms=cfg.raw_parameter_mechanisms,
+            raw_parameter_mechanisms=cfg.raw_parameter_mechanisms, executor=cfg.executor,
         )
     from .worker_process import WorkerBackend
 

@@ -11,6 +11,13 @@ its deadline is simply cancelled. For modules that may hang or crash, use proces
 isolation (``isolation = "process"``): its worker is killed on a missed deadline and
 restarted.
 
+Module threads are native threads by default (``executor``: see
+:mod:`~p11gate.backends.native.executor`): the loop marshals each call's arguments and a
+POSIX thread makes the C call without the GIL, so a call costs no GIL hand-off. Where
+the executor cannot be built or used (no C compiler, another ABI), or for the few calls
+with a parameter that is not a CK_ULONG or a pointer (C_GetSlotList), Python threads
+call the module instead, as ``executor = "threads"`` does for all calls.
+
 ``env`` (the backend's configured environment, e.g. SOFTHSM2_CONF) is applied to this
 process's ``os.environ`` before the module is loaded and initialized, since the module
 reads the gateway's own environment; it is process-wide, so two in-process back ends
@@ -31,11 +38,14 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..codec import ckr
 from ..codec.calls import CALLS
 from ..errors import BackendUnavailable, Pkcs11Error
 from .base import Backend
 from .deadlines import deadline
 from .native import DEFAULT_MAX_BUFFER, NativeModule
+from .native.cdef import ffi
+from .native.executor import ExecutorUnavailable, NativeExecutor, arg_kinds
 
 log = logging.getLogger("p11gate.backend")
 _NEVER = float("inf")
@@ -43,7 +53,8 @@ _NEVER = float("inf")
 
 
 class _Job:
-    __slots__ = ("args", "call_id", "cancelled", "error", "out", "result", "started", "timeout")
+    __slots__ = ("args", "call_id", "cancelled", "error", "index", "keep", "out", "result",
+                 "run", "started", "tag", "timeout")
 
     def __init__(self, call_id: int, args: list[Any], out: asyncio.Future[list[Any]],
                  timeout: float) -> None:
@@ -55,6 +66,12 @@ class _Job:
         self.cancelled = False
         self.result: list[Any] = []
         self.error: BaseException | None = None
+        # native executor only: the call's run (NativeModule.begin), the buffers its C
+        # arguments point at (alive until the thread is done with them), its job slot
+        self.run: Any = None
+        self.keep: list[Any] | None = None
+        self.index = -1
+        self.tag = 0
 
 
 class InProcessBackend(Backend):
@@ -69,8 +86,17 @@ class InProcessBackend(Backend):
         env: Mapping[str, str] | None = None,
         raw_parameter_mechanisms: Iterable[int] = (),
         keygen_timeout: float | None = None,
+        executor: str = "auto",
+        native_capacity: int = 4096,
     ) -> None:
+        if executor not in ("auto", "native", "threads"):
+            raise ValueError(f"executor: {executor!r}: one of auto, native, threads")
         self.name = name
+        #: "native": module calls on native threads (refuse to start without them);
+        #: "threads": on Python threads; "auto": native where it can be built
+        self.executor = executor
+        #: calls the native executor holds at once (queued or running); more wait here
+        self.native_capacity = native_capacity
         self.raw_parameter_mechanisms = frozenset(raw_parameter_mechanisms)
         self.env = dict(env or {})
         self.module_path = module_path
@@ -100,6 +126,15 @@ class InProcessBackend(Backend):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = _NEVER
         self.timeouts = 0
+        self._native: NativeExecutor | None = None
+        #: per call id: (function address, parameter kinds) for the native executor,
+        #: None for a call that stays on a Python thread
+        self._native_calls: list[tuple[int, tuple[int, ...]] | None] = []
+        #: native jobs in flight by tag, and those waiting for a free job slot
+        self._native_jobs: dict[int, _Job] = {}
+        self._overflow: collections.deque[_Job] = collections.deque()
+        #: why the native executor is not used (None when it is)
+        self.executor_note: str | None = None
 
     @property
     def up(self) -> bool:
@@ -139,6 +174,15 @@ class InProcessBackend(Backend):
             raise BackendUnavailable(f"{self.module_path}: {e}") from e
         pool.shutdown(wait=False)  # only used to load the module
         self._module = module
+        if self.executor != "threads":
+            try:
+                self._start_native(loop, module)
+            except ExecutorUnavailable as e:
+                if self.executor == "native":
+                    raise BackendUnavailable(f"{self.name}: native executor: {e}") from None
+                self.executor_note = str(e)
+                log.warning("native executor unavailable; module calls on Python threads",
+                            extra={"backend": self.name, "reason": str(e)})
         self._calls = queue.SimpleQueue()
         self._bell_r, self._bell_w = os.pipe()
         os.set_blocking(self._bell_r, False)
@@ -156,6 +200,7 @@ class InProcessBackend(Backend):
             extra={
                 "backend": self.name,
                 "isolation": "none",
+                "executor": "native" if self._native is not None else "threads",
                 "generation": self.generation,
                 "interface": f"{module.interface_version[0]}.{module.interface_version[1]}",
             },
@@ -174,6 +219,7 @@ class InProcessBackend(Backend):
         loop.remove_reader(self._bell_r)
         await loop.run_in_executor(None, self._join_threads)
         self._drain()
+        await self._stop_native(loop)
         for fd in (self._bell_r, self._bell_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -188,6 +234,37 @@ class InProcessBackend(Backend):
             await asyncio.wait_for(loop.run_in_executor(None, module.finalize), self.call_timeout)
         except (TimeoutError, Pkcs11Error) as e:
             log.warning("C_Finalize failed", extra={"backend": self.name, "reason": repr(e)})
+
+    def _start_native(self, loop: asyncio.AbstractEventLoop, module: NativeModule) -> None:
+        native = NativeExecutor(self.threads, self.native_capacity)
+        table: list[tuple[int, tuple[int, ...]] | None] = []
+        for call_id in range(len(CALLS)):
+            fn = module.function(call_id) if call_id >= 3 else None
+            kinds = arg_kinds(fn)
+            table.append(None if fn is None or kinds is None
+                         else (int(ffi.cast("uintptr_t", fn)), kinds))
+        self._native, self._native_calls = native, table
+        loop.add_reader(native.bell_fd, self._drain_native)
+
+    async def _stop_native(self, loop: asyncio.AbstractEventLoop) -> None:
+        native = self._native
+        if native is None:
+            return
+        loop.remove_reader(native.bell_fd)
+        for job in self._overflow:
+            job.run.close()
+            if not job.out.done():
+                job.out.set_exception(BackendUnavailable(f"backend {self.name} stopped"))
+        self._overflow.clear()
+        deadline = time.monotonic() + 2.0
+        while native.stop() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # queued calls are made first, as with threads
+        self._drain_native()
+        if native.free():
+            self._native = None
+        else:  # a thread is still inside the module: it may yet write to the executor
+            log.warning("native threads still in the module at stop; left running",
+                        extra={"backend": self.name, "busy": native.busy()})
 
     def _join_threads(self) -> None:
         deadline = time.monotonic() + 2.0
@@ -204,12 +281,104 @@ class InProcessBackend(Backend):
         out: asyncio.Future[list[Any]] = loop.create_future()
         timeout = deadline(call_id, self.call_timeout, self.keygen_timeout)
         job = _Job(call_id, args, out, timeout)
+        native = self._native
+        if native is not None and 0 <= call_id < len(self._native_calls):
+            plan = self._native_calls[call_id]
+            if plan is not None:
+                if not self._submit_native(native, module, job, plan):
+                    return out  # failed at once (bad arguments)
+                at = loop.time() + timeout
+                self._deadlines[job] = at
+                if at < self._timer_at:
+                    self._arm(loop, at)
+                return out
         at = loop.time() + timeout
         self._deadlines[job] = at
         if at < self._timer_at:
             self._arm(loop, at)
         calls.put(job)
         return out
+
+    def _submit_native(self, native: NativeExecutor, module: NativeModule, job: _Job,
+                       plan: tuple[int, tuple[int, ...]]) -> bool:
+        """Marshal on the loop, queue on a native thread. False: the call failed at
+        once (its future holds the error)."""
+        try:
+            run, _fn, cargs = module.begin(job.call_id, job.args)
+        except Exception as e:  # Pkcs11Error: refused before the module, as call() does
+            job.out.set_exception(e)
+            return False
+        keep: list[Any] = [cargs]
+        job.run, job.keep = run, keep
+        address, kinds = plan
+        try:
+            index, tag = native.submit(address, kinds, cargs, keep)
+        except (TypeError, OverflowError, ValueError) as e:
+            run.close()
+            job.out.set_exception(Pkcs11Error(ckr.ARGUMENTS_BAD, f"{CALLS[job.call_id].name}: {e}"))
+            return False
+        job.tag = tag
+        if index == -1:  # every job slot taken: waits here for one
+            self._overflow.append(job)
+        elif index < 0:
+            run.close()
+            job.out.set_exception(BackendUnavailable(f"backend {self.name} is stopping"))
+            return False
+        job.index = index
+        self._native_jobs[tag] = job
+        return True
+
+    def _drain_native(self) -> None:
+        native, module = self._native, self._module
+        if native is None:
+            return
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.read(native.bell_fd, 65536)
+            native.bells += 1
+        jobs = self._native_jobs
+        for tag, rv in native.take():
+            job = jobs.pop(tag, None)
+            if job is None:
+                continue
+            self._deadlines.pop(job, None)
+            self._returned(job)
+            out, run = job.out, job.run
+            job.run = job.keep = None
+            if out.done() or module is None:  # expired meanwhile: only its buffers to free
+                run.close()
+                continue
+            try:
+                out.set_result(module.finish(job.call_id, run, rv))
+            except Exception as e:
+                out.set_exception(e)
+        overflow = self._overflow
+        while overflow:  # slots are free again: queue the calls that waited for one
+            job = overflow[0]
+            plan = self._native_calls[job.call_id]
+            assert plan is not None and job.keep is not None
+            cargs = job.keep[0]
+            keep: list[Any] = [cargs]
+            index, tag = native.submit(plan[0], plan[1], cargs, keep)
+            if index == -1:
+                break
+            overflow.popleft()
+            jobs.pop(job.tag, None)
+            job.keep, job.tag, job.index = keep, tag, index
+            if index < 0:
+                job.run.close()
+                if not job.out.done():
+                    job.out.set_exception(BackendUnavailable(f"backend {self.name} stopped"))
+                continue
+            jobs[tag] = job
+
+    def _returned(self, job: _Job) -> None:
+        hung = self._hung.pop(job, None)
+        if hung is not None:
+            log.warning(
+                "hung call returned",
+                extra={"backend": self.name, "call": CALLS[job.call_id].name,
+                       "seconds": round(time.monotonic() - hung, 3)},
+            )
 
     def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
         if self._timer is not None:
@@ -271,13 +440,7 @@ class InProcessBackend(Backend):
         while done:
             job = done.popleft()
             self._deadlines.pop(job, None)
-            hung = self._hung.pop(job, None)
-            if hung is not None:
-                log.warning(
-                    "hung call returned",
-                    extra={"backend": self.name, "call": CALLS[job.call_id].name,
-                           "seconds": round(time.monotonic() - hung, 3)},
-                )
+            self._returned(job)
             out = job.out
             if out.done():
                 continue
@@ -292,9 +455,12 @@ class InProcessBackend(Backend):
             return
         self.timeouts += 1
         name = CALLS[job.call_id].name if 0 <= job.call_id < len(CALLS) else str(job.call_id)
-        with self._state:
-            waiting = not job.started
-            job.cancelled = waiting
+        if job.run is not None:  # on the native executor
+            waiting = self._cancel_native(job)
+        else:
+            with self._state:
+                waiting = not job.started
+                job.cancelled = waiting
         if waiting:  # still waiting for a thread: nothing is stuck in the module
             out.set_exception(
                 BackendUnavailable(f"{name}: no free thread within {timeout}s")
@@ -309,6 +475,19 @@ class InProcessBackend(Backend):
         )
         out.set_exception(BackendUnavailable(f"{name} missed its {timeout}s deadline"))
 
+    def _cancel_native(self, job: _Job) -> bool:
+        """True when the job never reached a thread (it is dropped); False when a
+        thread is inside the module with it (its buffers stay alive until it returns)."""
+        native = self._native
+        if job in self._overflow:
+            self._overflow.remove(job)
+        elif native is None or not native.cancel(job.index, job.tag):
+            return False
+        self._native_jobs.pop(job.tag, None)
+        job.run.close()
+        job.run = job.keep = None
+        return True
+
     def describe(self) -> dict[str, Any]:
         m = self._module
         return {
@@ -316,6 +495,7 @@ class InProcessBackend(Backend):
             "isolation": "none",
             "module": self.module_path,
             "threads": self.threads,
+            "executor": "native" if self._native is not None else "threads",
             "hung_calls": len(self._hung),
             "timeouts": self.timeouts,
             "interface": None

@@ -21,8 +21,8 @@ allocated, and pointers the module writes are never dereferenced. Malformed valu
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Generator, Iterable, Sequence
+from typing import Any, cast
 
 from ...codec import ckr
 from ...codec.calls import CALLS
@@ -78,6 +78,12 @@ _BAD_VALUE = (TypeError, ValueError, OverflowError, AttributeError, IndexError, 
 _Out = tuple[Callable[[int, list[Any], Any, Any, Any], None], Any, Any, Any]
 _Conv = Callable[["NativeModule", Any, list[Any], list[_Out], list[Any]], None]
 _Tail = Callable[[list[Any], list[_Out]], None]
+#: A call's run: a generator that marshals the arguments, yields the C argument list
+#: once, is sent the CK_RV, and returns the reply values. The C call itself is made by
+#: whoever drives it: NativeModule.call on the calling thread, or the in-process back end
+#: on a native executor thread (backends/native/executor.py).
+_Run = Generator[Sequence[Any], int, list[Any]]
+_Runner = Callable[["NativeModule", "_Spec", Any, Sequence[Any]], _Run]
 
 
 def _bad(detail: str) -> Pkcs11Error:
@@ -516,7 +522,7 @@ class _Spec:
         c_name: str,
         convs: tuple[_Conv, ...],
         tails: tuple[_Tail, ...],
-        run: Callable[[NativeModule, _Spec, Any, Sequence[Any]], list[Any]],
+        run: _Runner,
     ) -> None:
         self.id = call_id
         self.c_name = c_name
@@ -527,7 +533,7 @@ class _Spec:
         self.run = run
 
 
-def _run_generic(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> list[Any]:
+def _run_generic(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> _Run:
     if len(args) != spec.nargs:
         raise _bad(f"{spec.c_name} takes {spec.nargs} arguments")
     cargs: list[Any] = []
@@ -537,7 +543,7 @@ def _run_generic(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -
         conv(mod, v, cargs, outs, keep)
     for tail in spec.tails:
         tail(cargs, outs)
-    rv = fn(*cargs)
+    rv = yield cargs
     if rv != _OK and (rv != _TOO_SMALL or not spec.buffered):
         raise Pkcs11Error(rv)
     result: list[Any] = []
@@ -548,7 +554,7 @@ def _run_generic(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -
 
 def _run_get_attribute_value(
     mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]
-) -> list[Any]:
+) -> _Run:
     if len(args) != 3:
         raise _bad("C_GetAttributeValue takes 3 arguments")
     session, obj, reqs = args
@@ -557,7 +563,7 @@ def _run_get_attribute_value(
     keep: list[Any] = []
     budget = [mod.max_buffer * 4]
     arr, layout = mod._get_template(reqs, keep, budget, 0)
-    rv = fn(session, obj, arr, len(layout))
+    rv = yield (session, obj, arr, len(layout))
     if rv not in _GET_ATTR_INBAND:
         raise Pkcs11Error(rv)
     return [mod._decode_template(arr, len(layout), layout), rv]
@@ -565,7 +571,7 @@ def _run_get_attribute_value(
 
 def _run_sign_message_next(
     mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]
-) -> list[Any]:
+) -> _Run:
     # uayayyfy: the y says whether the application passed pulSignatureLen (final part).
     if len(args) != 5:
         raise _bad("C_SignMessageNext takes 5 arguments")
@@ -581,7 +587,7 @@ def _run_sign_message_next(
     else:
         cargs.append(_NULL)
         cargs.append(_NULL)
-    rv = fn(*cargs)
+    rv = yield cargs
     if rv != _OK and (rv != _TOO_SMALL or not want_sig):
         raise Pkcs11Error(rv)
     if not want_sig:
@@ -592,7 +598,7 @@ def _run_sign_message_next(
     return result
 
 
-def _run_derive_key2(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> list[Any]:
+def _run_derive_key2(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> _Run:
     # uMuaA → uPu: the CK_RV in band, the updated parameter, the handle only on CKR_OK.
     if len(args) != 4:
         raise _bad("C_DeriveKey2 takes 4 arguments")
@@ -604,7 +610,7 @@ def _run_derive_key2(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any
     mech = mod._mechanism(m, keep, extra)
     arr, n = mod._template(template, keep, 0)
     hp = ffi.new("CK_OBJECT_HANDLE *")
-    rv = fn(session, mech, base, arr, n, hp)
+    rv = yield (session, mech, base, arr, n, hp)
     if rv != _OK and rv != _TOO_SMALL:
         raise Pkcs11Error(rv)
     update = mod._param_update(m, mech, extra)
@@ -616,7 +622,7 @@ def _run_derive_key2(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any
 # anything else (NULL buffers, size queries, odd types), which then decides.
 
 
-def _run_u_ay_fy(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> list[Any]:
+def _run_u_ay_fy(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> _Run:
     if len(args) == 3:
         session, data, cap = args
         if (
@@ -629,17 +635,17 @@ def _run_u_ay_fy(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -
                 cap = mod.max_buffer
             buf = ffi.new("CK_BYTE[]", cap)
             lenp = ffi.new("CK_ULONG *", cap)
-            rv = fn(session, data, len(data), buf, lenp)
+            rv = yield (session, data, len(data), buf, lenp)
             if rv == _OK:
                 n = lenp[0]
                 return [ffi.buffer(buf, n if n < cap else cap)[:]]
             if rv == _TOO_SMALL:
                 return [Null(min(lenp[0], 0xFFFFFFFF))]
             raise Pkcs11Error(rv)
-    return _run_generic(mod, spec, fn, args)
+    return (yield from _run_generic(mod, spec, fn, args))
 
 
-def _run_u_fy(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> list[Any]:
+def _run_u_fy(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> _Run:
     if len(args) == 2:
         session, cap = args
         if session.__class__ is int and cap.__class__ is int and 0 < cap < EMPTY_BUFFER:
@@ -647,54 +653,52 @@ def _run_u_fy(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> l
                 cap = mod.max_buffer
             buf = ffi.new("CK_BYTE[]", cap)
             lenp = ffi.new("CK_ULONG *", cap)
-            rv = fn(session, buf, lenp)
+            rv = yield (session, buf, lenp)
             if rv == _OK:
                 n = lenp[0]
                 return [ffi.buffer(buf, n if n < cap else cap)[:]]
             if rv == _TOO_SMALL:
                 return [Null(min(lenp[0], 0xFFFFFFFF))]
             raise Pkcs11Error(rv)
-    return _run_generic(mod, spec, fn, args)
+    return (yield from _run_generic(mod, spec, fn, args))
 
 
-def _run_random(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> list[Any]:
+def _run_random(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> _Run:
     if len(args) == 2:
         session, cap = args
         if session.__class__ is int and cap.__class__ is int and 0 < cap < EMPTY_BUFFER:
             if cap > mod.max_buffer:
                 cap = mod.max_buffer
             buf = ffi.new("CK_BYTE[]", cap)
-            rv = fn(session, buf, cap)
+            rv = yield (session, buf, cap)
             if rv != _OK:
                 raise Pkcs11Error(rv)
             return [ffi.buffer(buf, cap)[:]]
-    return _run_generic(mod, spec, fn, args)
+    return (yield from _run_generic(mod, spec, fn, args))
 
 
-def _run_u_m_u(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> list[Any]:
+def _run_u_m_u(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> _Run:
     if len(args) == 3:
         session, m, key = args
         if session.__class__ is int and key.__class__ is int:
             keep: list[Any] = []
-            rv = fn(session, mod._mechanism(m, keep, None), key)
+            rv = yield (session, mod._mechanism(m, keep, None), key)
             if rv != _OK:
                 raise Pkcs11Error(rv)
             return []
-    return _run_generic(mod, spec, fn, args)
+    return (yield from _run_generic(mod, spec, fn, args))
 
 
-def _run_u(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> list[Any]:
+def _run_u(mod: NativeModule, spec: _Spec, fn: Any, args: Sequence[Any]) -> _Run:
     if len(args) == 1 and args[0].__class__ is int:
-        rv = fn(args[0])
+        rv = yield (args[0],)
         if rv != _OK:
             raise Pkcs11Error(rv)
         return []
-    return _run_generic(mod, spec, fn, args)
+    return (yield from _run_generic(mod, spec, fn, args))
 
 
-_FAST_RUNS: dict[
-    tuple[_Conv, ...], Callable[[NativeModule, _Spec, Any, Sequence[Any]], list[Any]]
-] = {
+_FAST_RUNS: dict[tuple[_Conv, ...], _Runner] = {
     (_in_ulong, _in_bytes, _in_out_bytes): _run_u_ay_fy,
     (_in_ulong, _in_out_bytes): _run_u_fy,
     (_in_ulong, _in_random_buffer): _run_random,
@@ -863,6 +867,19 @@ class NativeModule:
     def call(self, call_id: int, args: Sequence[Any]) -> list[Any]:
         """Perform RPC call ``call_id`` (3…89) with the request's ``args``; return the
         reply values (see :mod:`p11gate.backends.base`). Raises Pkcs11Error."""
+        run, fn, cargs = self.begin(call_id, args)
+        try:
+            rv = fn(*cargs)
+        except _BAD_VALUE as e:  # a value cffi cannot convert to the C type
+            run.close()
+            raise Pkcs11Error(ckr.ARGUMENTS_BAD, f"{self._c_name(call_id)}: {e}") from None
+        return self.finish(call_id, run, rv)
+
+    def begin(self, call_id: int, args: Sequence[Any]) -> tuple[_Run, Any, Sequence[Any]]:
+        """The first half of :meth:`call`: check and marshal the arguments. Returns the
+        call's run (hand its CK_RV to :meth:`finish`), the C function, and its C
+        arguments; the run keeps every buffer they point at alive until it is finished
+        or closed. Raises Pkcs11Error, as :meth:`call` does."""
         try:
             spec = _SPECS[call_id] if call_id >= 0 else None
         except (IndexError, TypeError):
@@ -876,14 +893,42 @@ class NativeModule:
         fn = self._fns[call_id]
         if fn is None:
             raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED, spec.c_name)
+        run = spec.run(self, spec, fn, args)
         try:
-            return spec.run(self, spec, fn, args)
+            return run, fn, next(run)
+        except StopIteration:  # every run makes its one C call
+            raise Pkcs11Error(ckr.GENERAL_ERROR, f"{spec.c_name}: no call") from None
         except Pkcs11Error:
             raise
         except _BAD_VALUE as e:
             raise Pkcs11Error(ckr.ARGUMENTS_BAD, f"{spec.c_name}: {e}") from None
         except MemoryError:
             raise Pkcs11Error(ckr.DEVICE_MEMORY, spec.c_name) from None
+
+    def finish(self, call_id: int, run: _Run, rv: int) -> list[Any]:
+        """The second half of :meth:`call`: the reply values for the C call's CK_RV."""
+        try:
+            run.send(rv)
+        except StopIteration as done:
+            return cast(list[Any], done.value)
+        except Pkcs11Error:
+            raise
+        except _BAD_VALUE as e:
+            raise Pkcs11Error(ckr.ARGUMENTS_BAD, f"{self._c_name(call_id)}: {e}") from None
+        except MemoryError:
+            raise Pkcs11Error(ckr.DEVICE_MEMORY, self._c_name(call_id)) from None
+        run.close()
+        raise Pkcs11Error(ckr.GENERAL_ERROR, f"{self._c_name(call_id)}: a second call")
+
+    @staticmethod
+    def _c_name(call_id: int) -> str:
+        spec = _SPECS[call_id]
+        return spec.c_name if spec is not None else str(call_id)
+
+    def function(self, call_id: int) -> Any:
+        """The module's C function behind ``call_id`` (a cffi function pointer), or
+        None."""
+        return self._fns[call_id] if 0 <= call_id < len(self._fns) else None
 
     # -------------------------------------------------------------- helpers
 
