@@ -303,3 +303,15 @@ def test_built_library_is_cached_privately(tmp_path: Path,
     while not x.free() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert x.freed
+
+
+def test_cache_directory_follows_systemd_then_xdg(monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    monkeypatch.delenv("P11GATE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/p11gate")  # a unit's CacheDirectory=
+    assert native_executor.cache_dir() == Path("/var/cache/p11gate")
+    monkeypatch.delenv("CACHE_DIRECTORY")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert native_executor.cache_dir() == tmp_path / "p11gate"
+    monkeypatch.setenv("P11GATE_CACHE_DIR", str(tmp_path / "mine"))
+    assert native_executor.cache_dir() == tmp_path / "mine"

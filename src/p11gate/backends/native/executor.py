@@ -8,13 +8,13 @@ argument words to a POSIX thread that calls it without the interpreter, and fini
 the reply when the thread's CK_RV comes back through a pipe (:meth:`NativeModule.finish`).
 
 The C file ships in the package and is compiled on first use, like the bench's load
-generator, into a private cache directory (``P11GATE_CACHE_DIR``, else
-``$XDG_CACHE_HOME/p11gate``, else ``~/.cache/p11gate``): created 0700, and a library is
-only loaded from a directory owned by this user that nobody else can write, and only
-if the file is this user's too. Without a C compiler, or on an ABI other than LP64
-x86_64/aarch64, :func:`load` raises :class:`ExecutorUnavailable` and the back end keeps
-Python threads (``executor = "auto"``, the default) or refuses to start
-(``executor = "native"``).
+generator, into a private cache directory: ``P11GATE_CACHE_DIR``, else systemd's
+``CACHE_DIRECTORY``, else ``$XDG_CACHE_HOME/p11gate``, else ``~/.cache/p11gate``. It is
+created 0700, and a library is only loaded from a directory owned by this user that
+nobody else can write, and only if the file is this user's too. Without a C compiler,
+or on an ABI other than LP64 x86_64/aarch64, :func:`load` raises
+:class:`ExecutorUnavailable` and the back end keeps Python threads (``executor =
+"auto"``, the default) or refuses to start (``executor = "native"``).
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ def cache_dir() -> Path:
     base = os.environ.get("P11GATE_CACHE_DIR")
     if base:
         return Path(base)
+    systemd = os.environ.get("CACHE_DIRECTORY")  # the unit's CacheDirectory=
+    if systemd:
+        return Path(systemd.split(":")[0])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "p11gate"
 
 
