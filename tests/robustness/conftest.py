@@ -18,6 +18,9 @@ def gateway(request: pytest.FixtureRequest, token: dict,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     base: Path = tmp_path_factory.mktemp(f"gw-{request.param}")
     gw = Gateway(write_config(base, token, isolation=request.param))
+    if request.param == "none":  # the hostile frames must reach the native executor
+        up = [r for r in gw.records() if r.get("msg") == "backend up"]
+        assert up and up[0].get("executor") == "native", gw.log()[-2000:]
     yield gw
     alive = gw.alive()
     rc = gw.stop()
