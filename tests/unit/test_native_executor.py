@@ -182,8 +182,8 @@ def test_stop_with_a_call_hung_in_the_module(token: dict[str, Any]) -> None:
         with pytest.raises(BackendUnavailable, match="deadline"):
             await hung
         assert b.describe()["hung_calls"] == 1 and not b.up
-        native = b._native
-        assert native.busy() == 1
+        native, module = b._native, b._module
+        assert native.busy() == 1 and module is not None
         t0 = time.monotonic()
         await b.stop()
         assert time.monotonic() - t0 < 2.8
@@ -193,6 +193,10 @@ def test_stop_with_a_call_hung_in_the_module(token: dict[str, Any]) -> None:
             await asyncio.sleep(0.05)
         assert native.busy() == 0 and native.stop() == 0
         assert native.free()  # the thread ended: now it can go
+        # stop did not finalize under the hung call; do it now, or SoftHSM would stay
+        # initialized (with this test's token) for the rest of this process
+        assert module.initialized
+        module.finalize()
 
     asyncio.run(main())
 
@@ -259,6 +263,7 @@ def test_a_cache_directory_others_can_write_is_refused(
         a = InProcessBackend("soft", token["module"], executor="auto")
         await a.start()
         try:
+            assert a._module is not None and not a._module.shared  # b finalized it
             assert a.describe()["executor"] == "threads"
             assert a.executor_note is not None and "writable" in a.executor_note
             s = await _session(a, token)

@@ -179,6 +179,9 @@ class InProcessBackend(Backend):
                 self._start_native(loop, module)
             except ExecutorUnavailable as e:
                 if self.executor == "native":
+                    self._module = None
+                    with contextlib.suppress(Pkcs11Error):
+                        await loop.run_in_executor(None, module.finalize)
                     raise BackendUnavailable(f"{self.name}: native executor: {e}") from None
                 self.executor_note = str(e)
                 log.warning("native executor unavailable; module calls on Python threads",
