@@ -201,6 +201,33 @@ def test_stop_with_a_call_hung_in_the_module(token: dict[str, Any]) -> None:
     asyncio.run(main())
 
 
+def test_stop_under_a_running_call_answers_it_and_does_not_finalize(
+        token: dict[str, Any]) -> None:
+    """A call still inside the module (before its deadline) when the back end stops:
+    its caller gets BackendUnavailable at once instead of waiting forever, and the module
+    is not finalized under it."""
+
+    async def main() -> None:
+        b = await _backend(token, "native", threads=1, call_timeout=30.0)
+        assert b._native is not None
+        b._native_calls[C_GenerateRandom] = (_usleep_address(), (WORD, POINTER, WORD))
+        running = b.submit(C_GenerateRandom, [3_000_000, 16])
+        await asyncio.sleep(0.1)
+        native, module = b._native, b._module
+        assert native.busy() == 1 and module is not None
+        await b.stop()
+        with pytest.raises(BackendUnavailable, match="stopped while the call"):
+            await asyncio.wait_for(running, 1)
+        assert module.initialized  # not finalized under the running call
+        deadline = time.monotonic() + 10
+        while native.busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert native.stop() == 0 and native.free()
+        module.finalize()
+
+    asyncio.run(main())
+
+
 def test_executor_never_frees_under_a_running_thread() -> None:
     native_executor.load()
     x = native_executor.NativeExecutor(1, 4)

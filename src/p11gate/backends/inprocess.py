@@ -223,14 +223,20 @@ class InProcessBackend(Backend):
         await loop.run_in_executor(None, self._join_threads)
         self._drain()
         await self._stop_native(loop)
+        for job in list(self._deadlines):  # still inside the module: answered now
+            if not job.out.done():
+                job.out.set_exception(BackendUnavailable(
+                    f"backend {self.name} stopped while the call was in the module"))
         for fd in (self._bell_r, self._bell_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        if self._hung:
+        native_busy = self._native.busy() if self._native is not None else 0
+        if self._hung or native_busy:
             # finalizing under a call that is still inside the module is undefined
             log.warning(
-                "not finalizing: calls still hung in the module",
-                extra={"backend": self.name, "hung_calls": len(self._hung)},
+                "not finalizing: calls still inside the module",
+                extra={"backend": self.name, "hung_calls": len(self._hung),
+                       "native_calls": native_busy},
             )
             return
         try:
