@@ -217,6 +217,10 @@ class BackendConfig(_Strict):
 
     @model_validator(mode="after")
     def _type_keys(self) -> BackendConfig:
+        if self.executor != "auto" and (self.type != "module" or self.isolation != "none"):
+            raise ValueError(f"executor = \"{self.executor}\": the kind of module thread is "
+                             "chosen only for isolation = \"none\" (a worker process calls "
+                             "the module from its own threads)")
         if self.type == "module":
             if not self.module:
                 raise ValueError("module: give the absolute path of the vendor module "
