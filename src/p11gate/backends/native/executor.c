@@ -146,6 +146,27 @@ static void *serve(void *arg) {
     return NULL;
 }
 
+/* Join the threads (all told to stop) and free everything; started: the mutex,
+ * condition and pipe exist. */
+static void destroy(struct p11x *x, int started) {
+    if (started) {
+        for (int t = 0; t < x->nthreads; t++)
+            pthread_join(x->threads[t], NULL);
+        pthread_mutex_destroy(&x->mu);
+        pthread_cond_destroy(&x->work);
+    }
+    if (x->bell[0] >= 0)
+        close(x->bell[0]);
+    if (x->bell[1] >= 0)
+        close(x->bell[1]);
+    free(x->jobs);
+    free(x->free_list);
+    free(x->queue);
+    free(x->done);
+    free(x->threads);
+    free(x);
+}
+
 static void stop_all(struct p11x *x) {
     x->stopping = 1;
     pthread_cond_broadcast(&x->work);
@@ -179,26 +200,19 @@ struct p11x *p11x_new(int nthreads, uint32_t njobs) {
         x->nthreads++;
     }
     int ok = x->nthreads == nthreads;
-    x->alive = x->nthreads;
+    pthread_mutex_lock(&x->mu);
+    x->alive = x->nthreads; /* the threads read it only once told to stop */
+    pthread_mutex_unlock(&x->mu);
     if (ok)
         return x;
     /* could not start them all: stop the ones that did, give up */
     pthread_mutex_lock(&x->mu);
     stop_all(x);
     pthread_mutex_unlock(&x->mu);
-    for (int t = 0; t < x->nthreads; t++)
-        pthread_join(x->threads[t], NULL);
-    pthread_mutex_destroy(&x->mu);
-    pthread_cond_destroy(&x->work);
-    close(x->bell[0]);
-    close(x->bell[1]);
+    destroy(x, 1);
+    return NULL;
 fail:
-    free(x->jobs);
-    free(x->free_list);
-    free(x->queue);
-    free(x->done);
-    free(x->threads);
-    free(x);
+    destroy(x, 0);
     return NULL;
 }
 
@@ -297,17 +311,6 @@ int p11x_free(struct p11x *x) {
     pthread_mutex_unlock(&x->mu);
     if (!x->stopping || alive != 0)
         return -1;
-    for (int t = 0; t < x->nthreads; t++)
-        pthread_join(x->threads[t], NULL);
-    pthread_mutex_destroy(&x->mu);
-    pthread_cond_destroy(&x->work);
-    close(x->bell[0]);
-    close(x->bell[1]);
-    free(x->jobs);
-    free(x->free_list);
-    free(x->queue);
-    free(x->done);
-    free(x->threads);
-    free(x);
+    destroy(x, 1);
     return 0;
 }
