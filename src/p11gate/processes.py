@@ -329,6 +329,10 @@ class Supervisor:
             self.balancer.lanes[c.index].ready = False
             if self.stopping:
                 return
+            moved = self.balancer.rehome(c.index)
+            if moved:
+                log.info("connections handed to a process that died went to another",
+                         extra={"index": c.index, "connections": moved})
             lived = time.monotonic() - c.started
             backoff = RESTART_BACKOFF[0] if lived > 30 else min(backoff * 2, RESTART_BACKOFF[1])
             log.warning("gateway process died; restarting it",

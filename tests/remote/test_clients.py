@@ -363,9 +363,19 @@ class _CrlGateway:
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
 
-        now = dt.datetime.now(dt.UTC)
+        # CRL times have one-second resolution, and OpenSSL uses the newest CRL of a CA:
+        # two published within one second would tie, and either might win. Each one
+        # here is issued at least a second after the one before.
+        last = getattr(self, "_last_update", None)
+        while True:
+            now = dt.datetime.now(dt.UTC)
+            issued = (now - dt.timedelta(seconds=1)).replace(microsecond=0)
+            if last is None or issued > last:
+                break
+            time.sleep(0.05)
+        self._last_update = issued
         b = (x509.CertificateRevocationListBuilder().issuer_name(self.ca.name)
-             .last_update(now - dt.timedelta(seconds=1))
+             .last_update(issued)
              .next_update(now + dt.timedelta(days=days)))
         for name in revoked:
             b = b.add_revoked_certificate(

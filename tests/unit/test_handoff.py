@@ -131,6 +131,8 @@ def test_the_process_gets_the_clients_connection_and_reports_its_load() -> None:
         a.close()
         await asyncio.sleep(0.05)
         assert len(adopted) == 1
+        # its report counts it received: the supervisor drops its duplicate
+        assert b.lanes[0].read_reports() and not b.lanes[0].unacked
         c.settimeout(2)
         assert c.recv(1) == b""  # closed by the process
         c.close()
@@ -141,3 +143,32 @@ def test_the_process_gets_the_clients_connection_and_reports_its_load() -> None:
         ours.close()
 
     asyncio.run(run())
+
+
+def test_connections_in_flight_to_a_process_that_dies_go_to_another() -> None:
+    """A descriptor handed to a process that dies before taking it is closed by the
+    kernel with the process's end; the supervisor's duplicate goes to the other
+    process, which gets the very client connection. One the process reported received
+    is not handed again."""
+    b = Balancer(2)
+    ends = _ready(b)
+    client, conn = socket.socketpair()
+    assert b.order()[0] == 0 and b.hand(0, conn)
+    conn.close()  # the caller's copy, as the supervisor does
+    assert len(b.lanes[0].unacked) == 1
+    ends[0].close()  # process 0 dies without reading its pair
+    assert b.rehome(0) == 1
+    assert not b.lanes[0].unacked and not b.lanes[0].ready
+    data, fds, _flags, _addr = socket.recv_fds(ends[1], 16, 4)
+    assert struct.unpack("!H", data)[0] == 0 and len(fds) == 1
+    moved = socket.socket(fileno=fds[0])
+    client.sendall(b"\x00")  # the client's bytes reach the process that took over
+    assert moved.recv(1) == b"\x00"
+    moved.sendall(b"\x01")
+    assert client.recv(1) == b"\x01"
+    # process 1 reports it received that one: nothing is left to hand again
+    ends[1].send(struct.pack("!QQ", 1, 1))
+    assert b.lanes[1].read_reports() and not b.lanes[1].unacked
+    assert b.rehome(1) == 0
+    for s in (client, moved, ends[1]):
+        s.close()

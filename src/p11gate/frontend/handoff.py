@@ -17,17 +17,24 @@ Messages, one per packet:
   open (8 bytes each), sent whenever either changes. The supervisor counts a connection
   it handed but the process has not reported yet as open (``Lane.load``), so a late
   report never sends two connections in a row to the same process.
+
+Nothing is lost when a process dies: the supervisor keeps a duplicate of each
+descriptor it handed until the process's report counts it received. Descriptors still
+in flight in a dead process's pair are closed by the kernel with it; the supervisor then
+hands its duplicates of them to the other processes (``Balancer.rehome``), so a client
+that connected just as a process died is served by another instead of reset.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger("p11gate.server")
 
@@ -55,6 +62,10 @@ class Lane:
     handed: int = 0
     received: int = 0
     open: int = 0
+    #: (sequence number, listener, our duplicate) of each connection handed that the
+    #: process has not yet reported received
+    unacked: collections.deque[tuple[int, int, socket.socket]] = field(
+        default_factory=collections.deque)
 
     def load(self) -> int:
         return self.open + max(0, self.handed - self.received)
@@ -65,6 +76,19 @@ class Lane:
                 self.channel.close()
         self.channel, self.ready = channel, False
         self.handed = self.received = self.open = 0
+        self._drop_unacked(None)
+
+    def take_unacked(self) -> list[tuple[int, socket.socket]]:
+        """The connections handed but never reported received: (listener, duplicate)."""
+        out = [(listener, dup) for _seq, listener, dup in self.unacked]
+        self.unacked.clear()
+        return out
+
+    def _drop_unacked(self, upto: int | None) -> None:
+        """Close our duplicates of the connections received (all, with None)."""
+        q = self.unacked
+        while q and (upto is None or q[0][0] <= upto):
+            q.popleft()[2].close()
 
     def read_reports(self) -> bool:
         """Takes every waiting report; False when the process's end is closed."""
@@ -80,6 +104,7 @@ class Lane:
                 return False
             if len(data) == _REPORT.size:
                 self.received, self.open = _REPORT.unpack(data)
+                self._drop_unacked(self.received)
 
 
 class Balancer:
@@ -101,13 +126,34 @@ class Balancer:
             lane = self.lanes[i]
             assert lane.channel is not None
             try:
+                dup = conn.dup()  # kept until the process reports it received
+            except OSError:
+                return False
+            try:
                 socket.send_fds(lane.channel, [_LISTENER.pack(listener)], [conn.fileno()])
             except OSError:  # full (a stuck process) or gone: the next one
+                dup.close()
                 continue
             lane.handed += 1
+            lane.unacked.append((lane.handed, listener, dup))
             self._turn = (i + 1) % len(self.lanes)
             return True
         return False
+
+    def rehome(self, index: int) -> int:
+        """Process ``index`` died: hand the connections it never received to the others
+        (call before its lane is reset). Returns how many found a new process."""
+        lane = self.lanes[index]
+        lane.ready = False
+        moved = 0
+        for listener, dup in lane.take_unacked():
+            with dup:
+                if self.hand(listener, dup):
+                    moved += 1
+                else:
+                    log.warning("a connection handed to a process that died found no "
+                                "other; closed it")
+        return moved
 
 
 Adopter = Callable[[socket.socket], None]
@@ -161,13 +207,14 @@ class Receiver:
         socks = [socket.socket(fileno=fd) for fd in fds]
         adopter = (self.adopters.get(_LISTENER.unpack(data)[0])
                    if len(data) == _LISTENER.size else None)
+        if socks:
+            self.received += 1  # off the pair: the supervisor may drop its duplicate
         if adopter is None or len(socks) != 1:
             # not what the supervisor sends: nothing to serve it with
             for s in socks:
                 s.close()
             log.error("the supervisor handed a connection no listener takes")
             return
-        self.received += 1
         socks[0].setblocking(False)
         adopter(socks[0])
 
