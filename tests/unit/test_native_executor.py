@@ -275,10 +275,10 @@ def test_a_cache_directory_others_can_write_is_refused(
         token: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Loading a library from a directory another user could write would run their code
     in the gateway: "native" refuses to start, "auto" falls back to Python threads."""
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o777)
-    monkeypatch.setenv("P11GATE_CACHE_DIR", str(shared))
+    open_dir = tmp_path / "world-writable"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    monkeypatch.setenv("P11GATE_CACHE_DIR", str(open_dir))
     monkeypatch.setattr(native_executor, "_lib", None)
     with pytest.raises(native_executor.ExecutorUnavailable, match="writable by others"):
         native_executor.load()

@@ -53,8 +53,8 @@ _NEVER = float("inf")
 
 
 class _Job:
-    __slots__ = ("args", "call_id", "cancelled", "error", "index", "keep", "out", "result",
-                 "run", "started", "tag", "timeout")
+    __slots__ = ("args", "call_id", "cancelled", "cargs", "error", "index", "keep", "out",
+                 "result", "run", "started", "tag", "timeout")
 
     def __init__(self, call_id: int, args: list[Any], out: asyncio.Future[list[Any]],
                  timeout: float) -> None:
@@ -66,9 +66,10 @@ class _Job:
         self.cancelled = False
         self.result: list[Any] = []
         self.error: BaseException | None = None
-        # native executor only: the call's run (NativeModule.begin), the buffers its C
-        # arguments point at (alive until the thread is done with them), its job slot
+        # native executor only: the call's run (NativeModule.begin) and C arguments, the
+        # buffers made for them (all alive until the thread is done with them), its slot
         self.run: Any = None
+        self.cargs: Any = None
         self.keep: list[Any] | None = None
         self.index = -1
         self.tag = 0
@@ -137,6 +138,10 @@ class InProcessBackend(Backend):
         self.executor_note: str | None = None
 
     @property
+    def executor_in_use(self) -> str:
+        return "native" if self._native is not None else "threads"
+
+    @property
     def up(self) -> bool:
         return self._up and len(self._hung) < self.threads
 
@@ -203,7 +208,7 @@ class InProcessBackend(Backend):
             extra={
                 "backend": self.name,
                 "isolation": "none",
-                "executor": "native" if self._native is not None else "threads",
+                "executor": self.executor_in_use,
                 "generation": self.generation,
                 "interface": f"{module.interface_version[0]}.{module.interface_version[1]}",
             },
@@ -248,7 +253,7 @@ class InProcessBackend(Backend):
         native = NativeExecutor(self.threads, self.native_capacity)
         table: list[tuple[int, tuple[int, ...]] | None] = []
         for call_id in range(len(CALLS)):
-            fn = module.function(call_id) if call_id >= 3 else None
+            fn = module.function(call_id)
             kinds = arg_kinds(fn)
             table.append(None if fn is None or kinds is None
                          else (int(ffi.cast("uintptr_t", fn)), kinds))
@@ -291,21 +296,17 @@ class InProcessBackend(Backend):
         timeout = deadline(call_id, self.call_timeout, self.keygen_timeout)
         job = _Job(call_id, args, out, timeout)
         native = self._native
+        plan = None
         if native is not None and 0 <= call_id < len(self._native_calls):
             plan = self._native_calls[call_id]
-            if plan is not None:
-                if not self._submit_native(native, module, job, plan):
-                    return out  # failed at once (bad arguments)
-                at = loop.time() + timeout
-                self._deadlines[job] = at
-                if at < self._timer_at:
-                    self._arm(loop, at)
-                return out
+            if plan is not None and not self._submit_native(native, module, job, plan):
+                return out  # failed at once (bad arguments)
         at = loop.time() + timeout
         self._deadlines[job] = at
         if at < self._timer_at:
             self._arm(loop, at)
-        calls.put(job)
+        if plan is None:
+            calls.put(job)
         return out
 
     def _submit_native(self, native: NativeExecutor, module: NativeModule, job: _Job,
@@ -317,23 +318,32 @@ class InProcessBackend(Backend):
         except Exception as e:  # Pkcs11Error: refused before the module, as call() does
             job.out.set_exception(e)
             return False
-        keep: list[Any] = [cargs]
-        job.run, job.keep = run, keep
-        address, kinds = plan
+        job.run, job.cargs = run, cargs
         try:
-            index, tag = native.submit(address, kinds, cargs, keep)
+            queued = self._queue_native(native, job, plan)
         except (TypeError, OverflowError, ValueError) as e:
             run.close()
             job.out.set_exception(Pkcs11Error(ckr.ARGUMENTS_BAD, f"{CALLS[job.call_id].name}: {e}"))
             return False
-        job.tag = tag
-        if index == -1:  # every job slot taken: waits here for one
+        if queued is None:  # every job slot taken: waits here for one
             self._overflow.append(job)
-        elif index < 0:
+        elif not queued:
             run.close()
             job.out.set_exception(BackendUnavailable(f"backend {self.name} is stopping"))
             return False
-        job.index = index
+        return True
+
+    def _queue_native(self, native: NativeExecutor, job: _Job,
+                      plan: tuple[int, tuple[int, ...]]) -> bool | None:
+        """Hand ``job`` to a native thread: True when queued, None when every job slot
+        is taken, False when the executor is stopping."""
+        keep: list[Any] = []
+        index, tag = native.submit(plan[0], plan[1], job.cargs, keep)
+        if index == -1:
+            return None
+        if index < 0:
+            return False
+        job.keep, job.index, job.tag = keep, index, tag
         self._native_jobs[tag] = job
         return True
 
@@ -352,7 +362,7 @@ class InProcessBackend(Backend):
             self._deadlines.pop(job, None)
             self._returned(job)
             out, run = job.out, job.run
-            job.run = job.keep = None
+            job.run = job.cargs = job.keep = None
             if out.done() or module is None:  # expired meanwhile: only its buffers to free
                 run.close()
                 continue
@@ -364,21 +374,15 @@ class InProcessBackend(Backend):
         while overflow:  # slots are free again: queue the calls that waited for one
             job = overflow[0]
             plan = self._native_calls[job.call_id]
-            assert plan is not None and job.keep is not None
-            cargs = job.keep[0]
-            keep: list[Any] = [cargs]
-            index, tag = native.submit(plan[0], plan[1], cargs, keep)
-            if index == -1:
+            assert plan is not None
+            queued = self._queue_native(native, job, plan)  # checked when first submitted
+            if queued is None:
                 break
             overflow.popleft()
-            jobs.pop(job.tag, None)
-            job.keep, job.tag, job.index = keep, tag, index
-            if index < 0:
+            if not queued:
                 job.run.close()
                 if not job.out.done():
                     job.out.set_exception(BackendUnavailable(f"backend {self.name} stopped"))
-                continue
-            jobs[tag] = job
 
     def _returned(self, job: _Job) -> None:
         hung = self._hung.pop(job, None)
@@ -492,9 +496,10 @@ class InProcessBackend(Backend):
             self._overflow.remove(job)
         elif native is None or not native.cancel(job.index, job.tag):
             return False
-        self._native_jobs.pop(job.tag, None)
+        else:
+            self._native_jobs.pop(job.tag, None)
         job.run.close()
-        job.run = job.keep = None
+        job.run = job.cargs = job.keep = None
         return True
 
     def describe(self) -> dict[str, Any]:
@@ -504,7 +509,7 @@ class InProcessBackend(Backend):
             "isolation": "none",
             "module": self.module_path,
             "threads": self.threads,
-            "executor": "native" if self._native is not None else "threads",
+            "executor": self.executor_in_use,
             "hung_calls": len(self._hung),
             "timeouts": self.timeouts,
             "interface": None
