@@ -20,6 +20,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,8 @@ log = logging.getLogger("p11gate.registry")
 
 #: SQLite result codes (primary, the low byte) that mean "no space left"
 _FULL = {sqlite3.SQLITE_FULL}
+#: how long a locked registry is waited for (busy_timeout, and the WAL switch below)
+BUSY_TIMEOUT_S = 5.0
 
 
 class RegistryError(StoreError):
@@ -90,6 +93,25 @@ def _check(db: sqlite3.Connection) -> None:
         raise err
 
 
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Switch the file to WAL journaling. The switch needs the file to itself, and
+    SQLite answers SQLITE_BUSY at once, without its busy handler, while another process
+    opens or switches the same file (several gateway processes starting on a fresh
+    state_dir). So it is retried here for as long as busy_timeout would wait."""
+    end = time.monotonic() + BUSY_TIMEOUT_S
+    pause = 0.002
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL").fetchall()
+            return
+        except sqlite3.OperationalError as e:
+            name = getattr(e, "sqlite_errorname", "")
+            if not name.startswith("SQLITE_BUSY") or time.monotonic() + pause > end:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
+
+
 def check_registry(state_dir: str | os.PathLike[str]) -> str | None:
     """For `check-config`: open an existing registry read-only and check it. Returns the
     one-line problem, or None when it is usable (or does not exist yet)."""
@@ -136,9 +158,9 @@ class Registry(StateStore):
         except sqlite3.Error as e:
             raise _unusable(self.path, e) from None
         try:
-            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
             _check(self._db)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _use_wal(self._db)
             self._db.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as e:
             self._db.close()
