@@ -93,3 +93,48 @@ def test_one_identity_is_begun_by_one_process_at_a_time(
     log_b.begin(log_b.reserve([STUCK], ["m1"]))
     a.close()
     b.close()
+
+
+def test_a_running_process_takes_over_intents_whose_lease_runs_out(
+    cfg: tuple[StateConfig, Path],  # noqa: F811
+) -> None:
+    """An intent of a process that dies while this one runs is taken over without a
+    restart, once its lease has run out -- not while it is alive, not twice, and not a
+    fragment row (those wait for a start). Alone on a store there is nothing to take."""
+    c, state_dir = cfg
+    a, b = _process(c, state_dir, "host:/a"), _process(c, state_dir, "host:/b")
+    SharedUsage(a).renew({})
+    SharedUsage(b).renew({})
+    log_b = IntentLog("ha", b)  # B is running; A has not begun anything yet
+    assert log_b.open == {}
+    log_a = IntentLog("ha", a)
+    pending = log_a.reserve([KEY], ["m1", "m2"])
+    log_a.begin(pending)
+    log_a.suspect_fragments("m1", {3})
+    assert log_b.take_over_orphaned() == []  # A is alive: its business
+    a.execute("UPDATE gateway_lease SET until = 0 WHERE holder = 'host:/a'")  # A died
+    taken = log_b.take_over_orphaned()
+    assert [it.id for it in taken] == [pending.id]
+    assert taken[0].keys == [KEY] and taken[0].unsettled == {"m1", "m2"}
+    assert not taken[0].live and taken[0].state == "pending"
+    assert set(log_b.open) == {pending.id}
+    assert log_b.take_over_orphaned() == []  # once
+    # B's own intents are never its to take over, even with its lease gone
+    mine = log_b.reserve([OTHER], ["m1"])
+    log_b.begin(mine)
+    b.execute("UPDATE gateway_lease SET until = 0 WHERE holder = 'host:/b'")
+    log_b.open.pop(mine.id)
+    assert log_b.take_over_orphaned() == []
+    a.close()
+    b.close()
+
+
+def test_alone_on_a_store_nothing_is_taken_over(tmp_path: Path) -> None:
+    store = open_store(StateConfig(), tmp_path)
+    store.shared = False  # one gateway process on SQLite, as the gateway sets it
+    log = IntentLog("ha", store)
+    store.execute("INSERT INTO pool_intent (pool, intent, state, objects, unsettled, "
+                  "created, owner) VALUES ('ha', 7, 'pending', '[]', '[]', 0, NULL)")
+    assert log.take_over_orphaned() == []
+    assert set(IntentLog("ha", store).open) == {7}  # a start takes it
+    store.close()

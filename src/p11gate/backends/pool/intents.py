@@ -57,6 +57,13 @@ _MINE_OR_ORPHANED = (
     "SELECT intent, state, objects, unsettled FROM pool_intent WHERE pool=? AND "
     "(owner IS NULL OR owner = ? OR owner NOT IN "
     "(SELECT holder FROM gateway_lease WHERE until >= ?))")
+#: while running, on a shared store: the intents of other processes whose lease ran out
+#: since (and ownerless ones). Fragment rows wait for a start: only a module process
+#: started after the fragment was made is sure to see it (see above).
+_ORPHANED_SINCE = (
+    "SELECT intent, state, objects, unsettled FROM pool_intent WHERE pool=? AND "
+    "state <> 'fragment' AND (owner IS NULL OR (owner <> ? AND owner NOT IN "
+    "(SELECT holder FROM gateway_lease WHERE until >= ?)))")
 
 
 class IdentityBusy(Pkcs11Error):
@@ -113,14 +120,33 @@ class IntentLog:
         registry.ensure(*_SCHEMA)
         #: intents not yet settled: in flight, or left by a failure or an earlier run
         self.open: dict[int, Intent] = {}
-        for iid, state, objects, unsettled in registry.query(
-                _MINE_OR_ORPHANED, (pool, registry.holder, time.time())):
-            self.open[int(iid)] = Intent(
-                int(iid), [_decode_key(k) for k in json.loads(objects)],
-                set(json.loads(unsettled)), state=str(state), live=False)
+        self._load(_MINE_OR_ORPHANED)
         #: found at start: the figures the reconcile log line and status report
         self.found_at_start = sum(1 for it in self.open.values() if it.state != FRAGMENT)
         self.fragment_checks_at_start = len(self.open) - self.found_at_start
+
+    def _load(self, query: str) -> list[Intent]:
+        """Open the intents ``query`` finds that are not open yet; returns them."""
+        found: list[Intent] = []
+        for iid, state, objects, unsettled in self.registry.query(
+                query, (self.pool, self.registry.holder, time.time())):
+            if int(iid) in self.open:
+                continue
+            it = Intent(int(iid), [_decode_key(k) for k in json.loads(objects)],
+                        set(json.loads(unsettled)), state=str(state), live=False)
+            self.open[it.id] = it
+            found.append(it)
+        return found
+
+    def take_over_orphaned(self) -> list[Intent]:
+        """While running: the intents of a process or node on the store whose lease ran
+        out after this process started (it died and has not come back), which at start
+        were still a live process's business. Without this they waited for some
+        gateway's next start. Only on a shared store: alone, every intent is this
+        process's own and was loaded at start."""
+        if not self.registry.shared:
+            return []
+        return self._load(_ORPHANED_SINCE)
 
     def _new_id(self) -> int:
         """A random id: processes and nodes on one store write intents at once, and a

@@ -98,6 +98,28 @@ class ObjectIds:
             self.by_oid[oid] = key
         return oid
 
+    def reload(self, key: Key) -> int | None:
+        """Read ``key``'s id and state from the store again (another node may have made
+        or changed it since this cache was filled); its id, or None if it has none."""
+        found = self.registry.query(
+            "SELECT oid FROM pool_object WHERE pool=? AND class=? AND id IS ? AND "
+            "label IS ? AND uid IS ?", (self.pool, *key))
+        if not found:
+            return None
+        oid = int(found[0][0])
+        self.by_key[key], self.by_oid[oid] = oid, key
+        self._next = max(self._next, oid + 1)
+        for origin, pinned, destroyed in self.registry.query(
+                "SELECT origin, pinned, destroyed FROM pool_object_state WHERE pool=? AND "
+                "oid=?", (self.pool, oid)):
+            if origin:
+                self.origin[oid] = str(origin)
+            if pinned:
+                self.pinned[oid] = str(pinned)
+            if destroyed:
+                self.destroyed.add(oid)
+        return oid
+
     def _claim(self, key: Key) -> int:
         """The id of ``key`` in the store, made now if no process or node has: in one
         transaction that no other gateway on the store interleaves with, so two nodes

@@ -46,7 +46,7 @@ from .member import (
     MemberDown,
 )
 from .objects import Key, ObjectIds, SessionObject, as_bytes
-from .reconcile import CREATING, Reconciler
+from .reconcile import CREATING, TAKE_OVER_INTERVAL, Reconciler
 from .replication import DETERMINISTIC, EVERYWHERE, GENERATED, Replicator
 from .routes import (
     ANSWERED_HERE,
@@ -167,10 +167,14 @@ class PoolBackend(Backend):
     async def _probe(self) -> None:
         loop = asyncio.get_running_loop()
         next_stats = loop.time() + self.cfg.stats_interval
+        next_take_over = loop.time() + TAKE_OVER_INTERVAL
         while True:
             await asyncio.sleep(self.cfg.probe_interval)
             try:
                 await self._probe_once()
+                if self.reconciler is not None and loop.time() >= next_take_over:
+                    next_take_over = loop.time() + TAKE_OVER_INTERVAL
+                    await self.reconciler.take_over_orphaned()
             except Exception:
                 log.exception("pool probe failed", extra={"pool": self.name})
             if self.cfg.stats_interval and loop.time() >= next_stats:

@@ -141,6 +141,11 @@ def creation_keys(call_id: int, args: list[Any], objects: ObjectIds) -> list[Key
     return [k for k in keys if k is not None]
 
 
+#: how often a running pool looks for the intents of gateways whose lease ran out
+#: (leases last 30 s after a gateway's last heartbeat)
+TAKE_OVER_INTERVAL = 5.0
+
+
 class Reconciler:
     def __init__(self, pool: PoolBackend) -> None:
         self.pool = pool
@@ -150,6 +155,8 @@ class Reconciler:
         self.destroyed = 0
         #: intents settled on every member
         self.settled = 0
+        #: intents of a dead process or node taken over while running
+        self.taken_over = 0
         for it in self.intents.open.values():
             if it.state not in ("done", FRAGMENT):
                 self._tombstone(it)
@@ -168,7 +175,8 @@ class Reconciler:
         return {"intents_found_at_start": self.intents.found_at_start,
                 "fragment_checks_at_start": self.intents.fragment_checks_at_start,
                 "intents_unsettled": self.intents.unsettled_count(),
-                "intents_settled": self.settled, "reconcile_destroyed": self.destroyed}
+                "intents_settled": self.settled, "reconcile_destroyed": self.destroyed,
+                "intents_taken_over": self.taken_over}
 
     # ------------------------------------------------------------ a creation
 
@@ -295,6 +303,39 @@ class Reconciler:
                                                              "error": str(e)})
 
     # ------------------------------------------------------------ reconcile
+
+    async def take_over_orphaned(self) -> int:
+        """Take over, and reconcile on the usable members, the intents of a process or
+        node whose lease ran out while this one runs (see IntentLog.take_over_orphaned):
+        as its restart, or any gateway's next start, would. Returns how many."""
+        try:
+            found = self.intents.take_over_orphaned()
+        except Exception as e:  # the store is unreachable now: the next round tries again
+            log.warning("pool intents of dead gateways not read",
+                        extra={"pool": self.pool.name, "error": str(e)})
+            return 0
+        if not found:
+            return 0
+        try:  # the dead node made these: this node's cache may not know them yet
+            for it in found:
+                for key in it.keys:
+                    self.objects.reload(key)
+        except Exception as e:  # not taken over half-informed: the next round again
+            for it in found:
+                self.intents.open.pop(it.id, None)
+            log.warning("pool intents of dead gateways not taken over: object ids not read",
+                        extra={"pool": self.pool.name, "error": str(e)})
+            return 0
+        for it in found:
+            if it.state != "done":
+                self._tombstone(it)
+        self.taken_over += len(found)
+        log.warning("pool took over the creation intents of a gateway whose lease ran out; "
+                    "reconciling them", extra={
+                        "pool": self.pool.name, "intents": len(found),
+                        "identities": sum(len(it.keys) for it in found)})
+        await self.reconcile_all()
+        return len(found)
 
     async def reconcile_all(self) -> None:
         for m in self.pool.members:
