@@ -155,23 +155,35 @@ class _Server:
         """Next complete frame, reading as needed (caller holds the read lock)."""
         pending = self.pending
         while not pending:
-            try:
-                n = os.readv(self.in_fd, self.rbufs)
-            except OSError as e:
-                self.close(1, f"read failed: {e}")
-                return None
-            if not n:
-                if self.reader.pending():
-                    self.close(1, "end of stream inside a frame")
-                else:
-                    self.close(0)
-                return None
-            try:
-                pending.extend(self.reader.feed(cast(bytes, self.rview[:n])))
-            except ProtocolError as e:
-                self.close(1, f"protocol error: {e}")
+            if self._read_more(nonblocking=False) is None:
                 return None
         return pending.popleft()
+
+    def _read_more(self, nonblocking: bool) -> int | None:
+        """One read of the input, its complete frames appended to ``pending`` (caller
+        holds the read lock). Returns the bytes read; 0 when ``nonblocking`` and nothing
+        is there yet; None when the stream is closed (end of stream, read error,
+        malformed frame). Without ``nonblocking`` a would-block is a read error, as for
+        an input that should block."""
+        try:
+            n = os.readv(self.in_fd, self.rbufs)
+        except OSError as e:
+            if nonblocking and isinstance(e, BlockingIOError):
+                return 0
+            self.close(1, f"read failed: {e}")
+            return None
+        if not n:
+            if self.reader.pending():
+                self.close(1, "end of stream inside a frame")
+            else:
+                self.close(0)
+            return None
+        try:
+            self.pending.extend(self.reader.feed(cast(bytes, self.rview[:n])))
+        except ProtocolError as e:
+            self.close(1, f"protocol error: {e}")
+            return None
+        return n
 
     def write(self, code: int, body: bytes) -> None:
         data = build_frame(code, body)
@@ -232,25 +244,10 @@ class _Server:
                     pass
             elif not pending:
                 while True:  # drain what is there (non-blocking)
-                    try:
-                        n = os.readv(self.in_fd, self.rbufs)
-                    except BlockingIOError:
-                        break
-                    except OSError as e:
-                        self.close(1, f"read failed: {e}")
+                    n = self._read_more(nonblocking=True)
+                    if n is None:
                         return None
-                    if not n:
-                        if self.reader.pending():
-                            self.close(1, "end of stream inside a frame")
-                        else:
-                            self.close(0)
-                        return None
-                    try:
-                        pending.extend(self.reader.feed(cast(bytes, self.rview[:n])))
-                    except ProtocolError as e:
-                        self.close(1, f"protocol error: {e}")
-                        return None
-                    if n < READ_SIZE:
+                    if n < READ_SIZE:  # a short read (0: nothing there) drained it
                         break
             frame = pending.popleft() if pending else None
             self.ep.modify(fd, _ONESHOT)  # re-arm: an idle thread watches it again

@@ -139,28 +139,27 @@ def cache_dir() -> Path:
 
 
 def compile_c(src: bytes, stem: str) -> Path:
-    """Compile a single C file (cached by content hash) and return the executable."""
-    cache = cache_dir()
-    exe = cache / f"{stem}-{hashlib.sha256(src).hexdigest()[:12]}"
-    if exe.exists():
-        return exe
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise click.ClickException("a C compiler is needed: apt-get install gcc libp11-kit-dev")
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        c = Path(tmp) / f"{stem}.c"
-        c.write_bytes(src)
-        out = Path(tmp) / stem
-        r = subprocess.run([cc, "-O2", "-pthread", "-I/usr/include/p11-kit-1", "-o", str(out),
-                            str(c), "-ldl"], capture_output=True, text=True)
-        if r.returncode != 0:
-            hint = ""
-            if "pkcs11.h" in r.stderr:
-                hint = "\n(the PKCS#11 header is missing: apt-get install libp11-kit-dev)"
-            raise click.ClickException(f"compiling {stem} failed:\n{r.stderr}{hint}")
-        os.replace(out, exe)  # atomic: concurrent runs never see a half-written binary
-    return exe
+    """Compile a single C file (cached by content hash) and return the executable. Built
+    as the native executor is (backends/native/build.py): a private cache, a cached
+    binary run only when nobody else could have written it, a compiler that sees only
+    PATH and TMPDIR."""
+    # imported here: the native package loads cffi, which every p11gate command would
+    # otherwise pay for at start (this module is imported to register `bench`)
+    from ..backends.native.build import BuildError, CompileFailed, NoCompiler, build
+
+    try:
+        return build(src, cache_dir(), f"{stem}-{hashlib.sha256(src).hexdigest()[:12]}", stem,
+                     ["-O2", "-pthread", "-I/usr/include/p11-kit-1"], ["-ldl"])
+    except NoCompiler:
+        raise click.ClickException(
+            "a C compiler is needed: apt-get install gcc libp11-kit-dev") from None
+    except CompileFailed as e:
+        hint = ""
+        if "pkcs11.h" in e.stderr:
+            hint = "\n(the PKCS#11 header is missing: apt-get install libp11-kit-dev)"
+        raise click.ClickException(f"compiling {stem} failed:\n{e.stderr}{hint}") from None
+    except BuildError as e:  # a cache another user could write to
+        raise click.ClickException(str(e)) from None
 
 
 def loadgen_binary() -> Path:

@@ -16,7 +16,6 @@ which errs on the side of fewer attempts.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 
@@ -104,22 +103,7 @@ class StoredPinThrottle(PinThrottle):
                 return wait
             # as many attempts in flight as may still fail: wait for one to end, here
             # (woken at once) or in another process (seen at the next look)
-            fut = asyncio.get_running_loop().create_future()
-            self._waiting.setdefault(who, []).append(fut)
-            try:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(fut, POLL)
-            finally:
-                waiters = self._waiting.get(who)
-                if waiters is not None and fut in waiters:
-                    waiters.remove(fut)
-                    if not waiters:
-                        del self._waiting[who]
-
-    def _wake(self, who: str) -> None:
-        for fut in self._waiting.pop(who, ()):
-            if not fut.done():
-                fut.set_result(None)
+            await self._wait_for_end(who, POLL)
 
     def failed(self, who: str) -> None:
         now = time.time()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
@@ -104,16 +105,33 @@ class PinThrottle:
             wait = self.begin(who)
             if wait == 0 or self._inflight.get(who, 0) == 0 or self.locked_for(who) > 0:
                 return wait
-            fut = asyncio.get_running_loop().create_future()
-            self._waiting.setdefault(who, []).append(fut)
-            try:
+            await self._wait_for_end(who)
+
+    async def _wait_for_end(self, who: str, timeout: float | None = None) -> None:
+        """Wait until an attempt of ``who`` in flight ends in this process
+        (:meth:`_wake`), or at most ``timeout`` seconds (for attempts in other
+        processes, which cannot wake this one)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(who, []).append(fut)
+        try:
+            if timeout is None:
                 await fut
-            finally:
-                waiters = self._waiting.get(who)
-                if waiters is not None and fut in waiters:
-                    waiters.remove(fut)
-                    if not waiters:
-                        del self._waiting[who]
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(fut, timeout)
+        finally:
+            # a waiter that timed out or was cancelled leaves no future behind
+            waiters = self._waiting.get(who)
+            if waiters is not None and fut in waiters:
+                waiters.remove(fut)
+                if not waiters:
+                    del self._waiting[who]
+
+    def _wake(self, who: str) -> None:
+        """An attempt of ``who`` ended: every waiter looks again."""
+        for fut in self._waiting.pop(who, ()):
+            if not fut.done():
+                fut.set_result(None)
 
     def _end(self, who: str) -> None:
         n = self._inflight.get(who, 0) - 1
@@ -121,9 +139,7 @@ class PinThrottle:
             self._inflight[who] = n
         else:
             self._inflight.pop(who, None)
-        for fut in self._waiting.pop(who, ()):
-            if not fut.done():
-                fut.set_result(None)
+        self._wake(who)
 
     def failed(self, who: str) -> None:
         self._end(who)

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from ...codec import ckr
-from ...codec.calls import CALLS, CALLS_BY_NAME
+from ...codec.calls import CALLS
 from ...errors import BackendUnavailable, Pkcs11Error
 from ...state.base import StateStore, StoreError
-from ..base import Backend
+from ..token_backend import TokenBackend, TokenHandler
+from ..token_backend import call_id as _id
+from ..token_backend import method as _m
 from .idmap import IdMap
 from .pool import KmipPool
 from .token import KmipToken
@@ -27,18 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("p11gate.backend")
 
-Handler = Callable[[KmipToken, list[Any]], list[Any] | Awaitable[list[Any]]]
-
-
-def _id(name: str) -> int:
-    return CALLS_BY_NAME[name].id
-
-
-def _m(name: str) -> Handler:
-    def call(t: KmipToken, args: list[Any]) -> list[Any] | Awaitable[list[Any]]:
-        fn: Callable[[list[Any]], list[Any] | Awaitable[list[Any]]] = getattr(t, name)
-        return fn(args)
-    return call
+Handler = TokenHandler[KmipToken]
 
 
 HANDLERS: dict[int, Handler] = {_id(f"C_{k}"): _m(v) for k, v in {
@@ -75,7 +66,7 @@ HANDLERS[_id("C_Verify")] = lambda t, a: t.verify(a, a[1], a[2])
 HANDLERS[_id("C_VerifyFinal")] = lambda t, a: t.verify(a, None, a[1])
 
 
-class KmipBackend(Backend):
+class KmipBackend(TokenBackend[KmipToken]):
     def __init__(self, cfg: BackendConfig, store: StateStore) -> None:
         assert cfg.kmip is not None
         self.name = cfg.name
@@ -83,10 +74,6 @@ class KmipBackend(Backend):
         self.kmip = cfg.kmip
         self.store = store
         self._token: KmipToken | None = None
-
-    @property
-    def up(self) -> bool:
-        return self._token is not None
 
     async def start(self) -> None:
         # PyKMIP's own records name key files and request details, and warn at every
@@ -115,17 +102,8 @@ class KmipBackend(Backend):
             token.pool.close()
 
     async def call(self, call_id: int, args: list[Any]) -> list[Any]:
-        token = self._token
-        if token is None:
-            raise BackendUnavailable(f"backend {self.name} is not running")
-        handler = HANDLERS.get(call_id)
-        if handler is None:
-            if 0 <= call_id < len(CALLS) and CALLS[call_id].name == "C_SeedRandom":
-                raise Pkcs11Error(ckr.RANDOM_SEED_NOT_SUPPORTED)
-            raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED)
+        token, handler = self._token_and_handler(HANDLERS, call_id, args)
         try:
-            if len(args) != len(CALLS[call_id].req_codes):
-                raise Pkcs11Error(ckr.ARGUMENTS_BAD, "argument count")
             result = handler(token, args)
             if isinstance(result, Awaitable):
                 return await result

@@ -23,15 +23,12 @@ import hashlib
 import itertools
 import os
 import platform
-import shutil
-import stat
-import subprocess
-import tempfile
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .build import BuildError, CompileFailed, NoCompiler, build
 from .cdef import ffi
 
 __all__ = ["ExecutorUnavailable", "NativeExecutor", "arg_kinds", "cache_dir", "load"]
@@ -74,44 +71,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "p11gate"
 
 
-def _private(path: Path) -> None:
-    """Refuse a directory or file another user could have written: loading it would run
-    their code inside the gateway."""
-    st = path.lstat()
-    if st.st_uid != os.geteuid():
-        raise ExecutorUnavailable(f"{path} is owned by uid {st.st_uid}, not this user")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise ExecutorUnavailable(f"{path} is writable by others")
-    if stat.S_ISLNK(st.st_mode):
-        raise ExecutorUnavailable(f"{path} is a symbolic link")
-
-
 def _build(src: bytes) -> Path:
-    cache = cache_dir()
-    lib = cache / f"p11gate-executor-{hashlib.sha256(src).hexdigest()[:16]}.so"
+    name = f"p11gate-executor-{hashlib.sha256(src).hexdigest()[:16]}.so"
     try:
-        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _private(cache)
-        if lib.exists():
-            _private(lib)
-            return lib
-    except OSError as e:
-        raise ExecutorUnavailable(f"cache directory {cache}: {e}") from None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise ExecutorUnavailable("no C compiler (cc) to build it: apt-get install gcc")
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        c = Path(tmp) / "executor.c"
-        c.write_bytes(src)
-        out = Path(tmp) / "executor.so"
-        r = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-pthread", "-o", str(out),
-                            str(c)], capture_output=True, text=True,
-                           env={k: v for k, v in os.environ.items() if k in ("PATH", "TMPDIR")})
-        if r.returncode != 0:
-            raise ExecutorUnavailable(f"building it failed: {r.stderr.strip()[:500]}")
-        os.chmod(out, 0o755)
-        os.replace(out, lib)  # atomic: a concurrent start never loads a half-written file
-    return lib
+        return build(src, cache_dir(), name, "executor", ["-O2", "-shared", "-fPIC", "-pthread"])
+    except NoCompiler:
+        raise ExecutorUnavailable("no C compiler (cc) to build it: apt-get install gcc") from None
+    except CompileFailed as e:
+        raise ExecutorUnavailable(f"building it failed: {e.stderr.strip()[:500]}") from None
+    except BuildError as e:  # the cache is not private (see build.private)
+        raise ExecutorUnavailable(str(e)) from None
 
 
 def load() -> Any:

@@ -15,9 +15,11 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ...codec import ckr
-from ...codec.calls import CALLS, CALLS_BY_NAME
+from ...codec.calls import CALLS
 from ...errors import BackendUnavailable, Pkcs11Error
-from ..base import Backend
+from ..token_backend import TokenBackend, TokenHandler
+from ..token_backend import call_id as _id
+from ..token_backend import method as _m
 from . import crypto_ops, ops, wrap_derive
 from .store import KeyFileMismatch, SoftStore, read_key_file, read_pin_file
 from .token import SoftToken
@@ -27,18 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("p11gate.backend")
 
-Handler = Callable[[SoftToken, list[Any]], list[Any] | Awaitable[list[Any]]]
-
-
-def _id(name: str) -> int:
-    return CALLS_BY_NAME[name].id
-
-
-def _m(name: str) -> Handler:
-    def call(t: SoftToken, args: list[Any]) -> list[Any] | Awaitable[list[Any]]:
-        fn: Callable[[list[Any]], list[Any] | Awaitable[list[Any]]] = getattr(t, name)
-        return fn(args)
-    return call
+Handler = TokenHandler[SoftToken]
 
 
 HANDLERS: dict[int, Handler] = {
@@ -94,7 +85,7 @@ for _k in ("Encrypt", "Decrypt"):
     HANDLERS[_id(f"C_{_k}Update")] = _kind(crypto_ops.crypt_update, _k.lower())
 
 
-class SoftBackend(Backend):
+class SoftBackend(TokenBackend[SoftToken]):
     #: call id → handler (a layered view replaces some)
     handlers: dict[int, Handler] = HANDLERS
 
@@ -103,10 +94,6 @@ class SoftBackend(Backend):
         self.cfg = cfg
         self._token: SoftToken | None = None
         self._store: SoftStore | None = None
-
-    @property
-    def up(self) -> bool:
-        return self._token is not None
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -140,17 +127,8 @@ class SoftBackend(Backend):
             store.close()
 
     async def call(self, call_id: int, args: list[Any]) -> list[Any]:
-        token = self._token
-        if token is None:
-            raise BackendUnavailable(f"backend {self.name} is not running")
-        handler = self.handlers.get(call_id)
-        if handler is None:
-            if 0 <= call_id < len(CALLS) and CALLS[call_id].name == "C_SeedRandom":
-                raise Pkcs11Error(ckr.RANDOM_SEED_NOT_SUPPORTED)
-            raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED)
+        token, handler = self._token_and_handler(self.handlers, call_id, args)
         try:
-            if len(args) != len(CALLS[call_id].req_codes):
-                raise Pkcs11Error(ckr.ARGUMENTS_BAD, "argument count")
             token.refresh()
             result = handler(token, args)
             if asyncio.iscoroutine(result) or isinstance(result, Awaitable):

@@ -1,0 +1,68 @@
+"""What the back ends that answer calls from one in-process token object share.
+
+The soft and KMIP back ends each keep a token object and a table from call id to handler;
+a call is checked the same way in both before its handler runs (back end running, call
+known, argument count), so that a client sees the same CK_RV from either for the same
+mistake. What they do around the handler (errors, refreshing) stays their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Generic, TypeAlias, TypeVar
+
+from ..codec import ckr
+from ..codec.calls import CALLS, CALLS_BY_NAME
+from ..errors import BackendUnavailable, Pkcs11Error
+from .base import Backend
+
+T = TypeVar("T")
+
+#: one call's handler: the token and the request's arguments → the reply values (or an
+#: awaitable of them, for handlers that run in threads or wait on a server)
+TokenHandler: TypeAlias = Callable[[T, list[Any]], list[Any] | Awaitable[list[Any]]]
+
+
+def call_id(name: str) -> int:
+    """The call id of ``name`` (``"C_Sign"``), for building handler tables."""
+    return CALLS_BY_NAME[name].id
+
+
+def method(name: str) -> TokenHandler[Any]:
+    """A handler that passes the arguments to the token's method ``name``.
+
+    Looked up on each call, not bound once, so that one table serves every token object
+    (and subclasses that override the method)."""
+    def call(t: Any, args: list[Any]) -> list[Any] | Awaitable[list[Any]]:
+        fn: Callable[[list[Any]], list[Any] | Awaitable[list[Any]]] = getattr(t, name)
+        return fn(args)
+    return call
+
+
+class TokenBackend(Backend, Generic[T]):
+    """A back end answering from ``_token`` (None while not running)."""
+
+    _token: T | None
+
+    @property
+    def up(self) -> bool:
+        return self._token is not None
+
+    def _token_and_handler(self, handlers: Mapping[int, TokenHandler[T]], call_id: int,
+                           args: list[Any]) -> tuple[T, TokenHandler[T]]:
+        """The token and the handler for ``call_id``, or the error the client gets:
+        BackendUnavailable when not running, CKR_RANDOM_SEED_NOT_SUPPORTED for
+        C_SeedRandom and CKR_FUNCTION_NOT_SUPPORTED for any other call without a
+        handler, CKR_ARGUMENTS_BAD when the argument count is not the call's."""
+        token = self._token
+        if token is None:
+            raise BackendUnavailable(f"backend {self.name} is not running")
+        handler = handlers.get(call_id)
+        if handler is None:
+            if 0 <= call_id < len(CALLS) and CALLS[call_id].name == "C_SeedRandom":
+                raise Pkcs11Error(ckr.RANDOM_SEED_NOT_SUPPORTED)
+            raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED)
+        # a request with the wrong number of arguments never reaches a handler
+        if len(args) != len(CALLS[call_id].req_codes):
+            raise Pkcs11Error(ckr.ARGUMENTS_BAD, "argument count")
+        return token, handler
