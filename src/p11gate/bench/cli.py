@@ -8,6 +8,7 @@ See docs/benchmarks.md."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -662,8 +663,25 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    idle = cpuidle()
     return f"{os.cpu_count()} CPUs{', ' + cpu if cpu else ''}, {platform.system()} " \
-           f"{platform.release()}, Python {platform.python_version()}"
+           f"{platform.release()}, Python {platform.python_version()}" \
+           f"{', cpuidle ' + idle if idle else ''}"
+
+
+def cpuidle() -> str:
+    """The idle driver, and on a VM guest its halt polling: an idle vCPU that halts at
+    once makes every wake-up an exit to the host, which moves the gateway's figures more
+    than p11-kit server's (docs/benchmarks.md, "Where the in-process hop goes")."""
+    base = Path("/sys/devices/system/cpu/cpuidle")
+    try:
+        driver = (base / "current_driver").read_text().strip()
+    except OSError:
+        return ""
+    poll = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+    with contextlib.suppress(OSError):
+        return f"{driver} (guest_halt_poll_ns={poll.read_text().strip()})"
+    return driver
 
 
 def versions() -> dict[str, str]:
