@@ -44,6 +44,7 @@ from . import (
 )
 from .common import ID
 from .handles import (
+    RUNNING_ON,
     HandleTable,
     ObjectRef,
     Session,
@@ -75,6 +76,9 @@ class ClientConnection(asyncio.Protocol):
         self.handles = HandleTable()
         #: token → CKU_* this connection is logged in as
         self.logins: dict[VirtualToken, int] = {}
+        #: tokens this connection is logging out of: until its handles to private
+        #: objects are dropped, none of them (nor one not known to be public) is used
+        self.logging_out: set[VirtualToken] = set()
         self.identity: Identity = UNKNOWN
         #: what policy lets this identity do on each token it may see
         self.grants: dict[VirtualToken, Grant] = {}
@@ -205,6 +209,8 @@ class ClientConnection(asyncio.Protocol):
     ) -> None:
         if prev is not None and not prev.done():
             await asyncio.wait((prev,))
+        if PLANS[call.id].session:  # this task's own context: see handles.settle
+            RUNNING_ON.set(self.handles.sessions.get(args[0]))
         try:
             if not self.initialized and call.id != ID["C_Initialize"]:
                 raise Pkcs11Error(ckr.CRYPTOKI_NOT_INITIALIZED)

@@ -8,6 +8,7 @@ simply not in this table.
 from __future__ import annotations
 
 import asyncio
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from ..codec import Attribute
@@ -20,8 +21,8 @@ IDENTITY_UNKNOWN, IDENTITY_PENDING, IDENTITY_KNOWN, IDENTITY_NONE = range(4)
 
 
 class Session:
-    __slots__ = ("backend_handle", "fenced", "find", "flags", "generation", "handle",
-                 "private_ops", "tail", "token")
+    __slots__ = ("auth_key", "backend_handle", "fenced", "find", "flags", "generation",
+                 "handle", "private_ops", "tail", "token")
 
     def __init__(
         self, handle: int, token: VirtualToken, backend_handle: int, generation: int, flags: int
@@ -40,6 +41,9 @@ class Session:
         #: operations ended at a logout: their continuation calls are refused until a new
         #: one of the kind starts (see operations.py)
         self.fenced: set[str] | None = None
+        #: the key of the last operation started with one (a CKU_CONTEXT_SPECIFIC login
+        #: re-authenticates for it when it has CKA_ALWAYS_AUTHENTICATE)
+        self.auth_key: ObjectRef | None = None
 
 
 class ObjectRef:
@@ -64,6 +68,38 @@ class ObjectRef:
         #: backend instance (after a worker restart)
         self.identity: list[Attribute] | None = None
         self.identity_state = IDENTITY_UNKNOWN
+
+
+#: tasks inside :func:`settle`: one never waits for another that waits for it
+_settling: set[asyncio.Future[object]] = set()
+#: the session whose call the current task serves (set by the connection's _run): the
+#: calls before it on that session have ended, the ones after it wait for it
+RUNNING_ON: ContextVar[Session | None] = ContextVar("p11gate_running_on", default=None)
+
+
+async def settle(s: Session, tail: asyncio.Future[None] | None = None) -> None:
+    """Wait until no call of the client's is in flight or queued on ``s`` (its tail;
+    or only until ``tail``, a tail taken before, and the calls before it, have ended).
+    A module must never see its session closed, or an operation on it ended, under a
+    call still running on it: SoftHSM frees the session's operation under the running
+    call (the worker, or in-process the gateway, crashed), and a call queued behind the
+    fair share would start on a session number the module may have given to another
+    application meanwhile."""
+    if s is RUNNING_ON.get():
+        return
+    me = asyncio.current_task()
+    if me is not None:
+        _settling.add(me)
+    try:
+        follow = tail is None
+        tail = s.tail if follow else tail
+        while (tail is not None and not tail.done() and tail is not me
+               and tail not in _settling):
+            await asyncio.wait((tail,))
+            tail = s.tail if follow else None
+    finally:
+        if me is not None:
+            _settling.discard(me)
 
 
 class HandleTable:

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from ..audit import AuditError
 from ..codec import AttrRequest, Call, ckr
 from ..codec import constants as ck
+from ..codec.calls import CALLS
+from ..config import ConfigError
 from ..errors import BackendUnavailable, Pkcs11Error
 from ..policy import Denied
 from .common import ID
@@ -24,6 +26,7 @@ from .token import VirtualToken
 
 if TYPE_CHECKING:
     from .connection import ClientConnection
+    from .handles import Session
 
 
 log = logging.getLogger("p11gate.conn")
@@ -42,7 +45,7 @@ async def h_login(c: ClientConnection, call: Call, args: list[Any]) -> list[Any]
     if user_type == ck.CKU_CONTEXT_SPECIFIC:
         if not c.logged_in(t):
             raise Pkcs11Error(ckr.USER_NOT_LOGGED_IN)
-        return await c.forward(call, args)
+        return await login_context(c, call, args, s, pin)
     if user_type not in (ck.CKU_SO, ck.CKU_USER):
         raise Pkcs11Error(ckr.USER_TYPE_INVALID)
     if user_type == ck.CKU_SO and not c.grants[t].may("so"):
@@ -83,6 +86,74 @@ async def h_login(c: ClientConnection, call: Call, args: list[Any]) -> list[Any]
 
 
 _WRONG_PIN = (ckr.PIN_INCORRECT, ckr.PIN_INVALID, ckr.PIN_LEN_RANGE)
+
+
+async def _reauth_pending(s: Session) -> bool:
+    """Whether the session's last operation with a key may wait for a
+    CKU_CONTEXT_SPECIFIC login (its key has CKA_ALWAYS_AUTHENTICATE; when in doubt,
+    yes)."""
+    ref = s.auth_key
+    if ref is None or ref.generation != s.token.backend.generation:
+        return False
+    try:
+        attrs, rv = await s.token.backend.call(
+            ID["C_GetAttributeValue"],
+            [s.backend_handle, ref.backend_handle, [AttrRequest(ck.CKA_ALWAYS_AUTHENTICATE, 1)]])
+    except Pkcs11Error:
+        return True
+    return rv != ckr.OK or bool(attrs[0].value)
+
+
+async def login_context(c: ClientConnection, call: Call, args: list[Any], s: Session,
+                        pin: bytes) -> list[Any]:
+    """CKU_CONTEXT_SPECIFIC (a key with CKA_ALWAYS_AUTHENTICATE): the connection proves
+    again what its login proved (its own PIN on a mapped token; the PIN that logged the
+    backend in on a passthrough one; nothing with pin_mode none) and the module gets the
+    credential the gateway holds. A wrong PIN never reaches the module and is counted
+    like any other: the backend PIN of a mapped token stays out of a client's reach (it
+    was an oracle for it, unthrottled), and so does the device's own retry counter."""
+    t = s.token
+    who = c.identity.key
+    wait = await t.throttle.acquire(who)
+    if wait > 0:
+        _refuse_locked(c, call, t, ck.CKU_CONTEXT_SPECIFIC, wait)
+    try:
+        if t.mapped_pins is not None:
+            stored = t.mapped_pins.get(who)
+            right = await asyncio.to_thread(verify_pin, pin, stored or _DUMMY_HASH)
+            right = right and stored is not None
+        elif t.gateway_login:
+            right = True
+        else:
+            right = await asyncio.to_thread(t.login.verify, pin)
+        if not right:
+            # as the module answers when no operation waits for a re-authentication
+            raise Pkcs11Error(ckr.PIN_INCORRECT if await _reauth_pending(s)
+                              else ckr.OPERATION_NOT_INITIALIZED)
+        if t.gateway_login:
+            try:
+                secret = t.cfg.backend_pin()
+            except (ConfigError, OSError) as e:
+                raise Pkcs11Error(ckr.GENERAL_ERROR, f"token {t.name}: {e}") from None
+            reply = await c.forward(CALLS[ID["C_Login"]],
+                                    [args[0], ck.CKU_CONTEXT_SPECIFIC, secret])
+            del secret
+        else:
+            reply = await c.forward(call, args)
+    except Pkcs11Error as e:
+        (t.throttle.failed if e.rv in _WRONG_PIN else t.throttle.abandoned)(who)
+        c.gw.audit.record_best_effort(call.name, e.rv, c.peer, t.name,
+                                      user_type=ck.CKU_CONTEXT_SPECIFIC)
+        raise
+    except BaseException:
+        t.throttle.abandoned(who)
+        raise
+    t.throttle.succeeded(who)
+    c.gw.audit.record_best_effort(call.name, ckr.OK, c.peer, t.name,
+                                  user_type=ck.CKU_CONTEXT_SPECIFIC)
+    return reply
+
+
 #: per-token key of the attempts that reach the backend unverified (passthrough, nobody
 #: logged in): every identity's wrong PINs count against the device's own retry counter
 _BACKEND = "\0backend:"
@@ -178,9 +249,13 @@ async def logout(c: ClientConnection, t: VirtualToken, closing: bool = False) ->
     which are private), then the backend login if no other connection holds it.
     ``closing``: the connection's sessions are about to be closed anyway."""
     c.logins.pop(t, None)
-    if not closing:
-        await end_private_operations(c, t)
-    await drop_private_handles(c, t)
+    c.logging_out.add(t)  # before any await: see translation.object_for
+    try:
+        if not closing:
+            await end_private_operations(c, t)
+        await drop_private_handles(c, t)
+    finally:
+        c.logging_out.discard(t)
     async with t.login_lock:
         st = t.login
         st.holders.discard(c.id)

@@ -94,21 +94,56 @@ async def find_in_namespace(
             return out
 
 
+#: the buffer an identity attribute is read with first
+_IDENTITY_READ = 1024
+_UNREADABLE = object()
+
+
 async def read_info(c: ClientConnection, s: Session, backend_handle: int) -> ObjectInfo | None:
     """(is token object, CKA_CLASS, CKA_ID, CKA_LABEL) of an object, read through the
     client's own backend session; None if the object cannot be read."""
     reqs = [AttrRequest(ck.CKA_TOKEN, 1), AttrRequest(ck.CKA_CLASS, 8),
-            AttrRequest(ck.CKA_ID, 1024), AttrRequest(ck.CKA_LABEL, 1024)]
+            AttrRequest(ck.CKA_ID, _IDENTITY_READ), AttrRequest(ck.CKA_LABEL, _IDENTITY_READ)]
     try:
         attrs, _ = await s.token.backend.call(
             ID["C_GetAttributeValue"], [s.backend_handle, backend_handle, reqs])
+        vals = {a.type: a.value for a in attrs if a.length is not None}
+        if ck.CKA_TOKEN not in vals or ck.CKA_CLASS not in vals:
+            return None
+        for a in attrs[2:]:
+            if a.length is None:
+                # unavailable: no such attribute, or longer than the buffer (a module
+                # answers both alike). Read as empty, a longer CKA_ID or CKA_LABEL was
+                # another identity: the object of its owner, or one nobody owns
+                # (an object without a label) taken over by making one with a long label
+                value = await _read_long(c, s, backend_handle, a.type)
+                if value is _UNREADABLE:
+                    return None
+                vals[a.type] = value
     except Pkcs11Error:
-        return None
-    vals = {a.type: a.value for a in attrs if a.length is not None}
-    if ck.CKA_TOKEN not in vals or ck.CKA_CLASS not in vals:
         return None
     return (bool(vals[ck.CKA_TOKEN]), int(vals[ck.CKA_CLASS]),
             bytes(vals.get(ck.CKA_ID) or b""), bytes(vals.get(ck.CKA_LABEL) or b""))
+
+
+async def _read_long(c: ClientConnection, s: Session, backend_handle: int,
+                     kind: int) -> object:
+    """The value of an identity attribute that did not come back from the first read:
+    its size asked for, then read at that size; b"" when the object has none,
+    _UNREADABLE when it cannot be read whole."""
+    backend = s.token.backend
+    (size,), _ = await backend.call(
+        ID["C_GetAttributeValue"], [s.backend_handle, backend_handle, [AttrRequest(kind, 0)]])
+    if size.length is None:
+        return b""  # no such attribute (or sensitive): as before
+    if size.length > c.gw.cfg.server.max_buffer:
+        return _UNREADABLE
+    (attr,), _ = await backend.call(
+        ID["C_GetAttributeValue"],
+        [s.backend_handle, backend_handle, [AttrRequest(kind, max(size.length, 1))]])
+    if attr.length is None or not isinstance(attr.value, bytes | bytearray | None):
+        return _UNREADABLE
+    return bytes(attr.value or b"")
 
 
 def remember_identity(c: ClientConnection, ref: ObjectRef, info: ObjectInfo) -> None:

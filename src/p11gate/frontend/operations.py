@@ -12,12 +12,14 @@ a module that did not end it cannot be driven any further.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any
 
 from ..codec import Attribute, ckr
 from ..errors import Pkcs11Error
 from .common import ID
+from .handles import settle
 from .tables import OPERATION_OF_INIT, OPERATION_PHASES
 
 if TYPE_CHECKING:
@@ -66,6 +68,7 @@ def duplicate_type(template: list[Attribute], depth: int = 0) -> int | None:
 def note_key_init(s: Session, call_id: int, ref: ObjectRef, logged_in: bool) -> None:
     """Remember an operation started with a key that may be private while logged in."""
     op = OPERATION_OF_INIT[call_id]
+    s.auth_key = ref
     if logged_in and ref.private is not False:
         if s.private_ops is None:
             s.private_ops = set()
@@ -89,20 +92,29 @@ def lift_fence(s: Session, call_id: int) -> None:
 
 
 async def end_private_operations(c: ClientConnection, t: VirtualToken) -> None:
-    """At logout: end this connection's finds and private-key operations on ``t``."""
+    """At logout: end this connection's finds and private-key operations on ``t``.
+    Fenced first, at once (a continuation sent from now on is refused); each is ended
+    on the backend only after the calls already sent on its session have ended: the
+    module must not see an operation ended under a call still running in it."""
+    todo: list[tuple[Session, asyncio.Future[None] | None, str | None, set[str]]] = []
     for s in list(c.handles.sessions.values()):
-        if s.token is not t or s.generation != t.backend.generation:
+        if s.token is not t:
             continue
-        if s.find is not None:
-            mode, s.find = s.find, None
-            if mode == "backend":
-                with contextlib.suppress(Pkcs11Error):
-                    await t.backend.call(ID["C_FindObjectsFinal"], [s.backend_handle])
+        mode, s.find = s.find, None
         ops, s.private_ops = s.private_ops, None
-        for op in ops or ():
+        if ops:
             if s.fenced is None:
                 s.fenced = set()
-            s.fenced.add(op)
+            s.fenced |= ops
+        todo.append((s, s.tail, mode, ops or set()))
+    for s, tail, mode, ops in todo:
+        await settle(s, tail)
+        if s.generation != t.backend.generation:
+            continue
+        if mode == "backend":
+            with contextlib.suppress(Pkcs11Error):
+                await t.backend.call(ID["C_FindObjectsFinal"], [s.backend_handle])
+        for op in ops:
             await _drain(t, s, op)
 
 

@@ -18,6 +18,7 @@ from ..errors import BackendUnavailable, Pkcs11Error
 from ..policy import Denied
 from . import login_calls, translation
 from .common import ID, RESTART_WAIT
+from .handles import settle
 from .token import VirtualToken, pad
 
 if TYPE_CHECKING:
@@ -169,8 +170,10 @@ async def logout_if_last(c: ClientConnection, t: VirtualToken) -> None:
 
 async def close_sessions(c: ClientConnection, t: VirtualToken) -> None:
     mine = [s for s in c.handles.sessions.values() if s.token is t]
-    for s in mine:
+    for s in mine:  # first out of the table: no call can be queued on them any more
         c.handles.sessions.pop(s.handle, None)
+    for s in mine:
+        await settle(s)
         if s.generation == t.backend.generation:
             try:
                 await t.backend.call(ID["C_CloseSession"], [s.backend_handle])

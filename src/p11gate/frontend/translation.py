@@ -70,6 +70,10 @@ def object_for(c: ClientConnection, handle: int, token: VirtualToken) -> ObjectR
     ref = c.handles.objects.get(handle)
     if ref is None or ref.token is not token:
         raise Pkcs11Error(ckr.OBJECT_HANDLE_INVALID)
+    if ref.private is not False and c.logging_out and token in c.logging_out:
+        # a logout is dropping it: a private key used meanwhile (by a call on another
+        # session) would start an operation that outlives the login
+        raise Pkcs11Error(ckr.OBJECT_HANDLE_INVALID)
     if ref.generation != token.backend.generation:
         if ref.identity_state == IDENTITY_KNOWN:
             raise Stale(ref)  # a token object: find it again, keep the handle
@@ -106,7 +110,31 @@ async def capture_identity(c: ClientConnection, ref: ObjectRef) -> None:
         return
     if not attrs or attrs[0].length is None or not attrs[0].value:
         return
-    ref.identity = [a for a in attrs[1:] if a.length is not None]
+    identity = []
+    for a in attrs[1:]:
+        if a.length is None and a.type != ck.CKA_CLASS:
+            # no such attribute, or longer than the buffer: an identity without it would
+            # find other objects too (after a restart, another tenant's with that
+            # CKA_ID, this one destroyed meanwhile), so read it whole
+            try:
+                (size,), _ = await t.backend.call(
+                    ID["C_GetAttributeValue"],
+                    [t.control_session, ref.backend_handle, [AttrRequest(a.type, 0)]])
+                if size.length is None:
+                    continue  # the object has none
+                if size.length > c.gw.cfg.server.max_buffer:
+                    return
+                (a,), _ = await t.backend.call(
+                    ID["C_GetAttributeValue"],
+                    [t.control_session, ref.backend_handle,
+                     [AttrRequest(a.type, max(size.length, 1))]])
+            except Pkcs11Error:
+                return
+            if a.length is None:
+                return
+        if a.length is not None:
+            identity.append(a)
+    ref.identity = identity
     ref.identity_state = IDENTITY_KNOWN
 
 
