@@ -71,6 +71,10 @@ from .session_rules import (
 log = logging.getLogger("p11gate.pool")
 
 _IDENTITY_REQUEST = (ck.CKA_CLASS, ck.CKA_ID, ck.CKA_LABEL)
+#: identity attributes that may be longer than the first read's buffer
+_LONG_IDENTITY = frozenset((ck.CKA_ID, ck.CKA_LABEL, ck.CKA_UNIQUE_ID))
+#: the longest CKA_ID, CKA_LABEL or CKA_UNIQUE_ID kept as a pool identity
+IDENTITY_MAX = 64 * 1024
 
 
 class _Op:
@@ -715,6 +719,13 @@ class PoolBackend(Backend):
             reqs.append(AttrRequest(ck.CKA_UNIQUE_ID, 1024))
         attrs, _ = await m.call(ID["C_GetAttributeValue"], [m.control, handle, reqs])
         vals = {a.type: a.value for a in attrs if a.length is not None}
+        for a in attrs:
+            if a.length is None and a.type in _LONG_IDENTITY and vals.get(ck.CKA_TOKEN):
+                # none, or longer than the buffer: read whole, or an identity without it
+                # would be another object's (same class and CKA_ID, no label)
+                whole = await self._read_whole(m, handle, a.type)
+                if whole is not None:
+                    vals[a.type] = whole
         if not vals.get(ck.CKA_TOKEN):
             return None
         cls = int(vals.get(ck.CKA_CLASS, 0))
@@ -722,6 +733,24 @@ class PoolBackend(Backend):
         if uid:
             return (cls, None, None, bytes(uid))
         return (cls, as_bytes(vals.get(ck.CKA_ID)), as_bytes(vals.get(ck.CKA_LABEL)), None)
+
+    @staticmethod
+    async def _read_whole(m: Member, handle: int, atype: int) -> bytes | None:
+        """Attribute ``atype`` of ``handle`` at its full length; None if the object has
+        none. Raises (the call fails, closed) when it is too long to be an identity."""
+        (size,), _ = await m.call(ID["C_GetAttributeValue"],
+                                  [m.control, handle, [AttrRequest(atype, 0)]])
+        if size.length is None:
+            return None
+        if size.length > IDENTITY_MAX:
+            raise Pkcs11Error(ckr.DEVICE_MEMORY,
+                              f"attribute {atype:#x} of {size.length} bytes: too long for "
+                              "an object identity")
+        (a,), _ = await m.call(ID["C_GetAttributeValue"],
+                               [m.control, handle, [AttrRequest(atype, max(size.length, 1))]])
+        if a.length is None:
+            raise Pkcs11Error(ckr.DEVICE_ERROR, f"attribute {atype:#x} changed while read")
+        return bytes(a.value or b"")
 
     # ------------------------------------------------------------ operations
 
