@@ -52,6 +52,10 @@ def started(conn: ClientConnection, code: int, call_id: int, args: list[Any]) ->
             t = s.token
     elif call_id in SLOT_CALLS:
         t = conn.gw.tokens_by_slot.get(args[0])
+        if t is not None and t not in conn.grants:
+            # a token this identity may not see: its calls are refused with
+            # CKR_SLOT_ID_INVALID, and must not move that token's figures either
+            t = None
     if t is None:
         conn.call_started[code] = (None, _clock(), conn.gw.metrics.series(NO_TOKEN, call_id))
     else:
