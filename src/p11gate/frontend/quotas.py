@@ -141,22 +141,26 @@ class GatewayLimits:
             self.shared.publish(key, (len(mine.connections) if mine else 0,
                                       self._sessions_of(key)))
 
-    def fds_short(self) -> bool:
-        """Fewer than fd_reserve descriptors free (counted only when it could be so)."""
+    def fds_short(self, exact: bool = False) -> bool:
+        """Fewer than fd_reserve descriptors free (counted only when it could be so;
+        always with ``exact``: TLS handshakes under way hold descriptors that the
+        connections admitted do not count)."""
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft == resource.RLIM_INFINITY:
             return False
-        if 2 * len(self._key_of) + 4 * self.cfg.fd_reserve < soft:
+        if not exact and 2 * len(self._key_of) + 4 * self.cfg.fd_reserve < soft:
             return False  # far from it: spare the /proc read
         return soft - open_fds() < self.cfg.fd_reserve
 
-    def can_accept(self) -> bool:
-        """For listeners that accept sockets themselves (TLS, before the handshake)."""
-        if len(self._key_of) >= self.cfg.max_connections or self.fds_short():
+    def can_accept(self, pending: int = 0) -> bool:
+        """For listeners that accept sockets themselves (TLS, before the handshake):
+        ``pending`` handshakes under way count as connections (a peer that never
+        finishes one must not hold more than the limit)."""
+        full = len(self._key_of) + pending >= self.cfg.max_connections
+        if full or self.fds_short(exact=True):
             self.refused += 1
             limited_log.warning("connection refused: limit reached",
-                                limit="fd_reserve" if len(self._key_of)
-                                < self.cfg.max_connections else "max_connections")
+                                limit="max_connections" if full else "fd_reserve")
             return False
         return True
 

@@ -34,7 +34,7 @@ class TlsListener:
     protocol, whose ``connection_made`` runs once its handshake has succeeded."""
 
     def __init__(self, factory: Callable[[], asyncio.Protocol], ctx: ssl.SSLContext,
-                 can_accept: Callable[[], bool] | None = None) -> None:
+                 can_accept: Callable[[int], bool] | None = None) -> None:
         self.factory = factory
         self.ctx = ctx
         #: False when the gateway has no room for another connection (limits.py): the
@@ -46,6 +46,8 @@ class TlsListener:
         self.address = ""
         self._socks: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        #: handshakes under way: connections not yet admitted, counted against the limit
+        self.handshaking = 0
         self._serving = False
         self._window = 0.0
         self._in_window = 0
@@ -111,12 +113,20 @@ class TlsListener:
 
     def adopt(self, sock: socket.socket) -> None:
         """Runs the handshake of an accepted connection, if there is room for it."""
-        if not self._serving or (self.can_accept is not None and not self.can_accept()):
+        if not self._serving or (self.can_accept is not None
+                                 and not self.can_accept(self.handshaking)):
             sock.close()
             return
+        self.handshaking += 1
         self._spawn(self._handshake(sock))
 
     async def _handshake(self, sock: socket.socket) -> None:
+        try:
+            await self._handshake_one(sock)
+        finally:
+            self.handshaking -= 1
+
+    async def _handshake_one(self, sock: socket.socket) -> None:
         try:
             peer = peer_address(sock.getpeername()) or "?"
         except OSError:

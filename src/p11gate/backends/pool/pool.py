@@ -77,6 +77,11 @@ _LONG_IDENTITY = frozenset((ck.CKA_ID, ck.CKA_LABEL, ck.CKA_UNIQUE_ID))
 IDENTITY_MAX = 64 * 1024
 
 
+#: bytes a kept Update part counts against replay_buffer besides its data (its list,
+#: tuple and slot in the gateway's memory): empty or tiny parts cannot pile up unbounded
+_KEPT_PART_COST = 64
+
+
 class _Op:
     __slots__ = ("args", "buffered", "call_id", "context_pin", "epoch", "member",
                  "replayable", "session", "updates")
@@ -892,7 +897,8 @@ class PoolBackend(Backend):
     def _remember_update(self, op: _Op, call_id: int, args: list[Any]) -> None:
         if not op.replayable:
             return
-        size = len(args[1]) if isinstance(args[1], bytes) else 8
+        # what keeping the part costs, not only its data: empty parts are not free
+        size = (len(args[1]) if isinstance(args[1], bytes) else 8) + _KEPT_PART_COST
         op.buffered += size
         if op.buffered > self.cfg.replay_buffer:
             op.replayable = False

@@ -148,7 +148,8 @@ def parse_template(template: Any) -> Attrs:
     return out
 
 
-def check_allowed(cls: int, attrs: Attrs, generated: bool = False) -> None:
+def check_allowed(cls: int, attrs: Attrs, generated: bool = False, so: bool = False) -> None:
+    """``so``: the security officer is logged in (only it may make a trusted object)."""
     allowed = ALLOWED.get(cls)
     if allowed is None:
         raise Pkcs11Error(ckr.ATTRIBUTE_VALUE_INVALID, "object class")
@@ -157,6 +158,10 @@ def check_allowed(cls: int, attrs: Attrs, generated: bool = False) -> None:
             raise Pkcs11Error(ckr.ATTRIBUTE_TYPE_INVALID, f"attribute {t:#x}")
         if t in _TOKEN_SET and not generated:  # key generation sets them itself
             raise Pkcs11Error(ckr.ATTRIBUTE_READ_ONLY, f"attribute {t:#x}")
+    if attrs.get(CKA_TRUSTED) and not so:
+        # a trusted key may wrap CKA_WRAP_WITH_TRUSTED keys: a user's own key of a value
+        # it chose would let those out (PKCS#11 2.40 4.8; SoftHSM refuses it so too)
+        raise Pkcs11Error(ckr.ATTRIBUTE_READ_ONLY, "CKA_TRUSTED is set by the SO only")
     if cls in (CKO_PRIVATE_KEY, CKO_SECRET_KEY) and not attrs.get(CKA_SENSITIVE, 1):
         # key values are never readable here: refuse to promise otherwise
         raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, "CKA_SENSITIVE must be true")

@@ -15,6 +15,7 @@ from . import objects as O
 from .crypto_ops import mech_of
 from .hmac_digest import HMAC_KEY_TYPES, SECRET_MAX, SECRET_MIN
 from .objects import Attrs, SoftObject
+from .store import SO
 from .token import SoftToken
 
 MAX_FIND = 1 << 16
@@ -54,7 +55,7 @@ async def create_object(t: SoftToken, args: list[Any]) -> list[Any]:
     cls = _cls_of(tpl)
     if cls == O.CKO_PRIVATE_KEY:
         raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, "private keys are generated, not imported")
-    O.check_allowed(cls, tpl)
+    O.check_allowed(cls, tpl, so=t.login == SO)
     attrs = O.with_defaults(cls, tpl)
     value: bytes | None = None
     kt = attrs.get(O.CKA_KEY_TYPE)
@@ -171,7 +172,7 @@ def _keygen_tpl(t: SoftToken, raw: Any, cls: int) -> Attrs:
     tpl = O.parse_template(raw or [])
     if _cls_of(tpl, cls) != cls:
         raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, "CKA_CLASS")
-    O.check_allowed(cls, tpl, generated=True)
+    O.check_allowed(cls, tpl, generated=True, so=t.login == SO)
     for a in (O.CKA_LOCAL, O.CKA_KEY_GEN_MECHANISM, O.CKA_ALWAYS_SENSITIVE,
               O.CKA_NEVER_EXTRACTABLE):
         tpl.pop(a, None)

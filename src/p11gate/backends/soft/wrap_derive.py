@@ -22,6 +22,7 @@ from .crypto_ops import check_key, crypto_key, mech_of
 from .hmac_digest import HMAC_KEY_TYPES, SECRET_MAX
 from .objects import Attrs, SoftObject
 from .ops import add_public_parts, create_key_object
+from .store import SO
 from .token import SoftToken, out_buffer
 
 UNWRAPPING_KEY_HANDLE_INVALID = 0xF0
@@ -122,7 +123,7 @@ async def unwrap_key(t: SoftToken, args: list[Any]) -> list[Any]:
         raise Pkcs11Error(ckr.TEMPLATE_INCOMPLETE, "CKA_CLASS and CKA_KEY_TYPE")
     if cls not in (O.CKO_SECRET_KEY, O.CKO_PRIVATE_KEY):
         raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, "CKA_CLASS")
-    O.check_allowed(int(cls), tpl)
+    O.check_allowed(int(cls), tpl, so=t.login == SO)
     if O.CKA_VALUE in tpl:
         raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, "CKA_VALUE")
     try:
@@ -170,7 +171,7 @@ async def derive_key(t: SoftToken, args: list[Any]) -> list[Any]:
     if tpl.get(O.CKA_CLASS, O.CKO_SECRET_KEY) != O.CKO_SECRET_KEY:
         raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, "CKA_CLASS")
     tpl[O.CKA_CLASS] = O.CKO_SECRET_KEY
-    O.check_allowed(O.CKO_SECRET_KEY, tpl)
+    O.check_allowed(O.CKO_SECRET_KEY, tpl, so=t.login == SO)
     kt = tpl.get(O.CKA_KEY_TYPE)
     if kt is None:
         raise Pkcs11Error(ckr.TEMPLATE_INCOMPLETE, "CKA_KEY_TYPE")
