@@ -37,21 +37,21 @@ from p11gate.admin import query
 from p11gate.codec import ckr
 
 
-def _node(tmp_path: Path, name: str, members: list[dict[str, str]], shared: Path) -> Path:
+def _node(tmp_path: Path, name: str, members: list[dict[str, str]], store_dir: Path) -> Path:
     base = tmp_path / name
     base.mkdir()
     cfg = pool_config(base, members, call_timeout=30.0, threads=1,
                       extra_pool=f'replication = "gateway"\nwrapping_key = "{WRAP_LABEL}"')
-    cfg.write_text(cfg.read_text() + f'\n[state]\npath = "{shared / "registry.sqlite3"}"\n')
+    cfg.write_text(cfg.read_text() + f'\n[state]\npath = "{store_dir / "registry.sqlite3"}"\n')
     return cfg
 
 
 def test_a_dead_nodes_intents_are_reconciled_by_a_running_node(tmp_path: Path) -> None:
-    shared = tmp_path / "shared"
-    shared.mkdir()
+    store_dir = tmp_path / "store"
+    store_dir.mkdir()
     members = [make_member(tmp_path / "hsm", i, None) for i in range(3)]
-    cfg_a = _node(tmp_path, "a", members, shared)
-    cfg_b = _node(tmp_path, "b", members, shared)
+    cfg_a = _node(tmp_path, "a", members, store_dir)
+    cfg_b = _node(tmp_path, "b", members, store_dir)
     gw_a = Gateway(cfg_a)
     gw_b: Gateway | None = None
     try:
@@ -68,12 +68,12 @@ def test_a_dead_nodes_intents_are_reconciled_by_a_running_node(tmp_path: Path) -
             assert query(admin_b)["pools"][0]["intents_found_at_start"] == 0
 
             told, untold = run_and_kill(gw_a, "a", random.Random(3).uniform(1.5, 3.0),
-                                        shared)
-            assert creations_in_flight(shared) >= 1  # A left intents behind
+                                        store_dir)
+            assert creations_in_flight(store_dir) >= 1  # A left intents behind
 
             # A does not come back: its lease runs out (30 s; here at once)
             holder_a = f"{socket.gethostname()}:{(tmp_path / 'a' / 'state').resolve()}"
-            db = sqlite3.connect(shared / "registry.sqlite3")
+            db = sqlite3.connect(store_dir / "registry.sqlite3")
             try:
                 assert db.execute("UPDATE gateway_lease SET until = 0 WHERE holder = ?",
                                   (holder_a,)).rowcount == 1
@@ -81,20 +81,20 @@ def test_a_dead_nodes_intents_are_reconciled_by_a_running_node(tmp_path: Path) -
             finally:
                 db.close()
 
-            assert wait_for(lambda: creations_in_flight(shared) == 0, timeout=30), \
+            assert wait_for(lambda: creations_in_flight(store_dir) == 0, timeout=30), \
                 "B did not reconcile the dead node's intents"
             st = query(admin_b)["pools"][0]
             assert st["intents_taken_over"] >= 1 and st["intents_unsettled"] == 0, st
-            check_members(members, set(told), shared, set(untold))
+            check_members(members, set(told), store_dir, set(untold))
 
             # what the clients were not told about can be made again, through B
-            live = registry_live_labels(shared)
+            live = registry_live_labels(store_dir)
             for label in untold:
                 rv = generate(gw_b, label)
                 assert rv == ckr.OK or (rv == ckr.ATTRIBUTE_VALUE_INVALID and label in live), \
                     (label, ckr.name(rv))
                 told.append(label)
-            check_members(members, set(told), shared, set())
+            check_members(members, set(told), store_dir, set())
             records = [r for r in gw_b.records()
                        if r.get("msg", "").startswith("pool took over the creation intents")]
             assert records and records[0]["intents"] >= 1

@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ..audit import object_fields
+from ..backends.attribute_reads import read_whole
 from ..codec import Attribute, AttrRequest, Call, Mechanism, Null, ckr
 from ..codec import constants as ck
 from ..errors import Pkcs11Error
@@ -96,7 +97,6 @@ async def find_in_namespace(
 
 #: the buffer an identity attribute is read with first
 _IDENTITY_READ = 1024
-_UNREADABLE = object()
 
 
 async def read_info(c: ClientConnection, s: Session, backend_handle: int) -> ObjectInfo | None:
@@ -116,34 +116,13 @@ async def read_info(c: ClientConnection, s: Session, backend_handle: int) -> Obj
                 # answers both alike). Read as empty, a longer CKA_ID or CKA_LABEL was
                 # another identity: the object of its owner, or one nobody owns
                 # (an object without a label) taken over by making one with a long label
-                value = await _read_long(c, s, backend_handle, a.type)
-                if value is _UNREADABLE:
-                    return None
-                vals[a.type] = value
+                vals[a.type] = await read_whole(
+                    s.token.backend.call, s.backend_handle, backend_handle, a.type,
+                    c.gw.cfg.server.max_buffer) or b""  # none, or sensitive: as before
     except Pkcs11Error:
         return None
     return (bool(vals[ck.CKA_TOKEN]), int(vals[ck.CKA_CLASS]),
             bytes(vals.get(ck.CKA_ID) or b""), bytes(vals.get(ck.CKA_LABEL) or b""))
-
-
-async def _read_long(c: ClientConnection, s: Session, backend_handle: int,
-                     kind: int) -> object:
-    """The value of an identity attribute that did not come back from the first read:
-    its size asked for, then read at that size; b"" when the object has none,
-    _UNREADABLE when it cannot be read whole."""
-    backend = s.token.backend
-    (size,), _ = await backend.call(
-        ID["C_GetAttributeValue"], [s.backend_handle, backend_handle, [AttrRequest(kind, 0)]])
-    if size.length is None:
-        return b""  # no such attribute (or sensitive): as before
-    if size.length > c.gw.cfg.server.max_buffer:
-        return _UNREADABLE
-    (attr,), _ = await backend.call(
-        ID["C_GetAttributeValue"],
-        [s.backend_handle, backend_handle, [AttrRequest(kind, max(size.length, 1))]])
-    if attr.length is None or not isinstance(attr.value, bytes | bytearray | None):
-        return _UNREADABLE
-    return bytes(attr.value or b"")
 
 
 def remember_identity(c: ClientConnection, ref: ObjectRef, info: ObjectInfo) -> None:

@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ..audit import object_fields
+from ..backends.attribute_reads import read_whole
 from ..codec import (
     Attribute,
     AttrRequest,
@@ -117,23 +118,15 @@ async def capture_identity(c: ClientConnection, ref: ObjectRef) -> None:
             # find other objects too (after a restart, another tenant's with that
             # CKA_ID, this one destroyed meanwhile), so read it whole
             try:
-                (size,), _ = await t.backend.call(
-                    ID["C_GetAttributeValue"],
-                    [t.control_session, ref.backend_handle, [AttrRequest(a.type, 0)]])
-                if size.length is None:
-                    continue  # the object has none
-                if size.length > c.gw.cfg.server.max_buffer:
-                    return
-                (a,), _ = await t.backend.call(
-                    ID["C_GetAttributeValue"],
-                    [t.control_session, ref.backend_handle,
-                     [AttrRequest(a.type, max(size.length, 1))]])
+                value = await read_whole(t.backend.call, t.control_session,
+                                         ref.backend_handle, a.type,
+                                         c.gw.cfg.server.max_buffer)
             except Pkcs11Error:
                 return
-            if a.length is None:
-                return
-        if a.length is not None:
-            identity.append(a)
+            if value is None:
+                continue  # the object has none
+            a = Attribute(a.type, value, len(value))
+        identity.append(a)
     ref.identity = identity
     ref.identity_state = IDENTITY_KNOWN
 

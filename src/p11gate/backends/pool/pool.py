@@ -31,6 +31,7 @@ from ...codec.call_table import PLANS
 from ...codec.values import HandleParam, KyberParams
 from ...errors import BackendUnavailable, Pkcs11Error
 from ...state.base import StateStore
+from ..attribute_reads import read_whole
 from ..base import Backend
 from .config import PoolConfig
 from .direct import LOOK_UP, start_direct, start_direct_raw
@@ -728,7 +729,7 @@ class PoolBackend(Backend):
             if a.length is None and a.type in _LONG_IDENTITY and vals.get(ck.CKA_TOKEN):
                 # none, or longer than the buffer: read whole, or an identity without it
                 # would be another object's (same class and CKA_ID, no label)
-                whole = await self._read_whole(m, handle, a.type)
+                whole = await read_whole(m.call, m.control, handle, a.type, IDENTITY_MAX)
                 if whole is not None:
                     vals[a.type] = whole
         if not vals.get(ck.CKA_TOKEN):
@@ -738,24 +739,6 @@ class PoolBackend(Backend):
         if uid:
             return (cls, None, None, bytes(uid))
         return (cls, as_bytes(vals.get(ck.CKA_ID)), as_bytes(vals.get(ck.CKA_LABEL)), None)
-
-    @staticmethod
-    async def _read_whole(m: Member, handle: int, atype: int) -> bytes | None:
-        """Attribute ``atype`` of ``handle`` at its full length; None if the object has
-        none. Raises (the call fails, closed) when it is too long to be an identity."""
-        (size,), _ = await m.call(ID["C_GetAttributeValue"],
-                                  [m.control, handle, [AttrRequest(atype, 0)]])
-        if size.length is None:
-            return None
-        if size.length > IDENTITY_MAX:
-            raise Pkcs11Error(ckr.DEVICE_MEMORY,
-                              f"attribute {atype:#x} of {size.length} bytes: too long for "
-                              "an object identity")
-        (a,), _ = await m.call(ID["C_GetAttributeValue"],
-                               [m.control, handle, [AttrRequest(atype, max(size.length, 1))]])
-        if a.length is None:
-            raise Pkcs11Error(ckr.DEVICE_ERROR, f"attribute {atype:#x} changed while read")
-        return bytes(a.value or b"")
 
     # ------------------------------------------------------------ operations
 
