@@ -15,9 +15,9 @@ C_FindObjectsFinal, C_SignInit, C_Sign, C_GenerateRandom = 28, 42, 43, 64
 C_GetAttributeValue, C_CreateObject, C_CloseSession = 24, 20, 11
 
 
-def good_client(gw: Gateway) -> tuple[RawClient, int, int]:
+def good_client(gw: Gateway, timeout: float = 10.0) -> tuple[RawClient, int, int]:
     """An initialized, logged-in client with a session and the EC key's handle."""
-    c = RawClient(gw.path)
+    c = RawClient(gw.path, timeout=timeout)
     c.initialize()
     (slots,) = c.call(C_GetSlotList, [1, 8])
     (sess,) = c.call(C_OpenSession, [slots[0], 6])

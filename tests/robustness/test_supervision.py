@@ -55,11 +55,17 @@ def test_hung_worker_is_killed_and_replaced(process_gateway: Gateway) -> None:
     with pytest.raises(ReplyError) as e:
         c.call(64, [sess, 16])
     assert e.value.rv == ckr.SESSION_HANDLE_INVALID
-    c2, sess2, key2 = good_client(gw)
+    # the replacement starts SoftHSM and logs in again: seconds on a loaded machine
+    assert wait_for(lambda: _backend_up(gw) >= 2, 60), gw.log()[-3000:]
+    c2, sess2, key2 = good_client(gw, timeout=60)
     sign_once(c2, sess2, key2)
     c.close()
     c2.close()
     assert "missed its" in gw.log() or "deadline" in gw.log()
+
+
+def _backend_up(gw: Gateway) -> int:
+    return sum(1 for r in gw.records() if r.get("msg") == "backend up")
 
 
 def test_crashed_worker_restarts(process_gateway: Gateway) -> None:
