@@ -6,22 +6,34 @@ checks some things on the client side): the gateway must make every check itself
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from tests.gateway_proc import RawClient
+from tests.gateway_proc import Gateway, RawClient
 
-from p11gate.codec import Attribute, ReplyError, build_frame, decode_reply, encode_request
+from p11gate.codec import (
+    Attribute,
+    Mechanism,
+    ReplyError,
+    build_frame,
+    decode_reply,
+    encode_request,
+)
 from p11gate.codec.calls import CALLS_BY_NAME
 
 CKA_CLASS, CKA_TOKEN, CKA_PRIVATE, CKA_LABEL = 0x0, 0x1, 0x2, 0x3
 CKA_VALUE, CKA_KEY_TYPE, CKA_ID, CKA_ENCRYPT = 0x11, 0x100, 0x102, 0x104
 CKA_SIGN, CKA_VALUE_LEN, CKA_SENSITIVE, CKA_EXTRACTABLE = 0x108, 0x161, 0x103, 0x162
+CKA_VERIFY, CKA_EC_PARAMS, CKA_ALWAYS_AUTHENTICATE = 0x10A, 0x180, 0x202
 CKO_DATA, CKO_PUBLIC_KEY, CKO_PRIVATE_KEY, CKO_SECRET_KEY = 0, 2, 3, 4
 CKK_AES = 0x1F
 CKM_AES_KEY_GEN, CKM_AES_ECB, CKM_ECDSA, CKM_SHA256 = 0x1080, 0x1081, 0x1041, 0x250
+CKM_EC_KEY_PAIR_GEN = 0x1040
 CKU_SO, CKU_USER = 0, 1
 CKF_RW, CKF_SERIAL = 2, 4
 CKS_RO_PUBLIC, CKS_RW_PUBLIC, CKS_RO_USER = 0, 2, 1
+#: CKA_EC_PARAMS of P-256 (the OID of prime256v1)
+P256 = bytes.fromhex("06082a8648ce3d030107")
 
 
 def ID(name: str) -> int:
@@ -96,7 +108,28 @@ def pipeline(c: RawClient, requests: list[tuple[str, list[Any]]]) -> list[int]:
     return [out[k] for k in sorted(codes)]
 
 
-def aes_template(label: str, cka_id: bytes, token: bool = True) -> list[Attribute]:
+def aes_template(label: str | None, cka_id: bytes, token: bool = True) -> list[Attribute]:
+    """An AES-128 key's template; ``label`` None: the key has no CKA_LABEL."""
     return [u(CKA_CLASS, CKO_SECRET_KEY), u(CKA_KEY_TYPE, CKK_AES), b(CKA_TOKEN, token),
-            s(CKA_LABEL, label), s(CKA_ID, cka_id), u(CKA_VALUE_LEN, 16),
-            b(CKA_ENCRYPT, True)]
+            *([] if label is None else [s(CKA_LABEL, label)]), s(CKA_ID, cka_id),
+            u(CKA_VALUE_LEN, 16), b(CKA_ENCRYPT, True)]
+
+
+def session_ec_key_pair(c: RawClient, session: int, *private: Attribute) -> int:
+    """A session P-256 key pair made on ``session``: the handle of its private key (a
+    private signing key, with ``private`` added to its template)."""
+    pub = [s(CKA_EC_PARAMS, P256), b(CKA_TOKEN, False), b(CKA_VERIFY, True)]
+    priv = [b(CKA_TOKEN, False), b(CKA_PRIVATE, True), b(CKA_SIGN, True), *private]
+    _pub, key = call(c, "C_GenerateKeyPair", session, Mechanism(CKM_EC_KEY_PAIR_GEN, None),
+                     pub, priv)
+    return int(key)
+
+
+def stop_gateway(g: Gateway, *then: Callable[[], object]) -> None:
+    """The end of a module's gateway fixture: stop it, run the clean-ups ``then``, and
+    fail if it had died during the tests (the tail of its log as the message)."""
+    alive = g.alive()
+    g.stop()
+    for clean_up in then:
+        clean_up()
+    assert alive, f"gateway died:\n{g.log()[-3000:]}"

@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 
 import psutil
-from tests.adversarial.hostile import CKF_RW, CKF_SERIAL, call, pipeline, rv
+from tests.adversarial.hostile import CKF_RW, CKF_SERIAL, CKM_SHA256, call, pipeline, rv
 from tests.gateway_proc import Gateway, RawClient, wait_for, worker_pids
 from tests.pools.members import make_member, pool_config
 
 from p11gate.codec import Mechanism, ckr
 
-CKM_SHA256 = 0x250
 PARTS = 1000  # empty parts: 0 bytes of data, far more than 4096 bytes kept
 
 

@@ -35,6 +35,7 @@ from tests.adversarial.hostile import (
     rv,
     s,
     send,
+    stop_gateway,
     u,
 )
 from tests.gateway_proc import Gateway, RawClient, worker_pids, write_config
@@ -60,9 +61,7 @@ def gw(request: pytest.FixtureRequest, token: dict,
     base: Path = tmp_path_factory.mktemp(f"close-{request.param}")
     g = Gateway(write_config(base, token, isolation=request.param))
     yield g
-    alive = g.alive()
-    g.stop()
-    assert alive, f"gateway died:\n{g.log()[-3000:]}"
+    stop_gateway(g)
 
 
 def _digesting(c: RawClient, slot: int) -> int:

@@ -19,9 +19,8 @@ from typing import Any
 
 import pytest
 from tests.adversarial.hostile import (
-    CKA_PRIVATE,
+    CKA_ALWAYS_AUTHENTICATE,
     CKA_SIGN,
-    CKA_TOKEN,
     CKF_RW,
     CKF_SERIAL,
     CKM_ECDSA,
@@ -29,7 +28,8 @@ from tests.adversarial.hostile import (
     b,
     call,
     rv,
-    s,
+    session_ec_key_pair,
+    stop_gateway,
 )
 from tests.gateway_proc import Gateway, RawClient
 from tests.policy.tenants import raw, remove, shared_socket_dir, slot_of
@@ -42,9 +42,6 @@ BACKEND_PIN = "Backend-Secret-7"
 OWN_PIN = "my-own-pin-7"
 PT_PIN = "pt-pin-7"
 CKU_CONTEXT_SPECIFIC = 2
-CKA_ALWAYS_AUTHENTICATE, CKA_EC_PARAMS, CKA_VERIFY = 0x202, 0x180, 0x10A
-CKM_EC_KEY_PAIR_GEN = 0x1040
-P256 = bytes.fromhex("06082a8648ce3d030107")
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +94,7 @@ role = "user"
 """)
     g = Gateway(cfg)
     yield g
-    alive = g.alive()
-    g.stop()
-    remove(sockdir)
-    assert alive, g.log()[-3000:]
+    stop_gateway(g, lambda: remove(sockdir))
 
 
 def _signing_with_always_authenticate(gw: Gateway, token: str, pin: str
@@ -109,11 +103,7 @@ def _signing_with_always_authenticate(gw: Gateway, token: str, pin: str
     c = raw(gw.path)
     (h,) = call(c, "C_OpenSession", slot_of(c, token), CKF_SERIAL | CKF_RW)
     call(c, "C_Login", h, CKU_USER, pin.encode())
-    pub = [s(CKA_EC_PARAMS, P256), b(CKA_TOKEN, False), b(CKA_VERIFY, True)]
-    priv = [b(CKA_TOKEN, False), b(CKA_PRIVATE, True), b(CKA_SIGN, True),
-            b(CKA_ALWAYS_AUTHENTICATE, True)]
-    _pub, key = call(c, "C_GenerateKeyPair", h, Mechanism(CKM_EC_KEY_PAIR_GEN, None),
-                     pub, priv)
+    key = session_ec_key_pair(c, h, b(CKA_ALWAYS_AUTHENTICATE, True))
     call(c, "C_SignInit", h, Mechanism(CKM_ECDSA, None), key)
     return c, int(h)
 
@@ -158,8 +148,6 @@ def test_passthrough_context_login_guesses_never_reach_the_device(gw: Gateway) -
 
 
 def _key_of(c: RawClient, h: int) -> int:
-    c.call(26, [h, [b(CKA_SIGN, True)]])
-    (found,) = c.call(27, [h, 4])
-    c.call(28, [h])
+    found = c.find(h, [b(CKA_SIGN, True)])
     assert len(found) == 1
     return int(found[0])

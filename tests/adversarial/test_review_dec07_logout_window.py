@@ -19,8 +19,6 @@ import pytest
 from tests.adversarial.hostile import (
     CKA_CLASS,
     CKA_LABEL,
-    CKA_PRIVATE,
-    CKA_SIGN,
     CKA_TOKEN,
     CKF_RW,
     CKF_SERIAL,
@@ -34,6 +32,8 @@ from tests.adversarial.hostile import (
     rv,
     s,
     send,
+    session_ec_key_pair,
+    stop_gateway,
     u,
 )
 from tests.gateway_proc import Gateway
@@ -44,8 +44,6 @@ from p11gate.codec import Mechanism, ckr, reply_rv
 from p11gate.frontend.pins import hash_pin
 
 OWN_PIN = "own-pin-logout"
-CKA_EC_PARAMS, CKA_VERIFY, CKM_EC_KEY_PAIR_GEN = 0x180, 0x10A, 0x1040
-P256 = bytes.fromhex("06082a8648ce3d030107")
 #: objects made while logged in: the logout reads each one's CKA_PRIVATE
 OBJECTS = 400
 
@@ -84,9 +82,7 @@ role = "user"
 """)
     g = Gateway(cfg)
     yield g
-    alive = g.alive()
-    g.stop()
-    assert alive, g.log()[-3000:]
+    stop_gateway(g)
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.005, 0.02])
@@ -101,10 +97,7 @@ def test_a_private_key_used_during_logout_does_not_outlive_it(gw: Gateway,
                                                 s(CKA_LABEL, f"d{i}")]])
                         for i in range(OBJECTS)])
     assert set(made) == {ckr.OK}
-    pub = [s(CKA_EC_PARAMS, P256), b(CKA_TOKEN, False), b(CKA_VERIFY, True)]
-    priv = [b(CKA_TOKEN, False), b(CKA_PRIVATE, True), b(CKA_SIGN, True)]
-    _pub, key = call(c, "C_GenerateKeyPair", x, Mechanism(CKM_EC_KEY_PAIR_GEN, None),
-                     pub, priv)
+    key = session_ec_key_pair(c, x)
     logout = send(c, "C_Logout", x)
     time.sleep(delay)
     init = send(c, "C_SignInit", y, Mechanism(CKM_ECDSA, None), key)

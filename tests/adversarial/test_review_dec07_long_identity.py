@@ -26,24 +26,17 @@ from typing import Any
 
 import pytest
 from tests.adversarial.hostile import (
-    CKA_CLASS,
-    CKA_ENCRYPT,
     CKA_ID,
-    CKA_KEY_TYPE,
     CKA_LABEL,
-    CKA_TOKEN,
-    CKA_VALUE_LEN,
     CKF_RW,
     CKF_SERIAL,
-    CKK_AES,
     CKM_AES_KEY_GEN,
-    CKO_SECRET_KEY,
     CKU_USER,
-    b,
+    aes_template,
     call,
     rv,
     s,
-    u,
+    stop_gateway,
 )
 from tests.gateway_proc import Gateway, RawClient, wait_for, worker_pids
 from tests.policy.tenants import as_uid, raw, remove, shared_socket_dir, slot_of
@@ -93,10 +86,7 @@ role = "officer"
 """)
     g = Gateway(cfg)
     yield g
-    alive = g.alive()
-    g.stop()
-    remove(sockdir)
-    assert alive, g.log()[-3000:]
+    stop_gateway(g, lambda: remove(sockdir))
 
 
 def _user(path: str) -> tuple[RawClient, int]:
@@ -104,12 +94,6 @@ def _user(path: str) -> tuple[RawClient, int]:
     (h,) = call(c, "C_OpenSession", slot_of(c, "shared"), CKF_SERIAL | CKF_RW)
     call(c, "C_Login", h, CKU_USER, b"1234")
     return c, int(h)
-
-
-def _aes(cka_id: bytes, label: str | None) -> list[Any]:
-    t = [u(CKA_CLASS, CKO_SECRET_KEY), u(CKA_KEY_TYPE, CKK_AES), b(CKA_TOKEN, True),
-         s(CKA_ID, cka_id), u(CKA_VALUE_LEN, 16), b(CKA_ENCRYPT, True)]
-    return t if label is None else [*t, s(CKA_LABEL, label)]
 
 
 def _label_lengths(c: RawClient, h: int, found: list[int]) -> list[int]:
@@ -124,7 +108,7 @@ def _tenant(path: str) -> dict[str, Any]:
     c, h = _user(path)
     before = c.find(h, [s(CKA_ID, VICTIM_ID)])
     made = rv(c, "C_GenerateKey", h, Mechanism(CKM_AES_KEY_GEN, None),
-              _aes(VICTIM_ID, LONG))
+              aes_template(LONG, VICTIM_ID))
     after = c.find(h, [s(CKA_ID, VICTIM_ID)])
     out = {"before": before, "made": made, "labels": _label_lengths(c, h, after)}
     c.close()
@@ -134,7 +118,7 @@ def _tenant(path: str) -> dict[str, Any]:
 def test_a_long_label_does_not_take_over_an_unlabelled_object(gw: Gateway) -> None:
     c, h = _user(gw.path)
     # the officer's key: a CKA_ID, no label, owned by nobody
-    call(c, "C_GenerateKey", h, Mechanism(CKM_AES_KEY_GEN, None), _aes(VICTIM_ID, None))
+    call(c, "C_GenerateKey", h, Mechanism(CKM_AES_KEY_GEN, None), aes_template(None, VICTIM_ID))
     res = as_uid(TENANT, _tenant, gw.path)
     assert res["before"] == []
     assert res["made"] == ckr.OK  # its own key, with its own (long) label
@@ -151,7 +135,7 @@ REVIVE_ID = b"\x77"
 def _tenant_across_restart(path: str, ready: Any, go: Any) -> dict[str, Any]:
     c, h = _user(path)
     (mine,) = call(c, "C_GenerateKey", h, Mechanism(CKM_AES_KEY_GEN, None),
-                   _aes(REVIVE_ID, "A" * 300))
+                   aes_template("A" * 300, REVIVE_ID))
     time.sleep(0.5)  # the gateway reads the key's identity in the background
     ready.set()
     assert go.wait(60)
@@ -174,7 +158,7 @@ def test_a_handle_is_not_found_again_as_another_object_after_a_restart(
 ) -> None:
     c, h = _user(gw.path)
     call(c, "C_GenerateKey", h, Mechanism(CKM_AES_KEY_GEN, None),
-         _aes(REVIVE_ID, "officer-key"))
+         aes_template("officer-key", REVIVE_ID))
     c.close()
     ctx = multiprocessing.get_context("fork")
     ready, go = ctx.Event(), ctx.Event()

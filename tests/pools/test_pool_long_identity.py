@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from p11gate.backends.pool.pool import IDENTITY_MAX, PoolBackend
+from p11gate.backends.pool.identities import IDENTITY_MAX, read_key
+from p11gate.backends.pool.pool import PoolBackend
 from p11gate.codec import Attribute, AttrRequest, ckr
 from p11gate.codec import constants as ck
 from p11gate.errors import Pkcs11Error
@@ -51,7 +52,7 @@ class _Member:
 def _read(objects: dict[int, dict[int, Any]], handle: int) -> Any:
     pool = object.__new__(PoolBackend)
     pool.cfg = type("Cfg", (), {"identity": "attributes"})()  # type: ignore[assignment]
-    return asyncio.run(pool._read_key(_Member(objects), handle))  # type: ignore[arg-type]
+    return asyncio.run(read_key(pool, _Member(objects), handle))  # type: ignore[arg-type]
 
 
 def test_a_long_label_is_part_of_the_identity() -> None:

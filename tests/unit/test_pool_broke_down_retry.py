@@ -46,7 +46,7 @@ class _Token:
 
 @pytest.fixture(autouse=True)
 def _no_pause(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("p11gate.backends.pool.pool.BROKE_DOWN_PAUSE", 0.0)
+    monkeypatch.setattr("p11gate.backends.pool.pool_wide_calls.BROKE_DOWN_PAUSE", 0.0)
 
 
 def _pool(tmp_path: Path) -> tuple[PoolBackend, list[_Token]]:

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .cli import Result
+    from .results import Result
 
 FLOOR_TARGETS = ("floor", "floor-echo")
 _COLUMNS = ("p11kit", "floor", "floor-echo", "none", "process")

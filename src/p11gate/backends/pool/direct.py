@@ -25,6 +25,7 @@ from ...codec.call_table import PLANS
 from ...codec.tables import V026
 from ...errors import BackendUnavailable, Pkcs11Error
 from .member import ID, SESSION_GONE, Member, MemberDown
+from .single_calls import single_call
 
 if TYPE_CHECKING:
     from .pool import PoolBackend
@@ -142,8 +143,8 @@ def _fail_over(pool: PoolBackend, out: asyncio.Future[Any], m: Member, call_id: 
     if pool.cfg.max_attempts <= 1:
         out.set_exception(BackendUnavailable(f"pool {pool.name}: failed on 1 members"))
         return
-    task = asyncio.get_running_loop().create_task(pool._single_call(
-        call_id, args, {m.index}, pool.sessions.get(args[0]), failures=1))
+    task = asyncio.get_running_loop().create_task(single_call(
+        pool, call_id, args, {m.index}, pool.sessions.get(args[0]), failures=1))
     pool._background.add(task)
 
     def copy(t: asyncio.Task[list[Any]]) -> None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ...codec import ckr
 from ...codec import constants as ck
 from ...errors import BackendUnavailable, Pkcs11Error
+from .identities import oid_for
 from .member import ID, Member, MemberDown
 from .objects import Key
 
@@ -76,7 +77,7 @@ async def find_on(pool: PoolBackend, m: Member, args: list[Any]) -> list[int]:
         raise
     finally:
         await m.release(sess, epoch, broken)
-    oids = [await pool._oid_for(m, h) for h in handles]
+    oids = [await oid_for(pool, m, h) for h in handles]
     # a member's out-of-date copy does not count: its attributes may not be the
     # object's (_find_init lists the object by identity when no good copy is up)
     return [o for o in oids if not pool.objects.is_stale(o, m.name)
