@@ -50,7 +50,7 @@ from .handles import (
     Session,
 )
 from .limits import ConnectionFlow
-from .operations import duplicate_type
+from .operations import duplicate_type, unavailable_type
 from .replies import error_reply
 from .token import VirtualToken
 
@@ -166,9 +166,11 @@ class ClientConnection(asyncio.Protocol):
         plan = d.plan
         call_stats.started(self, code, call.id, args)
         self.flow.started(code, call.id, args, len(body))  # released by _reply
-        if plan.template_args and self._duplicated(call, args, plan.template_args):
-            self._reply(code, encode_error(ckr.TEMPLATE_INCONSISTENT))
-            return
+        if plan.template_args:
+            refusal = self._template_refusal(call, args, plan.template_args)
+            if refusal is not None:
+                self._reply(code, encode_error(refusal))
+                return
         # calls on one session run in order; others run concurrently
         session = self.handles.sessions.get(args[0]) if plan.session else None
         prev = session.tail if session is not None else self._tail
@@ -187,17 +189,27 @@ class ClientConnection(asyncio.Protocol):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _duplicated(self, call: Call, args: list[Any], positions: tuple[int, ...]) -> bool:
-        """A template that names one attribute type twice: the gateway would check one
-        value and the module apply another. Refused before policy or the module."""
+    def _template_refusal(self, call: Call, args: list[Any], positions: tuple[int, ...]
+                          ) -> int | None:
+        """Templates refused before policy or the module: one that names an attribute
+        type twice (the gateway would check one value and the module apply another:
+        CKR_TEMPLATE_INCONSISTENT), and one with an attribute marked unavailable (a
+        NULL value of length (CK_ULONG)-1, which SoftHSM reads as a real value and
+        crashes on in key generation: CKR_ATTRIBUTE_VALUE_INVALID)."""
         for pos in positions:
             dup = duplicate_type(args[pos])
             if dup is not None:
                 log.warning("template names an attribute twice", extra={
                     "conn": self.id, "peer": self.peer, "call": call.name,
                     "attribute": f"{dup:#x}"})
-                return True
-        return False
+                return ckr.TEMPLATE_INCONSISTENT
+            missing = unavailable_type(args[pos])
+            if missing is not None:
+                log.warning("template has an attribute without a value", extra={
+                    "conn": self.id, "peer": self.peer, "call": call.name,
+                    "attribute": f"{missing:#x}"})
+                return ckr.ATTRIBUTE_VALUE_INVALID
+        return None
 
     async def _run(
         self,

@@ -65,6 +65,19 @@ def duplicate_type(template: list[Attribute], depth: int = 0) -> int | None:
     return None
 
 
+def unavailable_type(template: list[Attribute], depth: int = 0) -> int | None:
+    """An attribute marked unavailable (no value, length (CK_ULONG)-1) in ``template``
+    or in a template nested in it, else None: a request's template gives values."""
+    for a in template:
+        if a.length is None:
+            return a.type
+        if isinstance(a.value, list) and a.value and isinstance(a.value[0], Attribute):
+            inner = unavailable_type(a.value, depth + 1)
+            if inner is not None:
+                return inner
+    return None
+
+
 def note_key_init(s: Session, call_id: int, ref: ObjectRef, logged_in: bool) -> None:
     """Remember an operation started with a key that may be private while logged in."""
     op = OPERATION_OF_INIT[call_id]
