@@ -359,6 +359,10 @@ class TokenConfig(_Strict):
     #: layered soft token: offered uninitialised; C_InitToken on it makes a new token of
     #: the caller's own (in a new slot) -- at most this many per identity (0: not offered)
     client_tokens: int = Field(default=0, ge=0, le=64)
+    #: wrap only with secret keys made on the token that may not decrypt, decrypt only
+    #: with keys that may not wrap, roles fixed, unwrapped keys sensitive, no derivation
+    #: that reveals its base key (frontend/key_separation.py)
+    key_separation: bool = False
 
     @model_validator(mode="after")
     def _pin_source(self) -> TokenConfig:

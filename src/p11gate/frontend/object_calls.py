@@ -18,7 +18,7 @@ from ..codec import Attribute, AttrRequest, Call, Mechanism, Null, ckr
 from ..codec import constants as ck
 from ..errors import Pkcs11Error
 from ..state.base import StoreError as RegistryError
-from . import key_limits
+from . import key_limits, key_separation
 from .common import ID, PRIVATE_FALSE, ObjectInfo, Stale, attr_bool, attr_value
 from .handles import IDENTITY_KNOWN, IDENTITY_UNKNOWN, ObjectRef, Session
 from .identity_checks import check_new_identity, check_unique
@@ -206,6 +206,7 @@ async def h_set_attribute(c: ClientConnection, call: Call, args: list[Any]) -> l
                 raise Pkcs11Error(ckr.USER_NOT_LOGGED_IN)
     if info is None or info[0]:
         c.require(t, "modify", "changing a token object")
+    key_separation.check_templates(t, call.id, args, (2,))
     template: list[Attribute] = args[2]
     new_info = info
     if info is not None:
@@ -272,6 +273,7 @@ async def h_create(c: ClientConnection, call: Call, args: list[Any]) -> list[Any
             token_objects = True
     c.require(t, "create" if token_objects else "use",
                   "creating a token object" if token_objects else "creating an object")
+    key_separation.check_templates(t, call.id, args, CREATE_TEMPLATES[call.id])
     c.gw.limits.check_create(c, t, call.id, args)  # object quotas: CKR_DEVICE_MEMORY
     for planned in planned_identities(call.id, args):
         # refused before the object exists even for a moment (checked again after)
