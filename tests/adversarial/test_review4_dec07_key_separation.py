@@ -89,6 +89,9 @@ def aes(*roles: tuple[int, bool], value: bytes | None = None) -> list[Attribute]
 
 
 def generate(client: RawClient, sess: int, *roles: tuple[int, bool]) -> int:
+    """A session AES key made on the token: sensitive unless ``roles`` say otherwise."""
+    if CKA_SENSITIVE not in dict(roles):
+        roles = (*roles, (CKA_SENSITIVE, True))
     (key,) = call(client, "C_GenerateKey", sess, Mechanism(CKM_AES_KEY_GEN, None),
                   aes(*roles))
     return int(key)
@@ -184,6 +187,16 @@ def test_wrapping_key_of_known_value(gw: Separated, c: tuple[RawClient, int]) ->
         assert keywrap.aes_key_unwrap(KNOWN_KEK, bytes(blob)) == SECRET
         return
     assert got == ckr.KEY_FUNCTION_NOT_PERMITTED and denied(gw, "CKA_LOCAL")
+    # nor with one made on the token, read while it could be, then made sensitive
+    readable = generate(client, sess, (CKA_WRAP, True), (CKA_DECRYPT, False),
+                        (CKA_SENSITIVE, False), (CKA_EXTRACTABLE, True))
+    (attrs, _) = call(client, "C_GetAttributeValue", sess, readable,
+                      [AttrRequest(CKA_VALUE, 32)])
+    assert len(attrs[0].value) == 32  # the attacker now knows it
+    call(client, "C_SetAttributeValue", sess, readable, [b(CKA_SENSITIVE, True)])
+    assert rv(client, "C_WrapKey", sess, WRAP, readable, target, 4096) == \
+        ckr.KEY_FUNCTION_NOT_PERMITTED
+    assert denied(gw, "not always sensitive")
     # nor may a template claim CKA_LOCAL for it
     assert rv(client, "C_CreateObject", sess,
               [*aes((CKA_WRAP, True), value=KNOWN_KEK), b(CKA_LOCAL, True)]) == \

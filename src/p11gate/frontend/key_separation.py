@@ -11,7 +11,8 @@ A module only checks each call on its own; the gateway, which sees every call, m
 these rules (after Bortolozzo, Centenaro, Focardi and Steel, CCS 2010):
 
 * **wrapping** (C_WrapKey): the wrapping key is a secret key made on the token
-  (CKA_LOCAL true: no one outside ever had its value) that may not decrypt;
+  (CKA_LOCAL true) and sensitive since then (CKA_ALWAYS_SENSITIVE true): no one outside
+  ever had its value; and it may not decrypt;
 * **decrypting** (C_DecryptInit, C_MessageDecryptInit): not with a secret key that may
   wrap;
 * **roles are fixed**: CKA_WRAP and CKA_DECRYPT cannot be changed (C_SetAttributeValue)
@@ -127,6 +128,10 @@ async def check_use(c: ClientConnection, call: Call, args: list[Any]) -> None:
         if roles.get(ck.CKA_LOCAL) is not True:
             raise _refuse(ckr.KEY_FUNCTION_NOT_PERMITTED, t,
                           "wrapping with a key not made on the token (CKA_LOCAL)")
+        if roles.get(ck.CKA_ALWAYS_SENSITIVE) is not True:
+            # made readable, read, then made sensitive: its value is known
+            raise _refuse(ckr.KEY_FUNCTION_NOT_PERMITTED, t,
+                          "wrapping with a key that was not always sensitive")
         if roles.get(ck.CKA_DECRYPT) is not False:
             raise _refuse(ckr.KEY_FUNCTION_NOT_PERMITTED, t,
                           "wrapping with a key that may decrypt")
@@ -136,10 +141,11 @@ async def check_use(c: ClientConnection, call: Call, args: list[Any]) -> None:
 
 
 async def _roles(s: Session, backend_handle: int) -> dict[int, Any]:
-    """CKA_CLASS, CKA_LOCAL, CKA_WRAP and CKA_DECRYPT of a key; a value the module does
-    not give is missing (each rule then takes the refusing side)."""
+    """CKA_CLASS, CKA_LOCAL, CKA_ALWAYS_SENSITIVE, CKA_WRAP and CKA_DECRYPT of a key; a
+    value the module does not give is missing (each rule then takes the refusing side)."""
     reqs = [AttrRequest(ck.CKA_CLASS, 8), AttrRequest(ck.CKA_LOCAL, 1),
-            AttrRequest(ck.CKA_WRAP, 1), AttrRequest(ck.CKA_DECRYPT, 1)]
+            AttrRequest(ck.CKA_ALWAYS_SENSITIVE, 1), AttrRequest(ck.CKA_WRAP, 1),
+            AttrRequest(ck.CKA_DECRYPT, 1)]
     try:
         attrs, _ = await s.token.backend.call(
             ID["C_GetAttributeValue"], [s.backend_handle, backend_handle, reqs])
