@@ -116,3 +116,24 @@ def make_two_ca_pki(d: Path) -> dict[str, object]:
     out["issuer_b"] = b.cert.subject.rfc4514_string()
     out["id_b"] = key_id(b.cert)
     return out
+
+
+def issue_named(ca: Authority, subject: x509.Name, sans: list[x509.GeneralName],
+                d: Path, client: str) -> dict[str, Path]:
+    """A client certificate of ``ca`` with any subject (empty too: its SANs are then
+    critical, as RFC 5280 wants) and SANs, written as ``d/<client>.{pem,key}``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    b = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(ca.name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(days=1))
+        .not_valid_after(NOW + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+    )
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=not len(subject))
+    (d / f"{client}.pem").write_bytes(_pem(b.sign(ca.key, hashes.SHA256())))
+    _write_key(key, d / f"{client}.key")
+    return {"cert": d / f"{client}.pem", "key": d / f"{client}.key"}

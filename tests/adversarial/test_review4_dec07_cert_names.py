@@ -1,0 +1,162 @@
+"""Fourth review (TLS identities): what a certificate's names can forge.
+
+One real gateway (TLS listener, SoftHSMv2) and raw TLS clients whose certificates are
+made here with `cryptography`:
+
+* SAN-only certificates (empty subject, as SPIFFE's): every one of a CA was the one
+  identity ``cert:``, so two tenants that rules tell apart by SAN shared owned objects
+  (and mapped PINs, lock-outs, quotas). Each is now its own identity, keyed by its SANs.
+* RFC 4514 injection: a certificate whose CN alone is ``evil,O=Team A`` (written
+  ``CN=evil\\,O=Team A``) matched the pattern ``CN=*,O=Team A`` (fnmatch's ``*`` took the
+  escaping backslash) and got Team A's officer rule.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from tests.adversarial.hostile import CKF_RW, CKF_SERIAL, CKO_DATA, CKU_USER, b, call, s, u
+from tests.adversarial.tls_pki import Authority, _pem, _write_key, issue_named
+from tests.gateway_proc import Gateway, RawClient, wait_for
+from tests.remote.tls_setup import free_port, stop_checked
+from tests.softhsm import make_token
+
+from p11gate.identity import Identity
+
+CKA_CLASS, CKA_TOKEN, CKA_PRIVATE, CKA_LABEL = 0, 1, 2, 3
+SPIFFE_A = "spiffe://example/team-a/app"
+SPIFFE_B = "spiffe://example/team-b/app"
+
+
+def _cn(*parts: tuple[x509.ObjectIdentifier, str]) -> x509.Name:
+    return x509.Name([x509.NameAttribute(oid, v) for oid, v in parts])
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    base = tmp_path_factory.mktemp("certnames")
+    pki = base / "pki"
+    pki.mkdir()
+    ca = Authority("Clients CA A")
+    (pki / "ca.pem").write_bytes(_pem(ca.cert))
+    server, skey = ca.issue("gateway", server=True)
+    (pki / "server.pem").write_bytes(_pem(server))
+    _write_key(skey, pki / "server.key")
+    empty = x509.Name([])
+    certs = {
+        "spiffe-a": issue_named(ca, empty, [x509.UniformResourceIdentifier(SPIFFE_A)],
+                                pki, "spiffe-a"),
+        "spiffe-b": issue_named(ca, empty, [x509.UniformResourceIdentifier(SPIFFE_B)],
+                                pki, "spiffe-b"),
+        # the CA lets a requester choose its CN; only this one is Team A's
+        "team-a": issue_named(ca, _cn((NameOID.ORGANIZATION_NAME, "Team A"),
+                                      (NameOID.COMMON_NAME, "x")), [], pki, "team-a"),
+        "injected": issue_named(ca, _cn((NameOID.COMMON_NAME, "evil,O=Team A")), [],
+                                pki, "injected"),
+    }
+    token = make_token(base / "softhsm", label="t", keys=False)
+    port = free_port()
+    cfg = base / "p11gate.toml"
+    cfg.write_text(f"""
+[server]
+listen = ["unix:path={base / 'gw.sock'}", "tls:127.0.0.1:{port}"]
+state_dir = "{base / 'state'}"
+log_format = "json"
+
+[tls]
+cert = "{pki / 'server.pem'}"
+key = "{pki / 'server.key'}"
+client_ca = "{pki / 'ca.pem'}"
+
+[[backend]]
+name = "softhsm"
+module = "{token['module']}"
+env = {{ SOFTHSM2_CONF = "{token['conf']}" }}
+
+[[token]]
+name = "t"
+backend = "softhsm"
+select = {{ label = "t" }}
+
+[[rule]]
+name = "team-a-org"
+subject = ["CN=*,O=Team A"]
+tokens = ["t"]
+role = "officer"
+
+[[rule]]
+name = "spiffe-a"
+san = ["URI:spiffe://example/team-a/*"]
+tokens = ["t"]
+namespace = {{ owned = true }}
+
+[[rule]]
+name = "spiffe-b"
+san = ["URI:spiffe://example/team-b/*"]
+tokens = ["t"]
+namespace = {{ owned = true }}
+""")
+    g = Gateway(cfg)
+    yield {"gw": g, "port": port, "ca": pki / "ca.pem", "certs": certs}
+    stop_checked(g)
+
+
+def connect(gw: dict[str, Any], client: str) -> RawClient:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=gw["ca"])
+    files = gw["certs"][client]
+    ctx.load_cert_chain(files["cert"], files["key"])
+    raw = socket.create_connection(("127.0.0.1", gw["port"]), timeout=10)
+    c = RawClient(None, sock=ctx.wrap_socket(raw, server_hostname="127.0.0.1"))
+    c.initialize()
+    return c
+
+
+def slots(c: RawClient) -> list[int]:
+    (found,) = call(c, "C_GetSlotList", 1, 8)
+    return list(found)
+
+
+def test_san_only_certificates_are_distinct_identities(gw: dict[str, Any]) -> None:
+    a = connect(gw, "spiffe-a")
+    (slot,) = slots(a)
+    (sa,) = call(a, "C_OpenSession", slot, CKF_SERIAL | CKF_RW)
+    call(a, "C_Login", sa, CKU_USER, b"1234")
+    label = b"team-a-only"
+    call(a, "C_CreateObject", sa, [u(CKA_CLASS, CKO_DATA), b(CKA_TOKEN, True),
+                                   b(CKA_PRIVATE, False), s(CKA_LABEL, label)])
+    assert len(a.find(sa, [s(CKA_LABEL, label)])) == 1
+    # tenant B: another SPIFFE id of the same CA, in a namespace of its own. It used to
+    # be the same identity (cert:) as A, owner of A's object
+    bb = connect(gw, "spiffe-b")
+    (slot_b,) = slots(bb)
+    (sb,) = call(bb, "C_OpenSession", slot_b, CKF_SERIAL)
+    assert bb.find(sb, [s(CKA_LABEL, label)]) == []
+    assert bb.find(sb, [u(CKA_CLASS, CKO_DATA)]) == []
+    a.close()
+    bb.close()
+    # the log says which SAN-only certificate each connection was
+    peers = [r.get("peer", "") for r in gw["gw"].records() if r.get("msg") == "client connected"]
+    assert any(p.endswith(f"cert= san=URI:{SPIFFE_A}") or f"san=URI:{SPIFFE_A} from" in p
+               for p in peers), peers
+    # and its identity key (mapped PINs) is its SANs
+    ident = Identity(kind="tls", subject="", sans=(f"URI:{SPIFFE_B}", "DNS:a,b"),
+                     ca_index=0)
+    assert ident.key == f"cert:DNS:a\\,b,URI:{SPIFFE_B}"
+
+
+def test_an_escaped_comma_in_a_cn_is_not_a_separator(gw: dict[str, Any]) -> None:
+    good = connect(gw, "team-a")  # CN=x,O=Team A: the rule is Team A's
+    assert len(slots(good)) == 1
+    good.close()
+    bad = connect(gw, "injected")  # CN=evil\,O=Team A: one CN, no O at all
+    assert slots(bad) == []
+    bad.close()
+    assert wait_for(lambda: any("cert=CN=evil\\,O=Team A" in str(r.get("peer"))
+                                for r in gw["gw"].records()))
