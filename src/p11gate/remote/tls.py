@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from typing import Protocol
 
 from cryptography import x509
@@ -54,20 +55,26 @@ class Serving(Protocol):
     def is_serving(self) -> bool: ...
 
 
-def watch_crl(server: Serving, ctx: ssl.SSLContext, cfg: TlsConfig) -> None:
+def watch_crl(server: Serving, ctx: ssl.SSLContext, cfg: TlsConfig,
+              loaded: Callable[[str], None] | None = None) -> None:
     """Reload ``cfg.crl`` into the listener's context when the file changes, while the
     listener serves: new revocations apply to the next handshakes, and a fresh CRL
     replaces one that expires (an expired CRL refuses every client). OpenSSL keeps the
     CRLs it has loaded and uses the newest of each CA. A file that does not check out
     (junk, expired, foreign) is logged and not loaded; the previous CRL stays in force.
-    A listener has one watcher: a new context (reload) stops the old one's."""
+    A listener has one watcher: a new context (reload) stops the old one's.
+
+    ``loaded(path)`` runs when the watcher starts (a reload gave the context the file
+    as it is now) and after each CRL it loads: the gateway closes the established
+    connections whose certificate the CRL revokes (a handshake checks only new ones)."""
     key = id(server)
     old = _watchers.pop(key, None)
     if old is not None:
         old.cancel()
     if cfg.crl is None:
         return
-    task = asyncio.get_running_loop().create_task(_watch_crl(server, ctx, cfg, cfg.crl))
+    task = asyncio.get_running_loop().create_task(
+        _watch_crl(server, ctx, cfg, cfg.crl, loaded))
     _watchers[key] = task
 
     def done(t: asyncio.Task[None]) -> None:
@@ -91,8 +98,10 @@ def _file_version(path: str) -> tuple[int, int, int] | None:
 
 
 async def _watch_crl(server: Serving, ctx: ssl.SSLContext, cfg: TlsConfig,
-                     path: str) -> None:
+                     path: str, loaded: Callable[[str], None] | None) -> None:
     seen = _file_version(path)
+    if loaded is not None:
+        loaded(path)
     # each CA's latest nextUpdate among the CRLs loaded (OpenSSL keeps them all and
     # prefers one still valid, so a CA's clients are refused only when all have expired)
     valid_until: dict[str, dt.datetime] = {}
@@ -118,6 +127,8 @@ async def _watch_crl(server: Serving, ctx: ssl.SSLContext, cfg: TlsConfig,
             else:
                 merge(due)
                 warned -= set(due)
+                if loaded is not None:
+                    loaded(path)
                 log.info("CRL reloaded", extra={
                     "crl": path, "next_update": {k: str(v) for k, v in due.items()}})
         for ca, t in valid_until.items():
