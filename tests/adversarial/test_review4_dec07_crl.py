@@ -8,6 +8,7 @@ every 0.2 s), raw TLS clients speaking p11-kit RPC, certificates made with
 * OpenSSL checks the CRL at the handshake only: a client revoked later kept its
   established connection, and every key it could use, for as long as it stayed. The
   connections a newly loaded CRL revokes are now closed (the others go on).
+* A CRL file that disappeared was ignored without a word (a restart would then fail).
 * `check_crl` compared names only: a CRL with a client CA's name but signed by another
   key passed check-config and the watcher, and OpenSSL then refused that CA's clients.
 """
@@ -94,3 +95,22 @@ def test_a_crl_in_a_client_cas_name_signed_by_another_key_is_not_loaded(
     assert len(found) == 1
     assert not g.refused("keep")
     keep.close()
+
+
+def test_a_crl_file_that_disappears_is_an_error_and_its_return_is_loaded(
+        g: CrlGateway) -> None:
+    keep = connected(g, "keep")
+    saved = g.crl.read_bytes()
+    g.crl.unlink()
+    assert wait_for(lambda: "CRL file missing" in g.gw.log()), g.gw.log()[-2000:]
+    # the CRL loaded before stays in force: the gateway goes on serving
+    (found,) = call(keep, "C_GetSlotList", 1, 8)
+    assert len(found) == 1 and not g.refused("keep")
+    # the file back (with a revocation): loaded, and the revoked client's connection ends
+    revoke = connected(g, "revoke")
+    g.crl.write_bytes(saved)
+    g.publish(["revoke"], days=7)
+    assert revoke.closed_by_peer(timeout=15), g.gw.log()[-2000:]
+    keep.close()
+    revoke.close()
+

@@ -116,7 +116,13 @@ async def _watch_crl(server: Serving, ctx: ssl.SSLContext, cfg: TlsConfig,
     while server.is_serving():
         await asyncio.sleep(cfg.crl_check_interval)
         now = _file_version(path)
-        if now != seen and now is not None:
+        if now is None and seen is not None:
+            # said once: a deleted (or unreadable) file is not an empty CRL; a restart
+            # or a reload would refuse the configuration until it is back
+            seen = None
+            log.error("CRL file missing; the CRL loaded before stays in force, and a "
+                      "restart or reload is refused until it is back", extra={"crl": path})
+        elif now != seen and now is not None:
             seen = now
             try:
                 due = pem.check_crl(path, cfg.client_ca)
