@@ -9,6 +9,9 @@ made here with `cryptography`:
 * RFC 4514 injection: a certificate whose CN alone is ``evil,O=Team A`` (written
   ``CN=evil\\,O=Team A``) matched the pattern ``CN=*,O=Team A`` (fnmatch's ``*`` took the
   escaping backslash) and got Team A's officer rule.
+* A certificate OpenSSL verifies but `cryptography` does not parse (BER where DER is
+  due): the exception escaped connection_made and each such client dumped a traceback
+  into the log, past its format and the refusal rate limit. Now one record, refused.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from tests.adversarial.hostile import CKF_RW, CKF_SERIAL, CKO_DATA, CKU_USER, b, call, s, u
-from tests.adversarial.tls_pki import Authority, _pem, _write_key, issue_named
+from tests.adversarial.tls_pki import Authority, _pem, _write_key, issue_named, patched
 from tests.gateway_proc import Gateway, RawClient, wait_for
 from tests.remote.tls_setup import free_port, stop_checked
 from tests.softhsm import make_token
@@ -103,7 +106,8 @@ tokens = ["t"]
 namespace = {{ owned = true }}
 """)
     g = Gateway(cfg)
-    yield {"gw": g, "port": port, "ca": pki / "ca.pem", "certs": certs}
+    yield {"gw": g, "port": port, "ca": pki / "ca.pem", "certs": certs, "authority": ca,
+           "dir": pki}
     stop_checked(g)
 
 
@@ -160,3 +164,28 @@ def test_an_escaped_comma_in_a_cn_is_not_a_separator(gw: dict[str, Any]) -> None
     bad.close()
     assert wait_for(lambda: any("cert=CN=evil\\,O=Team A" in str(r.get("peer"))
                                 for r in gw["gw"].records()))
+
+
+def test_a_certificate_that_is_not_der_is_refused_in_one_record(gw: dict[str, Any]) -> None:
+    ca, d = gw["authority"], gw["dir"]
+    cert, key = ca.issue("ber")
+    # BasicConstraints' "critical" BOOLEAN as 0x01: BER, which OpenSSL accepts
+    (d / "ber.pem").write_bytes(patched(ca, cert, b"\x01\x01\xff", b"\x01\x01\x01"))
+    _write_key(key, d / "ber.key")
+    gw["certs"]["ber"] = {"cert": d / "ber.pem", "key": d / "ber.key"}
+    for _ in range(3):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cafile=gw["ca"])
+        ctx.load_cert_chain(d / "ber.pem", d / "ber.key")
+        raw = socket.create_connection(("127.0.0.1", gw["port"]), timeout=10)
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as t:
+            t.sendall(b"\0")
+            assert t.recv(16) == b""  # closed: no RPC version byte, no service
+    g = gw["gw"]
+    assert wait_for(lambda: len([r for r in g.records() if r.get("msg") ==
+                                 "TLS client refused: its certificate does not parse as DER"])
+                    == 3), g.log()[-2000:]
+    # every line of the log is a JSON record: no traceback around the format
+    assert [ln for ln in g.log().splitlines() if not ln.startswith("{")] == []
+    assert g.alive()
+

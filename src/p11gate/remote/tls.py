@@ -174,7 +174,16 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None,
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         return None
-    cert = x509.load_der_x509_certificate(der)
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        subject, sans = cert.subject.rfc4514_string(), _sans(cert)
+    except ValueError as e:
+        # OpenSSL verifies some encodings cryptography refuses (BER where DER is due, a
+        # duplicated extension ...): without this the exception escaped connection_made,
+        # and each such client dumped a traceback past the log format and its rate limit
+        log.warning("TLS client refused: its certificate does not parse as DER",
+                    extra={"peer": address, "error": str(e)})
+        return None
     if cas is None:
         cas = registered(getattr(ssl_object, "context", None))
     ca = cas.ca_of(ssl_object, cert) if cas is not None else None
@@ -182,19 +191,22 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None,
         log.warning("TLS client refused: its CA in client_ca cannot be told (a client "
                     "certificate must be issued by a listed CA, or by an intermediate "
                     "it sends that a listed CA issued)",
-                    extra={"peer": address, "subject": cert.subject.rfc4514_string()})
+                    extra={"peer": address, "subject": subject})
         return None
-    sans: list[str] = []
+    return Identity(kind="tls", subject=subject, sans=tuple(sans),
+                    address=address, issuer=ca.subject, ca_id=ca.id, ca_index=ca.index)
+
+
+def _sans(cert: x509.Certificate) -> list[str]:
+    """The certificate's SANs, typed (ValueError: the extensions do not parse)."""
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        sans += [f"DNS:{n}" for n in ext.get_values_for_type(x509.DNSName)]
-        sans += [f"URI:{n}" for n in ext.get_values_for_type(x509.UniformResourceIdentifier)]
-        sans += [f"EMAIL:{n}" for n in ext.get_values_for_type(x509.RFC822Name)]
-        sans += [f"IP:{n}" for n in ext.get_values_for_type(x509.IPAddress)]
     except x509.ExtensionNotFound:
-        pass
-    return Identity(kind="tls", subject=cert.subject.rfc4514_string(), sans=tuple(sans),
-                    address=address, issuer=ca.subject, ca_id=ca.id, ca_index=ca.index)
+        return []
+    return ([f"DNS:{n}" for n in ext.get_values_for_type(x509.DNSName)]
+            + [f"URI:{n}" for n in ext.get_values_for_type(x509.UniformResourceIdentifier)]
+            + [f"EMAIL:{n}" for n in ext.get_values_for_type(x509.RFC822Name)]
+            + [f"IP:{n}" for n in ext.get_values_for_type(x509.IPAddress)])
 
 
 def peer_address(peer: object) -> str | None:
