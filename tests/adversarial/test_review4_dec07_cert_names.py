@@ -12,6 +12,8 @@ made here with `cryptography`:
 * A certificate OpenSSL verifies but `cryptography` does not parse (BER where DER is
   due): the exception escaped connection_made and each such client dumped a traceback
   into the log, past its format and the refusal rate limit. Now one record, refused.
+  One whose SAN Python's `ssl` cannot decode fails the handshake inside the event loop,
+  whose report went to stderr as raw lines (not the log format); now a JSON record.
 """
 
 from __future__ import annotations
@@ -186,6 +188,28 @@ def test_a_certificate_that_is_not_der_is_refused_in_one_record(gw: dict[str, An
                                  "TLS client refused: its certificate does not parse as DER"])
                     == 3), g.log()[-2000:]
     # every line of the log is a JSON record: no traceback around the format
+    assert [ln for ln in g.log().splitlines() if not ln.startswith("{")] == []
+    assert g.alive()
+
+
+def test_a_san_python_cannot_decode_fails_in_log_records(gw: dict[str, Any]) -> None:
+    ca, d = gw["authority"], gw["dir"]
+    files = issue_named(ca, _cn((NameOID.COMMON_NAME, "badsan")),
+                        [x509.DNSName("aaa.example")], d, "badsan")
+    raw_cert = x509.load_pem_x509_certificate(files["cert"].read_bytes())
+    # the DNS name's IA5String gets a byte beyond ASCII: OpenSSL verifies it, Python's
+    # getpeercert() (called by the event loop at the end of the handshake) cannot decode it
+    files["cert"].write_bytes(patched(ca, raw_cert, b"aaa.example", b"a\xffa.example"))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=gw["ca"])
+    ctx.load_cert_chain(files["cert"], files["key"])
+    raw = socket.create_connection(("127.0.0.1", gw["port"]), timeout=10)
+    with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as t:
+        t.sendall(b"\0")
+        assert t.recv(16) == b""
+    g = gw["gw"]
+    assert wait_for(lambda: any(r.get("logger") == "asyncio" for r in g.records())), \
+        g.log()[-2000:]
     assert [ln for ln in g.log().splitlines() if not ln.startswith("{")] == []
     assert g.alive()
 
