@@ -10,6 +10,7 @@ the tunnel or agent connects. Messages name files, never their contents.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -142,6 +143,19 @@ def revoked(crl_path: str) -> set[tuple[bytes, int]]:
         issuer = crl.issuer.public_bytes()
         out.update((issuer, r.serial_number) for r in crl)
     return out
+
+
+def key_exposure(key_path: str) -> str | None:
+    """Why a private key file is open to other users (group/others may read or write
+    it: whoever reads it can be this TLS identity), or None."""
+    try:
+        mode = os.stat(key_path).st_mode & 0o777
+    except OSError:
+        return None  # reported by check_key
+    if not mode & 0o077:
+        return None
+    return (f"{key_path!r} is readable or writable by group/others (mode {mode:04o}): "
+            f"whoever reads it can pose as this certificate; run `chmod 600 {key_path}`")
 
 
 def no_passphrase() -> bytes:

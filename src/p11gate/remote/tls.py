@@ -157,6 +157,9 @@ def client_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
         pem.check_key(key, cert)
     except ValueError as e:
         raise ValueError(f"--key: {e}") from None
+    exposed = pem.key_exposure(key)
+    if exposed:  # said, not refused: the tunnel runs as each application's user
+        log.warning(f"--key: {exposed}")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(cert, key, password=pem.no_passphrase)
