@@ -45,6 +45,12 @@ def check(cfg: Config) -> Findings:
                 f"any client that can connect is an officer on {', '.join(r.tokens)}; "
                 "match uid/gid/subject instead, or give everyone role 'readonly' or 'user'")
     out.warnings += metrics_exposure(cfg)
+    from .remote.pem import key_exposure  # (the TLS keys: the gateway's, the metrics')
+    for what, key in (("tls.key", cfg.tls.key if cfg.tls else None),
+                      ("metrics.tls_key", cfg.metrics.tls_key)):
+        why = key_exposure(key) if key else None
+        if why:
+            out.warnings.append(f"{src}: {what}: {why}")
     mode = cfg.server.socket_mode
     if sockets and mode & 0o002:
         out.warnings.append(

@@ -28,6 +28,7 @@ from .frontend.handoff import Receiver
 from .frontend.layer_views import LayerViews
 from .frontend.metrics_state import snapshot
 from .frontend.quotas import GatewayLimits, raise_fd_limit
+from .frontend.revocation import close_revoked
 from .frontend.shared_usage import SharedUsage
 from .frontend.status_info import StartTime, gateway_header, token_extras
 from .frontend.tls_listener import TlsListener
@@ -214,7 +215,7 @@ class Gateway:
         listener = TlsListener(lambda: _TlsClientConnection(self, address), ctx,
                                can_accept=self.limits.can_accept)
         listener.address = address
-        watch_crl(listener, ctx, self.cfg.tls)
+        watch_crl(listener, ctx, self.cfg.tls, self.crl_loaded)
         self._servers.append(listener)
         return listener
 
@@ -223,6 +224,10 @@ class Gateway:
         listener = self._tls_listener(address)
         await listener.start(host, port, inherited=self.inherited.take_tcp(host, port))
         log.info("listening", extra={"address": address, "tls": "1.3, client certificates"})
+
+    def crl_loaded(self, path: str) -> None:
+        """A CRL was (re)loaded: established connections it revokes are closed."""
+        close_revoked(self.connections, path)
 
     def _new_connection(self, listener: str) -> ClientConnection:
         c = ClientConnection(self)

@@ -41,21 +41,37 @@ class Identity:
         if self.kind == "unix":
             return f"uid={self.uid} gid={self.gid} pid={self.pid}"
         ca = f"ca={one_line(self.issuer)} " if self.issuer is not None else ""
-        return (f"{ca}cert={one_line(self.subject or '')}"
+        # a certificate with an empty subject is told apart by its SANs alone: say them
+        san = f" san={one_line(self.principal)}" if not self.subject and self.sans else ""
+        return (f"{ca}cert={one_line(self.subject or '')}{san}"
                 + (f" from {self.address}" if self.address else ""))
+
+    @property
+    def principal(self) -> str:
+        """TLS: who the certificate names: its subject, or for a certificate with an
+        empty subject (SPIFFE and other SAN-only certificates) its SANs, sorted, each
+        with ``\\`` and ``,`` escaped by a backslash, joined by ``,``. Without this,
+        every SAN-only certificate of a CA was one identity ``cert:``: tenants that
+        rules tell apart by SAN shared owned objects, mapped PINs and lock-outs. A SAN
+        ("DNS:…", "URI:…") never reads as a subject ("CN=…"), so the two cannot meet."""
+        if self.subject:
+            return self.subject
+        return ",".join(sorted(s.replace("\\", "\\\\").replace(",", "\\,")
+                               for s in self.sans))
 
     @property
     def key(self) -> str:
         """A stable key for per-identity state (PIN hashes, throttling, ownership):
-        the uid locally; remotely the certificate subject and its CA: ``cert:<subject>``
-        for the first CA of ``client_ca`` (as before there could be several), and
+        the uid locally; remotely the certificate's :attr:`principal` (its subject, or
+        its SANs when the subject is empty) and its CA: ``cert:<subject>`` for the first
+        CA of ``client_ca`` (as before there could be several), and
         ``cert:<ca_id>/<subject>`` for the others, so the same subject from two CAs is
         two identities. Not the pid or address."""
         if self.kind == "unix":
             return f"uid:{self.uid}"
         if self.ca_index == 0:
-            return f"cert:{self.subject}"
-        return f"cert:{self.ca_id}/{self.subject}"
+            return f"cert:{self.principal}"
+        return f"cert:{self.ca_id}/{self.principal}"
 
 
 UNKNOWN = Identity(kind="none")

@@ -122,6 +122,14 @@ def setup(level: str = "info", fmt: str = "json", file: str | None = None) -> No
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    # the event loop's own reports (asyncio's and uvloop's exception handler: "SSL
+    # handshake failed", "Fatal error on transport" with a traceback) go through the
+    # same handler: else Python's last-resort handler wrote them to stderr as raw
+    # multi-line text, outside the log format and the log file
+    loop_log = logging.getLogger("asyncio")
+    loop_log.handlers[:] = [handler]
+    loop_log.setLevel(logging.WARNING)
+    loop_log.propagate = False
 
 
 def reopen() -> list[str]:

@@ -5,6 +5,7 @@ that carry tenant A's subject, and one of CA A whose CN holds a newline."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import ipaddress
@@ -116,3 +117,44 @@ def make_two_ca_pki(d: Path) -> dict[str, object]:
     out["issuer_b"] = b.cert.subject.rfc4514_string()
     out["id_b"] = key_id(b.cert)
     return out
+
+
+def issue_named(ca: Authority, subject: x509.Name, sans: list[x509.GeneralName],
+                d: Path, client: str) -> dict[str, Path]:
+    """A client certificate of ``ca`` with any subject (empty too: its SANs are then
+    critical, as RFC 5280 wants) and SANs, written as ``d/<client>.{pem,key}``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    b = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(ca.name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(days=1))
+        .not_valid_after(NOW + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+    )
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=not len(subject))
+    (d / f"{client}.pem").write_bytes(_pem(b.sign(ca.key, hashes.SHA256())))
+    _write_key(key, d / f"{client}.key")
+    return {"cert": d / f"{client}.pem", "key": d / f"{client}.key"}
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    size = bytes([n]) if n < 128 else (
+        bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes((n.bit_length() + 7) // 8, "big"))
+    return bytes([tag]) + size + body
+
+
+def patched(ca: Authority, cert: x509.Certificate, old: bytes, new: bytes) -> bytes:
+    """``cert`` (PEM) with ``old`` replaced by ``new`` (same length) in its TBS part and
+    signed again by ``ca``: encodings OpenSSL verifies that a strict DER parser may not."""
+    tbs = cert.tbs_certificate_bytes
+    assert old in tbs and len(old) == len(new)
+    tbs = tbs.replace(old, new, 1)
+    sig = ca.key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    ecdsa_sha256 = _der(0x30, _der(0x06, bytes.fromhex("2a8648ce3d040302")))
+    der = _der(0x30, tbs + ecdsa_sha256 + _der(0x03, b"\0" + sig))
+    b64 = base64.encodebytes(der)
+    return b"-----BEGIN CERTIFICATE-----\n" + b64 + b"-----END CERTIFICATE-----\n"

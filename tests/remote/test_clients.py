@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from tests.gateway_proc import CLIENT_MODULE, Gateway, wait_for
+from tests.remote.crl_gateway import CrlGateway
 from tests.remote.tls_setup import (
     free_port,
     open_config,
@@ -322,80 +323,11 @@ def test_p11kit_client_runs_the_tunnel_from_the_address_with_loose_spacing(
     assert "token label        : signing" in out
 
 
-class _CrlGateway:
-    """A gateway of its own, with a CA whose CRL the test publishes as it goes, and two
-    client certificates ("keep", "revoke")."""
-
-    def __init__(self, setup: dict[str, Any], tmp: Path, first_crl_days: float) -> None:
-        import ipaddress
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import serialization
-        from tests.remote.pki import CA
-
-        self.tmp, enc = tmp, serialization.Encoding.PEM
-        self.ca = CA("reload CA")
-        self.files: dict[str, Path] = {"ca": tmp / "ca.pem"}
-        self.files["ca"].write_bytes(self.ca.cert.public_bytes(enc))
-        self.issued = {}
-        for name, sans in (("server", [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           ("keep", None), ("revoke", None)):
-            cert, key = self.ca.issue(name, server=name == "server", sans=sans)
-            self.issued[name] = cert
-            self.files[f"{name}.pem"] = tmp / f"{name}.pem"
-            self.files[f"{name}.pem"].write_bytes(cert.public_bytes(enc))
-            self.files[f"{name}.key"] = tmp / f"{name}.key"
-            self.files[f"{name}.key"].write_bytes(key.private_bytes(
-                enc, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        self.crl = tmp / "crl.pem"
-        self.publish([], first_crl_days)
-        self.port = free_port()
-        cfg = open_config(tmp / "gw", setup["token"], {
-            "server.pem": self.files["server.pem"], "server.key": self.files["server.key"],
-            "ca": self.files["ca"], "crl": self.crl}, self.port)
-        cfg.write_text(cfg.read_text().replace(
-            f'crl = "{self.crl}"', f'crl = "{self.crl}"\ncrl_check_interval = 0.2'))
-        self.gw = Gateway(cfg)
-
-    def publish(self, revoked: list[str], days: float, junk: bool = False) -> None:
-        import datetime as dt
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import serialization
-
-        # CRL times have one-second resolution, and OpenSSL uses the newest CRL of a CA:
-        # two published within one second would tie, and either might win. Each one
-        # here is issued at least a second after the one before.
-        last = getattr(self, "_last_update", None)
-        while True:
-            now = dt.datetime.now(dt.UTC)
-            issued = (now - dt.timedelta(seconds=1)).replace(microsecond=0)
-            if last is None or issued > last:
-                break
-            time.sleep(0.05)
-        self._last_update = issued
-        b = (x509.CertificateRevocationListBuilder().issuer_name(self.ca.name)
-             .last_update(issued)
-             .next_update(now + dt.timedelta(days=days)))
-        for name in revoked:
-            b = b.add_revoked_certificate(
-                x509.RevokedCertificateBuilder().serial_number(
-                    self.issued[name].serial_number).revocation_date(now).build())
-        data = b"not a CRL\n" if junk else b.sign(self.ca.key, hashes.SHA256()).public_bytes(
-            serialization.Encoding.PEM)
-        time.sleep(0.05)  # a new mtime even on coarse clocks
-        (self.tmp / "crl.new").write_bytes(data)
-        os.replace(self.tmp / "crl.new", self.crl)
-
-    def refused(self, client: str) -> bool:
-        return refused(self.files, self.port, client)
-
-
 def test_a_changed_crl_is_reloaded_while_the_gateway_runs(setup: dict[str, Any],
                                                           tmp_path: Path) -> None:
     """A revocation published while the gateway runs applies to the next handshakes; a
     CRL file that does not check out is logged and ignored (the previous one stays)."""
-    g = _CrlGateway(setup, tmp_path, first_crl_days=7)
+    g = CrlGateway(setup, tmp_path, first_crl_days=7)
     try:
         assert not g.refused("revoke") and not g.refused("keep")
         g.publish(["revoke"], days=7)
@@ -411,7 +343,7 @@ def test_a_changed_crl_is_reloaded_while_the_gateway_runs(setup: dict[str, Any],
 
 def test_an_expiring_crl_is_an_alarm_and_a_fresh_one_heals_without_restart(
         setup: dict[str, Any], tmp_path: Path) -> None:
-    g = _CrlGateway(setup, tmp_path, first_crl_days=6 / 86400)  # valid for 6 s
+    g = CrlGateway(setup, tmp_path, first_crl_days=6 / 86400)  # valid for 6 s
     try:
         assert not g.refused("keep")
         assert wait_for(lambda: "CRL expired: every TLS client of this CA is refused"

@@ -203,3 +203,25 @@ def test_audit_records_are_json_lines_without_secrets(tmp_path: Path) -> None:
     assert lines[0]["object"]["id"] == "01" and lines[0]["time"].endswith("Z")
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     AuditLog(None).record("C_Login", 0, "x")  # disabled: no file, no error
+
+
+@pytest.mark.parametrize(("subject", "pattern", "matches"), [
+    # a value's escaped separators never pass for the pattern's (fourth review)
+    (r"CN=evil\,O=Team A", "CN=*,O=Team A", False),
+    (r"CN=evil\,O=Team A", "*,O=Team A", False),
+    (r"CN=a\+O=Team A", "CN=a+O=Team A", False),
+    (r"CN=x\\,O=Team A", "CN=x?,O=Team A", True),  # '?' takes one whole escape
+    (r"CN=x\\,O=Team A", "CN=x??,O=Team A", False),
+    ("CN=x,O=Team A", "CN=*,O=Team A", True),
+    ("CN=a,CN=b,O=Team A", "CN=*,O=Team A", True),  # '*' crosses real separators
+    ("CN=tenant-a+O=Team A", "CN=tenant-a,O=Team A", False),  # a multi-valued RDN
+    (r"CN=Smith\, John,O=Team A", r"CN=Smith\, John,O=Team A", True),
+    (r"CN=Smith\, John,O=Team A", "CN=Smith*,O=Team A", True),
+])
+def test_subject_patterns_and_rfc4514_escapes(subject: str, pattern: str,
+                                              matches: bool) -> None:
+    ident = Identity("tls", subject=subject, issuer="CN=CA", ca_id="sha256:" + "b" * 32,
+                     ca_index=0)
+    grants = Policy([rule(name="r", subject=[pattern], tokens=["shared"])]).grants_for(
+        ident, TOKENS)
+    assert ("shared" in grants) is matches

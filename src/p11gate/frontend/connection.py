@@ -149,6 +149,10 @@ class ClientConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.flow.resume_writing()
 
+    def close_revoked(self) -> None:
+        """The client's certificate was revoked after its handshake (frontend/revocation)."""
+        self._abort("client certificate revoked by the CRL")
+
     def _abort(self, reason: str) -> None:
         log.warning("closing client connection", extra={"conn": self.id, "reason": reason})
         if self.transport is not None:

@@ -80,7 +80,7 @@ async def apply(gw: Gateway, cfg: Config, ctx: ssl.SSLContext | None) -> dict[st
         for s in gw._servers:
             if isinstance(s, TlsListener):
                 s.ctx = ctx  # the next handshake; established connections keep theirs
-                watch_crl(s, ctx, cfg.tls)
+                watch_crl(s, ctx, cfg.tls, gw.crl_loaded)
         changes["tls"] = "new context for new handshakes"
     if cfg.server != old.server:
         changes["server"] = sorted(k for k in type(cfg.server).model_fields

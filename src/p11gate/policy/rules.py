@@ -16,6 +16,7 @@ from ..codec import ckr
 from ..errors import Pkcs11Error
 from ..identity import Identity
 from .config import ROLES, NamespaceConfig, RuleConfig
+from .name_match import name_matches
 
 ALL_PERMISSIONS = ROLES["officer"]
 
@@ -107,7 +108,7 @@ def _matches(rule: RuleConfig, ident: Identity) -> bool:
         if not (rule.subject or rule.san):
             return bool(rule.issuer)  # an issuer-only rule: every client of those CAs
         if ident.subject is not None and any(
-            fnmatch.fnmatchcase(ident.subject, p) for p in rule.subject
+            name_matches(ident.subject, p) for p in rule.subject
         ):
             return True
         return any(fnmatch.fnmatchcase(s, p) for s in ident.sans for p in rule.san)
@@ -126,7 +127,7 @@ def _from_ca(rule: RuleConfig, ident: Identity) -> bool:
     if not rule.issuer:
         return ident.ca_index == 0
     return ident.issuer is not None and any(
-        fnmatch.fnmatchcase(ident.issuer, p) for p in rule.issuer)
+        name_matches(ident.issuer, p) for p in rule.issuer)
 
 
 def require(grant: Grant, permission: str, what: str, token: str | None = None) -> None:

@@ -13,13 +13,14 @@ behind one agent share its identity.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
+import stat
 import sys
 import urllib.parse
 
+from ..unix_socket import BoundSocket, SocketInUse, bind_unix
 from .agent_session import AppConnection
 from .node_link import NodeLost
 from .nodes import NodeSet, NoGateway
@@ -43,18 +44,29 @@ class Agent:
         self.nodes = NodeSet(addresses, self.ctx, timeout, check_interval)
         self.resume = resume
         self._server: asyncio.AbstractServer | None = None
+        self._bound: BoundSocket | None = None
         self.relayed = 0
 
     async def start(self) -> None:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        old = os.umask(0o777 & ~self.socket_mode)
+        """Listen on the socket. Refused (ValueError): a directory any user can write
+        without the sticky bit (one could put their own socket in place of the agent's
+        and collect the applications' PINs), a path that is not a socket, and the socket
+        of a live process (an agent or gateway there was unlinked and its address
+        taken). A new directory is made 0755 whatever the umask."""
+        d = os.path.dirname(self.path) or "."
+        if not os.path.isdir(d):
+            os.makedirs(d, exist_ok=True)
+            os.chmod(d, 0o755)
+        mode = stat.S_IMODE(os.stat(d).st_mode)
+        if mode & 0o002 and not mode & stat.S_ISVTX:
+            raise ValueError(f"{d}: any local user can write this directory (mode "
+                             f"{mode:04o}) and replace the agent's socket with their own; "
+                             "use a directory only this user can write")
         try:
-            self._server = await asyncio.start_unix_server(self._client, path=self.path)
-        finally:
-            os.umask(old)
-        os.chmod(self.path, self.socket_mode)
+            self._bound = bind_unix(self.path, self.socket_mode, "agent socket")
+        except (SocketInUse, OSError) as e:
+            raise ValueError(str(e)) from None
+        self._server = await asyncio.start_unix_server(self._client, sock=self._bound.sock)
         self.nodes.start_checks()
 
     async def _client(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -78,12 +90,16 @@ class Agent:
         await self.nodes.stop_checks()
         if self._server is not None:
             self._server.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if self._bound is not None:
+            self._bound.unlink()  # only the socket this agent made, not a successor's
 
 
 async def run_agent(agent: Agent) -> int:
-    await agent.start()
+    try:
+        await agent.start()
+    except ValueError as e:
+        print(f"p11gate agent: {e}", file=sys.stderr)
+        return 2
     print(f"P11_KIT_SERVER_ADDRESS=unix:path={agent.path}; export P11_KIT_SERVER_ADDRESS;",
           flush=True)
     stop = asyncio.Event()

@@ -10,6 +10,7 @@ the tunnel or agent connects. Messages name files, never their contents.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -76,12 +77,13 @@ def check_crl(crl_path: str, ca_path: str | None) -> dict[str, dt.datetime]:
     if not blocks:
         raise ValueError(f"{crl_path!r} holds no PEM CRL (expected '-----BEGIN X509 "
                          "CRL-----' blocks)")
-    issuers: set[x509.Name] = set()
+    cas: list[x509.Certificate] = []
     if ca_path is not None:
         try:
-            issuers = {c.subject for c in certificates(ca_path)}
+            cas = certificates(ca_path)
         except ValueError:
             pass  # reported for client_ca itself
+    issuers = {c.subject for c in cas}
     now = dt.datetime.now(dt.UTC)
     due: dict[str, dt.datetime] = {}
     for b in blocks:
@@ -103,6 +105,13 @@ def check_crl(crl_path: str, ca_path: str | None) -> dict[str, dt.datetime]:
                 f"{crl_path!r}: the CRL of {crl.issuer.rfc4514_string()!r} is not from a CA "
                 "in client_ca (give the CRL of each client CA)"
             )
+        # the name is not enough: a CRL another key signed under a client CA's name
+        # would pass here and make OpenSSL refuse every client of that CA
+        if cas and not any(c.subject == crl.issuer and _signed_by(crl, c) for c in cas):
+            raise ValueError(
+                f"{crl_path!r}: the CRL of {crl.issuer.rfc4514_string()!r} is not signed by "
+                "that CA's key in client_ca (give the CRL that CA issued)"
+            )
     if ca_path is not None and issuers:
         covered = {x509.load_pem_x509_crl(b + b"-----END X509 CRL-----\n").issuer
                    for b in blocks}
@@ -113,6 +122,40 @@ def check_crl(crl_path: str, ca_path: str | None) -> dict[str, dt.datetime]:
                 "every client CA needs one, or its clients are all refused"
             )
     return due
+
+
+def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    try:
+        return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # a key type CRLs cannot be signed with
+        return False
+
+
+def revoked(crl_path: str) -> set[tuple[bytes, int]]:
+    """(issuer name DER, serial number) of every certificate the CRLs in the file revoke;
+    the file is :func:`check_crl`'s to judge first."""
+    data = _read(crl_path, "a PEM CRL file")
+    out: set[tuple[bytes, int]] = set()
+    for b in data.split(b"-----END X509 CRL-----"):
+        if b"-----BEGIN X509 CRL" not in b:
+            continue
+        crl = x509.load_pem_x509_crl(b + b"-----END X509 CRL-----\n")
+        issuer = crl.issuer.public_bytes()
+        out.update((issuer, r.serial_number) for r in crl)
+    return out
+
+
+def key_exposure(key_path: str) -> str | None:
+    """Why a private key file is open to other users (group/others may read or write
+    it: whoever reads it can be this TLS identity), or None."""
+    try:
+        mode = os.stat(key_path).st_mode & 0o777
+    except OSError:
+        return None  # reported by check_key
+    if not mode & 0o077:
+        return None
+    return (f"{key_path!r} is readable or writable by group/others (mode {mode:04o}): "
+            f"whoever reads it can pose as this certificate; run `chmod 600 {key_path}`")
 
 
 def no_passphrase() -> bytes:

@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from typing import Protocol
 
 from cryptography import x509
@@ -54,20 +55,26 @@ class Serving(Protocol):
     def is_serving(self) -> bool: ...
 
 
-def watch_crl(server: Serving, ctx: ssl.SSLContext, cfg: TlsConfig) -> None:
+def watch_crl(server: Serving, ctx: ssl.SSLContext, cfg: TlsConfig,
+              loaded: Callable[[str], None] | None = None) -> None:
     """Reload ``cfg.crl`` into the listener's context when the file changes, while the
     listener serves: new revocations apply to the next handshakes, and a fresh CRL
     replaces one that expires (an expired CRL refuses every client). OpenSSL keeps the
     CRLs it has loaded and uses the newest of each CA. A file that does not check out
     (junk, expired, foreign) is logged and not loaded; the previous CRL stays in force.
-    A listener has one watcher: a new context (reload) stops the old one's."""
+    A listener has one watcher: a new context (reload) stops the old one's.
+
+    ``loaded(path)`` runs when the watcher starts (a reload gave the context the file
+    as it is now) and after each CRL it loads: the gateway closes the established
+    connections whose certificate the CRL revokes (a handshake checks only new ones)."""
     key = id(server)
     old = _watchers.pop(key, None)
     if old is not None:
         old.cancel()
     if cfg.crl is None:
         return
-    task = asyncio.get_running_loop().create_task(_watch_crl(server, ctx, cfg, cfg.crl))
+    task = asyncio.get_running_loop().create_task(
+        _watch_crl(server, ctx, cfg, cfg.crl, loaded))
     _watchers[key] = task
 
     def done(t: asyncio.Task[None]) -> None:
@@ -91,8 +98,10 @@ def _file_version(path: str) -> tuple[int, int, int] | None:
 
 
 async def _watch_crl(server: Serving, ctx: ssl.SSLContext, cfg: TlsConfig,
-                     path: str) -> None:
+                     path: str, loaded: Callable[[str], None] | None) -> None:
     seen = _file_version(path)
+    if loaded is not None:
+        loaded(path)
     # each CA's latest nextUpdate among the CRLs loaded (OpenSSL keeps them all and
     # prefers one still valid, so a CA's clients are refused only when all have expired)
     valid_until: dict[str, dt.datetime] = {}
@@ -107,7 +116,13 @@ async def _watch_crl(server: Serving, ctx: ssl.SSLContext, cfg: TlsConfig,
     while server.is_serving():
         await asyncio.sleep(cfg.crl_check_interval)
         now = _file_version(path)
-        if now != seen and now is not None:
+        if now is None and seen is not None:
+            # said once: a deleted (or unreadable) file is not an empty CRL; a restart
+            # or a reload would refuse the configuration until it is back
+            seen = None
+            log.error("CRL file missing; the CRL loaded before stays in force, and a "
+                      "restart or reload is refused until it is back", extra={"crl": path})
+        elif now != seen and now is not None:
             seen = now
             try:
                 due = pem.check_crl(path, cfg.client_ca)
@@ -118,6 +133,8 @@ async def _watch_crl(server: Serving, ctx: ssl.SSLContext, cfg: TlsConfig,
             else:
                 merge(due)
                 warned -= set(due)
+                if loaded is not None:
+                    loaded(path)
                 log.info("CRL reloaded", extra={
                     "crl": path, "next_update": {k: str(v) for k, v in due.items()}})
         for ca, t in valid_until.items():
@@ -140,6 +157,9 @@ def client_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
         pem.check_key(key, cert)
     except ValueError as e:
         raise ValueError(f"--key: {e}") from None
+    exposed = pem.key_exposure(key)
+    if exposed:  # said, not refused: the tunnel runs as each application's user
+        log.warning(f"--key: {exposed}")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(cert, key, password=pem.no_passphrase)
@@ -157,7 +177,16 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None,
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         return None
-    cert = x509.load_der_x509_certificate(der)
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        subject, sans = cert.subject.rfc4514_string(), _sans(cert)
+    except ValueError as e:
+        # OpenSSL verifies some encodings cryptography refuses (BER where DER is due, a
+        # duplicated extension ...): without this the exception escaped connection_made,
+        # and each such client dumped a traceback past the log format and its rate limit
+        log.warning("TLS client refused: its certificate does not parse as DER",
+                    extra={"peer": address, "error": str(e)})
+        return None
     if cas is None:
         cas = registered(getattr(ssl_object, "context", None))
     ca = cas.ca_of(ssl_object, cert) if cas is not None else None
@@ -165,19 +194,22 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None,
         log.warning("TLS client refused: its CA in client_ca cannot be told (a client "
                     "certificate must be issued by a listed CA, or by an intermediate "
                     "it sends that a listed CA issued)",
-                    extra={"peer": address, "subject": cert.subject.rfc4514_string()})
+                    extra={"peer": address, "subject": subject})
         return None
-    sans: list[str] = []
+    return Identity(kind="tls", subject=subject, sans=tuple(sans),
+                    address=address, issuer=ca.subject, ca_id=ca.id, ca_index=ca.index)
+
+
+def _sans(cert: x509.Certificate) -> list[str]:
+    """The certificate's SANs, typed (ValueError: the extensions do not parse)."""
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        sans += [f"DNS:{n}" for n in ext.get_values_for_type(x509.DNSName)]
-        sans += [f"URI:{n}" for n in ext.get_values_for_type(x509.UniformResourceIdentifier)]
-        sans += [f"EMAIL:{n}" for n in ext.get_values_for_type(x509.RFC822Name)]
-        sans += [f"IP:{n}" for n in ext.get_values_for_type(x509.IPAddress)]
     except x509.ExtensionNotFound:
-        pass
-    return Identity(kind="tls", subject=cert.subject.rfc4514_string(), sans=tuple(sans),
-                    address=address, issuer=ca.subject, ca_id=ca.id, ca_index=ca.index)
+        return []
+    return ([f"DNS:{n}" for n in ext.get_values_for_type(x509.DNSName)]
+            + [f"URI:{n}" for n in ext.get_values_for_type(x509.UniformResourceIdentifier)]
+            + [f"EMAIL:{n}" for n in ext.get_values_for_type(x509.RFC822Name)]
+            + [f"IP:{n}" for n in ext.get_values_for_type(x509.IPAddress)])
 
 
 def peer_address(peer: object) -> str | None:

@@ -5,9 +5,8 @@ first because they name no issuer."""
 
 from __future__ import annotations
 
-import fnmatch
-
 from ..config import Config
+from ..policy.name_match import name_matches
 from . import pem
 from .client_cas import ClientCAs
 
@@ -26,7 +25,7 @@ def client_ca_notes(cfg: Config) -> list[str]:
             if len(cas) > 1:
                 out.append(f"rule {r.name!r}: names no issuer, so its subject/san patterns "
                            f"apply to certificates of CA #0 ({cas[0].subject}) only")
-        elif not any(fnmatch.fnmatchcase(ca.subject, p) for ca in cas for p in r.issuer):
+        elif not any(name_matches(ca.subject, p) for ca in cas for p in r.issuer):
             out.append(f"rule {r.name!r}: warning: its issuer matches no CA in client_ca "
                        "(the rule matches no certificate)")
     return out
