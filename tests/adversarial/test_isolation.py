@@ -17,6 +17,7 @@ import pytest
 from tests.adversarial.hostile import (
     CKA_CLASS,
     CKA_ID,
+    CKA_KEY_TYPE,
     CKA_LABEL,
     CKA_PRIVATE,
     CKA_TOKEN,
@@ -323,7 +324,8 @@ def _find_after_logout(path: str, pin: str) -> dict[str, Any]:
     sess = session(c, "shared", rw=False)
     sign = session(c, "shared", rw=False)
     call(c, "C_Login", sess, CKU_USER, pin.encode())
-    call(c, "C_FindObjectsInit", sess, [u(CKA_CLASS, CKO_PRIVATE_KEY)])
+    # an EC key: ECDSA with another family's key is refused before the module
+    call(c, "C_FindObjectsInit", sess, [u(CKA_CLASS, CKO_PRIVATE_KEY), u(CKA_KEY_TYPE, 3)])
     (keys,) = call(c, "C_FindObjects", sess, 1)
     (key,) = keys
     call(c, "C_SignInit", sign, Mechanism(CKM_ECDSA, None), key)

@@ -19,6 +19,24 @@ PRIVATE_FALSE = Attribute(ck.CKA_PRIVATE, 0, 1)
 ObjectInfo = tuple[bool, int, bytes, bytes]
 
 
+class KeyTypeUnknown(Exception):
+    """A key's CKA_KEY_TYPE must be read (frontend/key_types.py) before its use."""
+
+    def __init__(self, ref: ObjectRef) -> None:
+        super().__init__()
+        self.ref = ref
+
+
+class EndsOperation(Exception):
+    """A call refused by the gateway that, had the module refused it, would have ended
+    its operation (PKCS#11 §5.2): the operation is ended on the module, then ``rv``
+    answers (frontend/forwarding.py)."""
+
+    def __init__(self, op: str, rv: int, why: str) -> None:
+        super().__init__(why)
+        self.op, self.rv, self.why = op, rv, why
+
+
 class Stale(Exception):
     """An object handle minted on an older backend instance; ``ref`` can be revived."""
 

@@ -19,12 +19,12 @@ from ..codec import (
 )
 from ..codec.call_table import PLANS, CallPlan
 from ..errors import BackendUnavailable, Pkcs11Error
-from . import fail_closed, precedence, translation
-from .common import Stale
+from . import fail_closed, key_types, precedence, translation
+from .common import EndsOperation, KeyTypeUnknown, Stale
 from .handles import (
     Session,
 )
-from .operations import lift_fence
+from .operations import end_operation, lift_fence
 from .replies import error_reply
 
 if TYPE_CHECKING:
@@ -74,6 +74,12 @@ async def forward(c: ClientConnection, call: Call, args: list[Any]) -> list[Any]
             break
         except Stale as stale:
             await translation.revive(c, stale.ref)
+        except KeyTypeUnknown as unknown:
+            s = c.session_for(args[0])
+            await key_types.learn(s, unknown.ref)
+        except EndsOperation as ends:
+            await end_operation(c.session_for(args[0]), ends.op)
+            raise Pkcs11Error(ends.rv, ends.why) from None
         except precedence.Unresolved as u:
             raise await u.resolve() from None
     else:
@@ -121,9 +127,10 @@ def forward_now(c: ClientConnection, code: int, call: Call, args: list[Any], s: 
                 return
         fut = c.gw.fair_share.submit(
             s.token.backend, c.identity.key, call.id, bargs, c)
-    except (Stale, precedence.Unresolved):
+    except (Stale, precedence.Unresolved, KeyTypeUnknown, EndsOperation):
         # an object handle from before a backend restart (find it again first), or the
-        # module must be asked first: on the slow path
+        # module must be asked first (a refusal's precedence, a key's type), or a refused
+        # call's operation must be ended there: on the slow path
         task = asyncio.get_running_loop().create_task(
             c._run(code, call, args, forward, None))
         s.tail = task

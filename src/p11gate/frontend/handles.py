@@ -22,7 +22,7 @@ IDENTITY_UNKNOWN, IDENTITY_PENDING, IDENTITY_KNOWN, IDENTITY_NONE = range(4)
 
 class Session:
     __slots__ = ("auth_key", "backend_handle", "fenced", "find", "flags", "generation",
-                 "handle", "private_ops", "tail", "token")
+                 "handle", "private_ops", "raw_rsa", "tail", "token")
 
     def __init__(
         self, handle: int, token: VirtualToken, backend_handle: int, generation: int, flags: int
@@ -44,11 +44,14 @@ class Session:
         #: the key of the last operation started with one (a CKU_CONTEXT_SPECIFIC login
         #: re-authenticates for it when it has CKA_ALWAYS_AUTHENTICATE)
         self.auth_key: ObjectRef | None = None
+        #: operation kind → the most bytes its data may have (raw RSA: the modulus's),
+        #: for the operations started with CKM_RSA_X_509 (frontend/key_types.py)
+        self.raw_rsa: dict[str, int] | None = None
 
 
 class ObjectRef:
     __slots__ = ("backend_handle", "generation", "handle", "identity", "identity_state",
-                 "private", "token")
+                 "key_size", "key_type", "private", "token")
 
     def __init__(
         self,
@@ -68,6 +71,11 @@ class ObjectRef:
         #: backend instance (after a worker restart)
         self.identity: list[Attribute] | None = None
         self.identity_state = IDENTITY_UNKNOWN
+        #: CKA_KEY_TYPE once read (frontend/key_types.py; it never changes), NO_KEY_TYPE
+        #: for an object that has none, None before it is needed
+        self.key_type: int | None = None
+        #: an RSA key's modulus in bytes, read with its type (0: not an RSA key)
+        self.key_size = 0
 
 
 #: tasks inside :func:`settle`: one never waits for another that waits for it

@@ -131,6 +131,11 @@ async def end_private_operations(c: ClientConnection, t: VirtualToken) -> None:
             await _drain(t, s, op)
 
 
+async def end_operation(s: Session, op: str) -> None:
+    """End ``op`` on the backend session of ``s`` (its result thrown away)."""
+    await _drain(s.token, s, op)
+
+
 async def _drain(t: VirtualToken, s: Session, op: str) -> None:
     for name, rest in _DRAIN[op]:
         try:

@@ -29,7 +29,7 @@ from ..codec.param_kinds import (
 )
 from ..codec.values import HandleParam, KyberParams
 from ..errors import Pkcs11Error
-from . import precedence
+from . import key_types, precedence
 from .common import ID, PRIVATE_FALSE, RESTART_WAIT, Stale
 from .handles import (
     IDENTITY_KNOWN,
@@ -189,6 +189,7 @@ def prepare(c: ClientConnection, call: Call, args: list[Any]
         check_fence(s, call.id)
     bargs = list(args)
     bargs[0] = s.backend_handle
+    key_ref: ObjectRef | None = None
     for pos, role in zip(plan.object_args, plan.unknown_handle_codes, strict=True):
         if bargs[pos] == 0 and plan.optional_objects:
             continue
@@ -200,12 +201,19 @@ def prepare(c: ClientConnection, call: Call, args: list[Any]
                 raise precedence.refusal(c, s, call.id, bargs, pos, role) from None
             raise
         bargs[pos] = ref.backend_handle
-        if plan.key_operation is not None and pos == plan.object_args[0]:
-            note_key_init(s, call.id, ref, token in c.logins)
+        if pos == plan.object_args[0]:
+            key_ref = ref
+            if plan.key_operation is not None:
+                note_key_init(s, call.id, ref, token in c.logins)
     if plan.mechanism_arg is not None:
-        bargs[1] = mechanism(c, bargs[1], token)
+        m = bargs[1]
+        if key_ref is not None and isinstance(m, Mechanism):
+            key_types.check(s, call.id, m.type, key_ref)  # before the module sees it
+        bargs[1] = mechanism(c, m, token)
     elif call.id in MESSAGE_PARAMETER_CALLS and message_parameter_refusal(bargs[1]):
         raise Pkcs11Error(ckr.MECHANISM_PARAM_INVALID, "per-message parameter")
+    if s.raw_rsa is not None:
+        key_types.check_data(s, call.id, bargs)
     if plan.capacity_args:
         bound_outputs(c, bargs, plan.capacity_args)
     elif plan.attr_request_arg is not None:

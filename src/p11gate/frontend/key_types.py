@@ -1,0 +1,105 @@
+"""A key is used only with mechanisms of its family (codec/mechanism_key_types.py).
+
+SoftHSM crashes when C_Sign follows a C_SignInit(CKM_RSA_X_509 / CKM_RSA_PKCS_PSS) it
+accepted for an AES, generic-secret or EC key: in process isolation every tenant of the
+back end loses its sessions, in-process the gateway dies. p11-kit-client.so passes such
+a call on, so the gateway checks: before an operation with an asymmetric mechanism
+starts (init, wrap, unwrap, derive), the key's CKA_KEY_TYPE must be one the mechanism
+takes. The type is read from the module once per handle and kept on the handle: it is
+fixed when a key is made (PKCS#11 §4.7; C_SetAttributeValue cannot change it).
+
+Raw RSA (CKM_RSA_X_509) also crashes SoftHSM when C_Encrypt, C_Sign or C_Verify is given
+more bytes than the modulus has: the modulus's length is read with the type, and data
+or a signature longer than it is refused (CKR_DATA_LEN_RANGE, CKR_SIGNATURE_LEN_RANGE).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..codec import AttrRequest, ckr
+from ..codec import constants as ck
+from ..codec.mechanism_key_types import KEY_TYPES
+from ..errors import Pkcs11Error
+from .common import ID, EndsOperation, KeyTypeUnknown
+from .tables import OPERATION_OF_INIT
+
+if TYPE_CHECKING:
+    from .handles import ObjectRef, Session
+
+#: ObjectRef.key_type of an object without CKA_KEY_TYPE (not a key)
+NO_KEY_TYPE = -1
+
+#: the code for a key of the wrong family, by call (the key's role in it)
+_WRONG_TYPE: dict[int, int] = {ID["C_WrapKey"]: ckr.WRAPPING_KEY_TYPE_INCONSISTENT,
+               ID["C_UnwrapKey"]: ckr.UNWRAPPING_KEY_TYPE_INCONSISTENT}
+
+
+#: single-part calls checked after a raw RSA init: operation, data positions and the
+#: code for each (the signature of C_Verify is the second)
+_RAW_RSA_DATA: dict[int, tuple[str, tuple[tuple[int, int], ...]]] = {
+    ID["C_Encrypt"]: ("Encrypt", ((1, ckr.DATA_LEN_RANGE),)),
+    ID["C_Sign"]: ("Sign", ((1, ckr.DATA_LEN_RANGE),)),
+    ID["C_SignRecover"]: ("SignRecover", ((1, ckr.DATA_LEN_RANGE),)),
+    ID["C_Verify"]: ("Verify", ((1, ckr.DATA_LEN_RANGE), (2, ckr.SIGNATURE_LEN_RANGE))),
+    ID["C_VerifyRecover"]: ("VerifyRecover", ((1, ckr.SIGNATURE_LEN_RANGE),)),
+}
+CKM_RSA_X_509 = ck.CKM_RSA_X_509
+
+
+def check(s: Session, call_id: int, mechanism_type: int, ref: ObjectRef) -> None:
+    """Raise unless ``ref`` may be used with ``mechanism_type``; KeyTypeUnknown when
+    its type must be read first (see learn). Notes a raw RSA init's data limit."""
+    allowed = KEY_TYPES.get(mechanism_type)
+    if allowed is None:
+        if s.raw_rsa is not None:
+            s.raw_rsa.pop(OPERATION_OF_INIT.get(call_id, ""), None)
+        return
+    kt = ref.key_type
+    if kt is None:
+        raise KeyTypeUnknown(ref)
+    if kt not in allowed:
+        raise Pkcs11Error(_WRONG_TYPE.get(call_id, ckr.KEY_TYPE_INCONSISTENT),
+                          f"key type {kt:#x} with mechanism {mechanism_type:#x}")
+    op = OPERATION_OF_INIT.get(call_id)
+    if op is None:
+        return
+    if mechanism_type == CKM_RSA_X_509:
+        if s.raw_rsa is None:
+            s.raw_rsa = {}
+        s.raw_rsa[op] = ref.key_size
+    elif s.raw_rsa is not None:
+        s.raw_rsa.pop(op, None)
+
+
+def check_data(s: Session, call_id: int, args: list[Any]) -> None:
+    """A single-part call of an operation started with CKM_RSA_X_509: no more bytes
+    than the key's modulus."""
+    entry = _RAW_RSA_DATA.get(call_id)
+    if entry is None or s.raw_rsa is None:
+        return
+    limit = s.raw_rsa.get(entry[0])
+    if limit is None:
+        return
+    for pos, code in entry[1]:
+        value = args[pos]
+        if isinstance(value, bytes | bytearray) and len(value) > limit:
+            raise EndsOperation(entry[0], code,
+                                f"{len(value)} bytes for a {limit}-byte RSA modulus")
+
+
+async def learn(s: Session, ref: ObjectRef) -> None:
+    """Read ``ref``'s CKA_KEY_TYPE through the client's own backend session."""
+    reqs = [AttrRequest(ck.CKA_KEY_TYPE, 8), AttrRequest(ck.CKA_MODULUS, 0)]
+    try:
+        attrs, _ = await s.token.backend.call(
+            ID["C_GetAttributeValue"], [s.backend_handle, ref.backend_handle, reqs])
+    except Pkcs11Error as e:
+        if e.rv == ckr.OBJECT_HANDLE_INVALID:
+            raise Pkcs11Error(ckr.KEY_HANDLE_INVALID) from None
+        raise
+    kind, modulus = attrs
+    ref.key_type = kind.value if kind.length is not None and isinstance(kind.value, int) \
+        else NO_KEY_TYPE
+    # a size query: the length is the answer; an RSA key without one gets no data
+    ref.key_size = modulus.length or 0 if ref.key_type == ck.CKK_RSA else 0
