@@ -40,8 +40,10 @@ class Op:
     params: dict[str, Any]
     iv: bytes | None
     data: bytearray = field(default_factory=bytearray)
-    #: kept after a size query, so that the client's retry does not call KMIP again
+    #: kept after a size query, so that the client's retry does not call KMIP again …
     result: bytes | None = None
+    #: … and the input it was for (the one-part call's data, or None for a Final)
+    result_for: bytes | None = None
 
 
 @dataclass
@@ -407,6 +409,10 @@ class KmipToken:
         op = s.ops.get(kind)
         if op is None:
             raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
+        if op.result is not None:
+            # after a size query of the Final: more data would not be in its result
+            s.ops.pop(kind, None)
+            raise Pkcs11Error(ckr.ARGUMENTS_BAD, "the size query already ended the input")
         self._append(s, kind, op, args[1])
         return []
 
@@ -438,22 +444,26 @@ class KmipToken:
         if op is None:
             raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
         cap = args[-1]
-        if data is not None:
-            self._append(s, kind, op, data)
-        # a size query must not repeat a KMIP call: the result is kept for the retry
+        # a size query must not repeat a KMIP call: the result is kept for the retry,
+        # which must be the same call with the same data (else the client would get
+        # the signature or ciphertext of the data it sent first for what it sent next)
         result = op.result
-        if result is None:
+        if result is not None:
+            if (data is None) != (op.result_for is None) or data != op.result_for:
+                s.ops.pop(kind, None)
+                raise Pkcs11Error(ckr.ARGUMENTS_BAD, "not the call the size query was for")
+        else:
+            if data is not None:
+                self._append(s, kind, op, data)
             try:
                 result = await self._run(kind, op)
             except Pkcs11Error:
                 s.ops.pop(kind, None)
                 raise
-            op.result = result
+            op.result, op.result_for = result, data
         done, out = out_buffer(cap, result)
         if done:
             s.ops.pop(kind, None)
-        elif data is not None:
-            del op.data[len(op.data) - len(data):]  # the client will send it again
         return [out]
 
     async def verify(self, args: list[Any], data: Any, signature: Any) -> list[Any]:
