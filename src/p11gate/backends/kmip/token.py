@@ -54,6 +54,11 @@ class Session:
     found: list[int] | None = None
 
 
+def _names(tpl: dict[int, int | bytes]) -> dict[int, int | bytes]:
+    """The CKA_LABEL and CKA_ID of a template, for the other key of a pair."""
+    return {a: v for a, v in tpl.items() if a in (O.CKA_LABEL, O.CKA_ID)}
+
+
 class KmipToken:
     def __init__(self, pool: KmipPool, idmap: IdMap, objects: list[MappedObject],
                  pin: bytes, label: str) -> None:
@@ -217,21 +222,25 @@ class KmipToken:
             raise Pkcs11Error(ckr.ATTRIBUTE_VALUE_INVALID, "the KMIP server uses e = 65537")
         label = priv_t.get(O.CKA_LABEL, pub_t.get(O.CKA_LABEL, b""))
         name = label.decode(errors="replace") if isinstance(label, bytes) and label else None
-        masks = [enums.CryptographicUsageMask.SIGN, enums.CryptographicUsageMask.VERIFY,
-                 enums.CryptographicUsageMask.ENCRYPT, enums.CryptographicUsageMask.DECRYPT]
+        # each key's attributes from its own template (a label or CKA_ID given for one
+        # only names both), refused before anything is made if they cannot be honoured
+        pub_a = MAP.key_attrs(O.CKO_PUBLIC_KEY, O.CKK_RSA, {**_names(priv_t), **pub_t}, True)
+        priv_a = MAP.key_attrs(O.CKO_PRIVATE_KEY, O.CKK_RSA, {**_names(pub_t), **priv_t}, True)
+        MAP.check_template(pub_t, pub_a)
+        MAP.check_template(priv_t, priv_a)
 
         def create(c: Any) -> tuple[str, str]:
             pub, priv = c.create_key_pair(enums.CryptographicAlgorithm.RSA, bits,
                                           public_name=name, private_name=name,
-                                          public_usage_mask=masks, private_usage_mask=masks)
+                                          public_usage_mask=MAP.usage_mask(pub_a),
+                                          private_usage_mask=MAP.usage_mask(priv_a))
             c.activate(pub)
             c.activate(priv)
             return str(pub), str(priv)
 
         pub_uid, priv_uid = await self.pool.call(create, "CreateKeyPair")
         public = await self.public_values(pub_uid)
-        pub_a = MAP.key_attrs(O.CKO_PUBLIC_KEY, O.CKK_RSA, {**priv_t, **pub_t}, True) | public
-        priv_a = MAP.key_attrs(O.CKO_PRIVATE_KEY, O.CKK_RSA, {**pub_t, **priv_t}, True)
+        pub_a |= public
         priv_a.update({O.CKA_MODULUS: public[O.CKA_MODULUS],
                        O.CKA_PUBLIC_EXPONENT: public[O.CKA_PUBLIC_EXPONENT],
                        O.CKA_MODULUS_BITS: bits})
@@ -254,16 +263,16 @@ class KmipToken:
         assert isinstance(n, int)
         label = tpl.get(O.CKA_LABEL, b"")
         name = label.decode(errors="replace") if isinstance(label, bytes) and label else None
+        a = MAP.key_attrs(O.CKO_SECRET_KEY, O.CKK_AES, tpl, True) | {O.CKA_VALUE_LEN: n}
+        MAP.check_template(tpl, a)
 
         def create(c: Any) -> str:
             uid = c.create(enums.CryptographicAlgorithm.AES, n * 8, name=name,
-                           cryptographic_usage_mask=[enums.CryptographicUsageMask.ENCRYPT,
-                                                     enums.CryptographicUsageMask.DECRYPT])
+                           cryptographic_usage_mask=MAP.usage_mask(a))
             c.activate(uid)
             return str(uid)
 
         uid = await self.pool.call(create, "Create")
-        a = MAP.key_attrs(O.CKO_SECRET_KEY, O.CKK_AES, tpl, True) | {O.CKA_VALUE_LEN: n}
         return self.remember([(uid, O.CKO_SECRET_KEY, a)])
 
     async def create_object(self, args: list[Any]) -> list[Any]:
@@ -287,22 +296,24 @@ class KmipToken:
             assert value is not None
             mo: Any = kobj.X509Certificate(value, name=name)
             a = MAP.key_attrs(O.CKO_CERTIFICATE, 0, tpl, False) | {O.CKA_VALUE: value}
-            a[O.CKA_PRIVATE] = 0
             for k in (O.CKA_SUBJECT, O.CKA_ISSUER, O.CKA_SERIAL_NUMBER):
                 if isinstance(tpl.get(k), bytes):
                     a[k] = tpl[k]
+            MAP.check_template(tpl, a)
         elif cls == O.CKO_SECRET_KEY and tpl.get(O.CKA_KEY_TYPE) == O.CKK_AES:
             assert value is not None
             if len(value) not in (16, 24, 32):
                 raise Pkcs11Error(ckr.ATTRIBUTE_VALUE_INVALID, "AES key length")
-            mo = kobj.SymmetricKey(enums.CryptographicAlgorithm.AES, len(value) * 8, value,
-                                   masks=[enums.CryptographicUsageMask.ENCRYPT,
-                                          enums.CryptographicUsageMask.DECRYPT], name=name)
             a = MAP.key_attrs(O.CKO_SECRET_KEY, O.CKK_AES, tpl, False)
             a[O.CKA_VALUE_LEN] = len(value)
+            MAP.check_template(tpl, a)
+            mo = kobj.SymmetricKey(enums.CryptographicAlgorithm.AES, len(value) * 8, value,
+                                   masks=MAP.usage_mask(a), name=name)
         elif cls in (O.CKO_PRIVATE_KEY, O.CKO_PUBLIC_KEY) and tpl.get(O.CKA_KEY_TYPE) == O.CKK_RSA:
-            mo, public = MAP.rsa_register(int(cls), tpl, name)
-            a = MAP.key_attrs(int(cls), O.CKK_RSA, tpl, False) | public
+            a = MAP.key_attrs(int(cls), O.CKK_RSA, tpl, False)
+            MAP.check_template(tpl, a)
+            mo, public = MAP.rsa_register(int(cls), tpl, name, MAP.usage_mask(a))
+            a |= public
         else:
             raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, "the KMIP token registers X.509 "
                               "certificates, RSA keys and AES keys")
@@ -320,6 +331,8 @@ class KmipToken:
         s = self.session(args[0])
         self._user(s)
         o = self.obj(args[1])
+        if not o.attrs.get(O.CKA_DESTROYABLE, 1):
+            raise Pkcs11Error(ckr.ACTION_PROHIBITED)
 
         def destroy(c: Any) -> None:
             try:
@@ -399,6 +412,8 @@ class KmipToken:
             params, iv = MAP.cipher_parameters(mech, param)
         if not o.attrs.get(_PURPOSE[kind]):
             raise Pkcs11Error(ckr.KEY_FUNCTION_NOT_PERMITTED)
+        if o.attrs.get(O.CKA_KEY_TYPE) != MAP.key_type(mech):
+            raise Pkcs11Error(ckr.KEY_TYPE_INCONSISTENT, "key type and mechanism")
         if kind == "sign" and o.cls != O.CKO_PRIVATE_KEY:
             raise Pkcs11Error(ckr.KEY_TYPE_INCONSISTENT)
         s.ops[kind] = Op(o.uid, mech, params, iv)
