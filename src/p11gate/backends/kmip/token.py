@@ -82,6 +82,16 @@ class KmipToken:
             raise Pkcs11Error(rv)
         return o
 
+    def used_obj(self, h: Any, rv: int = ckr.OBJECT_HANDLE_INVALID) -> MappedObject:
+        """obj() for a call that acts on the object on the server: on a shared store
+        the row is read again, since another process may have replaced it (idmap.add)
+        since this one loaded the map."""
+        o = self.obj(h, rv)
+        if self.idmap.store.shared and self.idmap.uid_of(o.handle) != o.uid:
+            del self.objects[o.handle]
+            raise Pkcs11Error(rv)
+        return o
+
     @staticmethod
     def _token_objects_only(*templates: dict[int, int | bytes]) -> None:
         # everything a KMIP server holds outlives the session: no session objects
@@ -194,8 +204,15 @@ class KmipToken:
 
     # ------------------------------------------------------------------ objects
 
-    def remember(self, objs: list[tuple[str, int, dict[int, int | bytes]]]) -> list[int]:
-        handles = self.idmap.add(objs)  # persisted before anyone hears of the object
+    def remember(self, objs: list[tuple[str, int, dict[int, int | bytes]]],
+                 made: bool = True) -> list[int]:
+        """Map objects the server just ``made`` (or found, when adopting)."""
+        handles = self.idmap.add(objs, made)  # persisted before anyone hears of it
+        if made:
+            # a handle that named a reissued UID names nothing now (idmap.add)
+            uids = {uid for uid, _cls, _attrs in objs}
+            for h in [h for h, o in self.objects.items() if o.uid in uids]:
+                del self.objects[h]
         for h, (uid, cls, attrs) in zip(handles, objs, strict=True):
             self.objects[h] = MappedObject(h, uid, cls, attrs)
         return handles
@@ -330,7 +347,7 @@ class KmipToken:
     async def destroy_object(self, args: list[Any]) -> list[Any]:
         s = self.session(args[0])
         self._user(s)
-        o = self.obj(args[1])
+        o = self.used_obj(args[1])
         if not o.attrs.get(O.CKA_DESTROYABLE, 1):
             raise Pkcs11Error(ckr.ACTION_PROHIBITED)
 
@@ -402,7 +419,7 @@ class KmipToken:
         if not args[1] or not isinstance(args[1][0], int):
             raise Pkcs11Error(ckr.ARGUMENTS_BAD, "mechanism")
         mech, param = args[1][0], args[1][1]
-        o = self.obj(args[2], ckr.KEY_HANDLE_INVALID)
+        o = self.used_obj(args[2], ckr.KEY_HANDLE_INVALID)
         if o.cls not in (O.CKO_PUBLIC_KEY, O.CKO_PRIVATE_KEY, O.CKO_SECRET_KEY):
             raise Pkcs11Error(ckr.KEY_HANDLE_INVALID)
         if kind in ("sign", "verify"):
