@@ -101,6 +101,10 @@ def _data(v: Any) -> bytes:
 def _multi_part(op: M.Operation) -> None:
     if op.single_part:
         raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED, "a single-part mechanism")
+    if op.cached is not None:
+        # a size query of the Final kept its result: more input would not be in it (the
+        # retry would get the digest of less than was sent)
+        raise Pkcs11Error(ckr.ARGUMENTS_BAD, "the size query already ended the input")
     op.started = True
 
 
