@@ -129,8 +129,10 @@ RESTRICTIONS = frozenset({O.CKA_PRIVATE, O.CKA_SENSITIVE, O.CKA_ALWAYS_AUTHENTIC
                           O.CKA_WRAP_WITH_TRUSTED})
 #: what a template gives that becomes the object's value or public numbers (checked
 #: where they are used) rather than an attribute kept as given; the dates are for
-#: reference only (PKCS#11 gives them no meaning), CKA_SUBJECT of a key too
+#: reference only (PKCS#11 gives them no meaning), CKA_SUBJECT of a key and a
+#: certificate's category too
 _CONSUMED = frozenset({
+    O.CKA_CERTIFICATE_CATEGORY,
     O.CKA_VALUE, O.CKA_MODULUS, O.CKA_PUBLIC_EXPONENT, O.CKA_PRIVATE_EXPONENT, O.CKA_PRIME_1,
     O.CKA_PRIME_2, O.CKA_EXPONENT_1, O.CKA_EXPONENT_2, O.CKA_COEFFICIENT, O.CKA_VALUE_LEN,
     O.CKA_MODULUS_BITS, O.CKA_CERTIFICATE_TYPE, O.CKA_SUBJECT, O.CKA_ISSUER,
