@@ -98,8 +98,9 @@ class KmipPool:
 
     def _run(self, fn: Callable[[ProxyKmipClient], T], deadline: float) -> T:
         if time.monotonic() >= deadline:
-            # queued behind a stuck connection until after its caller had its
-            # CKR_DEVICE_ERROR: a Create or Destroy done now would be one nobody asked for
+            # picked up by a thread only as its caller gave up (asyncio cancels what is
+            # still queued, not what has just started): a Create or Destroy done now
+            # would be one the caller was told had failed
             raise ConnectionLost("the call's deadline passed before it started")
         try:
             client = self._idle.get_nowait()
