@@ -20,6 +20,7 @@ from ...codec.values import Null, Version
 from ...errors import Pkcs11Error
 from ..soft import objects as O
 from ..soft.token import CKF_RW_SESSION, CKF_SERIAL_SESSION, out_buffer, pad
+from ..token_backend import HeldBudget
 from . import mapping as MAP
 from .adopt import adopt
 from .idmap import IdMap, MappedObject
@@ -67,6 +68,11 @@ class KmipToken:
         self.sessions: dict[int, Session] = {}
         self.logged_in = False
         self._ids = itertools.count(1)
+        self.held = HeldBudget(self._held)
+
+    def _held(self) -> int:
+        return sum(len(op.data) + len(op.result or b"") for s in self.sessions.values()
+                   for op in s.ops.values())
 
     # ------------------------------------------------------------------ lookups
 
@@ -454,6 +460,11 @@ class KmipToken:
             raise Pkcs11Error(ckr.DATA_LEN_RANGE if isinstance(data, bytes)
                               else ckr.ARGUMENTS_BAD)
         op.data += data
+        try:
+            self.held.take(len(data))
+        except Pkcs11Error:
+            s.ops.pop(kind, None)
+            raise
 
     async def _run(self, kind: str, op: Op) -> bytes:
         data = bytes(op.data)
@@ -479,7 +490,7 @@ class KmipToken:
         # a size query must not repeat a KMIP call: the result is kept for the retry,
         # which must be the same call with the same data (else the client would get
         # the signature or ciphertext of the data it sent first for what it sent next)
-        result = op.result
+        result, fresh = op.result, False
         if result is not None:
             if (data is None) != (op.result_for is None) or data != op.result_for:
                 s.ops.pop(kind, None)
@@ -492,10 +503,16 @@ class KmipToken:
             except Pkcs11Error:
                 s.ops.pop(kind, None)
                 raise
-            op.result, op.result_for = result, data
+            op.result, op.result_for, fresh = result, data, True
         done, out = out_buffer(cap, result)
         if done:
             s.ops.pop(kind, None)
+        elif fresh:
+            try:
+                self.held.take(len(result))  # kept for the retry
+            except Pkcs11Error:
+                s.ops.pop(kind, None)
+                raise
         return [out]
 
     async def verify(self, args: list[Any], data: Any, signature: Any) -> list[Any]:
