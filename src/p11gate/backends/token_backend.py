@@ -66,3 +66,30 @@ class TokenBackend(Backend, Generic[T]):
         if len(args) != len(CALLS[call_id].req_codes):
             raise Pkcs11Error(ckr.ARGUMENTS_BAD, "argument count")
         return token, handler
+
+
+#: bytes of operation data (multi-part input, GCM additional data, results kept for a
+#: size query's retry) one in-process token holds across all its sessions. Each session
+#: may hold about a MiB per operation kind; with thousands of sessions per identity
+#: that was gigabytes in the gateway's own memory, taken by one local user.
+MAX_HELD = 256 << 20
+
+
+class HeldBudget:
+    """The operation data a token holds, bounded by ``limit``.
+
+    ``take`` adds what a call made the token hold (an addition per call); only when that
+    running count passes the limit is the exact amount counted again (``recount``: what
+    ended meanwhile is not subtracted as it ends), so the count is never below the truth.
+    Past the limit the call gets CKR_DEVICE_MEMORY: the caller ends that operation."""
+
+    def __init__(self, recount: Callable[[], int], limit: int = MAX_HELD) -> None:
+        self.recount, self.limit, self.count = recount, limit, 0
+
+    def take(self, n: int) -> None:
+        """Count ``n`` more bytes held (already held: ``recount`` includes them)."""
+        self.count += n
+        if self.count > self.limit:
+            self.count = self.recount()
+            if self.count > self.limit:
+                raise Pkcs11Error(ckr.DEVICE_MEMORY, "operation data held by the token")

@@ -55,4 +55,4 @@ async def adopt(t: KmipToken, label: bytes) -> None:
     known = {o.uid for o in t.objects.values()}
     new = [n for n in new if n[0] not in known]
     if new:
-        t.remember(new)
+        t.remember(new, made=False)

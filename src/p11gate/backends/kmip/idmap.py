@@ -72,17 +72,33 @@ class IdMap:
                                 "WHERE token = ? ORDER BY handle", (self.token,))
         return [MappedObject(int(h), str(u), int(c), _load(a)) for h, u, c, a in rows]
 
-    def add(self, objs: list[tuple[str, int, dict[int, int | bytes]]]) -> list[int]:
+    def add(self, objs: list[tuple[str, int, dict[int, int | bytes]]],
+            made: bool = False) -> list[int]:
         """Several objects (a key pair) in one transaction; their handles (an object
-        another process mapped already keeps its handle)."""
+        another process mapped already keeps its handle).
+
+        ``made``: the server has just made these objects, so a row that names one of
+        their UIDs is stale (the server reissued the UID of an object that is gone: its
+        database was reset or restored). It is replaced, with a new handle: kept, the
+        old handle and its attributes (another tenant's label and CKA_ID, so its
+        ownership) would have bound to the new object."""
         handles: list[int] = []
         with self.store.transaction() as t:
             for uid, cls, attrs in objs:
+                if made:
+                    t.execute("DELETE FROM kmip_object WHERE token = ? AND uid = ?",
+                              (self.token, uid))
                 t.execute(_ADD, (self.token, uid, cls, _dump(attrs)))
                 ((handle,),) = t.query("SELECT handle FROM kmip_object WHERE token = ? "
                                        "AND uid = ?", (self.token, uid))
                 handles.append(int(handle))
         return handles
+
+    def uid_of(self, handle: int) -> str | None:
+        """The UID row ``handle`` names now (None: no such row)."""
+        rows = self.store.query("SELECT uid FROM kmip_object WHERE handle = ? AND token = ?",
+                                (handle, self.token))
+        return str(rows[0][0]) if rows else None
 
     def update(self, handle: int, attrs: dict[int, int | bytes]) -> None:
         self.store.execute("UPDATE kmip_object SET attrs = ? WHERE handle = ? AND token = ?",

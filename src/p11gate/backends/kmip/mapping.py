@@ -55,6 +55,12 @@ MECHANISMS: dict[int, tuple[int, int, int]] = {
 }
 
 
+def key_type(mech: int) -> int:
+    """The CKA_KEY_TYPE a key must have for ``mech`` (C_*Init checks it: the server
+    would otherwise get an AES decryption with an RSA key, or OAEP with an AES key)."""
+    return O.CKK_AES if mech == CKM_AES_CBC_PAD else O.CKK_RSA
+
+
 def sign_parameters(mech: int, param: Any, modulus_bits: int) -> dict[str, Any]:
     """KMIP Cryptographic Parameters for a sign/verify mechanism, or the CKR why not."""
     m = SIGN.get(mech)
@@ -112,11 +118,71 @@ def rsa_public_attrs(der: bytes) -> dict[int, int | bytes]:
             O.CKA_MODULUS_BITS: key.key_size}
 
 
+#: usages (and rights) a template may switch off: the object then has them off, in the
+#: attributes the gateway checks and in the KMIP usage mask
+CAPABILITIES = frozenset({
+    O.CKA_ENCRYPT, O.CKA_DECRYPT, O.CKA_SIGN, O.CKA_VERIFY, O.CKA_WRAP, O.CKA_UNWRAP,
+    O.CKA_DERIVE, O.CKA_SIGN_RECOVER, O.CKA_VERIFY_RECOVER, O.CKA_EXTRACTABLE,
+    O.CKA_MODIFIABLE, O.CKA_COPYABLE, O.CKA_DESTROYABLE, O.CKA_TRUSTED})
+#: restrictions: an object may have one it was not asked for, never lack one asked for
+RESTRICTIONS = frozenset({O.CKA_PRIVATE, O.CKA_SENSITIVE, O.CKA_ALWAYS_AUTHENTICATE,
+                          O.CKA_WRAP_WITH_TRUSTED})
+#: what a template gives that becomes the object's value or public numbers (checked
+#: where they are used) rather than an attribute kept as given; the dates are for
+#: reference only (PKCS#11 gives them no meaning), CKA_SUBJECT of a key and a
+#: certificate's category too
+_CONSUMED = frozenset({
+    O.CKA_CERTIFICATE_CATEGORY,
+    O.CKA_VALUE, O.CKA_MODULUS, O.CKA_PUBLIC_EXPONENT, O.CKA_PRIVATE_EXPONENT, O.CKA_PRIME_1,
+    O.CKA_PRIME_2, O.CKA_EXPONENT_1, O.CKA_EXPONENT_2, O.CKA_COEFFICIENT, O.CKA_VALUE_LEN,
+    O.CKA_MODULUS_BITS, O.CKA_CERTIFICATE_TYPE, O.CKA_SUBJECT, O.CKA_ISSUER,
+    O.CKA_SERIAL_NUMBER, O.CKA_START_DATE, O.CKA_END_DATE})
+
+
+def check_template(tpl: dict[int, int | bytes], kept: dict[int, int | bytes]) -> None:
+    """Refuse a template the object made from it would not honour. The KMIP token used
+    to drop what it cannot keep: a key asked for without CKA_DECRYPT, not destroyable,
+    with CKA_ALLOWED_MECHANISMS or a vendor attribute came out able to do all of it.
+    An attribute not kept is CKR_ATTRIBUTE_TYPE_INVALID, one kept with another value
+    CKR_TEMPLATE_INCONSISTENT; a usage asked for and not given, or a restriction given
+    and not asked for, leave the object stricter than asked and pass."""
+    for t, v in tpl.items():
+        have = kept.get(t)
+        if t in _CONSUMED or have == v:
+            continue
+        if (t in CAPABILITIES and not have) or (t in RESTRICTIONS and (have or not v)):
+            continue
+        if have is None:
+            raise Pkcs11Error(ckr.ATTRIBUTE_TYPE_INVALID, f"the KMIP token keeps no {t:#x}")
+        raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, f"attribute {t:#x}")
+
+
+def usage_mask(a: dict[int, int | bytes]) -> list[enums.CryptographicUsageMask]:
+    """The KMIP usage mask of an object with the attributes ``a``."""
+    U = enums.CryptographicUsageMask
+    return [m for attr, m in ((O.CKA_SIGN, U.SIGN), (O.CKA_VERIFY, U.VERIFY),
+                              (O.CKA_ENCRYPT, U.ENCRYPT), (O.CKA_DECRYPT, U.DECRYPT))
+            if a.get(attr)]
+
+
 def key_attrs(cls: int, key_type: int, tpl: dict[int, int | bytes],
               generated: bool) -> dict[int, int | bytes]:
-    """The attributes the gateway reports (and keeps) for a KMIP key."""
+    """The attributes the gateway reports (and keeps) for a KMIP key: fixed ones, with
+    the usages ``tpl`` switches off switched off."""
+    a = _fixed_attrs(cls, key_type, tpl, generated)
+    for t in CAPABILITIES & a.keys():
+        if tpl.get(t) == 0:
+            a[t] = 0
+    return a
+
+
+def _fixed_attrs(cls: int, key_type: int, tpl: dict[int, int | bytes],
+                 generated: bool) -> dict[int, int | bytes]:
+    public = cls in (O.CKO_PUBLIC_KEY, O.CKO_CERTIFICATE)
     a: dict[int, int | bytes] = {
-        O.CKA_CLASS: cls, O.CKA_TOKEN: 1, O.CKA_PRIVATE: 1 if cls != O.CKO_PUBLIC_KEY else 0,
+        O.CKA_CLASS: cls, O.CKA_TOKEN: 1,
+        # public keys and certificates are private if asked; the others always are
+        O.CKA_PRIVATE: int(bool(tpl.get(O.CKA_PRIVATE, 0))) if public else 1,
         O.CKA_LABEL: tpl.get(O.CKA_LABEL, b""), O.CKA_ID: tpl.get(O.CKA_ID, b""),
         O.CKA_MODIFIABLE: 0, O.CKA_COPYABLE: 0, O.CKA_DESTROYABLE: 1,
     }
@@ -144,8 +210,9 @@ def _int(tpl: dict[int, int | bytes], a: int) -> int | None:
     return int.from_bytes(v, "big") if isinstance(v, bytes) and v else None
 
 
-def rsa_register(cls: int, tpl: dict[int, int | bytes],
-                 name: str | None) -> tuple[Any, dict[int, int | bytes]]:
+def rsa_register(cls: int, tpl: dict[int, int | bytes], name: str | None,
+                 masks: list[enums.CryptographicUsageMask]
+                 ) -> tuple[Any, dict[int, int | bytes]]:
     """An imported RSA key as a KMIP managed object for Register, and the public
     attributes the gateway keeps (the private values go to the server, never to the
     identity map)."""
@@ -155,12 +222,11 @@ def rsa_register(cls: int, tpl: dict[int, int | bytes],
     bits = n.bit_length()
     if not RSA_BITS[0] <= bits <= RSA_BITS[1]:
         raise Pkcs11Error(ckr.KEY_SIZE_RANGE)
-    U = enums.CryptographicUsageMask
     if cls == O.CKO_PUBLIC_KEY:
         der = rsa.RSAPublicNumbers(e, n).public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
         mo = kobj.PublicKey(enums.CryptographicAlgorithm.RSA, bits, der,
-                            enums.KeyFormatType.PKCS_1, masks=[U.VERIFY, U.ENCRYPT], name=name)
+                            enums.KeyFormatType.PKCS_1, masks=masks, name=name)
     else:
         d = _int(tpl, O.CKA_PRIVATE_EXPONENT)
         if d is None:
@@ -176,7 +242,7 @@ def rsa_register(cls: int, tpl: dict[int, int | bytes],
         except ValueError:
             raise Pkcs11Error(ckr.ATTRIBUTE_VALUE_INVALID, "not an RSA key") from None
         mo = kobj.PrivateKey(enums.CryptographicAlgorithm.RSA, bits, der,
-                             enums.KeyFormatType.PKCS_8, masks=[U.SIGN, U.DECRYPT], name=name)
+                             enums.KeyFormatType.PKCS_8, masks=masks, name=name)
     public: dict[int, int | bytes] = {
         O.CKA_MODULUS: n.to_bytes((bits + 7) // 8, "big"),
         O.CKA_PUBLIC_EXPONENT: e.to_bytes((e.bit_length() + 7) // 8, "big"),

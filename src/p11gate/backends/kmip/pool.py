@@ -26,6 +26,7 @@ from ...codec import ckr
 from ...errors import Pkcs11Error
 from .config import KmipConfig
 from .server_name import ServerNameMismatch, check_server_name
+from .wire import BoundedProtocol
 
 log = logging.getLogger("p11gate.backend")
 T = TypeVar("T")
@@ -61,9 +62,11 @@ class KmipPool:
         self._slots = asyncio.Semaphore(cfg.pool_size)
         self.errors = 0
 
-    def _connect(self) -> ProxyKmipClient:
+    def _connect(self, deadline: float) -> ProxyKmipClient:
         cfg, delay = self.cfg, self.cfg.retry_backoff
         for attempt in range(cfg.retries + 1):
+            if time.monotonic() >= deadline:
+                break
             try:
                 # (the password is read here, each time: a rotated file takes effect)
                 client = ProxyKmipClient(
@@ -80,6 +83,9 @@ class KmipPool:
                 except ServerNameMismatch:
                     _close(client)
                     raise
+                # PyKMIP's reader would read whatever length the server announces, for
+                # as long as it trickles in: this one has bounds (wire.py)
+                proxy.protocol = BoundedProtocol(proxy.socket, cfg.timeout)
                 return client
             except Exception as e:  # socket, TLS or PyKMIP errors: all mean "not reached"
                 log.warning("KMIP connection failed", extra={
@@ -90,12 +96,18 @@ class KmipPool:
                     delay *= 2
         raise ConnectionLost("cannot connect")
 
-    def _run(self, fn: Callable[[ProxyKmipClient], T]) -> T:
+    def _run(self, fn: Callable[[ProxyKmipClient], T], deadline: float) -> T:
+        if time.monotonic() >= deadline:
+            # picked up by a thread only as its caller gave up (asyncio cancels what is
+            # still queued, not what has just started): a Create or Destroy done now
+            # would be one the caller was told had failed
+            raise ConnectionLost("the call's deadline passed before it started")
         try:
             client = self._idle.get_nowait()
         except queue.Empty:
-            client = self._connect()
+            client = self._connect(deadline)
         try:
+            client.proxy.protocol.deadline = deadline
             result = fn(client)
         except KmipOperationFailure:
             self._idle.put(client)
@@ -110,10 +122,11 @@ class KmipPool:
     async def call(self, fn: Callable[[ProxyKmipClient], T], what: str) -> T:
         """Run ``fn(client)`` on a pooled connection within the call deadline."""
         loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.cfg.call_deadline
         try:
             async with asyncio.timeout(self.cfg.call_deadline):
                 async with self._slots:
-                    return await loop.run_in_executor(self._executor, self._run, fn)
+                    return await loop.run_in_executor(self._executor, self._run, fn, deadline)
         except KmipOperationFailure as e:
             rv = _REASONS.get(e.reason, ckr.FUNCTION_FAILED)
             log.info("KMIP operation refused", extra={

@@ -20,6 +20,7 @@ from ...codec.values import Null, Version
 from ...errors import Pkcs11Error
 from ..soft import objects as O
 from ..soft.token import CKF_RW_SESSION, CKF_SERIAL_SESSION, out_buffer, pad
+from ..token_backend import HeldBudget
 from . import mapping as MAP
 from .adopt import adopt
 from .idmap import IdMap, MappedObject
@@ -40,8 +41,10 @@ class Op:
     params: dict[str, Any]
     iv: bytes | None
     data: bytearray = field(default_factory=bytearray)
-    #: kept after a size query, so that the client's retry does not call KMIP again
+    #: kept after a size query, so that the client's retry does not call KMIP again …
     result: bytes | None = None
+    #: … and the input it was for (the one-part call's data, or None for a Final)
+    result_for: bytes | None = None
 
 
 @dataclass
@@ -52,6 +55,11 @@ class Session:
     found: list[int] | None = None
 
 
+def _names(tpl: dict[int, int | bytes]) -> dict[int, int | bytes]:
+    """The CKA_LABEL and CKA_ID of a template, for the other key of a pair."""
+    return {a: v for a, v in tpl.items() if a in (O.CKA_LABEL, O.CKA_ID)}
+
+
 class KmipToken:
     def __init__(self, pool: KmipPool, idmap: IdMap, objects: list[MappedObject],
                  pin: bytes, label: str) -> None:
@@ -60,6 +68,11 @@ class KmipToken:
         self.sessions: dict[int, Session] = {}
         self.logged_in = False
         self._ids = itertools.count(1)
+        self.held = HeldBudget(self._held)
+
+    def _held(self) -> int:
+        return sum(len(op.data) + len(op.result or b"") for s in self.sessions.values()
+                   for op in s.ops.values())
 
     # ------------------------------------------------------------------ lookups
 
@@ -72,6 +85,16 @@ class KmipToken:
     def obj(self, h: Any, rv: int = ckr.OBJECT_HANDLE_INVALID) -> MappedObject:
         o = self.objects.get(h) if isinstance(h, int) else None
         if o is None or (o.attrs.get(O.CKA_PRIVATE) and not self.logged_in):
+            raise Pkcs11Error(rv)
+        return o
+
+    def used_obj(self, h: Any, rv: int = ckr.OBJECT_HANDLE_INVALID) -> MappedObject:
+        """obj() for a call that acts on the object on the server: on a shared store
+        the row is read again, since another process may have replaced it (idmap.add)
+        since this one loaded the map."""
+        o = self.obj(h, rv)
+        if self.idmap.store.shared and self.idmap.uid_of(o.handle) != o.uid:
+            del self.objects[o.handle]
             raise Pkcs11Error(rv)
         return o
 
@@ -187,8 +210,15 @@ class KmipToken:
 
     # ------------------------------------------------------------------ objects
 
-    def remember(self, objs: list[tuple[str, int, dict[int, int | bytes]]]) -> list[int]:
-        handles = self.idmap.add(objs)  # persisted before anyone hears of the object
+    def remember(self, objs: list[tuple[str, int, dict[int, int | bytes]]],
+                 made: bool = True) -> list[int]:
+        """Map objects the server just ``made`` (or found, when adopting)."""
+        handles = self.idmap.add(objs, made)  # persisted before anyone hears of it
+        if made:
+            # a handle that named a reissued UID names nothing now (idmap.add)
+            uids = {uid for uid, _cls, _attrs in objs}
+            for h in [h for h, o in self.objects.items() if o.uid in uids]:
+                del self.objects[h]
         for h, (uid, cls, attrs) in zip(handles, objs, strict=True):
             self.objects[h] = MappedObject(h, uid, cls, attrs)
         return handles
@@ -215,21 +245,25 @@ class KmipToken:
             raise Pkcs11Error(ckr.ATTRIBUTE_VALUE_INVALID, "the KMIP server uses e = 65537")
         label = priv_t.get(O.CKA_LABEL, pub_t.get(O.CKA_LABEL, b""))
         name = label.decode(errors="replace") if isinstance(label, bytes) and label else None
-        masks = [enums.CryptographicUsageMask.SIGN, enums.CryptographicUsageMask.VERIFY,
-                 enums.CryptographicUsageMask.ENCRYPT, enums.CryptographicUsageMask.DECRYPT]
+        # each key's attributes from its own template (a label or CKA_ID given for one
+        # only names both), refused before anything is made if they cannot be honoured
+        pub_a = MAP.key_attrs(O.CKO_PUBLIC_KEY, O.CKK_RSA, {**_names(priv_t), **pub_t}, True)
+        priv_a = MAP.key_attrs(O.CKO_PRIVATE_KEY, O.CKK_RSA, {**_names(pub_t), **priv_t}, True)
+        MAP.check_template(pub_t, pub_a)
+        MAP.check_template(priv_t, priv_a)
 
         def create(c: Any) -> tuple[str, str]:
             pub, priv = c.create_key_pair(enums.CryptographicAlgorithm.RSA, bits,
                                           public_name=name, private_name=name,
-                                          public_usage_mask=masks, private_usage_mask=masks)
+                                          public_usage_mask=MAP.usage_mask(pub_a),
+                                          private_usage_mask=MAP.usage_mask(priv_a))
             c.activate(pub)
             c.activate(priv)
             return str(pub), str(priv)
 
         pub_uid, priv_uid = await self.pool.call(create, "CreateKeyPair")
         public = await self.public_values(pub_uid)
-        pub_a = MAP.key_attrs(O.CKO_PUBLIC_KEY, O.CKK_RSA, {**priv_t, **pub_t}, True) | public
-        priv_a = MAP.key_attrs(O.CKO_PRIVATE_KEY, O.CKK_RSA, {**pub_t, **priv_t}, True)
+        pub_a |= public
         priv_a.update({O.CKA_MODULUS: public[O.CKA_MODULUS],
                        O.CKA_PUBLIC_EXPONENT: public[O.CKA_PUBLIC_EXPONENT],
                        O.CKA_MODULUS_BITS: bits})
@@ -252,16 +286,16 @@ class KmipToken:
         assert isinstance(n, int)
         label = tpl.get(O.CKA_LABEL, b"")
         name = label.decode(errors="replace") if isinstance(label, bytes) and label else None
+        a = MAP.key_attrs(O.CKO_SECRET_KEY, O.CKK_AES, tpl, True) | {O.CKA_VALUE_LEN: n}
+        MAP.check_template(tpl, a)
 
         def create(c: Any) -> str:
             uid = c.create(enums.CryptographicAlgorithm.AES, n * 8, name=name,
-                           cryptographic_usage_mask=[enums.CryptographicUsageMask.ENCRYPT,
-                                                     enums.CryptographicUsageMask.DECRYPT])
+                           cryptographic_usage_mask=MAP.usage_mask(a))
             c.activate(uid)
             return str(uid)
 
         uid = await self.pool.call(create, "Create")
-        a = MAP.key_attrs(O.CKO_SECRET_KEY, O.CKK_AES, tpl, True) | {O.CKA_VALUE_LEN: n}
         return self.remember([(uid, O.CKO_SECRET_KEY, a)])
 
     async def create_object(self, args: list[Any]) -> list[Any]:
@@ -285,22 +319,24 @@ class KmipToken:
             assert value is not None
             mo: Any = kobj.X509Certificate(value, name=name)
             a = MAP.key_attrs(O.CKO_CERTIFICATE, 0, tpl, False) | {O.CKA_VALUE: value}
-            a[O.CKA_PRIVATE] = 0
             for k in (O.CKA_SUBJECT, O.CKA_ISSUER, O.CKA_SERIAL_NUMBER):
                 if isinstance(tpl.get(k), bytes):
                     a[k] = tpl[k]
+            MAP.check_template(tpl, a)
         elif cls == O.CKO_SECRET_KEY and tpl.get(O.CKA_KEY_TYPE) == O.CKK_AES:
             assert value is not None
             if len(value) not in (16, 24, 32):
                 raise Pkcs11Error(ckr.ATTRIBUTE_VALUE_INVALID, "AES key length")
-            mo = kobj.SymmetricKey(enums.CryptographicAlgorithm.AES, len(value) * 8, value,
-                                   masks=[enums.CryptographicUsageMask.ENCRYPT,
-                                          enums.CryptographicUsageMask.DECRYPT], name=name)
             a = MAP.key_attrs(O.CKO_SECRET_KEY, O.CKK_AES, tpl, False)
             a[O.CKA_VALUE_LEN] = len(value)
+            MAP.check_template(tpl, a)
+            mo = kobj.SymmetricKey(enums.CryptographicAlgorithm.AES, len(value) * 8, value,
+                                   masks=MAP.usage_mask(a), name=name)
         elif cls in (O.CKO_PRIVATE_KEY, O.CKO_PUBLIC_KEY) and tpl.get(O.CKA_KEY_TYPE) == O.CKK_RSA:
-            mo, public = MAP.rsa_register(int(cls), tpl, name)
-            a = MAP.key_attrs(int(cls), O.CKK_RSA, tpl, False) | public
+            a = MAP.key_attrs(int(cls), O.CKK_RSA, tpl, False)
+            MAP.check_template(tpl, a)
+            mo, public = MAP.rsa_register(int(cls), tpl, name, MAP.usage_mask(a))
+            a |= public
         else:
             raise Pkcs11Error(ckr.TEMPLATE_INCONSISTENT, "the KMIP token registers X.509 "
                               "certificates, RSA keys and AES keys")
@@ -317,7 +353,9 @@ class KmipToken:
     async def destroy_object(self, args: list[Any]) -> list[Any]:
         s = self.session(args[0])
         self._user(s)
-        o = self.obj(args[1])
+        o = self.used_obj(args[1])
+        if not o.attrs.get(O.CKA_DESTROYABLE, 1):
+            raise Pkcs11Error(ckr.ACTION_PROHIBITED)
 
         def destroy(c: Any) -> None:
             try:
@@ -387,7 +425,7 @@ class KmipToken:
         if not args[1] or not isinstance(args[1][0], int):
             raise Pkcs11Error(ckr.ARGUMENTS_BAD, "mechanism")
         mech, param = args[1][0], args[1][1]
-        o = self.obj(args[2], ckr.KEY_HANDLE_INVALID)
+        o = self.used_obj(args[2], ckr.KEY_HANDLE_INVALID)
         if o.cls not in (O.CKO_PUBLIC_KEY, O.CKO_PRIVATE_KEY, O.CKO_SECRET_KEY):
             raise Pkcs11Error(ckr.KEY_HANDLE_INVALID)
         if kind in ("sign", "verify"):
@@ -397,6 +435,8 @@ class KmipToken:
             params, iv = MAP.cipher_parameters(mech, param)
         if not o.attrs.get(_PURPOSE[kind]):
             raise Pkcs11Error(ckr.KEY_FUNCTION_NOT_PERMITTED)
+        if o.attrs.get(O.CKA_KEY_TYPE) != MAP.key_type(mech):
+            raise Pkcs11Error(ckr.KEY_TYPE_INCONSISTENT, "key type and mechanism")
         if kind == "sign" and o.cls != O.CKO_PRIVATE_KEY:
             raise Pkcs11Error(ckr.KEY_TYPE_INCONSISTENT)
         s.ops[kind] = Op(o.uid, mech, params, iv)
@@ -407,6 +447,10 @@ class KmipToken:
         op = s.ops.get(kind)
         if op is None:
             raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
+        if op.result is not None:
+            # after a size query of the Final: more data would not be in its result
+            s.ops.pop(kind, None)
+            raise Pkcs11Error(ckr.ARGUMENTS_BAD, "the size query already ended the input")
         self._append(s, kind, op, args[1])
         return []
 
@@ -416,6 +460,11 @@ class KmipToken:
             raise Pkcs11Error(ckr.DATA_LEN_RANGE if isinstance(data, bytes)
                               else ckr.ARGUMENTS_BAD)
         op.data += data
+        try:
+            self.held.take(len(data))
+        except Pkcs11Error:
+            s.ops.pop(kind, None)
+            raise
 
     async def _run(self, kind: str, op: Op) -> bytes:
         data = bytes(op.data)
@@ -438,22 +487,32 @@ class KmipToken:
         if op is None:
             raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
         cap = args[-1]
-        if data is not None:
-            self._append(s, kind, op, data)
-        # a size query must not repeat a KMIP call: the result is kept for the retry
-        result = op.result
-        if result is None:
+        # a size query must not repeat a KMIP call: the result is kept for the retry,
+        # which must be the same call with the same data (else the client would get
+        # the signature or ciphertext of the data it sent first for what it sent next)
+        result, fresh = op.result, False
+        if result is not None:
+            if (data is None) != (op.result_for is None) or data != op.result_for:
+                s.ops.pop(kind, None)
+                raise Pkcs11Error(ckr.ARGUMENTS_BAD, "not the call the size query was for")
+        else:
+            if data is not None:
+                self._append(s, kind, op, data)
             try:
                 result = await self._run(kind, op)
             except Pkcs11Error:
                 s.ops.pop(kind, None)
                 raise
-            op.result = result
+            op.result, op.result_for, fresh = result, data, True
         done, out = out_buffer(cap, result)
         if done:
             s.ops.pop(kind, None)
-        elif data is not None:
-            del op.data[len(op.data) - len(data):]  # the client will send it again
+        elif fresh:
+            try:
+                self.held.take(len(result))  # kept for the retry
+            except Pkcs11Error:
+                s.ops.pop(kind, None)
+                raise
         return [out]
 
     async def verify(self, args: list[Any], data: Any, signature: Any) -> list[Any]:

@@ -137,6 +137,9 @@ class AesGcm(Operation):
             if self.p.aad:
                 self.ctx.authenticate_additional_data(self.p.aad)
 
+    def held_bytes(self) -> int:
+        return super().held_bytes() + len(self.held) + len(self.p.aad or b"")
+
     def crypt_update(self, chunk: bytes) -> bytes:
         if self.encrypting:
             return self.ctx.update(chunk)

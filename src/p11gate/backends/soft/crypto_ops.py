@@ -58,6 +58,18 @@ def check_key(o: SoftObject, mech: int, kind: str | None, need_private: bool | N
         raise Pkcs11Error(ckr.KEY_TYPE_INCONSISTENT, "public or private key")
 
 
+def _count(t: SoftToken, s: Session, kind: str, op: M.Operation, before: int) -> None:
+    """Count what a call made ``op`` keep (``before``: what it kept at the call's start)
+    against the token's budget; past it the operation ends (CKR_DEVICE_MEMORY)."""
+    grown = op.held_bytes() - before
+    if grown > 0:
+        try:
+            t.held.take(grown)
+        except Pkcs11Error:
+            s.ops.pop(kind, None)
+            raise
+
+
 def op_init(t: SoftToken, kind: str, args: list[Any]) -> list[Any]:
     s = t.session(args[0])
     if kind in s.ops:
@@ -78,7 +90,8 @@ def op_init(t: SoftToken, kind: str, args: list[Any]) -> list[Any]:
             raise Pkcs11Error(ckr.KEY_TYPE_INCONSISTENT)
         raise Pkcs11Error(ckr.KEY_FUNCTION_NOT_PERMITTED)
     check_key(o, mech, kind, _NEEDS_PRIVATE[kind])
-    s.ops[kind] = M.start(mech, param, crypto_key(t, o), kind)
+    s.ops[kind] = op = M.start(mech, param, crypto_key(t, o), kind)
+    _count(t, s, kind, op, 0)  # GCM's additional data
     return []
 
 
@@ -101,25 +114,32 @@ def _data(v: Any) -> bytes:
 def _multi_part(op: M.Operation) -> None:
     if op.single_part:
         raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED, "a single-part mechanism")
+    if op.cached is not None:
+        # a size query of the Final kept its result: more input would not be in it (the
+        # retry would get the digest of less than was sent)
+        raise Pkcs11Error(ckr.ARGUMENTS_BAD, "the size query already ended the input")
     op.started = True
 
 
 def op_update(t: SoftToken, kind: str, args: list[Any]) -> list[Any]:
     """C_SignUpdate, C_VerifyUpdate, C_DigestUpdate."""
     s, op = _op(t, kind, args[0])
+    before = op.held_bytes()
     try:
         _multi_part(op)
         op.update(_data(args[1]))
     except Pkcs11Error:
         s.ops.pop(kind, None)
         raise
+    _count(t, s, kind, op, before)
     return []
 
 
-def _answer(s: Session, kind: str, op: M.Operation, tag: str, data: bytes, cap: Any,
+def _answer(t: SoftToken, s: Session, kind: str, op: M.Operation, tag: str, data: bytes, cap: Any,
             produce: Any, last: bool) -> list[Any]:
     """Reply with produce()'s bytes, or with their length when the buffer is a query
     or too small; the bytes are then held for the call that repeats this one."""
+    before = op.held_bytes()
     if op.cached is not None:
         ctag, cin, result = op.cached
         if (ctag, cin) != (tag, data):
@@ -130,6 +150,8 @@ def _answer(s: Session, kind: str, op: M.Operation, tag: str, data: bytes, cap: 
     op.cached = None if done else (tag, data, result)
     if done and last:
         s.ops.pop(kind, None)
+    else:
+        _count(t, s, kind, op, before)
     return [value]
 
 
@@ -152,20 +174,20 @@ async def _finish(t: SoftToken, kind: str, h: Any, cap: Any, data: bytes | None)
             if data is not None:
                 op.update(data)
             result = await asyncio.to_thread(op.sign)
-            return _answer(s, kind, op, "sign", b"", cap, lambda: result, True)
+            return _answer(t, s, kind, op, "sign", b"", cap, lambda: result, True)
         if kind == "digest":
             def digest() -> bytes:
                 if data is not None:
                     op.update(data)
                 return op.digest()
-            return _answer(s, kind, op, "final", data or b"", cap, digest, True)
+            return _answer(t, s, kind, op, "final", data or b"", cap, digest, True)
         if data is None:
-            return _answer(s, kind, op, "final", b"", cap, op.crypt_final, True)
+            return _answer(t, s, kind, op, "final", b"", cap, op.crypt_final, True)
         chunk = data
         if op.slow and op.cached is None:
             result = await asyncio.to_thread(op.crypt_once, chunk)
-            return _answer(s, kind, op, "once", chunk, cap, lambda: result, True)
-        return _answer(s, kind, op, "once", chunk, cap, lambda: op.crypt_once(chunk), True)
+            return _answer(t, s, kind, op, "once", chunk, cap, lambda: result, True)
+        return _answer(t, s, kind, op, "once", chunk, cap, lambda: op.crypt_once(chunk), True)
     except Pkcs11Error as e:
         if e.rv != ckr.BUFFER_TOO_SMALL:
             s.ops.pop(kind, None)
@@ -187,7 +209,7 @@ def crypt_update(t: SoftToken, kind: str, args: list[Any]) -> list[Any]:
     try:
         if op.cached is None:
             _multi_part(op)
-        return _answer(s, kind, op, "update", chunk, args[2],
+        return _answer(t, s, kind, op, "update", chunk, args[2],
                        lambda: op.crypt_update(chunk), False)
     except Pkcs11Error:
         s.ops.pop(kind, None)

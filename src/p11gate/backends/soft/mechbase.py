@@ -53,6 +53,12 @@ class Operation:
     #: slow enough (RSA private key operations) to run in a thread, off the event loop
     slow = False
 
+    def held_bytes(self) -> int:
+        """The bytes this operation keeps between calls (counted against the token's
+        budget: token_backend.HeldBudget)."""
+        c = self.cached
+        return len(c[1]) + len(c[2]) if c is not None else 0
+
     def update(self, chunk: bytes) -> None:
         raise fail(ckr.FUNCTION_NOT_SUPPORTED)
 
@@ -84,6 +90,9 @@ class Buffered(Operation):
 
     def __init__(self) -> None:
         self.data = bytearray()
+
+    def held_bytes(self) -> int:
+        return super().held_bytes() + len(self.data)
 
     def update(self, chunk: bytes) -> None:
         if len(self.data) + len(chunk) > MAX_DATA:

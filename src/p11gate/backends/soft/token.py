@@ -11,6 +11,7 @@ from typing import Any
 from ...codec import ckr
 from ...codec.values import Null, Version
 from ...errors import Pkcs11Error
+from ..token_backend import HeldBudget
 from . import mechanisms as M
 from .objects import CKO_PRIVATE_KEY, CKO_SECRET_KEY, SoftObject
 from .store import SO, USER, SoftStore, derive_kek
@@ -75,6 +76,8 @@ class SoftToken:
         self._session_ids = itertools.count(1)
         self._session_objects = itertools.count(1 << 31)
         self.lock = asyncio.Lock()
+        self.held = HeldBudget(lambda: sum(op.held_bytes() for s in self.sessions.values()
+                                           for op in s.ops.values()))
         self.epoch = self._store_epoch()
         for handle, attrs, sealed in store.load():
             self.objects[handle] = SoftObject(handle, attrs, sealed=sealed)
