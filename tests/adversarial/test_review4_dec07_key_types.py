@@ -37,8 +37,8 @@ from tests.adversarial.hostile import (
 from tests.gateway_proc import Gateway, RawClient, worker_pids, write_config
 from tests.softhsm import make_token
 
-from p11gate.codec import Mechanism, ckr
-from p11gate.codec.values import PssParams
+from p11gate.codec import Mechanism, ckr, dialect_for_version
+from p11gate.codec.values import Ecdh1Params, PssParams
 
 CKM_RSA_PKCS, CKM_RSA_X_509, CKM_RSA_PKCS_PSS, CKM_SHA256 = 0x1, 0x3, 0xD, 0x250
 CKM_GENERIC_SECRET_KEY_GEN, CKM_EC_KEY_PAIR_GEN, CKM_ECDH1_DERIVE = 0x350, 0x1040, 0x1050
@@ -65,8 +65,8 @@ def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     stop_gateway(gw)
 
 
-def logged_in(gw: Gateway) -> tuple[RawClient, int]:
-    c = RawClient(gw.path)
+def logged_in(gw: Gateway, version: int = 0) -> tuple[RawClient, int]:
+    c = RawClient(gw.path, version, dialect_for_version(version))
     c.initialize()
     (slots,) = call(c, "C_GetSlotList", 1, 8)
     (sess,) = call(c, "C_OpenSession", slots[0], CKF_SERIAL | CKF_RW)
@@ -111,11 +111,12 @@ def test_wrong_key_family_is_refused_before_the_module(gateway: Gateway, mechani
 
 def test_other_key_roles_are_checked_too(gateway: Gateway) -> None:
     """The wrapping key of C_WrapKey and the base key of C_DeriveKey: same rule."""
-    c, sess = logged_in(gateway)
+    c, sess = logged_in(gateway, 2)  # a dialect that carries ECDH parameters
     aes, rsa = make_key(c, sess, "aes"), make_key(c, sess, "rsa")
     assert rv(c, "C_WrapKey", sess, Mechanism(CKM_RSA_PKCS, None), aes, aes, 4096) == \
         ckr.WRAPPING_KEY_TYPE_INCONSISTENT
-    derive: list[Any] = [sess, Mechanism(CKM_ECDH1_DERIVE, b"\0" * 40), rsa,
+    point = Ecdh1Params(1, None, b"\x04" + b"\1" * 64)
+    derive: list[Any] = [sess, Mechanism(CKM_ECDH1_DERIVE, point), rsa,
                          [b(CKA_TOKEN, False)]]
     assert rv(c, "C_DeriveKey", *derive) == ckr.KEY_TYPE_INCONSISTENT
     c.close()

@@ -27,6 +27,15 @@ class KeyTypeUnknown(Exception):
         self.ref = ref
 
 
+class WrongKeyType(Exception):
+    """A key of another family than the mechanism's (frontend/key_types.py): ``rv``
+    answers, unless the key may not do this at all (the module's first refusal)."""
+
+    def __init__(self, ref: ObjectRef, rv: int, why: str) -> None:
+        super().__init__(why)
+        self.ref, self.rv, self.why = ref, rv, why
+
+
 class EndsOperation(Exception):
     """A call refused by the gateway that, had the module refused it, would have ended
     its operation (PKCS#11 §5.2): the operation is ended on the module, then ``rv``

@@ -20,7 +20,7 @@ from ..codec import (
 from ..codec.call_table import PLANS, CallPlan
 from ..errors import BackendUnavailable, Pkcs11Error
 from . import fail_closed, key_types, precedence, translation
-from .common import EndsOperation, KeyTypeUnknown, Stale
+from .common import EndsOperation, KeyTypeUnknown, Stale, WrongKeyType
 from .handles import (
     Session,
 )
@@ -77,6 +77,8 @@ async def forward(c: ClientConnection, call: Call, args: list[Any]) -> list[Any]
         except KeyTypeUnknown as unknown:
             s = c.session_for(args[0])
             await key_types.learn(s, unknown.ref)
+        except WrongKeyType as wrong:
+            raise await key_types.refusal(c.session_for(args[0]), call.id, wrong) from None
         except EndsOperation as ends:
             await end_operation(c.session_for(args[0]), ends.op)
             raise Pkcs11Error(ends.rv, ends.why) from None
@@ -127,7 +129,7 @@ def forward_now(c: ClientConnection, code: int, call: Call, args: list[Any], s: 
                 return
         fut = c.gw.fair_share.submit(
             s.token.backend, c.identity.key, call.id, bargs, c)
-    except (Stale, precedence.Unresolved, KeyTypeUnknown, EndsOperation):
+    except (Stale, precedence.Unresolved, KeyTypeUnknown, WrongKeyType, EndsOperation):
         # an object handle from before a backend restart (find it again first), or the
         # module must be asked first (a refusal's precedence, a key's type), or a refused
         # call's operation must be ended there: on the slow path

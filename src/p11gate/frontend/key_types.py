@@ -21,7 +21,7 @@ from ..codec import AttrRequest, ckr
 from ..codec import constants as ck
 from ..codec.mechanism_key_types import KEY_TYPES
 from ..errors import Pkcs11Error
-from .common import ID, EndsOperation, KeyTypeUnknown
+from .common import ID, EndsOperation, KeyTypeUnknown, WrongKeyType
 from .tables import OPERATION_OF_INIT
 
 if TYPE_CHECKING:
@@ -59,8 +59,8 @@ def check(s: Session, call_id: int, mechanism_type: int, ref: ObjectRef) -> None
     if kt is None:
         raise KeyTypeUnknown(ref)
     if kt not in allowed:
-        raise Pkcs11Error(_WRONG_TYPE.get(call_id, ckr.KEY_TYPE_INCONSISTENT),
-                          f"key type {kt:#x} with mechanism {mechanism_type:#x}")
+        raise WrongKeyType(ref, _WRONG_TYPE.get(call_id, ckr.KEY_TYPE_INCONSISTENT),
+                           f"key type {kt:#x} with mechanism {mechanism_type:#x}")
     op = OPERATION_OF_INIT.get(call_id)
     if op is None:
         return
@@ -86,6 +86,40 @@ def check_data(s: Session, call_id: int, args: list[Any]) -> None:
         if isinstance(value, bytes | bytearray) and len(value) > limit:
             raise EndsOperation(entry[0], code,
                                 f"{len(value)} bytes for a {limit}-byte RSA modulus")
+
+
+#: the attribute that allows a key's use in each call; a module checks it first
+_USAGE: dict[str, int] = {
+    "Encrypt": ck.CKA_ENCRYPT, "Decrypt": ck.CKA_DECRYPT, "Sign": ck.CKA_SIGN,
+    "SignRecover": ck.CKA_SIGN_RECOVER, "Verify": ck.CKA_VERIFY,
+    "VerifyRecover": ck.CKA_VERIFY_RECOVER, "MessageEncrypt": ck.CKA_ENCRYPT,
+    "MessageDecrypt": ck.CKA_DECRYPT, "MessageSign": ck.CKA_SIGN,
+    "MessageVerify": ck.CKA_VERIFY,
+}
+_USAGE_OF_CALL: dict[int, int] = {
+    ID["C_WrapKey"]: ck.CKA_WRAP, ID["C_UnwrapKey"]: ck.CKA_UNWRAP,
+    ID["C_DeriveKey"]: ck.CKA_DERIVE, ID["C_DeriveKey2"]: ck.CKA_DERIVE,
+    **{call: _USAGE[op] for call, op in OPERATION_OF_INIT.items() if op in _USAGE},
+}
+
+
+async def refusal(s: Session, call_id: int, wrong: WrongKeyType) -> Pkcs11Error:
+    """The answer to a key of the wrong family. A key that may not be used for this
+    at all gets CKR_KEY_FUNCTION_NOT_PERMITTED, as the module answers it before it
+    looks at the key's type; else the wrong type's code. (Read only on this path: the
+    usage attributes may change, the type may not.)"""
+    usage = _USAGE_OF_CALL.get(call_id)
+    if usage is not None:
+        try:
+            (a,), _ = await s.token.backend.call(
+                ID["C_GetAttributeValue"],
+                [s.backend_handle, wrong.ref.backend_handle, [AttrRequest(usage, 1)]])
+        except Pkcs11Error:
+            a = None
+        # an attribute the key lacks is false to the module (a public key's CKA_SIGN)
+        if a is not None and (a.length is None or not a.value):
+            return Pkcs11Error(ckr.KEY_FUNCTION_NOT_PERMITTED, "the key may not do this")
+    return Pkcs11Error(wrong.rv, wrong.why)
 
 
 async def learn(s: Session, ref: ObjectRef) -> None:

@@ -207,9 +207,9 @@ def prepare(c: ClientConnection, call: Call, args: list[Any]
                 note_key_init(s, call.id, ref, token in c.logins)
     if plan.mechanism_arg is not None:
         m = bargs[1]
+        bargs[1] = mechanism(c, m, token)
         if key_ref is not None and isinstance(m, Mechanism):
             key_types.check(s, call.id, m.type, key_ref)  # before the module sees it
-        bargs[1] = mechanism(c, m, token)
     elif call.id in MESSAGE_PARAMETER_CALLS and message_parameter_refusal(bargs[1]):
         raise Pkcs11Error(ckr.MECHANISM_PARAM_INVALID, "per-message parameter")
     if s.raw_rsa is not None:
