@@ -167,3 +167,29 @@ def test_raw_rsa_data_longer_than_the_modulus(gateway: Gateway, op: str) -> None
     assert len(call(c, "C_Sign", sess, b"x" * 100, 512)[0]) == 128
     c.close()
     bystander.close()
+
+
+def test_a_refused_init_keeps_the_raw_limit(gateway: Gateway) -> None:
+    """The limit follows the operation the module has: an init it refuses (another is
+    active) changes nothing. Before, a refused AES init dropped the limit, and a
+    refused raw init with a larger key raised it, and the crash came back."""
+    bystander, bs = logged_in(gateway)
+    workers = worker_pids(gateway)
+    c, sess = logged_in(gateway)
+    small = [u(CKA_MODULUS_BITS, 1024), b(CKA_TOKEN, False), b(CKA_ENCRYPT, True)]
+    big = [u(CKA_MODULUS_BITS, 2048), b(CKA_TOKEN, False), b(CKA_ENCRYPT, True)]
+    priv = [b(CKA_TOKEN, False)]
+    pub1, _ = call(c, "C_GenerateKeyPair", sess, Mechanism(CKM_RSA_PKCS_KEY_PAIR_GEN, None),
+                   small, priv)
+    pub2, _ = call(c, "C_GenerateKeyPair", sess, Mechanism(CKM_RSA_PKCS_KEY_PAIR_GEN, None),
+                   big, priv)
+    aes = make_key(c, sess, "aes")
+    got = pipeline(c, [("C_EncryptInit", [sess, RAW, pub1]),
+                       ("C_EncryptInit", [sess, Mechanism(0x1081, None), aes]),  # AES-ECB
+                       ("C_EncryptInit", [sess, RAW, pub2]),
+                       ("C_Encrypt", [sess, b"A" * 200, 512])])
+    assert got == [ckr.OK, ckr.OPERATION_ACTIVE, ckr.OPERATION_ACTIVE, ckr.DATA_LEN_RANGE]
+    assert len(call(bystander, "C_GenerateRandom", bs, 16)[0]) == 16
+    assert gateway.alive() and worker_pids(gateway) == workers
+    c.close()
+    bystander.close()

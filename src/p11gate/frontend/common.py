@@ -27,6 +27,10 @@ class KeyTypeUnknown(Exception):
         self.ref = ref
 
 
+class SlowPath(Exception):
+    """A call the hot path (forwarding.forward_now) leaves to the async path."""
+
+
 class WrongKeyType(Exception):
     """A key of another family than the mechanism's (frontend/key_types.py): ``rv``
     answers, unless the key may not do this at all (the module's first refusal)."""

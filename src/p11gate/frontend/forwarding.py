@@ -20,7 +20,7 @@ from ..codec import (
 from ..codec.call_table import PLANS, CallPlan
 from ..errors import BackendUnavailable, Pkcs11Error
 from . import fail_closed, key_types, precedence, translation
-from .common import EndsOperation, KeyTypeUnknown, Stale, WrongKeyType
+from .common import EndsOperation, KeyTypeUnknown, SlowPath, Stale, WrongKeyType
 from .handles import (
     Session,
 )
@@ -88,8 +88,15 @@ async def forward(c: ClientConnection, call: Call, args: list[Any]) -> list[Any]
         raise Pkcs11Error(ckr.DEVICE_ERROR, "backend restarting repeatedly")
     key_use = PLANS[call.id].key_use
     try:
-        reply = await c.gw.fair_share.submit(
-            s.token.backend, c.identity.key, call.id, bargs, c)
+        try:
+            reply = await c.gw.fair_share.submit(
+                s.token.backend, c.identity.key, call.id, bargs, c)
+        except BaseException:
+            if s.raw_rsa_pending is not None:  # a raw RSA limit waits for this init
+                key_types.started(s, False)
+            raise
+        if s.raw_rsa_pending is not None:
+            key_types.started(s, True)
     except (BackendUnavailable, TimeoutError):
         # in flight when the backend died or hung; the session is gone with it
         if key_use:
@@ -118,7 +125,7 @@ def forward_now(c: ClientConnection, code: int, call: Call, args: list[Any], s: 
     try:
         if not c.initialized:
             raise Pkcs11Error(ckr.CRYPTOKI_NOT_INITIALIZED)
-        s, bargs, private = translation.prepare(c, call, args)
+        s, bargs, private = translation.prepare(c, call, args, hot=True)
         if plan.relayable:
             raw = c.gw.fair_share.submit_raw(
                 s.token.backend, c.identity.key, call.id, bargs)
@@ -129,7 +136,8 @@ def forward_now(c: ClientConnection, code: int, call: Call, args: list[Any], s: 
                 return
         fut = c.gw.fair_share.submit(
             s.token.backend, c.identity.key, call.id, bargs, c)
-    except (Stale, precedence.Unresolved, KeyTypeUnknown, WrongKeyType, EndsOperation):
+    except (Stale, precedence.Unresolved, KeyTypeUnknown, WrongKeyType, EndsOperation,
+            SlowPath):
         # an object handle from before a backend restart (find it again first), or the
         # module must be asked first (a refusal's precedence, a key's type), or a refused
         # call's operation must be ended there: on the slow path

@@ -22,7 +22,7 @@ IDENTITY_UNKNOWN, IDENTITY_PENDING, IDENTITY_KNOWN, IDENTITY_NONE = range(4)
 
 class Session:
     __slots__ = ("auth_key", "backend_handle", "fenced", "find", "flags", "generation",
-                 "handle", "private_ops", "raw_rsa", "tail", "token")
+                 "handle", "private_ops", "raw_rsa", "raw_rsa_pending", "tail", "token")
 
     def __init__(
         self, handle: int, token: VirtualToken, backend_handle: int, generation: int, flags: int
@@ -47,6 +47,8 @@ class Session:
         #: operation kind → the most bytes its data may have (raw RSA: the modulus's),
         #: for the operations started with CKM_RSA_X_509 (frontend/key_types.py)
         self.raw_rsa: dict[str, int] | None = None
+        #: the change an init under way makes to raw_rsa, applied if the module takes it
+        self.raw_rsa_pending: tuple[str, int | None] | None = None
 
 
 class ObjectRef:

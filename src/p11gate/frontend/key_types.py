@@ -21,7 +21,7 @@ from ..codec import AttrRequest, ckr
 from ..codec import constants as ck
 from ..codec.mechanism_key_types import KEY_TYPES
 from ..errors import Pkcs11Error
-from .common import ID, EndsOperation, KeyTypeUnknown, WrongKeyType
+from .common import ID, EndsOperation, KeyTypeUnknown, SlowPath, WrongKeyType
 from .tables import OPERATION_OF_INIT
 
 if TYPE_CHECKING:
@@ -47,29 +47,44 @@ _RAW_RSA_DATA: dict[int, tuple[str, tuple[tuple[int, int], ...]]] = {
 CKM_RSA_X_509 = ck.CKM_RSA_X_509
 
 
-def check(s: Session, call_id: int, mechanism_type: int, ref: ObjectRef) -> None:
+def check(s: Session, call_id: int, mechanism_type: int, ref: ObjectRef, hot: bool
+          ) -> None:
     """Raise unless ``ref`` may be used with ``mechanism_type``; KeyTypeUnknown when
-    its type must be read first (see learn). Notes a raw RSA init's data limit."""
+    its type must be read first (see learn). An init that would change a raw RSA data
+    limit (one with CKM_RSA_X_509, or another of a kind that has one) takes the slow
+    path (SlowPath when ``hot``), which applies the change once the module took the
+    init (``started``): a refused init leaves the operation and its limit as they were."""
     allowed = KEY_TYPES.get(mechanism_type)
-    if allowed is None:
-        if s.raw_rsa is not None:
-            s.raw_rsa.pop(OPERATION_OF_INIT.get(call_id, ""), None)
-        return
-    kt = ref.key_type
-    if kt is None:
-        raise KeyTypeUnknown(ref)
-    if kt not in allowed:
-        raise WrongKeyType(ref, _WRONG_TYPE.get(call_id, ckr.KEY_TYPE_INCONSISTENT),
-                           f"key type {kt:#x} with mechanism {mechanism_type:#x}")
+    if allowed is not None:
+        kt = ref.key_type
+        if kt is None:
+            raise KeyTypeUnknown(ref)
+        if kt not in allowed:
+            raise WrongKeyType(ref, _WRONG_TYPE.get(call_id, ckr.KEY_TYPE_INCONSISTENT),
+                               f"key type {kt:#x} with mechanism {mechanism_type:#x}")
     op = OPERATION_OF_INIT.get(call_id)
     if op is None:
         return
-    if mechanism_type == CKM_RSA_X_509:
-        if s.raw_rsa is None:
-            s.raw_rsa = {}
-        s.raw_rsa[op] = ref.key_size
-    elif s.raw_rsa is not None:
-        s.raw_rsa.pop(op, None)
+    raw = mechanism_type == CKM_RSA_X_509
+    if raw or (s.raw_rsa is not None and op in s.raw_rsa):
+        if hot:
+            raise SlowPath
+        s.raw_rsa_pending = (op, ref.key_size if raw else None)
+
+
+def started(s: Session, ok: bool) -> None:
+    """The init that set ``s.raw_rsa_pending`` ended: taken (``ok``) or refused."""
+    pending, s.raw_rsa_pending = s.raw_rsa_pending, None
+    if pending is None or not ok:
+        return
+    op, limit = pending
+    if limit is None:
+        if s.raw_rsa is not None:
+            s.raw_rsa.pop(op, None)
+        return
+    if s.raw_rsa is None:
+        s.raw_rsa = {}
+    s.raw_rsa[op] = limit
 
 
 def check_data(s: Session, call_id: int, args: list[Any]) -> None:

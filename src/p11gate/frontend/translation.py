@@ -176,7 +176,7 @@ def mechanism(c: ClientConnection, m: Mechanism | None, token: VirtualToken) -> 
     return m
 
 
-def prepare(c: ClientConnection, call: Call, args: list[Any]
+def prepare(c: ClientConnection, call: Call, args: list[Any], hot: bool = False
 ) -> tuple[Session, list[Any], list[bool | None]]:
     """Translate a session call's handles to the backend's (synchronously: nothing
     may await between the generation check and the send)."""
@@ -209,7 +209,7 @@ def prepare(c: ClientConnection, call: Call, args: list[Any]
         m = bargs[1]
         bargs[1] = mechanism(c, m, token)
         if key_ref is not None and isinstance(m, Mechanism):
-            key_types.check(s, call.id, m.type, key_ref)  # before the module sees it
+            key_types.check(s, call.id, m.type, key_ref, hot)  # before the module sees it
     elif call.id in MESSAGE_PARAMETER_CALLS and message_parameter_refusal(bargs[1]):
         raise Pkcs11Error(ckr.MECHANISM_PARAM_INVALID, "per-message parameter")
     if s.raw_rsa is not None:
