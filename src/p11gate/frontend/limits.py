@@ -399,6 +399,9 @@ class ConnectionFlow:
 
     def close(self) -> None:
         self._out = bytearray()  # never sent now
+        # nor read: the connection may outlive its socket for a while (its cleanup
+        # waits for its calls still at the backend), and a read chunk is up to 256 KiB
+        self.reader.clear()
         self._cancel_timer()
         if self._stall is not None:
             self._stall.cancel()
