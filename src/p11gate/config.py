@@ -66,7 +66,7 @@ class ServerConfig(_Strict):
     #: 0.5 s, e.g. waiting for a pool session, only max_pending_reply_bytes bounds it)
     max_calls_in_flight: int = Field(default=32, ge=1, le=4096)
     #: per connection: unsent reply bytes plus what calls in flight hold (request bytes,
-    #: 1 KiB each, the output buffers they may fill); above it the gateway reads no more
+    #: 3 KiB each, the output buffers they may fill); above it the gateway reads no more
     #: from that connection until calls finish and its client reads
     max_pending_reply_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024, le=1 << 32)
     #: connections at once (all clients); more are closed at once
@@ -83,9 +83,9 @@ class ServerConfig(_Strict):
     max_session_objects_per_connection: int = Field(default=1024, ge=1, le=1 << 24)
     #: token objects one identity may own or have created (CKR_DEVICE_MEMORY beyond)
     max_token_objects_per_identity: int = Field(default=1000, ge=1, le=1 << 24)
-    #: per identity: bytes of request frames not complete yet, plus the unsent replies of
-    #: its connections whose client does not read (max_pending_reply_bytes each); a
-    #: connection that takes it beyond is closed at once
+    #: per identity: bytes of request frames not complete yet, the unsent replies of its
+    #: connections beyond 64 KiB each, and what the calls a connection read on past
+    #: max_calls_in_flight hold; a connection that takes it beyond is closed at once
     max_buffered_bytes_per_identity: int = Field(default=64 * 1024 * 1024,
                                                  ge=1024 * 1024, le=1 << 40)
 

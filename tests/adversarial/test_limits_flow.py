@@ -19,7 +19,7 @@ from p11gate.codec import (
     encode_request,
 )
 from p11gate.config import ServerConfig
-from p11gate.frontend.limits import STALL_SECONDS, ConnectionFlow, LogLimiter
+from p11gate.frontend.limits import STALL_SECONDS, ConnectionFlow, IdentityUsage, LogLimiter
 
 C_GenerateRandom = 64
 
@@ -29,6 +29,10 @@ class FakeTransport:
         self.buffered = 0
         self.paused = False
         self.aborted = False
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
 
     def get_write_buffer_size(self) -> int:
         return self.buffered
@@ -184,4 +188,26 @@ def test_calls_that_wait_for_unread_requests_do_not_deadlock() -> None:
             done += 1
             assert flow.promised <= 64 * 1024 + 2048
         assert seen == list(range(1, 201)) and flow.in_flight == 0
+    asyncio.run(run())
+
+
+def test_replies_behind_a_full_transport_wait_in_order_and_count_for_the_identity() -> None:
+    """Fourth review: past the transport's mark, replies wait in the connection's own
+    buffer (their bytes, not a buffer object each), counted against the identity's
+    budget, and go out after what the transport holds, in order."""
+    async def run() -> None:
+        flow, t, _, _ = make_flow()
+        flow.usage = usage = IdentityUsage()
+        flow.write(b"a")
+        assert t.written == [b"a"]
+        t.buffered = 100_000
+        flow.pause_writing()
+        flow.write(b"b" * 10)
+        flow.write(b"c" * 10)
+        assert t.written == [b"a"] and flow.unsent() == 100_020
+        assert usage.buffered == 100_020
+        t.buffered = 0
+        flow.resume_writing()
+        assert b"".join(t.written) == b"a" + b"b" * 10 + b"c" * 10
+        assert usage.buffered == 0
     asyncio.run(run())

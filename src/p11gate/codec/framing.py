@@ -44,6 +44,10 @@ class FrameReader:
     def pending(self) -> int:
         return len(self._buf)
 
+    def clear(self) -> None:
+        """Forget what is buffered (the connection is gone)."""
+        self._buf = bytearray()
+
     def add(self, data: bytes) -> None:
         """Buffer ``data`` without parsing it (``feed(b"")`` parses it later)."""
         self._buf += data

@@ -239,8 +239,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _reply(self, code: int, body: bytes) -> None:
         call_stats.answered(self, code, body)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(build_frame(code, body))
+        self.flow.write(build_frame(code, body))
         self.flow.finished(code)
 
     def _token(self, slot_id: int) -> VirtualToken:

@@ -6,6 +6,14 @@ calls in flight hold exceed ``max_pending_reply_bytes``; it reads on when they a
 answered and read. A request frame must arrive within ``frame_timeout`` of its first
 byte. The bytes held by all connections of one identity share one budget.
 
+Unsent replies: the transport holds at most ``_TRANSPORT_HIGH`` bytes of them; the rest
+wait in one bytearray of the connection's (:meth:`ConnectionFlow.write`). A transport
+keeps one buffer object per write, which costs more than a small reply's bytes (about
+10 MiB per 4 MiB of 32-byte replies): counted in bytes, a client that never reads held
+far more memory than max_pending_reply_bytes, and its identity's budget saw nothing
+until a transport's buffer passed max_pending_reply_bytes (one uid held 256 connections
+just below it: some 2.5 GiB).
+
 A limit that is hit gives the PKCS#11 code for it (or a closed connection) and a log
 record, through :class:`LogLimiter` so that a flood does not flood the log.
 """
@@ -30,14 +38,18 @@ log = logging.getLogger("p11gate.limits")
 
 #: a reply's frame header and fixed fields, beyond the output buffers it carries
 _REPLY_OVERHEAD = 64
-#: what a call costs while in flight besides its buffers (task, decoded arguments)
-_CALL_OVERHEAD = 1024
+#: what a call costs while in flight besides its buffers (task, decoded arguments,
+#: reply future): measured 2.9 KiB for a call queued behind another on its session
+_CALL_OVERHEAD = 3072
 #: at max_calls_in_flight with none answered for this long, the calls in flight may be
 #: waiting for requests not read yet (an operation's next step holds a pool session
 #: another one waits for): read on, bounded by max_pending_reply_bytes alone
 STALL_SECONDS = 0.5
 #: a capacity of 0xFFFFFFFF asks only for the size (no buffer)
 _SIZE_QUERY = 0xFFFFFFFF
+#: unsent reply bytes a transport may hold (its pause_writing mark); what comes while
+#: it is over goes to the connection's own buffer (see the module docstring)
+_TRANSPORT_HIGH = 64 * 1024
 
 
 class LogLimiter:
@@ -153,6 +165,9 @@ class ConnectionFlow:
         #: client may reuse codes; the smallest is released first: never an undercount)
         self._promises: dict[int, list[int]] = {}
         self.writer_paused = False
+        #: replies written while the transport is over _TRANSPORT_HIGH: one buffer
+        #: whose memory is its length (given to the transport when it drains)
+        self._out = bytearray()
         self.reading_paused = False
         self._receiving = False
         self._timer: asyncio.TimerHandle | None = None
@@ -163,9 +178,24 @@ class ConnectionFlow:
 
     def attach(self, transport: asyncio.Transport) -> None:
         self.transport = transport
-        high = self.cfg.max_pending_reply_bytes
+        # below max_pending_reply_bytes (at least 64 KiB): a connection blocked by
+        # unsent replies alone always has its writer paused, so resume_writing comes
+        high = min(_TRANSPORT_HIGH, self.cfg.max_pending_reply_bytes // 4)
         with contextlib.suppress(AttributeError, NotImplementedError):
             transport.set_write_buffer_limits(high=high, low=high // 4)
+
+    def write(self, frame: bytes) -> None:
+        """Send a reply frame: to the transport, or while its buffer is over its mark,
+        to this connection's own buffer (counted against the identity's budget)."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if not self.writer_paused:
+            t.write(frame)
+            return
+        self._out += frame
+        if self.usage is not None:
+            self._account()
 
     # -- accounting of calls
 
@@ -189,26 +219,37 @@ class ConnectionFlow:
         self._progress = time.monotonic()
         if self._over_cap and self.in_flight < self.cfg.max_calls_in_flight:
             self._over_cap = False
+        if self._held:  # (only a connection holding bytes pays for this)
+            self._account()
         self._maybe_resume()
 
+    def unsent(self) -> int:
+        """Reply bytes not sent yet: the transport's and this connection's own."""
+        t = self.transport
+        return (t.get_write_buffer_size() if t is not None else 0) + len(self._out)
+
     def blocked(self) -> bool:
-        if self.writer_paused:
-            return True
         if self.in_flight >= self.cfg.max_calls_in_flight and not self._over_cap:
             return True
-        t = self.transport
-        unsent = t.get_write_buffer_size() if t is not None else 0
-        return self.promised + unsent > self.cfg.max_pending_reply_bytes
+        return self.promised + self.unsent() > self.cfg.max_pending_reply_bytes
 
     # -- transport hooks
 
     def pause_writing(self) -> None:
         self.writer_paused = True
-        self._pause()
+        if self.blocked():
+            self._pause()
         self._account()
 
     def resume_writing(self) -> None:
         self.writer_paused = False
+        if self._out:
+            # the transport keeps this object: a new one takes further replies; the
+            # write may pause the writer again (pause_writing, re-entered)
+            out, self._out = self._out, bytearray()
+            t = self.transport
+            if t is not None and not t.is_closing():
+                t.write(out)
         self._account()
         self._maybe_resume()
 
@@ -220,8 +261,13 @@ class ConnectionFlow:
         if u is None:
             return
         held = self.reader.pending()
-        if self.writer_paused:
-            held += self.cfg.max_pending_reply_bytes
+        if self.writer_paused:  # (else the transport holds at most _TRANSPORT_HIGH)
+            held += self.unsent()
+        if self._over_cap:
+            # past the count bound only bytes bound the calls in flight, some thousands
+            # per connection: the identity's connections share that too (before, one
+            # uid's 256 connections held some 7 MiB each in calls nobody counted)
+            held += self.promised
         delta = held - self._held
         if not delta:
             return
@@ -258,10 +304,16 @@ class ConnectionFlow:
                     break
                 done += 1
                 self._dispatch(frame.code, frame.body)
+                if self._over_cap:
+                    # bytes alone bound this loop now (some thousand calls): the
+                    # identity's budget is checked at each, not after them all
+                    self._account()
+                    if self.transport is None or self.transport.is_closing():
+                        break
         finally:
             frames.close()
             self._receiving = False
-        if self._held or self.reader.pending() > 65536:
+        if self._held or self._over_cap or self.reader.pending() > 65536:
             self._account()  # cheap enough for every chunk of a big frame
         if self.blocked():
             self._pause()
@@ -283,8 +335,7 @@ class ConnectionFlow:
         else:
             limited_log.info("connection paused: replies not read by the client",
                              conn=self.conn_id, limit="max_pending_reply_bytes",
-                             unsent=self.transport.get_write_buffer_size(),
-                             promised=self.promised)
+                             unsent=self.unsent(), promised=self.promised)
 
     def _maybe_resume(self) -> None:
         if not self.reading_paused or self._receiving or self.blocked():
@@ -313,6 +364,7 @@ class ConnectionFlow:
             self._watch_stall()  # calls are being answered: the bound holds
             return
         self._over_cap = True
+        self._account()
         limited_log.info("connection resumed over max_calls_in_flight: none answered for "
                          f"{STALL_SECONDS} s (they may wait for requests not read yet)",
                          conn=self.conn_id, limit="max_calls_in_flight",
@@ -346,6 +398,10 @@ class ConnectionFlow:
             self._timer = None
 
     def close(self) -> None:
+        self._out = bytearray()  # never sent now
+        # nor read: the connection may outlive its socket for a while (its cleanup
+        # waits for its calls still at the backend), and a read chunk is up to 256 KiB
+        self.reader.clear()
         self._cancel_timer()
         if self._stall is not None:
             self._stall.cancel()
