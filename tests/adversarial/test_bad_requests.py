@@ -114,6 +114,7 @@ def test_a_clients_garbage_does_not_take_pool_members_down(tmp_path: Path) -> No
     stop = threading.Event()
     errors: list[str] = []
     signed = [0]
+    signing = threading.Event()  # the garbage starts once the bystander signs
 
     def bystander() -> None:
         c = raw(gw.path)
@@ -125,12 +126,15 @@ def test_a_clients_garbage_does_not_take_pool_members_down(tmp_path: Path) -> No
                 call(c, "C_SignInit", sess, Mechanism(CKM_ECDSA, None), key)
                 call(c, "C_Sign", sess, b"\x01" * 32, 256)
                 signed[0] += 1
+                signing.set()
             except Exception as e:  # every error counts against the gateway
                 errors.append(repr(e))
+                signing.set()
         c.close()
 
     th = threading.Thread(target=bystander)
     th.start()
+    assert signing.wait(60)
     try:
         c = raw(gw.path)
         (sess,) = call(c, "C_OpenSession", slot_of(c, "ha-token"), CKF_SERIAL)

@@ -60,6 +60,7 @@ BACKEND_PIN = "Backend-Secret-7731"  # the mapped token's real PIN: must never l
 A_PIN = "alpha-pin-1"
 CKM_ECDSA = 0x1041
 CKA_CLASS, CKA_ID, CKA_LABEL, CKO_PRIVATE_KEY = 0, 0x102, 3, 3
+CKA_KEY_TYPE, CKK_EC = 0x100, 3
 
 
 @pytest.fixture(scope="module")
@@ -431,8 +432,10 @@ def _mapped_login(path: str, pins: list[str]) -> list[int]:
         out.append(rv)
         if rv == ckr.OK:
             keys = find(c, s, [Attribute(CKA_CLASS, CKO_PRIVATE_KEY, 8)])
-            c.call(C_SignInit, [s, Mechanism(CKM_ECDSA, None),
-                                next(k for k in keys)]) if keys else None
+            # ECDSA needs an EC key: another family's is refused before the module
+            ec = find(c, s, [Attribute(CKA_CLASS, CKO_PRIVATE_KEY, 8),
+                             Attribute(CKA_KEY_TYPE, CKK_EC, 8)])
+            c.call(C_SignInit, [s, Mechanism(CKM_ECDSA, None), ec[0]]) if ec else None
             out.append(len(keys))
             c.call(C_Logout, [s])
     return out
