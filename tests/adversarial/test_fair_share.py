@@ -52,7 +52,7 @@ from p11gate.codec import (
     encode_request,
 )
 
-A, B = 1001, 1002
+A, B, C = 1001, 1002, 1003
 PIN = "1234"
 C_GenerateKeyPair, C_Sign = 59, 43
 CKM_RSA_PKCS_KEY_PAIR_GEN, CKM_ECDSA = 0x0, 0x1041
@@ -95,6 +95,12 @@ select = {{ label = "shared" }}
 [[rule]]
 name = "tenant-a"
 uid = [{A}]
+tokens = ["shared"]
+role = "readonly"
+
+[[rule]]
+name = "tenant-c"
+uid = [{C}]
 tokens = ["shared"]
 role = "readonly"
 
@@ -273,6 +279,45 @@ def test_a_bystander_keeps_signing_while_another_tenant_runs_the_slowest_calls_a
     assert all(rv in (ckr.OK, "pending") for rv, _ in a_results), a_results
     # A hung up: the calls still queued for it are dropped, never started
     assert _wait(lambda: not _share_of(gw["admin"])["waiting"], 10)
+
+
+def test_two_tenants_together_cannot_take_the_last_thread(gw: dict[str, Any]) -> None:
+    """A and C each start their whole share of the slowest generations (3 + 3 on 4
+    threads). Before: the six filled the worker's threads and queue, B's signatures
+    waited behind them past call_timeout, and the worker was killed with every session
+    on it. Now key generations never take a backend's last thread."""
+    g: Gateway = gw["gw"]
+    (worker,) = worker_pids(g)
+    out: dict[str, Any] = {}
+
+    def bystander() -> None:
+        out["bystander"] = as_uid(B, _bystander_signs, g.path, WINDOW, timeout=WINDOW + 60)
+
+    def tenant(uid: int) -> None:
+        out[uid] = as_uid(uid, _tenant_a_generates, g.path, 8192, 3, 2, WINDOW + 5,
+                          timeout=WINDOW + 60)
+
+    threads = [threading.Thread(target=bystander), threading.Thread(target=tenant, args=(A,)),
+               threading.Thread(target=tenant, args=(C,))]
+    threads[0].start()
+    time.sleep(1.0)
+    threads[1].start()
+    threads[2].start()
+    try:
+        assert _wait(lambda: sum(_share_of(gw["admin"])["in_flight"].values()) >= 3, 10)
+        during = _share_of(gw["admin"])
+    finally:
+        for t in threads:
+            t.join(WINDOW + 90)
+    lat = sorted(out["bystander"]["latencies"])
+    print(f"\nbystander: {len(lat)} Init+Sign pairs, max {lat[-1] * 1000:.1f} ms, errors "
+          f"{out['bystander']['errors'][:3]}; in flight {during['in_flight']}, "
+          f"waiting {during['waiting']}")
+    assert out["bystander"]["errors"] == []
+    assert len(lat) > 20 and lat[-1] < 10.0
+    assert worker_pids(g) == [worker]
+    assert not [r for r in g.records() if r.get("msg") == "backend down"]
+    assert all(rv in (ckr.OK, "pending") for uid in (A, C) for rv, _ in out[uid])
 
 
 def _oversized(path: str) -> tuple[int, float]:

@@ -189,3 +189,32 @@ def test_a_pool_share_counts_generations_and_follows_its_usable_members() -> Non
         assert all(f.done() for f in calls)
 
     asyncio.run(main())
+
+
+def test_generations_never_take_the_last_thread() -> None:
+    """threads = 4: two identities at their share of generations (3 each) run 3 in all;
+    a third identity's signature goes straight on; a generation's end starts the
+    next queued one, of either identity, in turn."""
+    async def main() -> None:
+        b = FakeBackend()
+        share = FairShare(b, limit=3, max_queued=8, threads=4)
+        a = [share.submit("uid:A", GEN, []) for _ in range(3)]
+        c = [share.submit("uid:C", GEN, []) for _ in range(3)]
+        assert [x for x, _ in b.sent] == [GEN] * 3  # A's three: the generations' places
+        assert share.waiting("uid:C") == 3 and share.in_flight("uid:C") == 0
+        sign = share.submit("uid:B", C_SIGN, [])
+        assert [x for x, _ in b.sent] == [GEN] * 3 + [C_SIGN]  # B is not behind them
+        b.finish(C_SIGN)
+        await _settle()
+        assert sign.result() == [C_SIGN]
+        b.finish(GEN)  # one of A's ends: the place goes to a queued generation (C's)
+        await _settle()
+        assert share.in_flight("uid:C") == 1 and share.in_flight("uid:A") == 2
+        assert sum(1 for x, f in b.sent if x == GEN and not f.done()) == 3
+        for _ in range(5):
+            b.finish(GEN)
+            await _settle()
+        assert all(f.done() for f in a + c)
+        assert share.in_flight("uid:A") == share.in_flight("uid:C") == 0
+
+    asyncio.run(main())

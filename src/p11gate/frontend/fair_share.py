@@ -9,6 +9,14 @@ FIFO queue of their own (bounded by ``max_queued_per_identity``, beyond which th
 is refused with CKR_FUNCTION_FAILED) while other identities' calls go straight on. A
 queued call starts when one of the same identity's calls ends, in the order they came.
 
+The share per identity does not stop several identities together: two tenants each
+running their share of key generations (``threads - 1`` each, minutes at the largest
+sizes allowed) fill every thread and the worker's queue, a third tenant's signature
+waits behind them past ``call_timeout``, and the worker is killed with every session on
+it. So key and parameter generations (``SLOW_CALLS``) never take a backend's last
+thread: at most ``threads - 1`` of them run at once in all (at least one); beyond, a
+generation waits in its identity's queue until any identity's generation ends.
+
 Cost on the hot path, under the share: one dict lookup, one counter, one done-callback;
 no task and no coroutine. Only a call that has to wait allocates anything.
 
@@ -75,9 +83,13 @@ class FairShare:
     """One backend's share book: calls in flight per identity and their queues."""
 
     def __init__(self, backend: Backend, limit: int, max_queued: int,
-                 pool_limit: Callable[[], int] | None = None) -> None:
+                 pool_limit: Callable[[], int] | None = None, threads: int = 0) -> None:
         self.backend = backend
         self.limit = max(1, limit)
+        #: generations in flight in all, and how many may be (0: no bound; pools, whose
+        #: members each have their own share book, are bounded per member lease)
+        self._slow = 0
+        self._slow_cap = max(1, threads - 1) if threads and pool_limit is None else 0
         #: a pool's share depends on which members are usable now
         self._pool_limit = pool_limit
         self.max_queued = max_queued
@@ -96,8 +108,9 @@ class FairShare:
         else queue it. Raises BackendUnavailable (backend down) or Pkcs11Error (queue
         full) synchronously."""
         n = self._active.get(who, 0)
+        slow = call_id in SLOW_CALLS
         if self._pool_limit is None:
-            if n >= self.limit:
+            if n >= self.limit or (slow and self._slow_full()):
                 return self._enqueue(who, call_id, args, owner)
         elif call_id not in SLOW_CALLS:
             return self.backend.submit(call_id, args)  # see the module docstring: pools
@@ -106,7 +119,9 @@ class FairShare:
             return self._enqueue(who, call_id, args, owner)
         fut = self.backend.submit(call_id, args)
         self._active[who] = n + 1
-        fut.add_done_callback(functools.partial(self._release, who))
+        if slow:
+            self._slow += 1
+        fut.add_done_callback(functools.partial(self._release, who, slow))
         return fut
 
     def submit_raw(self, who: str, call_id: int,
@@ -117,13 +132,13 @@ class FairShare:
             # as in submit: a pool's calls other than SLOW_CALLS are not counted here
             return None if call_id in SLOW_CALLS else self.backend.submit_raw(call_id, args)
         n = self._active.get(who, 0)
-        if n >= self.limit:
-            return None
+        if n >= self.limit or (call_id in SLOW_CALLS and self._slow_cap):
+            return None  # (a generation is never relayed raw: counted in submit)
         raw = self.backend.submit_raw(call_id, args)
         if raw is None:
             return None
         self._active[who] = n + 1
-        raw.add_done_callback(functools.partial(self._release, who))
+        raw.add_done_callback(functools.partial(self._release, who, False))
         return raw
 
     def _enqueue(self, who: str, call_id: int, args: list[Any],
@@ -158,14 +173,21 @@ class FairShare:
 
     # ------------------------------------------------------------ completion
 
-    def _release(self, who: str, _done: asyncio.Future[Any]) -> None:
+    def _slow_full(self) -> bool:
+        return bool(self._slow_cap) and self._slow >= self._slow_cap
+
+    def _release(self, who: str, slow: bool, _done: asyncio.Future[Any]) -> None:
         """One of ``who``'s calls ended: its slot goes to ``who``'s next queued call,
-        or is freed."""
+        or is freed; a generation's place goes to any identity's queued generation."""
         n = self._active.get(who, 1) - 1
+        if slow:
+            self._slow -= 1
         q = self._queues.get(who)
         if q:
             limit = self.limit if self._pool_limit is None else self._pool_limit()
             while q and n < limit:
+                if q[0].call_id in SLOW_CALLS and self._slow_full():
+                    break  # waits for a generation's place (see _start_generations)
                 w = q.popleft()
                 if not q:
                     del self._queues[who]
@@ -176,6 +198,28 @@ class FairShare:
             self._active[who] = n
         else:
             self._active.pop(who, None)
+        if slow and self._queues and not self._slow_full():
+            self._start_generations()
+
+    def _start_generations(self) -> None:
+        """A generation's place is free: the queues whose next call is a generation
+        (and whose identity is under its share) start one each, in turn."""
+        progress = True
+        while progress and not self._slow_full():
+            progress = False
+            for who in list(self._queues):
+                q = self._queues.get(who)
+                n = self._active.get(who, 0)
+                if not q or n >= self.limit or q[0].call_id not in SLOW_CALLS:
+                    continue
+                w = q.popleft()
+                if not q:
+                    del self._queues[who]
+                if self._start(who, w):
+                    self._active[who] = n + 1
+                progress = True
+                if self._slow_full():
+                    return
 
     def _start(self, who: str, w: _Waiting) -> bool:
         out = w.out
@@ -193,10 +237,13 @@ class FairShare:
         except BackendUnavailable as e:
             out.set_exception(e)
             return False
-        inner.add_done_callback(functools.partial(self._finished, who, out))
+        slow = w.call_id in SLOW_CALLS and self._pool_limit is None
+        if slow:
+            self._slow += 1
+        inner.add_done_callback(functools.partial(self._finished, who, slow, out))
         return True
 
-    def _finished(self, who: str, out: asyncio.Future[list[Any]],
+    def _finished(self, who: str, slow: bool, out: asyncio.Future[list[Any]],
                   inner: asyncio.Future[list[Any]]) -> None:
         if not out.done():
             if inner.cancelled():
@@ -205,7 +252,7 @@ class FairShare:
                 out.set_exception(exc)
             else:
                 out.set_result(inner.result())
-        self._release(who, inner)
+        self._release(who, slow, inner)
 
     def drop_queued(self, owner: Owner) -> int:
         """A client hung up: its calls still waiting are failed, never started."""
@@ -255,7 +302,9 @@ class FairShares:
             pool_limit = None
             if isinstance(backend, PoolBackend):
                 pool_limit = functools.partial(self._pool_share, backend)
-            self._by_backend[backend] = FairShare(backend, limit, queued, pool_limit)
+            threads = min(b.threads for b in confs)
+            self._by_backend[backend] = FairShare(backend, limit, queued, pool_limit,
+                                                  threads)
 
     def _pool_share(self, pool: PoolBackend) -> int:
         """The shares of the pool's usable member backends, added up (at least 1)."""
