@@ -16,7 +16,9 @@ from p11gate.codec import (
     Mechanism,
     ReplyError,
     build_frame,
+    ckr,
     decode_reply,
+    dialect_for_version,
     encode_request,
 )
 from p11gate.codec.calls import CALLS_BY_NAME
@@ -133,3 +135,15 @@ def stop_gateway(g: Gateway, *then: Callable[[], object]) -> None:
     for clean_up in then:
         clean_up()
     assert alive, f"gateway died:\n{g.log()[-3000:]}"
+
+
+def logged_in(gw: Gateway, version: int = 0) -> tuple[RawClient, int]:
+    """A raw client of ``gw`` (protocol ``version``) with a read-write session on the
+    first slot, logged in as the user (PIN 1234; already logged in through another
+    connection is as good)."""
+    c = RawClient(gw.path, version, dialect_for_version(version))
+    c.initialize()
+    (slots,) = call(c, "C_GetSlotList", 1, 8)
+    (sess,) = call(c, "C_OpenSession", slots[0], CKF_SERIAL | CKF_RW)
+    assert rv(c, "C_Login", sess, CKU_USER, b"1234") in (ckr.OK, ckr.USER_ALREADY_LOGGED_IN)
+    return c, sess

@@ -22,15 +22,13 @@ from tests.adversarial.hostile import (
     CKA_TOKEN,
     CKA_VALUE,
     CKA_VALUE_LEN,
-    CKF_RW,
-    CKF_SERIAL,
     CKK_AES,
     CKM_AES_ECB,
     CKM_AES_KEY_GEN,
     CKO_SECRET_KEY,
-    CKU_USER,
     b,
     call,
+    logged_in,
     rv,
     s,
     stop_gateway,
@@ -71,12 +69,7 @@ def gw(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture()
 def c(gw: Gateway) -> Iterator[tuple[RawClient, int]]:
-    client = RawClient(gw.path)
-    client.initialize()
-    (slots,) = call(client, "C_GetSlotList", 1, 8)
-    (sess,) = call(client, "C_OpenSession", slots[0], CKF_SERIAL | CKF_RW)
-    assert rv(client, "C_Login", sess, CKU_USER, b"1234") in (
-        ckr.OK, ckr.USER_ALREADY_LOGGED_IN)
+    client, sess = logged_in(gw)
     yield client, sess
     client.close()
 

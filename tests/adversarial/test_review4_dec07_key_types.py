@@ -20,14 +20,12 @@ from tests.adversarial.hostile import (
     CKA_SIGN,
     CKA_TOKEN,
     CKA_VALUE_LEN,
-    CKF_RW,
-    CKF_SERIAL,
     CKM_AES_KEY_GEN,
     CKM_ECDSA,
-    CKU_USER,
     P256,
     b,
     call,
+    logged_in,
     pipeline,
     rv,
     s,
@@ -37,7 +35,7 @@ from tests.adversarial.hostile import (
 from tests.gateway_proc import Gateway, RawClient, worker_pids, write_config
 from tests.softhsm import make_token
 
-from p11gate.codec import Mechanism, ckr, dialect_for_version
+from p11gate.codec import Mechanism, ckr
 from p11gate.codec.values import Ecdh1Params, PssParams
 
 CKM_RSA_PKCS, CKM_RSA_X_509, CKM_RSA_PKCS_PSS, CKM_SHA256 = 0x1, 0x3, 0xD, 0x250
@@ -63,15 +61,6 @@ def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     gw = Gateway(write_config(base, make_token(base / "hsm", keys=False), request.param))
     yield gw
     stop_gateway(gw)
-
-
-def logged_in(gw: Gateway, version: int = 0) -> tuple[RawClient, int]:
-    c = RawClient(gw.path, version, dialect_for_version(version))
-    c.initialize()
-    (slots,) = call(c, "C_GetSlotList", 1, 8)
-    (sess,) = call(c, "C_OpenSession", slots[0], CKF_SERIAL | CKF_RW)
-    assert rv(c, "C_Login", sess, CKU_USER, b"1234") in (ckr.OK, ckr.USER_ALREADY_LOGGED_IN)
-    return c, sess
 
 
 def make_key(c: RawClient, sess: int, kind: str) -> int:

@@ -10,12 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from tests.adversarial.hostile import CKF_RW, CKF_SERIAL, CKU_USER, call, rv, stop_gateway
+from tests.adversarial.hostile import call, logged_in, stop_gateway
 from tests.adversarial.stateful_fuzz import Fuzzer
-from tests.gateway_proc import Gateway, RawClient, worker_pids, write_config
+from tests.gateway_proc import Gateway, worker_pids, write_config
 from tests.softhsm import make_token
-
-from p11gate.codec import V026, ckr
 
 CALLS = 1500
 
@@ -28,20 +26,11 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     stop_gateway(gw)
 
 
-def client(gw: Gateway) -> tuple[RawClient, int]:
-    c = RawClient(gw.path, 2, V026)
-    c.initialize()
-    (slots,) = call(c, "C_GetSlotList", 1, 8)
-    (sess,) = call(c, "C_OpenSession", slots[0], CKF_SERIAL | CKF_RW)
-    assert rv(c, "C_Login", sess, CKU_USER, b"1234") in (ckr.OK, ckr.USER_ALREADY_LOGGED_IN)
-    return c, sess
-
-
 @pytest.mark.parametrize("seed", [3, 11])
 def test_stateful_fuzz_never_takes_the_worker_down(gateway: Gateway, seed: int) -> None:
-    bystander, bs = client(gateway)
+    bystander, bs = logged_in(gateway, 2)
     workers = worker_pids(gateway)
-    c, sess = client(gateway)
+    c, sess = logged_in(gateway, 2)
     f = Fuzzer(c, sess, seed)
     f.run(CALLS)
     assert gateway.alive(), gateway.log()[-3000:]

@@ -19,18 +19,16 @@ from tests.adversarial.hostile import (
     CKA_CLASS,
     CKA_TOKEN,
     CKA_VALUE,
-    CKF_RW,
-    CKF_SERIAL,
     CKO_DATA,
-    CKU_USER,
     b,
     call,
+    logged_in,
     rv,
     s,
     stop_gateway,
     u,
 )
-from tests.gateway_proc import Gateway, RawClient, worker_pids, write_config
+from tests.gateway_proc import Gateway, worker_pids, write_config
 from tests.softhsm import make_token
 
 from p11gate.codec import Attribute, Mechanism, ckr
@@ -72,16 +70,6 @@ def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     gw = Gateway(write_config(base, make_token(base / "hsm", keys=False), request.param))
     yield gw
     stop_gateway(gw)
-
-
-def logged_in(gw: Gateway) -> tuple[RawClient, int]:
-    c = RawClient(gw.path)
-    c.initialize()
-    (slots,) = call(c, "C_GetSlotList", 1, 8)
-    (sess,) = call(c, "C_OpenSession", slots[0], CKF_SERIAL | CKF_RW)
-    if rv(c, "C_Login", sess, CKU_USER, b"1234") not in (ckr.OK, ckr.USER_ALREADY_LOGGED_IN):
-        raise AssertionError("login failed")
-    return c, sess
 
 
 @pytest.mark.parametrize("attempt", sorted(ATTEMPTS))

@@ -37,7 +37,6 @@ from . import (
     call_stats,
     forwarding,
     init_token,
-    key_separation,
     login_calls,
     object_calls,
     session_calls,
@@ -354,10 +353,6 @@ _SPECIAL: dict[str, Handler] = {
     "C_DeriveKey": object_calls.h_create,
     "C_DeriveKey2": object_calls.h_create,
     "C_WaitForSlotEvent": session_calls.h_wait_for_slot_event,
-    # key separation reads the key's roles first (only where the token asks for it)
-    "C_WrapKey": key_separation.h_checked_use,
-    "C_DecryptInit": key_separation.h_checked_use,
-    "C_MessageDecryptInit": key_separation.h_checked_use,
 }
 _FORWARD: Handler = forwarding.forward
 

@@ -19,7 +19,7 @@ from ..codec import (
 )
 from ..codec.call_table import PLANS, CallPlan
 from ..errors import BackendUnavailable, Pkcs11Error
-from . import fail_closed, key_types, precedence, translation
+from . import fail_closed, key_separation, key_types, precedence, translation
 from .common import EndsOperation, KeyTypeUnknown, SlowPath, Stale, WrongKeyType
 from .handles import (
     Session,
@@ -68,6 +68,8 @@ def relay(c: ClientConnection, code: int, call: Call, args: list[Any] | None,
 
 
 async def forward(c: ClientConnection, call: Call, args: list[Any]) -> list[Any]:
+    if call.id in key_separation.USE_CHECKED:  # reads the key's roles where asked to
+        await key_separation.check_use(c, call, args)
     for _ in range(4):
         try:
             s, bargs, private = translation.prepare(c, call, args)
@@ -125,6 +127,8 @@ def forward_now(c: ClientConnection, code: int, call: Call, args: list[Any], s: 
     try:
         if not c.initialized:
             raise Pkcs11Error(ckr.CRYPTOKI_NOT_INITIALIZED)
+        if call.id in key_separation.USE_CHECKED and key_separation.enabled(s.token):
+            raise SlowPath  # the key's roles are read first (an await)
         s, bargs, private = translation.prepare(c, call, args, hot=True)
         if plan.relayable:
             raw = c.gw.fair_share.submit_raw(

@@ -36,8 +36,8 @@ from ..codec import Attribute, AttrRequest, Call, Mechanism, ckr
 from ..codec import constants as ck
 from ..errors import Pkcs11Error
 from ..policy import Denied
-from . import forwarding
 from .common import ID, Stale
+from .key_types import key_values
 from .translation import revive
 
 if TYPE_CHECKING:
@@ -146,20 +146,6 @@ async def _roles(s: Session, backend_handle: int) -> dict[int, Any]:
     reqs = [AttrRequest(ck.CKA_CLASS, 8), AttrRequest(ck.CKA_LOCAL, 1),
             AttrRequest(ck.CKA_ALWAYS_SENSITIVE, 1), AttrRequest(ck.CKA_WRAP, 1),
             AttrRequest(ck.CKA_DECRYPT, 1)]
-    try:
-        attrs, _ = await s.token.backend.call(
-            ID["C_GetAttributeValue"], [s.backend_handle, backend_handle, reqs])
-    except Pkcs11Error:
-        return {}
-    out: dict[int, Any] = {}
-    for a in attrs:
-        if a.length is None or not isinstance(a.value, int):
-            continue
-        out[a.type] = a.value if a.type == ck.CKA_CLASS else bool(a.value)
-    return out
+    values = await key_values(s, backend_handle, reqs) or {}
+    return {kind: v if kind == ck.CKA_CLASS else bool(v) for kind, v in values.items()}
 
-
-async def h_checked_use(c: ClientConnection, call: Call, args: list[Any]) -> list[Any]:
-    """C_WrapKey, C_DecryptInit, C_MessageDecryptInit: the use rules, then forwarded."""
-    await check_use(c, call, args)
-    return await forwarding.forward(c, call, args)

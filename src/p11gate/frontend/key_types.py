@@ -118,6 +118,19 @@ _USAGE_OF_CALL: dict[int, int] = {
 }
 
 
+async def key_values(s: Session, backend_handle: int, reqs: list[AttrRequest]
+                     ) -> dict[int, int] | None:
+    """The CK_BBOOL/CK_ULONG attributes ``reqs`` of a key, read through the client's own
+    backend session: type → value for those it has; None when it cannot be read."""
+    try:
+        attrs, _ = await s.token.backend.call(
+            ID["C_GetAttributeValue"], [s.backend_handle, backend_handle, reqs])
+    except Pkcs11Error:
+        return None
+    return {a.type: a.value for a in attrs
+            if a.length is not None and isinstance(a.value, int)}
+
+
 async def refusal(s: Session, call_id: int, wrong: WrongKeyType) -> Pkcs11Error:
     """The answer to a key of the wrong family. A key that may not be used for this
     at all gets CKR_KEY_FUNCTION_NOT_PERMITTED, as the module answers it before it
@@ -125,14 +138,9 @@ async def refusal(s: Session, call_id: int, wrong: WrongKeyType) -> Pkcs11Error:
     usage attributes may change, the type may not.)"""
     usage = _USAGE_OF_CALL.get(call_id)
     if usage is not None:
-        try:
-            (a,), _ = await s.token.backend.call(
-                ID["C_GetAttributeValue"],
-                [s.backend_handle, wrong.ref.backend_handle, [AttrRequest(usage, 1)]])
-        except Pkcs11Error:
-            a = None
+        values = await key_values(s, wrong.ref.backend_handle, [AttrRequest(usage, 1)])
         # an attribute the key lacks is false to the module (a public key's CKA_SIGN)
-        if a is not None and (a.length is None or not a.value):
+        if values is not None and not values.get(usage):
             return Pkcs11Error(ckr.KEY_FUNCTION_NOT_PERMITTED, "the key may not do this")
     return Pkcs11Error(wrong.rv, wrong.why)
 
