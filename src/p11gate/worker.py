@@ -36,6 +36,7 @@ from typing import Any, cast
 
 from .backends.native import NativeModule
 from .codec import (
+    CALLS_BY_NAME,
     HANDSHAKE,
     MAX_VERSION,
     ArgumentError,
@@ -51,10 +52,15 @@ from .codec import (
     encode_error,
     encode_reply,
 )
+from .codec.chains import CHAIN_OPTIONS, decode_chain, encode_chain
+from .codec.message import reply_rv
 from .errors import Pkcs11Error
 
 C_Initialize = 1
 C_Finalize = 2
+#: the calls a chain may hold (codec.chains): a search, nothing else
+CHAINABLE = frozenset(CALLS_BY_NAME[n].id for n in
+                      ("C_FindObjectsInit", "C_FindObjects", "C_FindObjectsFinal"))
 _ONESHOT = select.EPOLLIN | select.EPOLLONESHOT if hasattr(select, "EPOLLONESHOT") else 0
 READ_SIZE = 256 * 1024
 #: how long to wait at exit for calls still running before finalizing the module
@@ -135,9 +141,12 @@ class _Server:
                 os.eventfd_write(self.stop_fd, 1)
             self.done.set()
 
-    def _decode(self, frame: Any) -> tuple[Call, list[Any]] | None:
+    def _decode(self, frame: Any) -> tuple[Call | None, Any] | None:
         """Decode a frame (caller holds the read lock). C_Initialize/C_Finalize are
-        answered here, in stream order; errors are answered or close the stream."""
+        answered here, in stream order; errors are answered or close the stream. A chain
+        (codec.chains) decodes to ``(None, [(call, args) or an error reply, ...])``."""
+        if frame.options == CHAIN_OPTIONS:
+            return self._decode_chain(frame)
         try:
             call, args = decode_request(frame.body, self.dialect)
         except ArgumentError as e:
@@ -150,6 +159,40 @@ class _Server:
             self.write(frame.code, self.lifecycle(call, args))
             return None
         return call, args
+
+    def _decode_chain(self, frame: Any) -> tuple[None, list[Any]] | None:
+        """A chain's requests, decoded: a request the codec refuses ends the chain with
+        its error reply; anything but a search's calls is a broken gateway."""
+        try:
+            bodies = decode_chain(frame.body)
+        except ProtocolError as e:
+            self.close(1, f"bad chain: {e}")
+            return None
+        steps: list[Any] = []
+        for body in bodies:
+            try:
+                call, args = decode_request(body, self.dialect)
+            except ArgumentError as e:
+                steps.append(encode_error(e.rv))
+                break
+            except CodecError as e:
+                self.close(1, f"bad request in a chain: {e}")
+                return None
+            if call.id not in CHAINABLE:
+                self.close(1, f"{call.name} in a chain")
+                return None
+            steps.append((call, args))
+        return None, steps
+
+    def run_chain(self, steps: list[Any]) -> bytes:
+        """Each request in turn on this thread; after the first error reply, no more."""
+        replies = []
+        for step in steps:
+            body = step if isinstance(step, bytes) else self.execute(*step)
+            replies.append(body)
+            if reply_rv(body) != ckr.OK:
+                break
+        return encode_chain(replies)
 
     def _next_frame(self) -> Any:
         """Next complete frame, reading as needed (caller holds the read lock)."""
@@ -185,8 +228,8 @@ class _Server:
             return None
         return n
 
-    def write(self, code: int, body: bytes) -> None:
-        data = build_frame(code, body)
+    def write(self, code: int, body: bytes, options: bytes = b"") -> None:
+        data = build_frame(code, body, options)
         with self.write_lock:
             try:
                 n = os.write(self.out_fd, data)
@@ -229,9 +272,12 @@ class _Server:
                 job = self._take(fd)
                 if job is not None:
                     code, call, args = job
-                    self.write(code, self.execute(call, args))
+                    if call is not None:
+                        self.write(code, self.execute(call, args))
+                    else:  # a chain's reply is marked as one, like its request
+                        self.write(code, self.run_chain(args), CHAIN_OPTIONS)
 
-    def _take(self, fd: int) -> tuple[int, Call, list[Any]] | None:
+    def _take(self, fd: int) -> tuple[int, Call | None, Any] | None:
         """After a wake-up on ``fd``: the next frame to work on, if any."""
         with self.read_lock:
             if self.closed:
@@ -274,7 +320,11 @@ class _Server:
                 decoded = self._decode(frame)
                 if decoded is None:
                     continue
-            self.write(frame.code, self.execute(*decoded))
+            call, args = decoded
+            if call is not None:
+                self.write(frame.code, self.execute(call, args))
+            else:
+                self.write(frame.code, self.run_chain(args), CHAIN_OPTIONS)
 
     # ---------------------------------------------------------------- calls
 

@@ -74,6 +74,13 @@ class Backend(ABC):
         caller encodes the arguments and uses :meth:`submit_raw` or :meth:`submit`)."""
         return None
 
+    def submit_search(self, session: int,
+                      template: list[Any]) -> asyncio.Future[list[int] | None] | None:
+        """A whole search (Init, Find, Final) for the gateway's own use, in one round
+        trip where the back end can: the handles found, or None when there may be more
+        than one batch. None instead of a future = not supported (search call by call)."""
+        return None
+
     async def wait_up(self, timeout: float) -> bool:
         """Wait (bounded) for a restarting back end to come back; True if it is up.
         Used before calls that start something new (C_OpenSession, slot queries), so

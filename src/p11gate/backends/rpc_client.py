@@ -27,6 +27,7 @@ from ..codec import (
     encode_request,
 )
 from ..codec.calls import C_DeriveKey, C_DeriveKey2, C_Initialize, C_InitToken, C_InitToken2
+from ..codec.chains import CHAIN_OPTIONS, decode_chain, encode_chain
 from ..codec.message import is_reply_to
 from ..codec.tables import Dialect
 from ..codec.values import ParamUpdate
@@ -144,9 +145,19 @@ class RpcClientProtocol(asyncio.Protocol):
             raise BackendUnavailable(self.close_reason or "not connected")
         return self._send_frame(body, call_id, timeout, on_timeout, check)
 
+    def send_chain(self, calls: list[tuple[int, list[Any]]], timeout: float | None = None,
+                   on_timeout: Callable[[], None] | None = None) -> asyncio.Future[bytes]:
+        """Send ``calls`` as one chain (codec.chains: only to a ``p11gate worker``); the
+        future resolves to the chain reply's body."""
+        if self.transport is None or self.transport.is_closing() or self.closed.done():
+            raise BackendUnavailable(self.close_reason or "not connected")
+        assert self.dialect is not None
+        body = encode_chain([encode_request(cid, a, self.dialect) for cid, a in calls])
+        return self._send_frame(body, calls[0][0], timeout, on_timeout, False, CHAIN_OPTIONS)
+
     def _send_frame(self, body: bytes, call_id: int, timeout: float | None,
                     on_timeout: Callable[[], None] | None,
-                    check: bool) -> asyncio.Future[bytes]:
+                    check: bool, options: bytes = OPTIONS) -> asyncio.Future[bytes]:
         assert self.transport is not None
         code = next(self._codes) & 0xFFFFFFFF or next(self._codes)
         loop = self._loop
@@ -157,7 +168,7 @@ class RpcClientProtocol(asyncio.Protocol):
             if at < self._timer_at:
                 self._arm(at)
         self._pending[code] = (fut, call_id, at, on_timeout, check)
-        self.transport.write(build_frame(code, body, OPTIONS))
+        self.transport.write(build_frame(code, body, options))
         return fut
 
     def _arm(self, at: float) -> None:
@@ -272,6 +283,36 @@ class RpcChannel:
             raise ValueError(f"not a request body for call {call_id} in this dialect")
         return self.proto.send_body(body, call_id, self.timeout, on_timeout, check=True)
 
+    def submit_chain(
+        self, calls: list[tuple[int, list[Any]]], timeout: float | None = None,
+        on_timeout: Callable[[], None] | None = None,
+    ) -> asyncio.Future[list[list[Any] | Pkcs11Error]]:
+        """Send ``calls`` as one chain to a ``p11gate worker`` (codec.chains); the future
+        resolves to each call's reply values in order, or its Pkcs11Error, which is then
+        the last item (the worker runs nothing after a failed call). Only calls every
+        dialect knows: no downgrades here."""
+        d = self.dialect
+        if any(cid > d.max_call_id for cid, _ in calls):
+            raise ValueError("a chained call this peer lacks")
+        raw = self.proto.send_chain(calls, timeout if timeout is not None else self.timeout,
+                                    on_timeout)
+        out: asyncio.Future[list[list[Any] | Pkcs11Error]] = self.proto._loop.create_future()
+
+        def done(f: asyncio.Future[bytes]) -> None:
+            if out.done():
+                return
+            exc = f.exception()
+            if exc is not None:
+                out.set_exception(exc)
+                return
+            try:
+                out.set_result(decode_chain_reply(f.result(), d, calls))
+            except CodecError as e:
+                out.set_exception(Pkcs11Error(ckr.DEVICE_ERROR, f"bad chain reply: {e}"))
+
+        raw.add_done_callback(done)
+        return out
+
     async def _downgrade(self, call_id: int, args: list[Any], timeout: float | None) -> list[Any]:
         if call_id == C_InitToken2:
             slot, pin, label = args
@@ -280,6 +321,27 @@ class RpcChannel:
             (handle,) = await self.call(C_DeriveKey, args, timeout)
             return [ckr.OK, ParamUpdate(True), handle]
         raise Pkcs11Error(ckr.FUNCTION_NOT_SUPPORTED)
+
+
+def decode_chain_reply(body: bytes, d: Dialect,
+                       calls: list[tuple[int, list[Any]]]) -> list[list[Any] | Pkcs11Error]:
+    """The values (or error) of each reply in a chain reply; CodecError when it is not
+    one for these calls."""
+    bodies = decode_chain(body)
+    if len(bodies) > len(calls):
+        raise CodecError("more replies than requests in a chain")
+    out: list[list[Any] | Pkcs11Error] = []
+    for i, ((cid, args), rep) in enumerate(zip(calls, bodies, strict=False)):
+        try:
+            out.append(decode_reply(rep, d, cid, args))
+        except ReplyError as e:
+            out.append(Pkcs11Error(e.rv))
+            if i != len(bodies) - 1:
+                raise CodecError("a chain went on after an error") from None
+            return out
+    if len(out) < len(calls):
+        raise CodecError("a chain stopped without an error")
+    return out
 
 
 def _old_server_safe(call_id: int, args: list[Any]) -> list[Any]:

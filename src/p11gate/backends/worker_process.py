@@ -23,6 +23,7 @@ from ..config import BackendConfig
 from ..errors import BackendUnavailable
 from .base import Backend
 from .deadlines import SLOW_CALLS
+from .find_prefetch import NOT_RAW, WATCHED, FindPrefetch
 from .rpc_client import RpcChannel, RpcClientProtocol
 from .worker_env import worker_environment
 from .worker_output import RestartFailures, WorkerOutput
@@ -54,6 +55,9 @@ class WorkerBackend(Backend):
         self.last_error = ""
         self.failures = RestartFailures(cfg.name)
         self._output: WorkerOutput | None = None
+        #: searches sent as chains (find_prefetch.py): only to p11gate's own worker,
+        #: which runs them (``p11-kit remote`` and other worker commands do not)
+        self._prefetch = FindPrefetch() if not cfg.worker_command else None
 
     @property
     def up(self) -> bool:
@@ -128,6 +132,8 @@ class WorkerBackend(Backend):
             why = output.last() or repr(e)
             raise BackendUnavailable(f"worker for {self.name} failed to start: {why}") from e
         self.failures.recovered()
+        if self._prefetch is not None:
+            self._prefetch.clear()  # the last instance's sessions are gone
         self._chan = chan
         self.generation += 1
         self._up = True
@@ -204,6 +210,11 @@ class WorkerBackend(Backend):
         chan = self._chan
         if chan is None:
             raise BackendUnavailable(f"backend {self.name} is restarting")
+        if call_id in WATCHED and self._prefetch is not None:
+            return self._prefetch.submit(
+                chan, call_id, args,
+                lambda: chan.submit(call_id, args, None, self._deadline_missed),
+                self._deadline_missed)
         timeout = self.cfg.keygen_timeout if call_id in SLOW_CALLS else None
         return chan.submit(call_id, args, timeout, self._deadline_missed)
 
@@ -213,6 +224,10 @@ class WorkerBackend(Backend):
             raise BackendUnavailable(f"backend {self.name} is restarting")
         if call_id > chan.dialect.max_call_id or call_id in SLOW_CALLS:
             return None
+        if call_id in WATCHED and self._prefetch is not None:
+            if call_id in NOT_RAW:
+                return None  # submit chains or answers them
+            self._prefetch.forget(call_id, args)
         return chan.submit_raw(call_id, args, self._deadline_missed)
 
     def submit_body(self, call_id: int, body: bytes, dialect: Any) -> asyncio.Future[bytes] | None:
@@ -225,7 +240,18 @@ class WorkerBackend(Backend):
         # version 0 peers need some arguments rewritten (RpcChannel.submit), so not those
         if dialect is not d or d.version == 0 or call_id > d.max_call_id or call_id in SLOW_CALLS:
             return None
+        if call_id in WATCHED and self._prefetch is not None:
+            return None  # submit keeps the searches' batches right
         return chan.submit_body(call_id, body, self._deadline_missed)
+
+    def submit_search(self, session: int,
+                      template: list[Any]) -> asyncio.Future[list[int] | None] | None:
+        chan = self._chan
+        if chan is None:
+            raise BackendUnavailable(f"backend {self.name} is restarting")
+        if self._prefetch is None:
+            return None
+        return self._prefetch.search(chan, session, template, self._deadline_missed)
 
     def _deadline_missed(self) -> None:
         self._down(f"a call missed its deadline (call_timeout {self.cfg.call_timeout}s, "

@@ -60,6 +60,17 @@ async def find_on(pool: PoolBackend, m: Member, args: list[Any]) -> list[int]:
     handles: list[int] = []
     broken = False
     try:
+        found = await m.search(sess, args[1])  # one round trip, where it can
+    except MemberDown:
+        await m.release(sess, epoch, True)
+        raise
+    except BaseException:
+        await m.release(sess, epoch, False)
+        raise
+    if found is not None:
+        await m.release(sess, epoch, False)
+        return await _ids(pool, m, found)
+    try:
         await m.call(ID["C_FindObjectsInit"], [sess, args[1]])
         try:
             while True:
@@ -77,6 +88,10 @@ async def find_on(pool: PoolBackend, m: Member, args: list[Any]) -> list[int]:
         raise
     finally:
         await m.release(sess, epoch, broken)
+    return await _ids(pool, m, handles)
+
+
+async def _ids(pool: PoolBackend, m: Member, handles: list[int]) -> list[int]:
     oids = [await oid_for(pool, m, h) for h in handles]
     # a member's out-of-date copy does not count: its attributes may not be the
     # object's (_find_init lists the object by identity when no good copy is up)

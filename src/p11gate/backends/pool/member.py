@@ -171,6 +171,24 @@ class Member:
         self._answered(t0)
         return reply
 
+    async def search(self, session: int, template: list[Any]) -> list[int] | None:
+        """A whole search on this member in one round trip where its back end can
+        (``Backend.submit_search``); None: search call by call. Failures as :meth:`call`."""
+        fut = self._send_now(lambda _c, a: self.backend.submit_search(a[0], a[1]),
+                             0, [session, template])
+        if fut is None:
+            return None
+        self.outstanding += 1
+        t0 = time.monotonic()
+        try:
+            found = await fut
+        except (BackendUnavailable, TimeoutError, Pkcs11Error) as e:
+            raise self._failure(e, [session]) from None
+        finally:
+            self.outstanding -= 1
+        self._answered(t0)
+        return found
+
     def send(self, call_id: int, args: list[Any],
              then: Callable[[list[Any] | None, BaseException | None], None]) -> None:
         """:meth:`call` in callback style, for the pool's direct path (no coroutine, no
