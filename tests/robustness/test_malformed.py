@@ -162,3 +162,26 @@ def test_calls_before_initialize_and_bad_handshake(gateway: Gateway) -> None:
     (slots,) = c.call(C_GetSlotList, [1, 8])
     assert len(slots) == 1
     c.close()
+
+
+def test_a_client_cannot_send_a_chain(gateway: Gateway) -> None:
+    """Chains (codec/chains.py: several requests in one frame, marked by the frame's
+    options) run only between the gateway and its own worker. A client's frame with the
+    chain options is read like any other frame (the options are never looked at): here
+    its body is no request, so the connection is closed, and the chain's calls never
+    reach the worker (the other client's session, on the same worker, goes on)."""
+    from p11gate.codec import encode_request
+    from p11gate.codec.chains import CHAIN_OPTIONS, encode_chain
+    from p11gate.codec.tables import V0241
+
+    good, sess, key = good_client(gateway)
+    bad, bsess, _ = good_client(gateway)
+    chain = encode_chain([encode_request(C_FindObjectsInit, [bsess, []], V0241),
+                          encode_request(C_FindObjects, [bsess, 8], V0241)])
+    bad.code += 1
+    bad.send_raw(header(bad.code, len(CHAIN_OPTIONS), len(chain)) + CHAIN_OPTIONS + chain)
+    assert bad.closed_by_peer()
+    bad.close()
+    sign_once(good, sess, key)  # same worker, same session: nothing restarted
+    good.close()
+    assert gateway.alive()
