@@ -21,8 +21,9 @@ from ...codec import Attribute, ckr, reply_rv
 from ...codec import constants as ck
 from ...codec.call_table import CallId
 from ...config_select import TokenSelect
-from ...errors import BackendUnavailable, Pkcs11Error
+from ...errors import BackendUnavailable, DeadlineExceeded, Pkcs11Error
 from ..base import Backend
+from ..deadlines import SLOW_CALLS
 from ..slots import select_slot
 
 log = logging.getLogger("p11gate.pool")
@@ -174,7 +175,7 @@ class Member:
         try:
             reply = await self.backend.call(call_id, args)
         except (BackendUnavailable, TimeoutError, Pkcs11Error) as e:
-            raise self._failure(e, args) from None
+            raise self._failure(e, call_id, args) from None
         finally:
             self.outstanding -= 1
         self._answered(t0)
@@ -201,7 +202,7 @@ class Member:
                 self._answered(t0)
                 then(f.result(), None)
             elif isinstance(e, (BackendUnavailable, TimeoutError, Pkcs11Error)):
-                then(None, self._failure(e, args))
+                then(None, self._failure(e, call_id, args))
             else:
                 then(None, e)
 
@@ -226,14 +227,15 @@ class Member:
                 return
             e = f.exception()
             if e is not None:
-                then(None, self._failure(e, args) if isinstance(
+                then(None, self._failure(e, call_id, args) if isinstance(
                     e, (BackendUnavailable, TimeoutError)) else e)
                 return
             body = f.result()
             rv = reply_rv(body)
             if rv == ckr.OK:
                 self._answered(t0)
-            elif isinstance(down := self._failure(Pkcs11Error(rv), args), MemberDown):
+            elif isinstance(down := self._failure(Pkcs11Error(rv), call_id, args),
+                            MemberDown):
                 then(None, down)
                 return
             then(body, None)
@@ -250,18 +252,28 @@ class Member:
         try:
             return submit(call_id, args)
         except (BackendUnavailable, TimeoutError) as e:
-            raise self._failure(e, args) from None
+            raise self._failure(e, call_id, args) from None
 
     def _answered(self, t0: float) -> None:
         self.calls += 1
         self.last_answer = time.monotonic()
         self.latency += 0.2 * ((self.last_answer - t0) - self.latency)
 
-    def _failure(self, e: Exception, args: list[Any]) -> Exception:
+    def _failure(self, e: Exception, call_id: int, args: list[Any]) -> Exception:
         """What a failed call raises: MemberDown (the member marked down) for a transport
-        failure, a missed deadline or a device-class error, else the module's error."""
+        failure, a missed deadline or a device-class error, else the module's error.
+
+        A key generation that missed its (keygen) deadline is the exception: the member
+        is down (its worker was killed under the call, or a thread is hung in it), but
+        the call is not retried elsewhere. Generation is slow by nature and its time is
+        the client's to choose (key size, mechanism): retried, one RSA-8192 generation
+        on a loaded pool took every member down in turn, every tenant's sessions with
+        them. The client gets CKR_DEVICE_ERROR, as from a plain token."""
         if isinstance(e, (BackendUnavailable, TimeoutError)):
             self.mark_down(f"transport: {e}")
+            if call_id in SLOW_CALLS and isinstance(e, (DeadlineExceeded, TimeoutError)):
+                return Pkcs11Error(ckr.DEVICE_ERROR, f"member {self.name}: key generation "
+                                   "missed its deadline (not retried on another member)")
             return MemberDown(str(e))
         if isinstance(e, Pkcs11Error) and (e.rv in DEVICE_ERRORS or (
                 e.rv in SESSION_GONE and args and args[0] == self.control)):
