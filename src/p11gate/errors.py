@@ -19,3 +19,8 @@ class BackendUnavailable(Pkcs11Error):
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(ckr.DEVICE_ERROR, detail)
+
+
+class DeadlineExceeded(BackendUnavailable):
+    """A call missed its deadline: the worker was killed under it, or (in-process) its
+    thread is left hung in the module."""

@@ -40,7 +40,7 @@ from typing import Any
 
 from ..codec import ckr
 from ..codec.calls import CALLS
-from ..errors import BackendUnavailable, Pkcs11Error
+from ..errors import BackendUnavailable, DeadlineExceeded, Pkcs11Error
 from .base import Backend
 from .deadlines import deadline
 from .native import DEFAULT_MAX_BUFFER, NativeModule
@@ -486,7 +486,7 @@ class InProcessBackend(Backend):
             extra={"backend": self.name, "call": name, "timeout": timeout,
                    "hung_calls": len(self._hung)},
         )
-        out.set_exception(BackendUnavailable(f"{name} missed its {timeout}s deadline"))
+        out.set_exception(DeadlineExceeded(f"{name} missed its {timeout}s deadline"))
 
     def _cancel_native(self, job: _Job) -> bool:
         """True when the job never reached a thread (it is dropped); False when a

@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from ..config import BackendConfig
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, DeadlineExceeded
 from .base import Backend
 from .deadlines import SLOW_CALLS
 from .find_prefetch import NOT_RAW, WATCHED, FindPrefetch
@@ -202,7 +202,7 @@ class WorkerBackend(Backend):
         try:
             return await self.submit(call_id, args)
         except TimeoutError:
-            raise BackendUnavailable("deadline exceeded") from None
+            raise DeadlineExceeded("deadline exceeded") from None
 
     def submit(self, call_id: int, args: list[Any]) -> asyncio.Future[list[Any]]:
         # Nothing may await between the frontend's generation check and the send: the

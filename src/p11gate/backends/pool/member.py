@@ -21,8 +21,9 @@ from ...codec import Attribute, ckr, reply_rv
 from ...codec import constants as ck
 from ...codec.call_table import CallId
 from ...config_select import TokenSelect
-from ...errors import BackendUnavailable, Pkcs11Error
+from ...errors import BackendUnavailable, DeadlineExceeded, Pkcs11Error
 from ..base import Backend
+from ..deadlines import SLOW_CALLS
 from ..slots import select_slot
 
 log = logging.getLogger("p11gate.pool")
@@ -60,6 +61,9 @@ SESSION_GONE = frozenset({ckr.SESSION_CLOSED, ckr.SESSION_HANDLE_INVALID})
 
 #: how long "this object is not on that member" is believed, seconds
 MISSING_TTL = 5.0
+#: seconds between a lease waiter's attempts to take a session back from an operation
+#: that sits idle on it (see :meth:`Member.lease`)
+RECLAIM_POLL = 0.2
 
 
 class MemberDown(Exception):
@@ -91,6 +95,11 @@ class Member:
         self.open_max = 0  # high-water mark of open sessions, control session included
         self.waiting = 0
         self._waiters: collections.deque[asyncio.Future[int | None]] = collections.deque()
+        #: session → the operation that holds it between its calls (operations.py)
+        self.held: dict[int, Any] = {}
+        #: the pool's hook that parks an idle operation and gives its (session, epoch)
+        #: back, or None when no operation can give one (operations.take_back)
+        self.reclaim: Callable[[Member], tuple[int, int] | None] | None = None
         #: object id → handle on this member (this epoch)
         self.handles: dict[int, int] = {}
         #: handle → object id (this epoch), for find results and new objects
@@ -134,6 +143,7 @@ class Member:
         self.slot, self.control = slot, control
         self.attached_generation = gen
         self.idle.clear()
+        self.held.clear()
         self.open = self.leased = 0
         self.open_max = max(self.open_max, 1)
         self.handles.clear()
@@ -165,7 +175,7 @@ class Member:
         try:
             reply = await self.backend.call(call_id, args)
         except (BackendUnavailable, TimeoutError, Pkcs11Error) as e:
-            raise self._failure(e, args) from None
+            raise self._failure(e, call_id, args) from None
         finally:
             self.outstanding -= 1
         self._answered(t0)
@@ -210,7 +220,7 @@ class Member:
                 self._answered(t0)
                 then(f.result(), None)
             elif isinstance(e, (BackendUnavailable, TimeoutError, Pkcs11Error)):
-                then(None, self._failure(e, args))
+                then(None, self._failure(e, call_id, args))
             else:
                 then(None, e)
 
@@ -235,14 +245,15 @@ class Member:
                 return
             e = f.exception()
             if e is not None:
-                then(None, self._failure(e, args) if isinstance(
+                then(None, self._failure(e, call_id, args) if isinstance(
                     e, (BackendUnavailable, TimeoutError)) else e)
                 return
             body = f.result()
             rv = reply_rv(body)
             if rv == ckr.OK:
                 self._answered(t0)
-            elif isinstance(down := self._failure(Pkcs11Error(rv), args), MemberDown):
+            elif isinstance(down := self._failure(Pkcs11Error(rv), call_id, args),
+                            MemberDown):
                 then(None, down)
                 return
             then(body, None)
@@ -259,18 +270,28 @@ class Member:
         try:
             return submit(call_id, args)
         except (BackendUnavailable, TimeoutError) as e:
-            raise self._failure(e, args) from None
+            raise self._failure(e, call_id, args) from None
 
     def _answered(self, t0: float) -> None:
         self.calls += 1
         self.last_answer = time.monotonic()
         self.latency += 0.2 * ((self.last_answer - t0) - self.latency)
 
-    def _failure(self, e: Exception, args: list[Any]) -> Exception:
+    def _failure(self, e: Exception, call_id: int, args: list[Any]) -> Exception:
         """What a failed call raises: MemberDown (the member marked down) for a transport
-        failure, a missed deadline or a device-class error, else the module's error."""
+        failure, a missed deadline or a device-class error, else the module's error.
+
+        A key generation that missed its (keygen) deadline is the exception: the member
+        is down (its worker was killed under the call, or a thread is hung in it), but
+        the call is not retried elsewhere. Generation is slow by nature and its time is
+        the client's to choose (key size, mechanism): retried, one RSA-8192 generation
+        on a loaded pool took every member down in turn, every tenant's sessions with
+        them. The client gets CKR_DEVICE_ERROR, as from a plain token."""
         if isinstance(e, (BackendUnavailable, TimeoutError)):
             self.mark_down(f"transport: {e}")
+            if call_id in SLOW_CALLS and isinstance(e, (DeadlineExceeded, TimeoutError)):
+                return Pkcs11Error(ckr.DEVICE_ERROR, f"member {self.name}: key generation "
+                                   "missed its deadline (not retried on another member)")
             return MemberDown(str(e))
         if isinstance(e, Pkcs11Error) and (e.rv in DEVICE_ERRORS or (
                 e.rv in SESSION_GONE and args and args[0] == self.control)):
@@ -283,7 +304,13 @@ class Member:
     async def lease(self) -> tuple[int, int]:
         """A logged-in session of this member, for one call or one operation: (session,
         epoch). Waits (first come, first served) while all sessions are leased; raises
-        MemberDown if the member goes down meanwhile."""
+        MemberDown if the member goes down meanwhile.
+
+        Sessions held by operations between their calls are not a client's to keep: a
+        client that starts operations and never ends them would otherwise hold every
+        session of every member, and every other client's calls would wait for ever. So
+        a caller that finds no session takes one back from an idle operation (see
+        operations.take_back), at once and again every RECLAIM_POLL while it waits."""
         first = False  # a waiter woken for a freed slot goes before those still queued
         while True:
             if not self.usable:
@@ -294,12 +321,27 @@ class Member:
                 return self.idle.pop(), self.epoch
             if self.open + 1 < self.max_sessions and may:
                 return await self._open_one()
+            if may and await self._take_back():
+                continue  # a slot is free now
             first = False
             fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+            epoch = self.epoch
             self._waiters.append(fut)
             self.waiting += 1
             try:
-                session = await fut
+                while not fut.done():
+                    await asyncio.wait((fut,), timeout=RECLAIM_POLL)
+                    if not fut.done() and self.usable:
+                        await self._take_back()  # the slot goes to the first waiter
+                session = fut.result()
+            except BaseException:
+                if not fut.done():
+                    fut.cancel()
+                elif not fut.cancelled() and fut.exception() is None \
+                        and (got := fut.result()) is not None and epoch == self.epoch:
+                    self.leased += 1  # handed over as this waiter gave up: pass it on
+                    self.give_back(got, epoch)
+                raise
             finally:
                 self.waiting -= 1
                 if fut in self._waiters:
@@ -310,6 +352,24 @@ class Member:
             # None: a slot was freed (a session closed) or the pool was reset: try again,
             # ahead of the queue
             first = True
+
+    async def _take_back(self) -> bool:
+        """Take a session back from an idle operation (parked or ended by the pool's
+        hook), close it on the module and free its slot: True if one was freed."""
+        taken = self.reclaim(self) if self.reclaim is not None else None
+        if taken is None:
+            return False
+        session, epoch = taken
+        # closed before the slot is free: the member never has more than max_sessions
+        with contextlib.suppress(Exception):
+            await self.backend.call(ID["C_CloseSession"], [session])
+        self.give_back(session, epoch, broken=True)
+        return True
+
+    def has_room(self) -> bool:
+        """Whether a lease here would be served without waiting (nobody queues, and a
+        session is idle or may be opened)."""
+        return not self._waiters and (bool(self.idle) or self.open + 1 < self.max_sessions)
 
     async def _open_one(self) -> tuple[int, int]:
         self.open += 1

@@ -11,17 +11,21 @@ with it.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from ...codec import Null, ckr
 from ...codec import constants as ck
 from ...errors import BackendUnavailable, Pkcs11Error
-from .member import ID, MemberDown
+from .member import ID, Member, MemberDown
 from .routes import ENDERS, MESSAGE_INITS, UPDATES
 from .session_rules import keeps_operation
 
 if TYPE_CHECKING:
     from .pool import PoolBackend, _Session
+
+log = logging.getLogger("p11gate.pool")
 
 #: bytes a kept Update part counts against replay_buffer besides its data (its list,
 #: tuple and slot in the gateway's memory): empty or tiny parts cannot pile up unbounded
@@ -29,8 +33,8 @@ _KEPT_PART_COST = 64
 
 
 class _Op:
-    __slots__ = ("args", "buffered", "call_id", "context_pin", "epoch", "member",
-                 "replayable", "session", "updates")
+    __slots__ = ("args", "buffered", "busy", "call_id", "context_pin", "epoch", "lost",
+                 "member", "replayable", "session", "updates", "used")
 
     def __init__(self, call_id: int, args: list[Any], replayable: bool) -> None:
         self.call_id = call_id
@@ -44,6 +48,12 @@ class _Op:
         #: a context-specific login (CKA_ALWAYS_AUTHENTICATE) made for this operation:
         #: replayed with it on failover, gone with it
         self.context_pin: bytes | None = None
+        #: calls of this operation under way: while any is, its session is not taken back
+        self.busy = 0
+        #: when it last ran a call (monotonic): idle the longest, taken back first
+        self.used = 0.0
+        #: its session was taken back while it could not be replayed (take_back)
+        self.lost = False
 
 
 async def start_op(pool: PoolBackend, s: _Session, call_id: int, args: list[Any]) -> list[Any]:
@@ -99,12 +109,41 @@ async def _begin(pool: PoolBackend, op: _Op, tried: set[int], pinned: int | None
                             broken=bool(op.updates) or op.context_pin is not None)
             raise
         op.member, op.session, op.epoch = m.index, sess, epoch
+        op.used = time.monotonic()
+        m.held[sess] = op  # between its calls, others may take it back (take_back)
         return
 
 
 async def continue_op(pool: PoolBackend, s: _Session, call_id: int, args: list[Any]) -> list[Any]:
     op = s.op
     assert op is not None
+    op.busy += 1
+    try:
+        await _resume(pool, s, op)
+        return await _continue(pool, s, op, call_id, args)
+    finally:
+        op.busy -= 1
+        op.used = time.monotonic()
+
+
+async def _resume(pool: PoolBackend, s: _Session, op: _Op) -> None:
+    """An operation whose session was taken back (take_back) gets one again: begun
+    again and replayed on the best member, or, when it could not be replayed, ended
+    with CKR_DEVICE_ERROR (as a member failure beyond replay_buffer)."""
+    if op.lost:
+        s.op = None
+        raise Pkcs11Error(ckr.DEVICE_ERROR, "operation idle while others waited for its "
+                                            "member session; beyond replay_buffer")
+    if op.member < 0:
+        try:
+            await _begin(pool, op, set(), pool._pinned_member(op.call_id, op.args))
+        except BaseException:
+            s.op = None
+            raise
+
+
+async def _continue(pool: PoolBackend, s: _Session, op: _Op, call_id: int,
+                    args: list[Any]) -> list[Any]:
     while True:
         m = pool.members[op.member]
         try:
@@ -117,6 +156,7 @@ async def continue_op(pool: PoolBackend, s: _Session, call_id: int, args: list[A
                     # PKCS#11: the error ends it; its Init is still on the session
                     await end_op(pool, s, broken=True)
                     raise Pkcs11Error(ckr.KEY_HANDLE_INVALID, "key on another member")
+                _let_go(m, op)
                 await m.release(op.session, op.epoch, broken=True)
                 try:
                     await _begin(pool, op, set(), there)
@@ -130,6 +170,7 @@ async def continue_op(pool: PoolBackend, s: _Session, call_id: int, args: list[A
             reply = await m.call(call_id, margs)
             break
         except MemberDown as e:
+            _let_go(m, op)
             await m.release(op.session, op.epoch, broken=True)
             pool._failed_over(m, call_id, str(e))
             if not op.replayable:
@@ -166,12 +207,23 @@ async def context_login(pool: PoolBackend, s: _Session, args: list[Any]) -> list
     if op is None:
         raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED)
     pin = bytes(args[2]) if isinstance(args[2], bytes) else b""
+    op.busy += 1
+    try:
+        await _resume(pool, s, op)
+        return await _context_login(pool, s, op, pin)
+    finally:
+        op.busy -= 1
+        op.used = time.monotonic()
+
+
+async def _context_login(pool: PoolBackend, s: _Session, op: _Op, pin: bytes) -> list[Any]:
     m = pool.members[op.member]
     try:
         if op.epoch != m.epoch:
             raise MemberDown("member restarted")
         await m.call(ID["C_Login"], [op.session, ck.CKU_CONTEXT_SPECIFIC, pin])
     except MemberDown as e:
+        _let_go(m, op)
         await m.release(op.session, op.epoch, broken=True)
         pool._failed_over(m, ID["C_Login"], str(e))
         op.context_pin = pin  # replayed after the Init on the next member
@@ -201,4 +253,37 @@ def _remember_update(pool: PoolBackend, op: _Op, call_id: int, args: list[Any]) 
 async def end_op(pool: PoolBackend, s: _Session, broken: bool = False) -> None:
     op, s.op = s.op, None
     if op is not None and op.member >= 0:
-        await pool.members[op.member].release(op.session, op.epoch, broken)
+        m = pool.members[op.member]
+        _let_go(m, op)
+        op.member = -1
+        await m.release(op.session, op.epoch, broken)
+
+
+def _let_go(m: Member, op: _Op) -> None:
+    """``op`` no longer holds its session on ``m`` (it releases it)."""
+    if m.held.get(op.session) is op:
+        del m.held[op.session]
+
+
+def take_back(m: Member) -> tuple[int, int] | None:
+    """A session of ``m`` taken back from an operation that sits idle on it (no call
+    under way), for a caller that found none free: (session, epoch) to close, or None.
+
+    Replayable operations go first, idle the longest first: parked, begun again and
+    replayed on whichever member has room at their next call, invisibly to their
+    client. Operations that cannot be replayed (past replay_buffer, message-based) go
+    only when no replayable one is idle; they end (CKR_DEVICE_ERROR at their next call,
+    as when their member fails). So a client that starts operations and leaves them
+    holds no session another client waits for."""
+    idle = [op for op in m.held.values() if not op.busy and op.epoch == m.epoch]
+    if not idle:
+        return None
+    op: _Op = min(idle, key=lambda o: (not o.replayable, o.used))
+    session, epoch = op.session, op.epoch
+    del m.held[session]
+    op.member = -1
+    op.lost = not op.replayable
+    if op.lost:
+        log.warning("pool operation ended: its member session was taken back while it "
+                    "sat idle past replay_buffer", extra={"member": m.name})
+    return session, epoch

@@ -45,7 +45,7 @@ from .finds import find_init, hidden
 from .intents import note_doubtful
 from .member import ID, Member
 from .objects import ObjectIds
-from .operations import context_login, continue_op, end_op, start_op
+from .operations import context_login, continue_op, end_op, start_op, take_back
 from .pool_wide_calls import any_member, login_all, logout_all, on_every_member
 from .probing import probe_loop, probe_once
 from .reconcile import CREATING, Reconciler
@@ -93,6 +93,8 @@ class PoolBackend(Backend):
         self.generation = 1  # logical sessions and object ids outlive any member
         self.members = [Member(i, backends[m.backend], m.select, cfg.max_sessions_per_member)
                         for i, m in enumerate(cfg.members)]
+        for member in self.members:
+            member.reclaim = take_back
         self.objects = ObjectIds(cfg.name, registry)
         self.sessions: dict[int, _Session] = {}
         self._ids = itertools.count(1)
@@ -174,7 +176,10 @@ class PoolBackend(Backend):
         ordered = [m for _, _, m in scored]
         n = sum(1 for sc, _, _ in scored if sc <= limit)
         k = next(self._rr) % n
-        return ordered[k:n] + ordered[:k] + ordered[n:]
+        out = ordered[k:n] + ordered[:k] + ordered[n:]
+        # a member whose sessions are all leased comes after those with a free one: a
+        # lease there waits (or takes one back from an idle operation) needlessly
+        return [m for m in out if m.has_room()] + [m for m in out if not m.has_room()]
 
     def _pinned_member(self, call_id: int, args: list[Any]) -> int | None:
         """Session objects, and keys that could not be copied, live on one member: calls
