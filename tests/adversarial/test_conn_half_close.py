@@ -27,12 +27,10 @@ import pytest
 from tests.adversarial.hostile import CKM_ECDSA, ID
 from tests.adversarial.limits_helpers import rss
 from tests.gateway_proc import Gateway, RawClient, sign, signer, wait_for
-from tests.remote.tls_setup import TlsSetup, open_config, stop_checked, tls_setup, tls_socket
+from tests.remote.tls_setup import TlsSetup, open_config, stop_checked, tls_setup, tls_signer
 
 from p11gate.codec import (
-    Attribute,
     Mechanism,
-    ReplyError,
     build_frame,
     decode_reply,
     encode_request,
@@ -178,23 +176,6 @@ def test_a_half_closed_client_that_never_reads_is_bounded(setup: Any, randoms: i
     h.close()
 
 
-def _tls_signer(s: TlsSetup, client: str) -> tuple[RawClient, int, int]:
-    c = RawClient(None, sock=tls_socket(s.pki, s.port, client))
-    c.initialize()
-    (slots,) = c.call(ID("C_GetSlotList"), [1, 8])
-    (sess,) = c.call(ID("C_OpenSession"), [slots[0], 6])
-    try:
-        c.call(ID("C_Login"), [sess, 1, b"1234"])
-    except ReplyError:
-        pass  # already logged in through another connection
-    # the make_token EC private key (CKA_CLASS private key, CKA_ID 01)
-    c.call(ID("C_FindObjectsInit"), [sess, [Attribute(0, 3, 8), Attribute(0x102, b"\x01", 1)]])
-    (found,) = c.call(ID("C_FindObjects"), [sess, 4])
-    c.call(ID("C_FindObjectsFinal"), [sess])
-    assert len(found) == 1
-    return c, sess, found[0]
-
-
 @pytest.mark.parametrize("how", ["close_notify", "fin"])
 def test_tls_half_close_ends_the_connection_and_keeps_nothing(setup: Any,
                                                               how: str) -> None:
@@ -204,8 +185,8 @@ def test_tls_half_close_ends_the_connection_and_keeps_nothing(setup: Any,
     a close_notify); the gateway holds no connection afterwards, and another TLS client
     signs on."""
     s, _gw, cfg = setup
-    keep, ksess, kkey = _tls_signer(s, "tenant-b")
-    c, sess, key = _tls_signer(s, "tenant-a")
+    keep, ksess, kkey = tls_signer(s.pki, s.port, "tenant-b")
+    c, sess, key = tls_signer(s.pki, s.port, "tenant-a")
     data, sent = _requests(c, sess, key, randoms=100)
     tls = c.sock
     assert isinstance(tls, ssl.SSLSocket)
