@@ -17,7 +17,8 @@ class CrlGateway:
     """A gateway of its own, with a CA whose CRL the test publishes as it goes, and two
     client certificates ("keep", "revoke")."""
 
-    def __init__(self, setup: dict[str, Any], tmp: Path, first_crl_days: float) -> None:
+    def __init__(self, setup: dict[str, Any], tmp: Path, first_crl_days: float,
+                 check_interval: float = 0.2, processes: int = 1) -> None:
         import ipaddress
 
         from cryptography import x509
@@ -45,7 +46,11 @@ class CrlGateway:
             "server.pem": self.files["server.pem"], "server.key": self.files["server.key"],
             "ca": self.files["ca"], "crl": self.crl}, self.port)
         cfg.write_text(cfg.read_text().replace(
-            f'crl = "{self.crl}"', f'crl = "{self.crl}"\ncrl_check_interval = 0.2'))
+            f'crl = "{self.crl}"', f'crl = "{self.crl}"\ncrl_check_interval = {check_interval}'))
+        if processes != 1:
+            cfg.write_text(cfg.read_text().replace(
+                "[server]\n", f"[server]\nprocesses = {processes}\n", 1))
+        self.config = cfg
         self.gw = Gateway(cfg)
 
     def publish(self, revoked: list[str], days: float, junk: bool = False) -> None:

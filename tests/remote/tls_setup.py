@@ -10,11 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.gateway_proc import Gateway
+from tests.gateway_proc import Gateway, RawClient
 from tests.remote.pki import make_pki
 from tests.softhsm import make_token
 
-from p11gate.codec import HANDSHAKE, V0241, build_frame, encode_request
+from p11gate.codec import (
+    HANDSHAKE,
+    V0241,
+    Attribute,
+    ReplyError,
+    build_frame,
+    ckr,
+    encode_request,
+)
 
 
 def free_port() -> int:
@@ -129,3 +137,23 @@ def refused(pki: dict[str, Path], port: int, client: str | None, tls12: bool = F
         return data == b""
     except (ssl.SSLError, ConnectionError, OSError):
         return True
+
+
+def tls_signer(pki: dict[str, Path], port: int, client: str,
+               pin: bytes = b"1234") -> tuple[RawClient, int, int]:
+    """A raw TLS client of ``client``'s certificate, logged in on a read-write session,
+    and the handle of the make_token EC private key (CKA_ID 01): sign with
+    tests.gateway_proc.sign."""
+    c = RawClient(None, sock=tls_socket(pki, port, client))
+    c.initialize()
+    (slots,) = c.call(4, [1, 8])  # C_GetSlotList
+    (sess,) = c.call(10, [slots[0], 6])  # C_OpenSession, serial + read-write
+    try:
+        c.call(18, [sess, 1, pin])  # C_Login as the user
+    except ReplyError as e:
+        assert e.rv == ckr.USER_ALREADY_LOGGED_IN
+    c.call(26, [sess, [Attribute(0, 3, 8), Attribute(0x102, b"\x01", 1)]])
+    (found,) = c.call(27, [sess, 4])
+    c.call(28, [sess])
+    assert len(found) == 1
+    return c, sess, found[0]

@@ -44,6 +44,13 @@ class FrameReader:
     def pending(self) -> int:
         return len(self._buf)
 
+    def has_frame(self) -> bool:
+        """A whole frame is buffered (one a blocked connection has not taken yet)."""
+        if len(self._buf) < HEADER_SIZE:
+            return False
+        _code, olen, blen = HEADER.unpack_from(self._buf, 0)
+        return len(self._buf) >= HEADER_SIZE + olen + blen
+
     def clear(self) -> None:
         """Forget what is buffered (the connection is gone)."""
         self._buf = bytearray()

@@ -132,6 +132,26 @@ class ClientConnection(asyncio.Protocol):
         except ProtocolError as e:
             self._abort(f"protocol error: {e}")
 
+    def eof_received(self) -> bool | None:
+        """The client shut its write side (``shutdown(SHUT_WR)``): on the unix socket
+        the requests it sent whole are answered, then the connection is closed (limits.py,
+        ConnectionFlow.end_of_input). Over TLS the TLS layer ends the connection at a
+        close_notify whatever this returns (asyncio's and uvloop's SSL protocol stop
+        writing, then shut down; a TCP FIN without close_notify does not come here):
+        the replies already made, also those held by the connection, are still sent, the
+        calls under way are not answered (README, "From another machine")."""
+        if self.identity is UNKNOWN or self.transport is None:
+            return None
+        if self.transport.get_extra_info("ssl_object") is not None:
+            self.flow.flush()
+            log.info("client ended TLS (close_notify): calls under way are not answered",
+                     extra={"conn": self.id, "in_flight": self.flow.in_flight})
+            return None
+        log.info("client shut its side: answering the calls received, then closing",
+                 extra={"conn": self.id, "in_flight": self.flow.in_flight})
+        self.flow.end_of_input()
+        return True
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.flow.close()

@@ -6,6 +6,15 @@ calls in flight hold exceed ``max_pending_reply_bytes``; it reads on when they a
 answered and read. A request frame must arrive within ``frame_timeout`` of its first
 byte. The bytes held by all connections of one identity share one budget.
 
+Half-close (unix socket): a client that shuts its write side (``shutdown(SHUT_WR)``)
+after its last request gets the replies to every request the gateway received whole,
+then the connection is closed (:meth:`ConnectionFlow.end_of_input`). Calls it had not
+sent whole (a partial frame) are dropped. It stays under the same bounds as any
+connection (calls in flight, unsent reply bytes, the identity's budget), and it must
+keep reading: once it has stopped taking replies for ``frame_timeout`` (the writer
+paused and not resumed), the connection is aborted. EOF on a connection is final, so
+reading is never resumed after it (libuv: reading again after EOF is undefined).
+
 Unsent replies: the transport holds at most ``_TRANSPORT_HIGH`` bytes of them; the rest
 wait in one bytearray of the connection's (:meth:`ConnectionFlow.write`). A transport
 keeps one buffer object per write, which costs more than a small reply's bytes (about
@@ -175,6 +184,11 @@ class ConnectionFlow:
         self._over_cap = False
         self._progress = 0.0
         self._stall: asyncio.TimerHandle | None = None
+        #: the client shut its write side: answer what was received, then close
+        self.eof = False
+        #: after EOF: the writer resumed (the client read) since the last drain check
+        self._drained = False
+        self._drain: asyncio.TimerHandle | None = None
 
     def attach(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -222,6 +236,8 @@ class ConnectionFlow:
         if self._held:  # (only a connection holding bytes pays for this)
             self._account()
         self._maybe_resume()
+        if self.eof:
+            self._maybe_done()
 
     def unsent(self) -> int:
         """Reply bytes not sent yet: the transport's and this connection's own."""
@@ -243,6 +259,7 @@ class ConnectionFlow:
 
     def resume_writing(self) -> None:
         self.writer_paused = False
+        self._drained = True
         if self._out:
             # the transport keeps this object: a new one takes further replies; the
             # write may pause the writer again (pause_writing, re-entered)
@@ -252,6 +269,17 @@ class ConnectionFlow:
                 t.write(out)
         self._account()
         self._maybe_resume()
+        self._maybe_done()
+
+    def flush(self) -> None:
+        """Hand the replies this connection holds to the transport, past its mark (a
+        TLS connection that is being shut down: the transport sends what it has, then
+        ends)."""
+        t = self.transport
+        if self._out and t is not None and not t.is_closing():
+            out, self._out = self._out, bytearray()
+            t.write(out)
+            self._account()
 
     def _account(self) -> None:
         """Update this connection's part of its identity's buffered bytes; close it
@@ -317,6 +345,8 @@ class ConnectionFlow:
             self._account()  # cheap enough for every chunk of a big frame
         if self.blocked():
             self._pause()
+        elif self.eof:
+            self._maybe_done()
         else:
             self._deadline(done)
 
@@ -325,7 +355,7 @@ class ConnectionFlow:
             return
         self.reading_paused = True
         self._cancel_timer()  # what is not read yet cannot be late
-        if not self.transport.is_closing():
+        if not self.transport.is_closing() and not self.eof:
             self.transport.pause_reading()
         # ordinary flow control for a client that pipelines a lot: info, not a warning
         if self.in_flight >= self.cfg.max_calls_in_flight and not self._over_cap:
@@ -344,7 +374,8 @@ class ConnectionFlow:
         if t is None or t.is_closing():
             return
         self.reading_paused = False
-        t.resume_reading()
+        if not self.eof:  # (after EOF the socket is never read again)
+            t.resume_reading()
         try:
             self.receive(b"")  # the frames received before the pause
         except ProtocolError as e:
@@ -370,6 +401,56 @@ class ConnectionFlow:
                          conn=self.conn_id, limit="max_calls_in_flight",
                          in_flight=self.in_flight)
         self._maybe_resume()
+
+    # -- half-close
+
+    def end_of_input(self) -> None:
+        """The client shut its write side: the frames received whole are answered (as
+        the bounds allow), a partial one is dropped, and once every reply is handed to
+        the transport the connection is closed (the transport sends what it holds
+        first). A client that stops reading meanwhile is aborted (see the module
+        docstring)."""
+        self.eof = True
+        self._cancel_timer()  # a partial frame cannot complete now: nothing to wait for
+        self._drained = False
+        self._watch_drain()
+        if self.reading_paused:
+            self._maybe_resume()
+        elif not self._receiving:
+            try:
+                self.receive(b"")
+            except ProtocolError as e:
+                self._abort(f"protocol error: {e}")
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if (not self.eof or self._receiving or self.in_flight or self._out
+                or self.reader.has_frame()):
+            return
+        t = self.transport
+        if t is not None and not t.is_closing():
+            self.reader.clear()  # a partial frame's bytes: no longer counted either
+            self._account()
+            t.close()  # after what the transport holds is sent: then connection_lost
+
+    def _watch_drain(self) -> None:
+        self._drain = asyncio.get_running_loop().call_later(self.cfg.frame_timeout,
+                                                            self._drain_check)
+
+    def _drain_check(self) -> None:
+        self._drain = None
+        t = self.transport
+        if t is None:
+            return
+        if self.writer_paused and not self._drained:
+            limited_log.warning("closing client connection: it shut its side and does not "
+                                "read its replies", conn=self.conn_id,
+                                limit="frame_timeout", seconds=self.cfg.frame_timeout,
+                                unsent=self.unsent())
+            t.abort()
+            return
+        self._drained = False
+        self._watch_drain()
 
     # -- the frame deadline
 
@@ -406,4 +487,7 @@ class ConnectionFlow:
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None
+        if self._drain is not None:
+            self._drain.cancel()
+            self._drain = None
         self.release()

@@ -4,7 +4,8 @@ OpenSSL checks the CRL during the handshake only: a client revoked afterwards (a
 key, a tenant let go) kept its connection, and with it every key it could use, for as
 long as it liked. When the CRL watcher loads a file (remote/tls.py ``watch_crl``) the
 gateway closes the connections whose certificate (issuer name and serial number) it
-lists; their sessions end as for a client that hangs up.
+lists, or any CA certificate of whose verified chain it lists (an intermediate revoked by
+its issuer); their sessions end as for a client that hangs up.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 from cryptography import x509
 
 from ..remote import pem
+from ..remote.client_cas import verified_chain
 
 if TYPE_CHECKING:
     from .connection import ClientConnection
@@ -41,8 +43,13 @@ def close_revoked(connections: Iterable[ClientConnection], crl_path: str) -> int
         der = ssl_object.getpeercert(binary_form=True)
         if not der:
             continue
-        cert = x509.load_der_x509_certificate(der)
-        if (cert.issuer.public_bytes(), cert.serial_number) in gone:
-            c.close_revoked()
-            closed += 1
+        # the client's certificate and the CAs above it (not the trust anchor: a root
+        # is not revoked by a CRL); without the verified chain, the client's alone
+        chain = (verified_chain(ssl_object) or [der])[:-1] or [der]
+        for cert_der in chain:
+            cert = x509.load_der_x509_certificate(cert_der)
+            if (cert.issuer.public_bytes(), cert.serial_number) in gone:
+                c.close_revoked()
+                closed += 1
+                break
     return closed

@@ -22,7 +22,11 @@ class TlsConfig(BaseModel):
     key: str
     #: trust anchors for client certificates (PEM, one or more CA certificates)
     client_ca: str
-    #: certificate revocation list(s) of those CAs (PEM); checked for client certificates
+    #: intermediate CA certificates (PEM) between client certificates and client_ca,
+    #: whose CRLs the crl file holds; not trust anchors (clients still send their chain)
+    intermediate_ca: str | None = None
+    #: certificate revocation list(s) of those CAs (PEM, one file: a bundle with one CRL
+    #: per CA); checked for every certificate of a client's chain
     crl: str | None = None
     #: seconds between checks of the CRL file; a changed file is reloaded
     crl_check_interval: float = Field(default=60.0, ge=0.1, le=86400)
@@ -45,9 +49,16 @@ class TlsConfig(BaseModel):
         pem.certificates(v, "the PEM file of the CA certificates clients chain to")
         return v
 
+    @field_validator("intermediate_ca")
+    @classmethod
+    def _intermediate_ca(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None:
+            pem.intermediates(v, info.data.get("client_ca"))
+        return v
+
     @field_validator("crl")
     @classmethod
     def _crl(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is not None:
-            pem.check_crl(v, info.data.get("client_ca"))
+            pem.check_crl(v, info.data.get("client_ca"), info.data.get("intermediate_ca"))
         return v

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 
@@ -69,9 +70,55 @@ def check_key(key_path: str, cert_path: str | None) -> None:
                          "(give the matching pair)")
 
 
-def check_crl(crl_path: str, ca_path: str | None) -> dict[str, dt.datetime]:
-    """Every CRL in the file parses, is current, and was issued by one of the CAs.
-    Returns each issuer's (RFC 4514) nextUpdate: when it needs a fresh CRL."""
+def intermediates(path: str, ca_path: str | None) -> list[x509.Certificate]:
+    """The intermediate CA certificates of ``[tls] intermediate_ca``: each a CA
+    (basicConstraints) issued, by name and signature, by a CA of ``client_ca`` or by
+    another of them. They are not trust anchors: clients still send their chain; they
+    are what the CRLs of the CAs between a client and client_ca are checked against."""
+    certs = certificates(path, "the PEM file of the intermediate CA certificates")
+    roots: list[x509.Certificate] = []
+    if ca_path is not None:
+        try:
+            roots = certificates(ca_path)
+        except ValueError:
+            pass  # reported for client_ca itself
+    for c in certs:
+        try:
+            bc = c.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            bc = None
+        if bc is None or not bc.ca:
+            raise ValueError(f"{path!r}: {c.subject.rfc4514_string()!r} is not a CA "
+                             "certificate (basicConstraints CA:TRUE)")
+    known, todo = list(roots), list(certs)
+    while todo:  # issuers first, in any order in the file
+        issued = [c for c in todo if any(_issued_by(c, k) for k in known)]
+        if not issued:
+            raise ValueError(
+                f"{path!r}: {todo[0].subject.rfc4514_string()!r} is not issued by a CA in "
+                "client_ca nor by another intermediate in this file (name and signature)")
+        known += issued
+        todo = [c for c in todo if c not in issued]
+    return certs
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    if cert.issuer != ca.subject or cert == ca:
+        return False
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (InvalidSignature, TypeError, ValueError):
+        return False
+    return True
+
+
+def check_crl(crl_path: str, ca_path: str | None,
+              intermediate_path: str | None = None) -> dict[str, dt.datetime]:
+    """Every CRL in the file parses, is current, and was issued (name and signature) by
+    one of the CAs: a client CA or a listed intermediate; every one of those has a CRL
+    (OpenSSL checks each certificate of a client's chain: a CA without a CRL would
+    refuse all the clients below it). Returns each issuer's (RFC 4514) nextUpdate:
+    when it needs a fresh CRL."""
     data = _read(crl_path, "a PEM CRL file")
     blocks = [b for b in data.split(b"-----END X509 CRL-----") if b"-----BEGIN X509 CRL" in b]
     if not blocks:
@@ -83,14 +130,21 @@ def check_crl(crl_path: str, ca_path: str | None) -> dict[str, dt.datetime]:
             cas = certificates(ca_path)
         except ValueError:
             pass  # reported for client_ca itself
+    if intermediate_path is not None:
+        try:
+            cas += certificates(intermediate_path)
+        except ValueError:
+            pass  # reported for intermediate_ca itself
     issuers = {c.subject for c in cas}
     now = dt.datetime.now(dt.UTC)
     due: dict[str, dt.datetime] = {}
+    crls: list[x509.CertificateRevocationList] = []
     for b in blocks:
         try:
             crl = x509.load_pem_x509_crl(b + b"-----END X509 CRL-----\n")
         except ValueError:
             raise ValueError(f"{crl_path!r}: a CRL in it does not parse") from None
+        crls.append(crl)
         nxt = crl.next_update_utc
         if nxt is not None:
             name = crl.issuer.rfc4514_string()
@@ -103,23 +157,23 @@ def check_crl(crl_path: str, ca_path: str | None) -> dict[str, dt.datetime]:
         if issuers and crl.issuer not in issuers:
             raise ValueError(
                 f"{crl_path!r}: the CRL of {crl.issuer.rfc4514_string()!r} is not from a CA "
-                "in client_ca (give the CRL of each client CA)"
+                "in client_ca or intermediate_ca (give the CRL of each client CA)"
             )
         # the name is not enough: a CRL another key signed under a client CA's name
         # would pass here and make OpenSSL refuse every client of that CA
         if cas and not any(c.subject == crl.issuer and _signed_by(crl, c) for c in cas):
             raise ValueError(
                 f"{crl_path!r}: the CRL of {crl.issuer.rfc4514_string()!r} is not signed by "
-                "that CA's key in client_ca (give the CRL that CA issued)"
+                "that CA's key in client_ca or intermediate_ca (give the CRL that CA "
+                "issued)"
             )
     if ca_path is not None and issuers:
-        covered = {x509.load_pem_x509_crl(b + b"-----END X509 CRL-----\n").issuer
-                   for b in blocks}
+        covered = {crl.issuer for crl in crls}
         missing = [n.rfc4514_string() for n in issuers if n not in covered]
         if missing:
             raise ValueError(
                 f"{crl_path!r} has no CRL for {', '.join(sorted(missing))}: with a CRL, "
-                "every client CA needs one, or its clients are all refused"
+                "every client CA and intermediate needs one, or its clients are all refused"
             )
     return due
 

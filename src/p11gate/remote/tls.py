@@ -45,7 +45,10 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
                  extra={"client_ca": cfg.client_ca, "cas": cas.summary()})
     if cfg.crl is not None:
         ctx.load_verify_locations(cafile=cfg.crl)
-        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        # every certificate of the chain, not the client's alone: a client of an
+        # intermediate CA is checked against the intermediate's CRL, and the intermediate
+        # against its issuer's; a CA in the chain without a current CRL refuses the client
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
     return ctx
 
 
@@ -111,7 +114,7 @@ async def _watch_crl(server: Serving, ctx: ssl.SSLContext, cfg: TlsConfig,
             valid_until[ca] = max(t, valid_until.get(ca, t))
 
     with contextlib.suppress(ValueError):  # checked at start; it may have changed since
-        merge(pem.check_crl(path, cfg.client_ca))
+        merge(pem.check_crl(path, cfg.client_ca, cfg.intermediate_ca))
     warned: set[str] = set()
     while server.is_serving():
         await asyncio.sleep(cfg.crl_check_interval)
@@ -125,7 +128,7 @@ async def _watch_crl(server: Serving, ctx: ssl.SSLContext, cfg: TlsConfig,
         elif now != seen and now is not None:
             seen = now
             try:
-                due = pem.check_crl(path, cfg.client_ca)
+                due = pem.check_crl(path, cfg.client_ca, cfg.intermediate_ca)
                 ctx.load_verify_locations(cafile=path)
             except (ValueError, ssl.SSLError) as e:
                 log.error("CRL changed but not loaded; the previous one stays in force",
