@@ -70,7 +70,7 @@ class Reader:
         if n == NULL_ARRAY:
             return None
         if n >= MAX_ARRAY:
-            raise ProtocolError(f"byte array length {n:#x} out of range")
+            raise ProtocolError("byte array length out of range")  # not n: see framing
         return self.raw(n)
 
 

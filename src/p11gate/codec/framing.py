@@ -59,6 +59,13 @@ class FrameReader:
         """Buffer ``data`` without parsing it (``feed(b"")`` parses it later)."""
         self._buf += data
 
+    def _too_large(self, olen: int) -> str:
+        # Not the lengths read: after a desync (or in a hostile stream) a "header" is
+        # any 12 bytes of the stream, a PIN's among them; they never reach a log
+        if olen > MAX_OPTIONS:
+            return f"frame too large (options over {MAX_OPTIONS} bytes)"
+        return f"frame too large (body over max_frame = {self.max_frame} bytes)"
+
     def feed(self, data: bytes) -> Generator[Frame, None, None]:
         if not self._buf and type(data) is bytes:
             # the common case: nothing carried over, so frames are sliced straight out
@@ -73,7 +80,7 @@ class FrameReader:
             while end - pos >= HEADER_SIZE:
                 code, olen, blen = HEADER.unpack_from(buf, pos)
                 if olen > MAX_OPTIONS or blen > self.max_frame:
-                    raise ProtocolError(f"frame too large (options {olen}, body {blen})")
+                    raise ProtocolError(self._too_large(olen))
                 if code == 0:
                     raise ProtocolError("call code 0")
                 total = HEADER_SIZE + olen + blen
@@ -99,7 +106,7 @@ class FrameReader:
             while end - pos >= HEADER_SIZE:
                 code, olen, blen = HEADER.unpack_from(data, pos)
                 if olen > MAX_OPTIONS or blen > self.max_frame:
-                    raise ProtocolError(f"frame too large (options {olen}, body {blen})")
+                    raise ProtocolError(self._too_large(olen))
                 if code == 0:
                     raise ProtocolError("call code 0")
                 total = HEADER_SIZE + olen + blen

@@ -255,8 +255,24 @@ def _read_head(r: Reader, expect_reply: bool) -> tuple[Call, bytes]:
     if sig is None:
         raise ProtocolError("missing signature")
     if cid >= len(CALLS) or (cid == 0 and not expect_reply):
-        raise ProtocolError(f"unknown call id {cid}")
+        # a small id is named; a large one is four bytes of anything (a PIN's, after a
+        # desync) and is not
+        raise ProtocolError(f"unknown call id {cid}" if cid < 0x100 else "unknown call id")
     return CALLS[cid], sig
+
+
+#: the letters p11-kit signatures are written in
+_SIGNATURE_LETTERS = frozenset(b"AMPafsuvyz")
+
+
+def _shown_signature(sig: bytes) -> str:
+    """A wrong signature as a log may show it: what the client sent when it reads as
+    one (a few signature letters: a client of another protocol version), else only its
+    length. The bytes are the client's stream, wherever the client put them: a PIN
+    that a desynchronised or hostile frame puts there never reaches the log."""
+    if len(sig) <= 16 and set(sig) <= _SIGNATURE_LETTERS:
+        return repr(sig)
+    return f"of {len(sig)} bytes"
 
 
 def decode_request(body: bytes | bytearray | memoryview, d: Dialect) -> tuple[Call, list[Any]]:
@@ -282,7 +298,8 @@ def decode_request(body: bytes | bytearray | memoryview, d: Dialect) -> tuple[Ca
     r = Reader(body)
     call, sig = _read_head(r, False)
     if sig != call.req_sig:
-        raise ProtocolError(f"{call.name}: signature {sig!r} != {call.req_sig!r}")
+        raise ProtocolError(f"{call.name}: signature {_shown_signature(sig)} != "
+                            f"{call.req_sig!r}")
     return call, _read_request_args(call, r, d)
 
 
@@ -349,7 +366,8 @@ def decode_reply(
         if call.id != expect_call:
             raise ProtocolError(f"reply for {call.name}, expected {CALLS[expect_call].name}")
         if sig != call.rep_sig:
-            raise ProtocolError(f"{call.name}: reply signature {sig!r} != {call.rep_sig!r}")
+            raise ProtocolError(f"{call.name}: reply signature {_shown_signature(sig)} != "
+                            f"{call.rep_sig!r}")
     ctx = _reply_ctx(call, request_args)
     readers = _REP_READERS[call.id]
     if call.id == C_DeriveKey2:

@@ -373,6 +373,7 @@ _SPECIAL: dict[str, Handler] = {
     "C_DeriveKey": object_calls.h_create,
     "C_DeriveKey2": object_calls.h_create,
     "C_WaitForSlotEvent": session_calls.h_wait_for_slot_event,
+    "C_SetOperationState": forwarding.h_set_operation_state,
 }
 _FORWARD: Handler = forwarding.forward
 

@@ -171,3 +171,25 @@ def forward_now(c: ClientConnection, code: int, call: Call, args: list[Any], s: 
         c._reply(code, body)
 
     fut.add_done_callback(done)
+
+
+async def h_set_operation_state(c: ClientConnection, call: Call, args: list[Any]) -> list[Any]:
+    """C_SetOperationState(session, state, encryption key, authentication key) starts an
+    operation again, with those keys when given: a key use no Init records and that
+    cannot be undone. It is audited before it runs (``PENDING``: an audit log that
+    cannot take the record refuses it, fail closed), needs ``use`` when it names a key,
+    as an Init does, and its result follows as a best-effort record."""
+    s = c.session_for(args[0])
+    t = s.token
+    if any(args[2:4]):  # 0: no key
+        c.require(t, "use", "key use")
+    key = next((c.handles.objects.get(h) for h in args[2:4] if h), None)
+    fields: dict[str, Any] = {"object": translation.object_fields_of(key) if key else {}}
+    c.gw.audit.attempt(call.name, c.peer, t.name, **fields)
+    try:
+        reply = await forward(c, call, args)
+    except Pkcs11Error as e:
+        c.gw.audit.record_best_effort(call.name, e.rv, c.peer, t.name, **fields)
+        raise
+    c.gw.audit.record_best_effort(call.name, ckr.OK, c.peer, t.name, **fields)
+    return reply
