@@ -193,7 +193,7 @@ class Member:
         try:
             found = await fut
         except (BackendUnavailable, TimeoutError, Pkcs11Error) as e:
-            raise self._failure(e, [session]) from None
+            raise self._failure(e, ID["C_FindObjectsInit"], [session]) from None
         finally:
             self.outstanding -= 1
         self._answered(t0)
