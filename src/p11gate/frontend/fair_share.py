@@ -6,19 +6,33 @@ client's calls wait behind them until a deadline kills the worker. Here each ide
 (``Identity.key``: the uid, the certificate subject) may have at most
 ``max_calls_per_identity`` calls in flight on a backend; its further calls wait in a
 FIFO queue of their own (bounded by ``max_queued_per_identity``, beyond which the call
-is refused with CKR_FUNCTION_FAILED) while other identities' calls go straight on. A
-queued call starts when one of the same identity's calls ends, in the order they came.
+is refused with CKR_FUNCTION_FAILED) while other identities' calls go straight on. An
+identity's queued calls start in the order they came, once it is under its share again
+and the backend has a free place (below).
 
-The share per identity does not stop several identities together: two tenants each
-running their share of key generations (``threads - 1`` each, minutes at the largest
-sizes allowed) fill every thread and the worker's queue, a third tenant's signature
-waits behind them past ``call_timeout``, and the worker is killed with every session on
-it. So key and parameter generations (``SLOW_CALLS``) never take a backend's last
+The share per identity does not stop several identities together: two tenants each at
+their share (3 + 3 on 4 threads) would hand the backend more calls than it has threads,
+the surplus would wait in the worker's (or the in-process executor's) queue, where the
+wait counts against ``call_timeout``: a bystander's signature waits behind everybody's
+calls, and a missed deadline kills the worker with every session on it. So on a plain
+backend all identities together have at most its capacity in flight (``capacity``: a
+module's ``threads``, a KMIP backend's connections; the soft token, whose calls run on
+the event loop, has none). Beyond, a call waits in its identity's queue here, and each
+call that ends gives its place to the queued identities: one with nothing in flight
+first (a bystander waits for about one call's end, not for everybody's queue), then the
+others in turn (round robin, one call each). A call's deadline starts when it is handed
+to the backend, so a wait here is never taken for a hung module. What is not bounded: a
+queued call waits as long as the calls ahead of it run (the identity's own, and one
+call per queued identity per turn), and the client's own deadline is the client's.
+
+Key and parameter generations (``SLOW_CALLS``) moreover never take a backend's last
 thread: at most ``threads - 1`` of them run at once in all (at least one); beyond, a
-generation waits in its identity's queue until any identity's generation ends.
+generation waits in its identity's queue (the identity's later calls behind it) until
+any identity's generation ends.
 
-Cost on the hot path, under the share: one dict lookup, one counter, one done-callback;
-no task and no coroutine. Only a call that has to wait allocates anything.
+Cost on the hot path, under the share and the capacity: one dict lookup, two counters,
+one done-callback; no task and no coroutine. Only a call that has to wait allocates
+anything, and only while some call waits does an ending call look at the queues.
 
 Pools: the share applies to the pool token as a whole (the frontend's view of the
 backend), and only to the calls that are slow by nature (key and parameter generation,
@@ -30,11 +44,15 @@ behind them: a deadlock. Generation holds a lease only while it runs. An identit
 have as many generations in flight on a pool as the shares of its usable members add up
 to (each member backend counted once), recomputed at every call, so the share shrinks
 with the pool's capacity when members go down. The pool's own bound on member sessions
-(``max_sessions_per_member``) bounds everything else.
+(``max_sessions_per_member``) bounds everything else, and there is no capacity bound
+across identities on a pool token (its calls wait for member sessions in the pool, in
+the order they came).
 
 Only calls forwarded for a client session pass through here. The gateway's own calls
-(attaching tokens, logins, reading an object's identity, pool replication) and the
-session-less ones are short and are not counted.
+(attaching tokens, logins, reading an object's identity, pool replication), the
+session-less ones and a pool's calls to its member backends are short or bounded by the
+pool, and are not counted: they may still run beside the capacity's calls, which is why
+the worker and the in-process executor keep queues of their own.
 """
 
 from __future__ import annotations
