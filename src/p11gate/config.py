@@ -205,7 +205,8 @@ class BackendConfig(_Strict):
     raw_parameter_mechanisms: list[int] = Field(default_factory=list)
     #: fair share: calls of one identity in flight on this backend at once (default
     #: threads - 1, at least 1), so that one tenant never holds every thread; its
-    #: further calls wait in a queue while other identities' calls go ahead
+    #: further calls wait in a queue while other identities' calls go ahead. All
+    #: identities together have at most ``threads`` calls in flight (fair_share.py)
     max_calls_per_identity: int | None = Field(default=None, ge=1, le=256)
     #: calls of one identity waiting for its share; beyond, CKR_FUNCTION_FAILED
     max_queued_per_identity: int = Field(default=4096, ge=0, le=1 << 20)

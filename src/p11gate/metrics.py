@@ -99,6 +99,9 @@ STATE_METRICS: dict[str, StateMetric] = {m.name: m for m in (
     StateMetric("p11gate_fair_share_waiting", "gauge",
                 "Calls queued behind their identity's fair share of a backend or pool",
                 ("backend",)),
+    StateMetric("p11gate_fair_share_in_flight", "gauge",
+                "Calls the fair share has handed to a backend and not seen end, all "
+                "identities together (at most the backend's threads)", ("backend",)),
     StateMetric("p11gate_client_sessions", "gauge",
                 "Sessions clients have open, per token", ("token",)),
     StateMetric("p11gate_connections", "gauge",

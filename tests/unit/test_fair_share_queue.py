@@ -218,3 +218,95 @@ def test_generations_never_take_the_last_thread() -> None:
         assert share.in_flight("uid:A") == share.in_flight("uid:C") == 0
 
     asyncio.run(main())
+
+
+def test_all_identities_together_have_at_most_threads_calls_in_flight() -> None:
+    """threads = 4, share 3: A and C at their share fill the backend; the rest wait.
+    A bystander's call (nothing in flight) takes the next free place; then the queued
+    identities take turns. submit_raw counts and yields the same way."""
+    async def main() -> None:
+        b = FakeBackend()
+        share = FairShare(b, limit=3, max_queued=16, threads=4)
+        a = [share.submit("uid:A", 100 + i, []) for i in range(5)]
+        c = [share.submit("uid:C", 200 + i, []) for i in range(5)]
+        assert [x for x, _ in b.sent] == [100, 101, 102, 200]  # 4 in all
+        assert share.total_in_flight == 4 and share.waiting("uid:C") == 4
+        # the raw relay path neither passes a full backend nor a queued identity
+        assert share.submit_raw("uid:B", 300, []) is None and b.raw == []
+        sign = share.submit("uid:B", C_SIGN, [])
+        assert share.waiting("uid:B") == 1
+        b.finish(100)  # the freed place goes to B (nothing in flight), not A or C
+        await _settle()
+        assert [x for x, _ in b.sent][4:] == [C_SIGN]
+        b.finish(C_SIGN)  # then C and A take turns
+        await _settle()
+        b.finish(101)
+        await _settle()
+        b.finish(200)
+        await _settle()
+        # A was queued before C: A, C, A in turn (each under its share again)
+        assert [x for x, _ in b.sent][5:] == [103, 201, 104]
+        assert sign.result() == [C_SIGN] and share.total_in_flight == 4
+        described = share.describe()
+        assert described["max_calls_in_flight"] == 4 and described["in_flight_total"] == 4
+        assert described["saturated_total"] >= 1
+        for x in (102, 201):  # only C waits now: its calls take the places
+            b.finish(x)
+            await _settle()
+        assert [x for x, _ in b.sent][8:] == [202, 203]
+        for x in (103, 104, 202):
+            b.finish(x)
+            await _settle()
+        left = [x for x, f in b.sent if not f.done()]
+        assert sorted(left) == [203, 204] and share.total_in_flight == 2
+        share.submit("uid:A", 105, [])  # in flight: 3
+        # below capacity again with nobody queued behind it: the raw path is taken
+        raw = share.submit_raw("uid:B", 301, [])
+        assert raw is not None and b.raw == [301] and share.total_in_flight == 4
+        assert share.submit_raw("uid:D", 302, []) is None  # full again
+        raw.set_result(b"")
+        await _settle()
+        for x in (105, 203, 204):
+            b.finish(x)
+            await _settle()
+        assert all(f.done() for f in a + c)
+        assert share.total_in_flight == 0 and share.describe()["waiting"] == {}
+        assert share.in_flight("uid:A") == share.in_flight("uid:B") == 0
+
+    asyncio.run(main())
+
+
+def test_round_robin_among_busy_identities_and_cancelled_or_dropped_calls() -> None:
+    """threads = 2, share 2: three identities with calls in flight queue behind each
+    other; each freed place goes to the next identity in turn. A cancelled call or one
+    of a client that hung up gives its turn on at once."""
+    async def main() -> None:
+        b = FakeBackend()
+        share = FairShare(b, limit=2, max_queued=16, threads=2)
+        gone = Conn()
+        share.submit("uid:A", 1, [])
+        share.submit("uid:B", 2, [])
+        for i in range(3):
+            share.submit("uid:A", 10 + i, [])
+            share.submit("uid:B", 20 + i, [], gone if i == 0 else None)
+        assert [x for x, _ in b.sent] == [1, 2]
+        cancelled = share.submit("uid:C", 30, [])
+        share.submit("uid:C", 31, [])
+        cancelled.cancel()
+        assert share.drop_queued(gone) == 1
+        b.finish(1)
+        b.finish(2)
+        await _settle()
+        b.finish(10)
+        await _settle()
+        b.finish(21)
+        await _settle()
+        b.finish(31)
+        await _settle()
+        # C had nothing in flight: first; its first call was cancelled, its second one
+        # takes its turn. Then A and B (both queued with a call in flight) in turn;
+        # B's first call was dropped with its client
+        assert [x for x, _ in b.sent] == [1, 2, 31, 10, 21, 11, 22]
+        assert share.total_in_flight == 2
+
+    asyncio.run(main())

@@ -6,19 +6,33 @@ client's calls wait behind them until a deadline kills the worker. Here each ide
 (``Identity.key``: the uid, the certificate subject) may have at most
 ``max_calls_per_identity`` calls in flight on a backend; its further calls wait in a
 FIFO queue of their own (bounded by ``max_queued_per_identity``, beyond which the call
-is refused with CKR_FUNCTION_FAILED) while other identities' calls go straight on. A
-queued call starts when one of the same identity's calls ends, in the order they came.
+is refused with CKR_FUNCTION_FAILED) while other identities' calls go straight on. An
+identity's queued calls start in the order they came, once it is under its share again
+and the backend has a free place (below).
 
-The share per identity does not stop several identities together: two tenants each
-running their share of key generations (``threads - 1`` each, minutes at the largest
-sizes allowed) fill every thread and the worker's queue, a third tenant's signature
-waits behind them past ``call_timeout``, and the worker is killed with every session on
-it. So key and parameter generations (``SLOW_CALLS``) never take a backend's last
+The share per identity does not stop several identities together: two tenants each at
+their share (3 + 3 on 4 threads) would hand the backend more calls than it has threads,
+the surplus would wait in the worker's (or the in-process executor's) queue, where the
+wait counts against ``call_timeout``: a bystander's signature waits behind everybody's
+calls, and a missed deadline kills the worker with every session on it. So on a plain
+backend all identities together have at most its capacity in flight (``capacity``: a
+module's ``threads``, a KMIP backend's connections; the soft token, whose calls run on
+the event loop, has none). Beyond, a call waits in its identity's queue here, and each
+call that ends gives its place to the queued identities: one with nothing in flight
+first (a bystander waits for about one call's end, not for everybody's queue), then the
+others in turn (round robin, one call each). A call's deadline starts when it is handed
+to the backend, so a wait here is never taken for a hung module. What is not bounded: a
+queued call waits as long as the calls ahead of it run (the identity's own, and one
+call per queued identity per turn), and the client's own deadline is the client's.
+
+Key and parameter generations (``SLOW_CALLS``) moreover never take a backend's last
 thread: at most ``threads - 1`` of them run at once in all (at least one); beyond, a
-generation waits in its identity's queue until any identity's generation ends.
+generation waits in its identity's queue (the identity's later calls behind it) until
+any identity's generation ends.
 
-Cost on the hot path, under the share: one dict lookup, one counter, one done-callback;
-no task and no coroutine. Only a call that has to wait allocates anything.
+Cost on the hot path, under the share and the capacity: one dict lookup, two counters,
+one done-callback; no task and no coroutine. Only a call that has to wait allocates
+anything, and only while some call waits does an ending call look at the queues.
 
 Pools: the share applies to the pool token as a whole (the frontend's view of the
 backend), and only to the calls that are slow by nature (key and parameter generation,
@@ -30,11 +44,15 @@ behind them: a deadlock. Generation holds a lease only while it runs. An identit
 have as many generations in flight on a pool as the shares of its usable members add up
 to (each member backend counted once), recomputed at every call, so the share shrinks
 with the pool's capacity when members go down. The pool's own bound on member sessions
-(``max_sessions_per_member``) bounds everything else.
+(``max_sessions_per_member``) bounds everything else, and there is no capacity bound
+across identities on a pool token (its calls wait for member sessions in the pool, in
+the order they came).
 
 Only calls forwarded for a client session pass through here. The gateway's own calls
-(attaching tokens, logins, reading an object's identity, pool replication) and the
-session-less ones are short and are not counted.
+(attaching tokens, logins, reading an object's identity, pool replication), the
+session-less ones and a pool's calls to its member backends are short or bounded by the
+pool, and are not counted: they may still run beside the capacity's calls, which is why
+the worker and the in-process executor keep queues of their own.
 """
 
 from __future__ import annotations
@@ -58,6 +76,8 @@ log = logging.getLogger("p11gate.share")
 
 #: at most one "queue full" log record per identity and backend in this many seconds
 _LOG_EVERY = 10.0
+#: the capacity of a backend whose calls in flight are not bounded in all
+_UNBOUNDED = 1 << 62
 
 
 class Owner(Protocol):
@@ -80,24 +100,36 @@ class _Waiting:
 
 
 class FairShare:
-    """One backend's share book: calls in flight per identity and their queues."""
+    """One backend's share book: calls in flight per identity and in all, and the
+    identities' queues, served in turn."""
 
     def __init__(self, backend: Backend, limit: int, max_queued: int,
-                 pool_limit: Callable[[], int] | None = None, threads: int = 0) -> None:
+                 pool_limit: Callable[[], int] | None = None, threads: int = 0,
+                 capacity: int | None = None) -> None:
         self.backend = backend
         self.limit = max(1, limit)
         #: generations in flight in all, and how many may be (0: no bound; pools, whose
         #: members each have their own share book, are bounded per member lease)
         self._slow = 0
         self._slow_cap = max(1, threads - 1) if threads and pool_limit is None else 0
+        #: counted calls in flight in all, and how many may be (``capacity``: the
+        #: backend's threads; default ``threads``; 0 or a pool: no bound)
+        self._total = 0
+        cap = threads if capacity is None else capacity
+        self.capacity = max(1, cap) if cap and pool_limit is None else 0
+        self._cap = self.capacity or _UNBOUNDED
         #: a pool's share depends on which members are usable now
         self._pool_limit = pool_limit
         self.max_queued = max_queued
         self._active: dict[str, int] = {}
         self._queues: dict[str, collections.deque[_Waiting]] = {}
-        #: counters for status: calls that had to wait, calls refused (queue full)
+        #: the identities with calls queued, in the order they get the next free place
+        self._turns: collections.deque[str] = collections.deque()
+        #: counters for status: calls that had to wait, calls refused (queue full),
+        #: calls that waited for the backend's capacity (not their identity's share)
         self.queued = 0
         self.refused = 0
+        self.saturated = 0
         self._logged: dict[str, float] = {}
 
     # ------------------------------------------------------------ submitting
@@ -105,20 +137,23 @@ class FairShare:
     def submit(self, who: str, call_id: int, args: list[Any],
                owner: Owner | None = None) -> asyncio.Future[list[Any]]:
         """Like ``Backend.submit``: start the call now if ``who`` is under its share,
-        else queue it. Raises BackendUnavailable (backend down) or Pkcs11Error (queue
-        full) synchronously."""
+        the backend under its capacity and ``who`` has nothing queued, else queue it.
+        Raises BackendUnavailable (backend down) or Pkcs11Error (queue full)
+        synchronously."""
         n = self._active.get(who, 0)
         slow = call_id in SLOW_CALLS
         if self._pool_limit is None:
-            if n >= self.limit or (slow and self._slow_full()):
-                return self._enqueue(who, call_id, args, owner)
-        elif call_id not in SLOW_CALLS:
+            if (n >= self.limit or self._total >= self._cap
+                    or (slow and self._slow_full()) or (self._queues and who in self._queues)):
+                return self._enqueue(who, call_id, args, owner, n)
+        elif not slow:
             return self.backend.submit(call_id, args)  # see the module docstring: pools
         elif n >= self._pool_limit() or who in self._queues:
             # (a pool's share can grow while calls wait: those go first)
-            return self._enqueue(who, call_id, args, owner)
+            return self._enqueue(who, call_id, args, owner, n)
         fut = self.backend.submit(call_id, args)
         self._active[who] = n + 1
+        self._total += 1
         if slow:
             self._slow += 1
         fut.add_done_callback(functools.partial(self._release, who, slow))
@@ -127,37 +162,47 @@ class FairShare:
     def submit_raw(self, who: str, call_id: int,
                    args: list[Any]) -> asyncio.Future[bytes] | None:
         """Like ``Backend.submit_raw``; None when the call must go through
-        :meth:`submit` instead (not relayable, or it has to queue)."""
+        :meth:`submit` instead (not relayable, or it has to queue). Counted as
+        :meth:`submit` counts."""
         if self._pool_limit is not None:
             # as in submit: a pool's calls other than SLOW_CALLS are not counted here
             return None if call_id in SLOW_CALLS else self.backend.submit_raw(call_id, args)
         n = self._active.get(who, 0)
-        if n >= self.limit or (call_id in SLOW_CALLS and self._slow_cap):
+        if (n >= self.limit or self._total >= self._cap
+                or (call_id in SLOW_CALLS and self._slow_cap)
+                or (self._queues and who in self._queues)):
             return None  # (a generation is never relayed raw: counted in submit)
         raw = self.backend.submit_raw(call_id, args)
         if raw is None:
             return None
         self._active[who] = n + 1
+        self._total += 1
         raw.add_done_callback(functools.partial(self._release, who, False))
         return raw
 
     def _enqueue(self, who: str, call_id: int, args: list[Any],
-                 owner: Owner | None) -> asyncio.Future[list[Any]]:
+                 owner: Owner | None, n: int) -> asyncio.Future[list[Any]]:
         if not self.backend.up:
             raise BackendUnavailable(f"backend {self.backend.name} is restarting")
         q = self._queues.get(who)
-        if q is None:
-            q = self._queues[who] = collections.deque()
-        if len(q) >= self.max_queued:
+        if len(q or ()) >= self.max_queued:
             self.refused += 1
             self._log_refusal(who)
-            if not q:
-                del self._queues[who]
             raise Pkcs11Error(ckr.FUNCTION_FAILED, "fair share: too many calls queued")
+        if q is None:
+            q = self._queues[who] = collections.deque()
+            # an identity with nothing in flight is served first (a bystander waits
+            # for one call's end, not for everyone's turn); the others in turn
+            if n == 0:
+                self._turns.appendleft(who)
+            else:
+                self._turns.append(who)
         out: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         # handles in ``args`` belong to the backend instance of now: checked at start
         q.append(_Waiting(call_id, args, self.backend.generation, owner, out))
         self.queued += 1
+        if n < self.limit and self._total >= self._cap:
+            self.saturated += 1
         return out
 
     def _log_refusal(self, who: str) -> None:
@@ -177,49 +222,45 @@ class FairShare:
         return bool(self._slow_cap) and self._slow >= self._slow_cap
 
     def _release(self, who: str, slow: bool, _done: asyncio.Future[Any]) -> None:
-        """One of ``who``'s calls ended: its slot goes to ``who``'s next queued call,
-        or is freed; a generation's place goes to any identity's queued generation."""
+        """One of ``who``'s calls ended: its place goes to the queued calls, in turn."""
         n = self._active.get(who, 1) - 1
-        if slow:
-            self._slow -= 1
-        q = self._queues.get(who)
-        if q:
-            limit = self.limit if self._pool_limit is None else self._pool_limit()
-            while q and n < limit:
-                if q[0].call_id in SLOW_CALLS and self._slow_full():
-                    break  # waits for a generation's place (see _start_generations)
-                w = q.popleft()
-                if not q:
-                    del self._queues[who]
-                if self._start(who, w):
-                    n += 1
-                q = self._queues.get(who)
         if n > 0:
             self._active[who] = n
         else:
             self._active.pop(who, None)
-        if slow and self._queues and not self._slow_full():
-            self._start_generations()
+        self._total -= 1
+        if slow:
+            self._slow -= 1
+        if self._queues:
+            self._dispatch()
 
-    def _start_generations(self) -> None:
-        """A generation's place is free: the queues whose next call is a generation
-        (and whose identity is under its share) start one each, in turn."""
-        progress = True
-        while progress and not self._slow_full():
-            progress = False
-            for who in list(self._queues):
-                q = self._queues.get(who)
-                n = self._active.get(who, 0)
-                if not q or n >= self.limit or q[0].call_id not in SLOW_CALLS:
-                    continue
-                w = q.popleft()
-                if not q:
-                    del self._queues[who]
-                if self._start(who, w):
-                    self._active[who] = n + 1
-                progress = True
-                if self._slow_full():
-                    return
+    def _dispatch(self) -> None:
+        """Start queued calls while there is room: the identity whose turn it is starts
+        its oldest call if it is under its share (and, for a generation, a generation's
+        place is free), then goes to the back of the turns; one that cannot start now
+        is passed over (to the back too) until every queued identity has been asked."""
+        turns, queues = self._turns, self._queues
+        limit = self.limit if self._pool_limit is None else self._pool_limit()
+        passed = 0
+        while turns and self._total < self._cap and passed < len(turns):
+            who = turns[0]
+            q = queues[who]
+            w = q[0]
+            if (self._active.get(who, 0) >= limit
+                    or (w.call_id in SLOW_CALLS and self._slow_full())):
+                turns.rotate(-1)
+                passed += 1
+                continue
+            q.popleft()
+            started = self._start(who, w)
+            if not q:
+                turns.popleft()
+                del queues[who]
+            elif started:
+                turns.rotate(-1)
+            # (a call dropped at its start costs its identity no turn)
+            if started:
+                passed = 0
 
     def _start(self, who: str, w: _Waiting) -> bool:
         out = w.out
@@ -233,11 +274,14 @@ class FairShare:
             out.set_exception(BackendUnavailable("backend restarted while the call was queued"))
             return False
         try:
+            # the call's deadline (call_timeout) starts here, not when it was queued
             inner = self.backend.submit(w.call_id, w.args)
         except BackendUnavailable as e:
             out.set_exception(e)
             return False
         slow = w.call_id in SLOW_CALLS and self._pool_limit is None
+        self._active[who] = self._active.get(who, 0) + 1
+        self._total += 1
         if slow:
             self._slow += 1
         inner.add_done_callback(functools.partial(self._finished, who, slow, out))
@@ -269,6 +313,10 @@ class FairShare:
                 self._queues[who] = keep
             else:
                 del self._queues[who]
+        if dropped:
+            self._turns = collections.deque(w for w in self._turns if w in self._queues)
+            if self._queues:  # a generation or share no longer blocked behind them
+                self._dispatch()
         return dropped
 
     # ------------------------------------------------------------ status
@@ -279,13 +327,20 @@ class FairShare:
     def waiting(self, who: str) -> int:
         return len(self._queues.get(who, ()))
 
+    @property
+    def total_in_flight(self) -> int:
+        return self._total
+
     def describe(self) -> dict[str, Any]:
         limit = self.limit if self._pool_limit is None else self._pool_limit()
         return {"backend": self.backend.name, "max_calls_per_identity": limit,
                 "max_queued_per_identity": self.max_queued,
+                "max_calls_in_flight": self.capacity or None,
+                "in_flight_total": self._total,
                 "in_flight": dict(self._active),
                 "waiting": {k: len(v) for k, v in self._queues.items()},
-                "queued_total": self.queued, "refused_total": self.refused}
+                "queued_total": self.queued, "refused_total": self.refused,
+                "saturated_total": self.saturated}
 
 
 class FairShares:
@@ -304,7 +359,7 @@ class FairShares:
                 pool_limit = functools.partial(self._pool_share, backend)
             threads = min(b.threads for b in confs)
             self._by_backend[backend] = FairShare(backend, limit, queued, pool_limit,
-                                                  threads)
+                                                  threads, capacity(confs[0]))
 
     def _pool_share(self, pool: PoolBackend) -> int:
         """The shares of the pool's usable member backends, added up (at least 1)."""
@@ -331,6 +386,17 @@ class FairShares:
 
     def describe(self) -> list[dict[str, Any]]:
         return [s.describe() for s in self._by_backend.values()]
+
+
+def capacity(b: BackendConfig) -> int:
+    """How many calls a plain backend serves at once: a module's threads, a KMIP
+    backend's connections; 0 for the soft token (its calls run on the event loop, or
+    briefly in threads of its own)."""
+    if b.type == "kmip":
+        return b.kmip.pool_size if b.kmip is not None else 0
+    if b.type == "soft":
+        return 0
+    return b.threads
 
 
 def member_backends(cfg: Config, name: str) -> Iterable[BackendConfig]:

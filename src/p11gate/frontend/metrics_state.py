@@ -20,7 +20,8 @@ def snapshot(gw: Gateway) -> Snapshot:
         "p11gate_pool_member_downs", "p11gate_pool_failovers", "p11gate_pool_replays",
         "p11gate_pool_member_outstanding", "p11gate_backend_sessions_open",
         "p11gate_backend_sessions_leased", "p11gate_backend_session_waiters",
-        "p11gate_fair_share_waiting", "p11gate_client_sessions", "p11gate_connections",
+        "p11gate_fair_share_waiting", "p11gate_fair_share_in_flight",
+        "p11gate_client_sessions", "p11gate_connections",
         "p11gate_connections_refused", "p11gate_tls_handshakes_refused",
         "p11gate_pin_lockouts", "p11gate_audit_write_failures")}
     for b in gw.backends.values():
@@ -42,6 +43,8 @@ def snapshot(gw: Gateway) -> Snapshot:
     for share in gw.fair_share.describe():
         s["p11gate_fair_share_waiting"].append(
             ((share["backend"],), float(sum(share["waiting"].values()))))
+        s["p11gate_fair_share_in_flight"].append(
+            ((share["backend"],), float(share["in_flight_total"])))
     sessions: Counter[str] = Counter({t.name: 0 for t in gw.tokens})
     listeners: Counter[str] = Counter({a: 0 for a in gw.cfg.server.listen})
     for c in gw.connections:
