@@ -31,7 +31,10 @@ from typing import Any
 
 from ..codec.calls import CALLS_BY_NAME
 from ..errors import Pkcs11Error
-from .rpc_client import RpcChannel
+
+#: sends calls as one chain: each call's reply values in order, or its Pkcs11Error, which
+#: is then the last item (nothing runs after a failed call)
+Chain = Callable[[list[tuple[int, list[Any]]]], "asyncio.Future[list[list[Any] | Pkcs11Error]]"]
 
 C_FindObjectsInit = CALLS_BY_NAME["C_FindObjectsInit"].id
 C_FindObjects = CALLS_BY_NAME["C_FindObjects"].id
@@ -70,20 +73,20 @@ class FindPrefetch:
     def __len__(self) -> int:
         return len(self._batches)
 
-    def submit(self, chan: RpcChannel, call_id: int, args: list[Any],
-               send: Callable[[], asyncio.Future[list[Any]]],
-               on_timeout: Callable[[], None] | None) -> asyncio.Future[list[Any]]:
+    def submit(self, chain: Chain, loop: asyncio.AbstractEventLoop, call_id: int,
+               args: list[Any],
+               send: Callable[[], asyncio.Future[list[Any]]]) -> asyncio.Future[list[Any]]:
         """``call_id`` (one of WATCHED) with ``args``: a chain, an answer from the batch,
         or ``send()`` (the call as it is) after dropping what it ends."""
         if call_id == C_FindObjects:
             answer = self._take(args)
             if answer is not None:
-                fut: asyncio.Future[list[Any]] = chan.proto._loop.create_future()
+                fut: asyncio.Future[list[Any]] = loop.create_future()
                 fut.set_result([answer])
                 return fut
             return send()
         if call_id == C_FindObjectsInit:
-            return self._init(chan, args, on_timeout)
+            return self._init(chain, loop, args)
         if call_id == C_CloseAllSessions:
             self._batches.clear()
         else:  # C_FindObjectsFinal, C_CloseSession
@@ -111,16 +114,18 @@ class FindPrefetch:
         del self._batches[args[0]]  # a full batch, used up: the module goes on
         return None
 
-    def search(self, chan: RpcChannel, session: int, template: list[Any],
-               on_timeout: Callable[[], None] | None) -> asyncio.Future[list[int] | None]:
+    def search(self, chain: Chain, loop: asyncio.AbstractEventLoop, session: int,
+               template: list[Any],
+               send: Callable[[int, list[Any]], asyncio.Future[list[Any]]],
+               ) -> asyncio.Future[list[int] | None]:
         """A whole search in one chain (Init, Find of BATCH, Final), for the gateway's
         own searches (a pool's member search): the handles found, or None when there may
         be more than BATCH (the caller searches call by call instead). A failed Find's
         error is raised after its search is ended on the module."""
-        chained = chan.submit_chain([(C_FindObjectsInit, [session, template]),
-                                     (C_FindObjects, [session, BATCH]),
-                                     (C_FindObjectsFinal, [session])], on_timeout=on_timeout)
-        out: asyncio.Future[list[int] | None] = chan.proto._loop.create_future()
+        chained = chain([(C_FindObjectsInit, [session, template]),
+                         (C_FindObjects, [session, BATCH]),
+                         (C_FindObjectsFinal, [session])])
+        out: asyncio.Future[list[int] | None] = loop.create_future()
 
         def ended(e: Pkcs11Error, f: asyncio.Future[Any]) -> None:
             if not out.done():
@@ -141,7 +146,7 @@ class FindPrefetch:
             elif isinstance(replies[1], Pkcs11Error):
                 # the chain stopped before its Final: the module's search is still on
                 try:
-                    fin = chan.submit(C_FindObjectsFinal, [session], None, on_timeout)
+                    fin = send(C_FindObjectsFinal, [session])
                 except Exception:
                     out.set_exception(replies[1])
                     return
@@ -154,14 +159,13 @@ class FindPrefetch:
         chained.add_done_callback(done)
         return out
 
-    def _init(self, chan: RpcChannel, args: list[Any],
-              on_timeout: Callable[[], None] | None) -> asyncio.Future[list[Any]]:
+    def _init(self, chain: Chain, loop: asyncio.AbstractEventLoop,
+              args: list[Any]) -> asyncio.Future[list[Any]]:
         session = args[0]
         # what is kept stays until this Init succeeds: a refused one (a search already
         # running: CKR_OPERATION_ACTIVE) leaves the running search as it is
-        chained = chan.submit_chain([(C_FindObjectsInit, args), (C_FindObjects, [session, BATCH])],
-                                    on_timeout=on_timeout)
-        out: asyncio.Future[list[Any]] = chan.proto._loop.create_future()
+        chained = chain([(C_FindObjectsInit, args), (C_FindObjects, [session, BATCH])])
+        out: asyncio.Future[list[Any]] = loop.create_future()
 
         def done(f: asyncio.Future[list[list[Any] | Pkcs11Error]]) -> None:
             if out.done():

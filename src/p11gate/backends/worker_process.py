@@ -212,9 +212,9 @@ class WorkerBackend(Backend):
             raise BackendUnavailable(f"backend {self.name} is restarting")
         if call_id in WATCHED and self._prefetch is not None:
             return self._prefetch.submit(
-                chan, call_id, args,
-                lambda: chan.submit(call_id, args, None, self._deadline_missed),
-                self._deadline_missed)
+                functools.partial(chan.submit_chain, on_timeout=self._deadline_missed),
+                chan.proto._loop, call_id, args,
+                lambda: chan.submit(call_id, args, None, self._deadline_missed))
         timeout = self.cfg.keygen_timeout if call_id in SLOW_CALLS else None
         return chan.submit(call_id, args, timeout, self._deadline_missed)
 
@@ -251,7 +251,10 @@ class WorkerBackend(Backend):
             raise BackendUnavailable(f"backend {self.name} is restarting")
         if self._prefetch is None:
             return None
-        return self._prefetch.search(chan, session, template, self._deadline_missed)
+        return self._prefetch.search(
+            functools.partial(chan.submit_chain, on_timeout=self._deadline_missed),
+            chan.proto._loop, session, template,
+            lambda c, a: chan.submit(c, a, None, self._deadline_missed))
 
     def _deadline_missed(self) -> None:
         self._down(f"a call missed its deadline (call_timeout {self.cfg.call_timeout}s, "
