@@ -31,6 +31,7 @@ from typing import Any
 
 from ..codec.calls import CALLS_BY_NAME
 from ..errors import Pkcs11Error
+from .futures import passed_on
 
 #: sends calls as one chain: each call's reply values in order, or its Pkcs11Error, which
 #: is then the last item (nothing runs after a failed call)
@@ -134,11 +135,7 @@ class FindPrefetch:
                 f.exception()  # the Final's own outcome does not matter
 
         def done(f: asyncio.Future[list[list[Any] | Pkcs11Error]]) -> None:
-            if out.done():
-                return
-            exc = f.exception()
-            if exc is not None:
-                out.set_exception(exc)
+            if passed_on(f, out):
                 return
             replies = f.result()
             if isinstance(replies[0], Pkcs11Error):
@@ -168,11 +165,7 @@ class FindPrefetch:
         out: asyncio.Future[list[Any]] = loop.create_future()
 
         def done(f: asyncio.Future[list[list[Any] | Pkcs11Error]]) -> None:
-            if out.done():
-                return
-            exc = f.exception()
-            if exc is not None:
-                out.set_exception(exc)
+            if passed_on(f, out):
                 return
             replies = f.result()
             init = replies[0]

@@ -32,6 +32,7 @@ from ..codec.message import is_reply_to
 from ..codec.tables import Dialect
 from ..codec.values import ParamUpdate
 from ..errors import BackendUnavailable, Pkcs11Error
+from .futures import passed_on
 
 OPTIONS = b"p11gate"
 _NEVER = float("inf")
@@ -249,11 +250,7 @@ class RpcChannel:
         out: asyncio.Future[list[Any]] = self.proto._loop.create_future()
 
         def done(f: asyncio.Future[bytes]) -> None:
-            if out.done():
-                return
-            exc = f.exception()
-            if exc is not None:
-                out.set_exception(exc)
+            if passed_on(f, out):
                 return
             try:
                 out.set_result(decode_reply(f.result(), d, call_id, args))
@@ -299,11 +296,7 @@ class RpcChannel:
         out: asyncio.Future[list[list[Any] | Pkcs11Error]] = self.proto._loop.create_future()
 
         def done(f: asyncio.Future[bytes]) -> None:
-            if out.done():
-                return
-            exc = f.exception()
-            if exc is not None:
-                out.set_exception(exc)
+            if passed_on(f, out):
                 return
             try:
                 out.set_result(decode_chain_reply(f.result(), d, calls))
