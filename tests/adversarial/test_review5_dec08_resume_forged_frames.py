@@ -14,7 +14,6 @@ object handles, replayed Updates or an "already logged in" state give it nothing
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +21,15 @@ import tests.adversarial.hostile as hs
 from tests.gateway_proc import Gateway, RawClient
 from tests.remote.tls_setup import gateway_config, stop_checked, tls_setup, tls_socket
 
-from p11gate.codec import V0241, AttrRequest, Mechanism, build_frame, ckr, decode_reply, encode_request
+from p11gate.codec import (
+    V0241,
+    AttrRequest,
+    Mechanism,
+    build_frame,
+    ckr,
+    decode_reply,
+    encode_request,
+)
 from p11gate.codec.chains import CHAIN_OPTIONS, encode_chain
 from p11gate.remote.node_link import OPTIONS as AGENT_OPTIONS
 
