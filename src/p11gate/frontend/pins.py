@@ -184,7 +184,20 @@ class MappedPins:
         }
 
     def get(self, who: str) -> str | None:
+        """The hash ``who``'s PIN is checked against. On a shared store the override is
+        read from the store at each check: a PIN changed through another process or
+        node is the PIN here too (the copy read at start kept the old PIN working on
+        every other node). A store that cannot be read raises StoreError: no PIN is
+        checked (a login needs the store for its attempt counter anyway)."""
         base = self.configured.get(who)
+        if self.registry.shared:
+            rows = self.registry.query(
+                "SELECT hash, replaced FROM pin_override WHERE token=? AND who=?",
+                (self.token, who))
+            if rows:
+                self._override[who] = (str(rows[0][0]), str(rows[0][1]))
+            else:
+                self._override.pop(who, None)
         o = self._override.get(who)
         if o is not None and o[1] == (base or ""):
             return o[0]

@@ -79,7 +79,7 @@ class SharedUsage:
         now = time.time()
         try:
             with self.store.transaction() as t:
-                t.lock(f"identity_usage:{who}")
+                t.lock(f"identity_usage:{_stored(who)}")  # no NUL in PostgreSQL text
                 ((other_conns, other_sess),) = t.query(_OTHERS, (_stored(who), self.holder,
                                                                  now))
                 have = (int(other_conns) + conns if what == "connections"
