@@ -143,7 +143,9 @@ def test_1000_client_sessions_share_at_most_4_backend_sessions_per_member(
             c.call(C_SignInit, [h, Mechanism(0x1041, None), key])
             c.call(C_Sign, [h, bytes(32), 256])
         after = [m["calls"] for m in members_status(tmp_path)]
-        assert all(a - b >= 10 for a, b in zip(after, before, strict=True)), (before, after)
+        # (every member takes part; how much each takes follows their measured latency,
+        # which other load on the machine moves: one member took 7 of 60 calls once)
+        assert all(a - b >= 2 for a, b in zip(after, before, strict=True)), (before, after)
     finally:
         gw.stop()
 

@@ -50,4 +50,8 @@ def test_bench_quick_random(tmp_path: Path) -> None:
     assert [c["criterion"] for c in data["checks"]] == ["cpu", "latency"]
     for target in TARGETS:
         assert any(line.split()[:2] == [target, "random"] for line in r.stdout.splitlines())
-    assert ("PASS process" in r.stdout) != ("FAIL process" in r.stdout), r.stdout
+    # one verdict line per criterion, each PASS or FAIL (both can happen in one run: on
+    # a busy machine p11-kit server's latency rises and the added-latency ratio passes)
+    verdicts = [line.split()[0] for line in r.stdout.splitlines()
+                if line.split()[1:2] == ["process"] and line.split()[0] in ("PASS", "FAIL")]
+    assert len(verdicts) == len(data["checks"]) == 2, r.stdout
