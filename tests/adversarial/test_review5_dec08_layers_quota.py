@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -173,3 +174,31 @@ def test_a_repeated_object_identity_counts_every_time(env: dict[str, Any]) -> No
         "over_again": ckr.DEVICE_MEMORY}
     # another identity (same token, its own layer 0), same labels: its own quota
     assert as_uid(A, _make, path, [b"same"] * 3) == [ckr.OK] * 3
+
+
+def test_layer_0_is_bounded_across_restarts(env: dict[str, Any]) -> None:
+    path = env["gw"].path
+    made = as_uid(A, _make, path, [b"a%d" % i for i in range(QUOTA)])
+    assert made == [ckr.OK] * (QUOTA - 3) + [ckr.DEVICE_MEMORY] * 3  # 3 made before
+    env["gw"].stop()
+    env["gw"] = Gateway(env["cfg"])
+    path = env["gw"].path
+    # the gateway's count starts at 0 again; the file still holds QUOTA objects
+    assert as_uid(A, _make, path, [b"after-restart"]) == [ckr.DEVICE_MEMORY]
+    # a cow copy is an object in layer 0 too: refused, and no copy left behind
+    assert as_uid(A, _relabel_shared, path) == {"set": ckr.DEVICE_MEMORY,
+                                                "label": b"shared"}
+    # the others are not affected
+    assert as_uid(B, _make, path, [b"b0"]) == [ckr.OK]
+    assert as_uid(B, _relabel_shared, path) == {"set": ckr.OK, "label": b"my-copy"}
+
+
+def test_layer_0_bytes_are_bounded(env: dict[str, Any]) -> None:
+    path = env["gw"].path
+    res = as_uid(C, _heavy, path, QUOTA, timeout=300)
+    # 32 MiB holds some 80 such objects: the bytes are reached before the count
+    assert res[-1] == ckr.DEVICE_MEMORY and 40 < len(res) < QUOTA, res
+    assert set(res[:-1]) == {ckr.OK}
+    assert as_uid(B, _make, path, [b"b1"]) == [ckr.OK]
+    size = sum(p.stat().st_size for p in (Path(env["cfg"]).parent / "own").glob("*.db*"))
+    assert size < 4 * (32 << 20)

@@ -89,6 +89,10 @@ class LayerViews:
         # what a reload changes in place on the configured token (PIN bounds, mapped
         # PINs) applies to every identity's token of it: they share it
         v.cfg, v.throttle, v.mapped_pins = t.cfg, t.throttle, t.mapped_pins
+        if isinstance(v.backend, LayerView):
+            # the quota counted in the gateway starts at 0 with every start; layer 0
+            # counts what its file holds
+            v.backend.own_limit = self.gw.cfg.server.max_token_objects_per_identity
         return v
 
     def _slot_id(self, t: VirtualToken, who: str, made: MadeToken) -> int:

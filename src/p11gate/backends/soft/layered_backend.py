@@ -231,6 +231,8 @@ class LayerView(SoftBackend):
         self._label = label.encode()[:32]
         self._ready = asyncio.Lock()
         self.generation = parent.generation
+        #: most objects this identity's layer 0 may hold (the gateway sets it)
+        self.own_limit: int | None = None
 
     @property
     def up(self) -> bool:
@@ -261,4 +263,6 @@ class LayerView(SoftBackend):
                         token.layer_store.initialized = False
                     token.layer_store.made_serial = self._made.encode()
                     self._token = token
+        if isinstance(self._token, LayeredToken):  # a reload may have changed it
+            self._token.own_limit = self.own_limit
         return await super().call(call_id, args)
