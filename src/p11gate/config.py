@@ -525,6 +525,13 @@ def _layer_problems(cfg: Config) -> list[str]:
     problems: list[str] = []
     rules = {r.name for r in cfg.rule}
     backends = {b.name: b for b in cfg.backend}
+    layered = [b.name for b in cfg.backend if b.layered]
+    if layered and cfg.server.process_count() > 1:
+        # each process would keep the layers in its own memory and never see another's
+        # changes: an object destroyed through one (a key revoked) stays usable through
+        # the others until they restart, and per-identity bounds count per process
+        problems.append(f"backend {layered[0]!r}: a layered soft token is served by one "
+                        "process: set [server] processes = 1")
     for i, t in enumerate(cfg.token):
         if not (t.layers or t.own_layer or t.client_tokens):
             continue

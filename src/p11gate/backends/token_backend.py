@@ -83,8 +83,12 @@ class HeldBudget:
     ended meanwhile is not subtracted as it ends), so the count is never below the truth.
     Past the limit the call gets CKR_DEVICE_MEMORY: the caller ends that operation."""
 
-    def __init__(self, recount: Callable[[], int], limit: int = MAX_HELD) -> None:
+    def __init__(self, recount: Callable[[], int], limit: int = MAX_HELD,
+                 parent: HeldBudget | None = None) -> None:
         self.recount, self.limit, self.count = recount, limit, 0
+        #: a budget this one is part of (a layered soft token: one identity's tokens
+        #: within the back end's): what is taken here is taken there too
+        self.parent = parent
 
     def take(self, n: int) -> None:
         """Count ``n`` more bytes held (already held: ``recount`` includes them)."""
@@ -93,3 +97,5 @@ class HeldBudget:
             self.count = self.recount()
             if self.count > self.limit:
                 raise Pkcs11Error(ckr.DEVICE_MEMORY, "operation data held by the token")
+        if self.parent is not None:
+            self.parent.take(n)

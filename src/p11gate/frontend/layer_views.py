@@ -48,6 +48,14 @@ def layer_stack(cfg: TokenConfig, rules: list[RuleConfig],
     return stack, own
 
 
+def made_label(label: bytes) -> str:
+    """A made token's label from C_InitToken's: what fits CK_TOKEN_INFO.label (32
+    bytes of UTF-8), cut between characters. Invalid bytes become U+FFFD, three bytes
+    each: cut after decoding, else the label shown would end in half a character."""
+    text = label.rstrip(b"\0 ").decode("utf-8", "replace")
+    return text.encode()[:32].decode("utf-8", "ignore")
+
+
 class LayerViews:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
@@ -89,6 +97,10 @@ class LayerViews:
         # what a reload changes in place on the configured token (PIN bounds, mapped
         # PINs) applies to every identity's token of it: they share it
         v.cfg, v.throttle, v.mapped_pins = t.cfg, t.throttle, t.mapped_pins
+        if isinstance(v.backend, LayerView):
+            # the quota counted in the gateway starts at 0 with every start; layer 0
+            # counts what its file holds
+            v.backend.own_limit = self.gw.cfg.server.max_token_objects_per_identity
         return v
 
     def _slot_id(self, t: VirtualToken, who: str, made: MadeToken) -> int:
@@ -138,9 +150,8 @@ class LayerViews:
         who = c.identity.key
         c.gw.audit.attempt(call.name, c.peer, t.name)
         try:
-            made = await parent.make_token(
-                who, t.name, label.rstrip(b"\0 ").decode("utf-8", "replace")[:32],
-                t.cfg.client_tokens)
+            made = await parent.make_token(who, t.name, made_label(label),
+                                           t.cfg.client_tokens)
         except OSError:
             c.gw.audit.record_best_effort(call.name, ckr.DEVICE_ERROR, c.peer, t.name)
             raise Pkcs11Error(ckr.DEVICE_ERROR, "token not made") from None

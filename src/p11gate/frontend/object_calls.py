@@ -238,6 +238,7 @@ async def h_set_attribute(c: ClientConnection, call: Call, args: list[Any]) -> l
     if renamed and info is not None and new_info is not None:
         if owner is not None:
             release_ownership(c, t, info)
+        c.gw.limits.renamed(c, t, info, new_info)  # the object's quota count follows it
         ref.identity = None
         ref.identity_state = IDENTITY_UNKNOWN
         remember_identity(c, ref, new_info)

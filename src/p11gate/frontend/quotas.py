@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from ..backends.soft.layered_backend import LayerView
 from ..codec import ckr
 from ..codec import constants as ck
 from ..config import ServerConfig
@@ -78,8 +79,10 @@ class GatewayLimits:
         self._session_objects: dict[int, dict[tuple[int, int, int],
                                               tuple[VirtualToken, int]]] = {}
         #: token objects made by identities whose namespace does not record ownership:
-        #: (token, class, id, label) -> identity key; and the count per identity
-        self._made: dict[tuple[str, int, bytes, bytes], str] = {}
+        #: (token, class, id, label) -> how many each identity made with it (several
+        #: objects may share an identity there, and on a layered token every identity's
+        #: token has the configured name); and the count per identity
+        self._made: dict[tuple[str, int, bytes, bytes], Counter[str]] = {}
         self._made_by: Counter[str] = Counter()
         #: on a shared state store: the per-identity quotas counted across processes
         #: and nodes (shared_usage.py); None: this process is the whole deployment
@@ -231,10 +234,44 @@ class GatewayLimits:
             self._session_objects.setdefault(conn.id, {})[
                 (id(t), ref.generation, ref.backend_handle)] = (t, session)
         elif not claimed:
-            obj = (t.name, *info[1:])
-            if obj not in self._made:
-                self._made[obj] = conn.identity.key
-                self._made_by[conn.identity.key] += 1
+            # every object counts, also one whose identity another object has: counted
+            # once per identity, a repeated (class, CKA_ID, CKA_LABEL) made any number
+            key = conn.identity.key
+            self._made.setdefault((t.name, *info[1:]), Counter())[key] += 1
+            self._made_by[key] += 1
+
+    def _uncount(self, conn: ClientConnection, token: VirtualToken,
+                 obj: tuple[bool, int, bytes, bytes]) -> str | None:
+        """Take one object with this identity off its maker's count: the caller's own
+        when it made one, else any maker's (an administrator destroying a tenant's
+        object), but never another identity's on a layered token: there each identity
+        has a token of its own under the same name, and a copy-on-write copy (uncounted)
+        may have the identity of an object someone else made. The maker, or None."""
+        key = (token.name, *obj[1:])
+        makers = self._made.get(key)
+        if not makers:
+            return None
+        mine = makers[conn.identity.key] > 0
+        if not mine and isinstance(token.backend, LayerView):
+            return None
+        who = conn.identity.key if mine else next(iter(makers))
+        makers[who] -= 1
+        if makers[who] <= 0:
+            del makers[who]
+        if not makers:
+            del self._made[key]
+        return who
+
+    def renamed(self, conn: ClientConnection, token: VirtualToken,
+                old: tuple[bool, int, bytes, bytes], new: tuple[bool, int, bytes, bytes]) -> None:
+        """After a change of CKA_ID or CKA_LABEL: the count follows the object (else a
+        rename then a new object with the old identity would go uncounted, and a
+        destroy under the new one would never give the quota back)."""
+        if not old[0]:
+            return
+        who = self._uncount(conn, token, old)
+        if who is not None:
+            self._made.setdefault((token.name, *new[1:]), Counter())[who] += 1
 
     def destroyed(self, conn: ClientConnection, ref: ObjectRef,
                   info: tuple[bool, int, bytes, bytes] | None) -> None:
@@ -243,7 +280,7 @@ class GatewayLimits:
         if mine is not None:
             mine.pop((id(t), ref.generation, ref.backend_handle), None)
         if info is not None and info[0]:
-            maker = self._made.pop((t.name, *info[1:]), None)
+            maker = self._uncount(conn, t, info)
             if maker is not None:
                 self._made_by[maker] -= 1
                 if self._made_by[maker] <= 0:

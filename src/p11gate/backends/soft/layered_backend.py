@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ...codec import CALLS_BY_NAME, ckr
 from ...errors import BackendUnavailable, Pkcs11Error
 from ..base import Backend
+from ..token_backend import MAX_HELD, HeldBudget
 from . import layered_ops
 from .backend import HANDLERS, Handler, SoftBackend
 from .layers import COW, RO, RW, Layer, LayeredToken
@@ -37,6 +38,10 @@ LAYERED_HANDLERS: dict[int, Handler] = {
     CALLS_BY_NAME["C_DestroyObject"].id: layered_ops.destroy_object,  # type: ignore[dict-item]
 }
 ACCESS = (RO, RW, COW)
+#: operation data one identity's tokens of a layered back end hold together (the token
+#: of its layer 0 and those it made: each is a soft token of its own, which alone may
+#: hold MAX_HELD); all identities' together hold at most MAX_HELD, as one soft token
+IDENTITY_HELD = MAX_HELD // 4
 
 
 def _digest(identity_key: str) -> str:
@@ -83,6 +88,9 @@ class LayeredSoftBackend(Backend):
         self._nobody: LayerView | None = None
         #: the key file's secret (read at start), bound into every layer's PIN keys
         self._file_secret: bytes | None = None
+        #: operation data held: by all views, and per identity (within the first)
+        self.held = HeldBudget(lambda: self._held_by_views(None))
+        self._held: dict[str, HeldBudget] = {}
 
     @property
     def up(self) -> bool:
@@ -133,7 +141,8 @@ class LayeredSoftBackend(Backend):
         for layer in [*self.layers.values(), *self._own.values()]:
             layer.store.close()
         self.layers, self._own, self._views, self._nobody = {}, {}, {}, None
-        self._made = {}
+        self._made, self._held = {}, {}
+        self.held.count = 0
 
     async def own_layer(self, identity_key: str, serial: str = "") -> Layer:
         """Layer 0 of an identity (``serial`` empty), or of a token it made."""
@@ -157,6 +166,18 @@ class LayeredSoftBackend(Backend):
             v = self._views[key] = LayerView(self, identity_key, grants, own, label, made,
                                              offer)
         return v
+
+    def _held_by_views(self, identity_key: str | None) -> int:
+        return sum(v.held_bytes() for v in list(self._views.values())
+                   if identity_key is None or v.identity_key == identity_key)
+
+    def held_for(self, identity_key: str) -> HeldBudget:
+        """The budget every token of one identity draws on (within the back end's)."""
+        budget = self._held.get(identity_key)
+        if budget is None:
+            budget = self._held[identity_key] = HeldBudget(
+                lambda: self._held_by_views(identity_key), IDENTITY_HELD, self.held)
+        return budget
 
     # ---------------------------------------------------------- tokens made by clients
 
@@ -231,10 +252,21 @@ class LayerView(SoftBackend):
         self._label = label.encode()[:32]
         self._ready = asyncio.Lock()
         self.generation = parent.generation
+        #: most objects this identity's layer 0 may hold (the gateway sets it)
+        self.own_limit: int | None = None
 
     @property
     def up(self) -> bool:
         return self.parent.up
+
+    @property
+    def identity_key(self) -> str:
+        return self._identity_key
+
+    def held_bytes(self) -> int:
+        t = self._token
+        return 0 if t is None else sum(op.held_bytes() for s in t.sessions.values()
+                                       for op in s.ops.values())
 
     @property
     def offer(self) -> bool:
@@ -260,5 +292,8 @@ class LayerView(SoftBackend):
                     if self._offer:  # C_InitToken on it makes a token
                         token.layer_store.initialized = False
                     token.layer_store.made_serial = self._made.encode()
+                    token.held = self.parent.held_for(self._identity_key)
                     self._token = token
+        if isinstance(self._token, LayeredToken):  # a reload may have changed it
+            self._token.own_limit = self.own_limit
         return await super().call(call_id, args)

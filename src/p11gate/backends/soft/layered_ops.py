@@ -58,6 +58,7 @@ def set_attribute_value(t: LayeredToken, args: list[Any]) -> list[Any]:
     found = t.layer_of(o.handle)
     assert found is not None
     value = t.key_value(o) if o.sealed is not None else None
+    t.room(t.own, o.attrs, value)
     copy = t.own.add(dict(o.attrs), value, shadows=f"{found[0].name}:{o.handle & ROW_MASK}")
     try:
         return ops.set_attribute_value(t, [args[0], copy.handle, args[2]])

@@ -25,9 +25,19 @@ from .token import SoftToken
 ROW_BITS = 24
 ROW_MASK = (1 << ROW_BITS) - 1
 SESSION_OBJECTS = 1 << 31
+#: most bytes one layer 0 may hold (attributes as stored, sealed values): one object may
+#: weigh some 500 KiB (attributes of up to 64 KiB each), and an opened layer stays in
+#: the gateway's memory, so a count of objects alone bounds little
+OWN_LAYER_MAX_BYTES = 32 << 20
 #: a vendor attribute, kept in the file only, naming the object a cow copy shadows
 CKA_SHADOWS = 0x80000000 | 0x70670001
 RO, RW, COW = "ro", "rw", "cow"
+
+
+def weight(attrs: Attrs, sealed: bytes | None) -> int:
+    """What an object costs a layer: its attribute values and its sealed value."""
+    return sum(8 if isinstance(v, int) else len(v) + 8 for v in attrs.values()) + len(
+        sealed or b"")
 
 
 def compose(number: int, row: int) -> int:
@@ -50,6 +60,8 @@ class Layer:
     #: layer 0 only: "layer:row" of a shadowed original → row of its copy, and back
     copies: dict[str, int] = field(default_factory=dict)
     shadowing: dict[int, str] = field(default_factory=dict)
+    #: bytes the objects take (attributes as stored, sealed values)
+    size: int = 0
 
     def __post_init__(self) -> None:
         for row, attrs, sealed in self.store.load():
@@ -58,6 +70,7 @@ class Layer:
                 self.copies[src.decode()] = row
                 self.shadowing[row] = src.decode()
             self.objects[row] = SoftObject(compose(self.number, row), attrs, sealed=sealed)
+            self.size += weight(attrs, sealed)
 
     def add(self, attrs: Attrs, value: bytes | None, shadows: str | None = None) -> SoftObject:
         stored = attrs if shadows is None else {**attrs, CKA_SHADOWS: shadows.encode()}
@@ -70,6 +83,7 @@ class Layer:
             self.store.delete(row)
             raise
         self.objects[row] = obj
+        self.size += weight(attrs, sealed)
         if shadows is not None:
             self.copies[shadows] = row
             self.shadowing[row] = shadows
@@ -78,10 +92,15 @@ class Layer:
     def update(self, row: int, attrs: Attrs) -> None:
         src = self.shadowing.get(row)
         self.store.update(row, attrs if src is None else {**attrs, CKA_SHADOWS: src.encode()})
+        old = self.objects.get(row)
+        if old is not None:
+            self.size += weight(attrs, old.sealed) - weight(old.attrs, old.sealed)
 
     def delete(self, row: int) -> None:
         self.store.delete(row)
-        self.objects.pop(row, None)
+        old = self.objects.pop(row, None)
+        if old is not None:
+            self.size -= weight(old.attrs, old.sealed)
         src = self.shadowing.pop(row, None)
         if src is not None:
             self.copies.pop(src, None)
@@ -205,6 +224,7 @@ class LayerStore:
     def add(self, attrs: Attrs, value: bytes | None, token_key: bytes | None) -> tuple[
             int, bytes | None]:
         layer = self.view.writable()
+        self.view.room(layer, attrs, value)
         obj = layer.add(attrs, value)
         return obj.handle, obj.sealed
 
@@ -216,6 +236,9 @@ class LayerStore:
 
     def update(self, h: int, attrs: Attrs) -> None:
         layer, row = self._layer(h)
+        old = layer.objects.get(row)
+        if old is not None:
+            self.view.room(layer, attrs, replaces=old)
         layer.update(row, attrs)
 
     def delete(self, h: int) -> None:
@@ -240,6 +263,10 @@ class LayeredToken(SoftToken):
         #: top first; layer 0, when there is one, is the first and rw
         self.stack = ([(own, RW)] if own is not None else []) + stack
         self.own = own
+        #: most objects layer 0 may hold (None: no bound); the gateway sets it to
+        #: max_token_objects_per_identity. Counted in the file, so it holds across
+        #: restarts, and it counts cow copies too
+        self.own_limit: int | None = None
         self._by_number = {layer.number: (layer, access) for layer, access in self.stack}
         self.layer_store = LayerStore(self, label)
         super().__init__(self.layer_store)  # type: ignore[arg-type]
@@ -247,6 +274,23 @@ class LayeredToken(SoftToken):
 
     def layer_of(self, h: int) -> tuple[Layer, str] | None:
         return self._by_number.get(h >> ROW_BITS) if 0 <= h < SESSION_OBJECTS else None
+
+    def room(self, layer: Layer, attrs: Attrs, value: bytes | None = None,
+             replaces: SoftObject | None = None) -> None:
+        """CKR_DEVICE_MEMORY when a new object (or a cow copy, or a change: ``replaces``)
+        would take layer 0 past its bounds: an identity's layer 0 is its own file, but
+        its disk and the gateway's memory (every object of an opened layer is kept) are
+        everybody's."""
+        if layer is not self.own:
+            return
+        if replaces is None and self.own_limit is not None and \
+                len(layer.objects) >= self.own_limit:
+            raise Pkcs11Error(ckr.DEVICE_MEMORY, "layer 0: too many objects")
+        grows = weight(attrs, None) + (0 if value is None else len(value) + 28)
+        if replaces is not None:
+            grows -= weight(replaces.attrs, None)
+        if grows > 0 and layer.size + grows > OWN_LAYER_MAX_BYTES:
+            raise Pkcs11Error(ckr.DEVICE_MEMORY, "layer 0: too many bytes")
 
     def writable(self) -> Layer:
         for layer, access in self.stack:
