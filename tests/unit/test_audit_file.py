@@ -67,3 +67,28 @@ def test_reopen_onto_a_fifo_fails_every_record_until_a_regular_file_is_back(
     assert audit.records == 2
     audit.close()
 
+
+def test_the_log_file_replaced_by_a_fifo_is_not_waited_on(tmp_path: Path) -> None:
+    """logs.ReopenableFileHandler: a SIGHUP's reopen of a log path that became a FIFO
+    nobody reads fails at once (ENXIO) and keeps the old file; open() used to wait."""
+    import logging
+
+    from p11gate.logs import ReopenableFileHandler
+
+    path = tmp_path / "p11gate.log"
+    h = ReopenableFileHandler(str(path), encoding="utf-8")
+    try:
+        path.rename(tmp_path / "p11gate.log.1")
+        os.mkfifo(path)
+        with pytest.raises(OSError):
+            h.reopen()
+        h.emit(logging.makeLogRecord({"msg": "still here"}))
+        h.flush()
+        assert "still here" in (tmp_path / "p11gate.log.1").read_text()
+        path.unlink()
+        h.reopen()
+        h.emit(logging.makeLogRecord({"msg": "new file"}))
+        h.flush()
+        assert "new file" in path.read_text()
+    finally:
+        h.close()
