@@ -18,6 +18,7 @@ import errno
 import json
 import logging
 import os
+import stat
 import time
 from typing import Any
 
@@ -57,6 +58,51 @@ class AuditError(Pkcs11Error):
         self.reason = reason
 
 
+class NotRegularFile(OSError):
+    """The audit path names a FIFO, a device, a socket or a directory (perhaps through a
+    symbolic link): not a file records can be appended to."""
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISDIR, "a directory"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def open_audit_file(path: str) -> int:
+    """The audit file opened for appending (made 0600 if missing), without ever waiting:
+    opened non-blocking, so a FIFO in its place (or behind a symbolic link) cannot hold
+    the event loop until some reader comes, then checked with fstat to be a regular
+    file. Raises :class:`NotRegularFile` for anything else, OSError as ``open`` does."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        if e.errno != errno.ENXIO:  # ENXIO: a FIFO nobody reads, a device with no unit
+            raise
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            raise e from None
+        if stat.S_ISREG(mode):
+            raise
+        raise NotRegularFile(errno.EINVAL, f"it is {_kind(mode)}, not a regular file",
+                             path) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(errno.EINVAL, f"it is {_kind(mode)}, not a regular file",
+                                 path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class AuditLog:
     def __init__(self, path: str | None, required: bool = True) -> None:
         self.path = path
@@ -65,14 +111,17 @@ class AuditLog:
         #: records that could not be written (status)
         self.failures = 0
         self._fd: int | None = None
+        #: why records cannot be written at all (the path names no regular file after a
+        #: reopen): every record fails, as on a full disk, until a reopen succeeds
+        self.broken: str | None = None
         if path:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._fd = open_audit_file(path)
         self.records = 0
 
     @property
     def enabled(self) -> bool:
-        return self._fd is not None
+        return self._fd is not None or self.broken is not None
 
     def record(self, op: str, rv: int, identity: str, token: str | None = None,
                **fields: Any) -> None:
@@ -83,6 +132,8 @@ class AuditLog:
     def _write(self, op: str, result: str, identity: str, token: str | None,
                fields: dict[str, Any]) -> None:
         if self._fd is None:
+            if self.broken is not None:
+                self._failed(op, None, self.broken)
             return
         rec: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
@@ -141,12 +192,24 @@ class AuditLog:
 
     def reopen(self) -> None:
         """Open the file again by name (SIGHUP: logrotate renamed it); the record count
-        goes on. A failed open keeps writing to the old file and raises OSError."""
-        if self._fd is None or self.path is None:
+        goes on. A failed open keeps writing to the old file and raises OSError, except
+        when the path names no regular file (a FIFO, a device, perhaps through a
+        symbolic link): then no record can be written (each fails as on a full disk:
+        audited calls are refused with required audit) until a reopen finds a regular
+        file, and NotRegularFile is raised. Records written to the old file would go
+        where no one who reads the configured path looks."""
+        if not self.enabled or self.path is None:
             return
-        new = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            new = open_audit_file(self.path)
+        except NotRegularFile as e:
+            self.close()
+            self.broken = f"{self.path}: {e.strerror}"
+            raise
         old, self._fd = self._fd, new
-        os.close(old)
+        self.broken = None
+        if old is not None:
+            os.close(old)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from . import logs, systemd
+from .audit import NotRegularFile
 from .config import Config, ConfigError, load_config, parse_config
 from .config_checks import check
 from .frontend.limits import limited_log
@@ -72,6 +73,11 @@ def _reopen(gw: Gateway | None) -> None:
         try:
             gw.audit.reopen()
             files.append(str(gw.audit.path))
+        except NotRegularFile as e:
+            log.error("SIGHUP: the audit file is not a regular file; every audited call "
+                      "is refused until a SIGHUP finds a regular file there",
+                      extra={"path": gw.audit.path, "error": e.strerror,
+                             "required": gw.audit.required})
         except OSError as e:
             log.error("SIGHUP: cannot reopen the audit log; still writing to the old file",
                       extra={"path": gw.audit.path, "error": e.strerror})

@@ -6,6 +6,7 @@ return values and identities only.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -55,7 +56,23 @@ class TextFormatter(logging.Formatter):
 
 class ReopenableFileHandler(logging.FileHandler):
     """A log file that can be closed and opened again by name, so that logrotate can
-    rename it and the next records go to a new file (on SIGHUP)."""
+    rename it and the next records go to a new file (on SIGHUP).
+
+    Opened without blocking (then set blocking for the writes): open() of a FIFO for
+    writing waits for a reader, and this runs on the event loop at a SIGHUP, so a log
+    path replaced by a FIFO held every client until someone read it. Such a FIFO now
+    fails the open (ENXIO: the old file is kept); a FIFO someone reads, a terminal or
+    ``/dev/stderr`` stay usable as log files, as before."""
+
+    def _open(self) -> io.TextIOWrapper:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY
+        fd = os.open(self.baseFilename, flags | os.O_CLOEXEC, 0o666)  # umask applies
+        try:
+            os.set_blocking(fd, True)
+            return open(fd, "a", encoding=self.encoding, errors=self.errors)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def reopen(self) -> None:
         self.acquire()
@@ -137,6 +154,12 @@ def reopen() -> list[str]:
     out = []
     for h in logging.getLogger("p11gate").handlers:
         if isinstance(h, ReopenableFileHandler):
-            h.reopen()
+            try:
+                h.reopen()
+            except OSError as e:  # the old file stays in use, and is told why
+                logging.getLogger("p11gate").error(
+                    "SIGHUP: cannot reopen the log file; still writing to the old file",
+                    extra={"path": h.baseFilename, "error": e.strerror})
+                continue
             out.append(h.baseFilename)
     return out

@@ -52,6 +52,9 @@ class WorkerBackend(Backend):
         self._restart_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self.restarts = 0
+        #: whether the worker was stopped (SIGSTOP, a debugger) when a call last missed
+        #: its deadline: hung beyond doubt, not slow at that call (pool members read it)
+        self.stopped_at_deadline = False
         self.last_error = ""
         self.failures = RestartFailures(cfg.name)
         self._output: WorkerOutput | None = None
@@ -66,6 +69,12 @@ class WorkerBackend(Backend):
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
+
+    @property
+    def call_timeout(self) -> float:
+        """The deadline of a call other than a key generation (a pool member's liveness
+        probe is timed by it)."""
+        return self.cfg.call_timeout
 
     def command(self) -> list[str]:
         if self.cfg.worker_command:
@@ -257,8 +266,11 @@ class WorkerBackend(Backend):
             lambda c, a: chan.submit(c, a, None, self._deadline_missed))
 
     def _deadline_missed(self) -> None:
+        proc = self._proc
+        self.stopped_at_deadline = proc is not None and _stopped(proc.pid)
         self._down(f"a call missed its deadline (call_timeout {self.cfg.call_timeout}s, "
-                   f"keygen_timeout {self.cfg.keygen_timeout}s)")
+                   f"keygen_timeout {self.cfg.keygen_timeout}s)"
+                   + ("; the worker was stopped" if self.stopped_at_deadline else ""))
 
     async def wait_up(self, timeout: float) -> bool:
         if not self._up and not self._stopping:
@@ -294,3 +306,14 @@ class WorkerBackend(Backend):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "isolation": "process", "pid": self.pid,
                 "restarts": self.restarts, "last_error": self.last_error}
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (state T or t in /proc; False where unknown)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # "pid (comm) S ...": comm may hold spaces and parentheses, the state follows the last
+    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] in (b"T", b"t")

@@ -77,7 +77,7 @@ def _start(pool: PoolBackend, call_id: int, args: list[Any],
                 out.set_result(reply)
         elif isinstance(e, MemberDown):
             _drop(pool, m, session, epoch)
-            _fail_over(pool, out, m, call_id, args, str(e), raw)
+            _fail_over(pool, out, m, call_id, args, e, raw)
         elif isinstance(e, asyncio.CancelledError):
             m.give_back(session, epoch)  # as the general path's lease does
             if not out.done():
@@ -99,7 +99,7 @@ def _start(pool: PoolBackend, call_id: int, args: list[Any],
             m.send(call_id, margs, then)
     except MemberDown as e:
         _drop(pool, m, session, epoch)
-        _fail_over(pool, out, m, call_id, args, str(e), raw)
+        _fail_over(pool, out, m, call_id, args, e, raw)
     return out
 
 
@@ -135,16 +135,18 @@ async def _close(m: Member, session: int) -> None:
 
 
 def _fail_over(pool: PoolBackend, out: asyncio.Future[Any], m: Member, call_id: int,
-               args: list[Any], reason: str, raw: bool) -> None:
-    """``m`` failed the call: on to the others by the general path (one failure made).
-    A relayed call's values are encoded as its reply body: relayable replies are
-    encoded alike in every dialect (``CallPlan.relayable``)."""
-    pool._failed_over(m, call_id, reason)
+               args: list[Any], e: MemberDown, raw: bool) -> None:
+    """``m`` failed the call: on to the others by the general path (one failure made,
+    perhaps a missed deadline: see member.deadline_strike). A relayed call's values are
+    encoded as its reply body: relayable replies are encoded alike in every dialect
+    (``CallPlan.relayable``)."""
+    pool._failed_over(m, call_id, str(e))
     if pool.cfg.max_attempts <= 1:
         out.set_exception(BackendUnavailable(f"pool {pool.name}: failed on 1 members"))
         return
     task = asyncio.get_running_loop().create_task(single_call(
-        pool, call_id, args, {m.index}, pool.sessions.get(args[0]), failures=1))
+        pool, call_id, args, {m.index}, pool.sessions.get(args[0]), failures=1,
+        deadline_missed=e.deadline))
     pool._background.add(task)
 
     def copy(t: asyncio.Task[list[Any]]) -> None:

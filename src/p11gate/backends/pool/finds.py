@@ -11,7 +11,7 @@ from ...codec import ckr
 from ...codec import constants as ck
 from ...errors import BackendUnavailable, Pkcs11Error
 from .identities import oid_for
-from .member import ID, Member, MemberDown
+from .member import ID, Member, MemberDown, deadline_strike
 from .objects import Key
 
 if TYPE_CHECKING:
@@ -26,11 +26,13 @@ async def find_init(pool: PoolBackend, s: Any, args: list[Any]) -> list[Any]:
     found: list[int] = []
     seen: set[int] = set()
     served = 0
+    deadline_missed = False
     for m in pool._candidates(set(), None):
         try:
             oids = await find_on(pool, m, args)
         except MemberDown as e:
             pool._failed_over(m, ID["C_FindObjectsInit"], str(e))
+            deadline_missed = deadline_strike(e, deadline_missed)
             continue
         served += 1
         for oid in oids:

@@ -66,8 +66,36 @@ MISSING_TTL = 5.0
 RECLAIM_POLL = 0.2
 
 
+#: a call that misses its deadline blames the call, not the member, when the member
+#: answered something after the call had run this share of its deadline (see
+#: Member._failure); the liveness probe asks a member with calls under way and no
+#: answer for a few of these shares (LIVENESS_PROBES per deadline)
+ALIVE_AFTER = 0.25
+LIVENESS_PROBES = 8
+
+
 class MemberDown(Exception):
-    """The member failed in a way that moves work to another member."""
+    """The member failed in a way that moves work to another member. ``deadline``: the
+    failure was a missed deadline (see :func:`deadline_strike`)."""
+
+    def __init__(self, reason: str, deadline: bool = False) -> None:
+        super().__init__(reason)
+        self.deadline = deadline
+
+
+def deadline_strike(e: MemberDown, missed: bool) -> bool:
+    """The rule that bounds what one client call may cost the pool: a call (or an
+    operation) may miss its deadline on one member and go on to the next, never on a
+    second. ``missed``: it has missed one already; returns whether it has now. Raises
+    CKR_DEVICE_ERROR for the second: twice past the deadline on two members, the call
+    is slow (its data, mechanism or key are the client's to choose), not the members
+    hung, and trying it on the others would kill each one's worker in turn."""
+    if not e.deadline:
+        return missed
+    if missed:
+        raise Pkcs11Error(ckr.DEVICE_ERROR, "call missed its deadline on two members "
+                          "(not retried on another member)")
+    return True
 
 
 class Member:
@@ -111,6 +139,13 @@ class Member:
         self.calls = 0
         self.failovers = 0  # calls moved off this member
         self.downs = 0
+        #: when it last answered anything, a liveness probe included (monotonic)
+        self.last_alive = time.monotonic()
+        #: the liveness probe's timer, and whether a probe is under way
+        self._liveness: asyncio.TimerHandle | None = None
+        self._probing = False
+        #: the back end's call_timeout, if it has one (worker and in-process back ends)
+        self.call_timeout: float | None = getattr(backend, "call_timeout", None)
 
     # ------------------------------------------------------------ health
 
@@ -152,6 +187,7 @@ class Member:
         self.state = "up"
         self.down_reason = ""
         self.latency = INITIAL_LATENCY  # a fresh start: what it did before says nothing
+        self.last_alive = time.monotonic()
         while self._waiters:  # waiting from before: the old sessions are gone, retry
             self._wake(None)
 
@@ -170,12 +206,12 @@ class Member:
         """One call on this member; member-level failures become :class:`MemberDown`."""
         if not self.usable:
             raise MemberDown(self.down_reason or "member down")
-        self.outstanding += 1
+        self._busy()
         t0 = time.monotonic()
         try:
             reply = await self.backend.call(call_id, args)
         except (BackendUnavailable, TimeoutError, Pkcs11Error) as e:
-            raise self._failure(e, call_id, args) from None
+            raise self._failure(e, call_id, args, t0) from None
         finally:
             self.outstanding -= 1
         self._answered(t0)
@@ -188,12 +224,12 @@ class Member:
                              0, [session, template])
         if fut is None:
             return None
-        self.outstanding += 1
+        self._busy()
         t0 = time.monotonic()
         try:
             found = await fut
         except (BackendUnavailable, TimeoutError, Pkcs11Error) as e:
-            raise self._failure(e, ID["C_FindObjectsInit"], [session]) from None
+            raise self._failure(e, ID["C_FindObjectsInit"], [session], t0) from None
         finally:
             self.outstanding -= 1
         self._answered(t0)
@@ -207,7 +243,7 @@ class Member:
         :meth:`call` raises it). Raises MemberDown at once when the member cannot take
         the call."""
         inner = self._send_now(self.backend.submit, call_id, args)
-        self.outstanding += 1
+        self._busy()
         t0 = time.monotonic()
 
         def done(f: asyncio.Future[list[Any]]) -> None:
@@ -220,7 +256,7 @@ class Member:
                 self._answered(t0)
                 then(f.result(), None)
             elif isinstance(e, (BackendUnavailable, TimeoutError, Pkcs11Error)):
-                then(None, self._failure(e, call_id, args))
+                then(None, self._failure(e, call_id, args, t0))
             else:
                 then(None, e)
 
@@ -235,7 +271,7 @@ class Member:
         inner = self._send_now(self.backend.submit_raw, call_id, args)
         if inner is None:
             return False
-        self.outstanding += 1
+        self._busy()
         t0 = time.monotonic()
 
         def done(f: asyncio.Future[bytes]) -> None:
@@ -245,7 +281,7 @@ class Member:
                 return
             e = f.exception()
             if e is not None:
-                then(None, self._failure(e, call_id, args) if isinstance(
+                then(None, self._failure(e, call_id, args, t0) if isinstance(
                     e, (BackendUnavailable, TimeoutError)) else e)
                 return
             body = f.result()
@@ -274,24 +310,86 @@ class Member:
 
     def _answered(self, t0: float) -> None:
         self.calls += 1
-        self.last_answer = time.monotonic()
+        self.last_answer = self.last_alive = time.monotonic()
         self.latency += 0.2 * ((self.last_answer - t0) - self.latency)
 
-    def _failure(self, e: Exception, call_id: int, args: list[Any]) -> Exception:
+    # ------------------------------------------------------------ liveness
+
+    def _busy(self) -> None:
+        """One more call under way; the liveness probe's timer runs while any is."""
+        self.outstanding += 1
+        if self._liveness is None and self.call_timeout is not None:
+            self._liveness = asyncio.get_running_loop().call_later(
+                self.call_timeout / LIVENESS_PROBES, self._liveness_tick)
+
+    def _liveness_tick(self) -> None:
+        """While calls are under way, a member that answered nothing for a probe period
+        is asked a C_GetInfo (on another of its threads): a member that answers it is
+        not hung, whatever its slow calls do (see :meth:`_failure`). Not a health check:
+        the probe's answer or failure changes nothing but ``last_alive``."""
+        self._liveness = None
+        if self.outstanding <= 0 or self.call_timeout is None or not self.usable:
+            return
+        period = self.call_timeout / LIVENESS_PROBES
+        if not self._probing and time.monotonic() - self.last_alive >= period:
+            self._probing = True
+            try:
+                fut = self.backend.submit(ID["C_GetInfo"], [])
+            except Exception:
+                self._probing = False
+            else:
+                fut.add_done_callback(self._probed)
+        self._liveness = asyncio.get_running_loop().call_later(period, self._liveness_tick)
+
+    def _probed(self, f: asyncio.Future[list[Any]]) -> None:
+        self._probing = False
+        if not f.cancelled() and f.exception() is None:
+            self.last_alive = time.monotonic()
+
+    def _alive_during(self, t0: float | None) -> bool:
+        """Whether the member answered something after a call started at ``t0`` had run
+        ALIVE_AFTER of its deadline: then it was not hung while that call was."""
+        if t0 is None or self.call_timeout is None:
+            return False
+        return self.last_alive >= t0 + ALIVE_AFTER * self.call_timeout
+
+    def _failure(self, e: Exception, call_id: int, args: list[Any],
+                 t0: float | None = None) -> Exception:
         """What a failed call raises: MemberDown (the member marked down) for a transport
         failure, a missed deadline or a device-class error, else the module's error.
 
-        A key generation that missed its (keygen) deadline is the exception: the member
-        is down (its worker was killed under the call, or a thread is hung in it), but
-        the call is not retried elsewhere. Generation is slow by nature and its time is
-        the client's to choose (key size, mechanism): retried, one RSA-8192 generation
-        on a loaded pool took every member down in turn, every tenant's sessions with
-        them. The client gets CKR_DEVICE_ERROR, as from a plain token."""
+        A missed deadline marks the member down (its worker was killed under the call,
+        or a thread is hung in it), and moves the call to another member only when the
+        member may have been hung. How long a call takes is largely the client's to
+        choose (data size, mechanism, key size), and a slow call retried on each member
+        in turn would kill every worker, every tenant's sessions on the pool with them.
+        So the call is not retried, and the client gets CKR_DEVICE_ERROR (as from a
+        plain token), when:
+
+        * it is a key generation (its keygen deadline): slow by nature;
+        * the member answered something (another call, the liveness probe) after the
+          call had run ALIVE_AFTER of its deadline: a member that answers is not hung,
+          and a hung one answers nothing from the moment it hangs (a call sent before
+          that was answered before it, unless it was slow itself).
+
+        A member whose worker process was stopped (SIGSTOP, a debugger) when the deadline
+        passed was hung beyond doubt: plain MemberDown, the call fails over as from a
+        dead member. Otherwise MemberDown(deadline=True): the caller retries it on one
+        more member at most (:func:`deadline_strike`)."""
         if isinstance(e, (BackendUnavailable, TimeoutError)):
             self.mark_down(f"transport: {e}")
-            if call_id in SLOW_CALLS and isinstance(e, (DeadlineExceeded, TimeoutError)):
-                return Pkcs11Error(ckr.DEVICE_ERROR, f"member {self.name}: key generation "
-                                   "missed its deadline (not retried on another member)")
+            if isinstance(e, (DeadlineExceeded, TimeoutError)):
+                if call_id in SLOW_CALLS:
+                    return Pkcs11Error(ckr.DEVICE_ERROR, f"member {self.name}: key "
+                                       "generation missed its deadline (not retried on "
+                                       "another member)")
+                if getattr(self.backend, "stopped_at_deadline", False):
+                    return MemberDown(str(e))  # its worker was stopped: hung, no doubt
+                if self._alive_during(t0):
+                    return Pkcs11Error(ckr.DEVICE_ERROR, f"member {self.name}: a call "
+                                       "missed its deadline while the member answered "
+                                       "others (not retried on another member)")
+                return MemberDown(str(e), deadline=True)
             return MemberDown(str(e))
         if isinstance(e, Pkcs11Error) and (e.rv in DEVICE_ERRORS or (
                 e.rv in SESSION_GONE and args and args[0] == self.control)):

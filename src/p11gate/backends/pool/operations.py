@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ...codec import Null, ckr
 from ...codec import constants as ck
 from ...errors import BackendUnavailable, Pkcs11Error
-from .member import ID, Member, MemberDown
+from .member import ID, Member, MemberDown, deadline_strike
 from .routes import ENDERS, MESSAGE_INITS, UPDATES
 from .session_rules import keeps_operation
 
@@ -33,8 +33,8 @@ _KEPT_PART_COST = 64
 
 
 class _Op:
-    __slots__ = ("args", "buffered", "busy", "call_id", "context_pin", "epoch", "lost",
-                 "member", "replayable", "session", "updates", "used")
+    __slots__ = ("args", "buffered", "busy", "call_id", "context_pin", "deadline_missed",
+                 "epoch", "lost", "member", "replayable", "session", "updates", "used")
 
     def __init__(self, call_id: int, args: list[Any], replayable: bool) -> None:
         self.call_id = call_id
@@ -54,6 +54,9 @@ class _Op:
         self.used = 0.0
         #: its session was taken back while it could not be replayed (take_back)
         self.lost = False
+        #: one of its calls (or replays) missed its deadline on a member already: a
+        #: second is not retried (member.deadline_strike)
+        self.deadline_missed = False
 
 
 async def start_op(pool: PoolBackend, s: _Session, call_id: int, args: list[Any]) -> list[Any]:
@@ -84,6 +87,7 @@ async def _begin(pool: PoolBackend, op: _Op, tried: set[int], pinned: int | None
             sess, epoch = await m.lease()
         except MemberDown as e:
             pool._failed_over(m, op.call_id, str(e))
+            op.deadline_missed = deadline_strike(e, op.deadline_missed)
             continue
         try:
             margs[0] = sess
@@ -99,6 +103,7 @@ async def _begin(pool: PoolBackend, op: _Op, tried: set[int], pinned: int | None
         except MemberDown as e:
             await m.release(sess, epoch, broken=True)
             pool._failed_over(m, op.call_id, str(e))
+            op.deadline_missed = deadline_strike(e, op.deadline_missed)
             if len(tried) >= pool.cfg.max_attempts:
                 raise BackendUnavailable(
                     f"pool {pool.name}: operation failed on {len(tried)} members"
@@ -173,6 +178,11 @@ async def _continue(pool: PoolBackend, s: _Session, op: _Op, call_id: int,
             _let_go(m, op)
             await m.release(op.session, op.epoch, broken=True)
             pool._failed_over(m, call_id, str(e))
+            try:
+                op.deadline_missed = deadline_strike(e, op.deadline_missed)
+            except Pkcs11Error:
+                s.op = None
+                raise
             if not op.replayable:
                 s.op = None
                 raise Pkcs11Error(
@@ -226,6 +236,11 @@ async def _context_login(pool: PoolBackend, s: _Session, op: _Op, pin: bytes) ->
         _let_go(m, op)
         await m.release(op.session, op.epoch, broken=True)
         pool._failed_over(m, ID["C_Login"], str(e))
+        try:
+            op.deadline_missed = deadline_strike(e, op.deadline_missed)
+        except Pkcs11Error:
+            s.op = None
+            raise
         op.context_pin = pin  # replayed after the Init on the next member
         try:
             await _begin(pool, op, {op.member}, pool._pinned_member(op.call_id, op.args))

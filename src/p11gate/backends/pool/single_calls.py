@@ -17,7 +17,7 @@ from ...codec import ckr
 from ...codec.call_table import PLANS
 from ...errors import BackendUnavailable, Pkcs11Error
 from .identities import after_call
-from .member import SESSION_GONE, Member, MemberDown
+from .member import SESSION_GONE, Member, MemberDown, deadline_strike
 from .reconcile import CREATING
 from .replication import DETERMINISTIC, EVERYWHERE, GENERATED
 from .session_objects import call_on_control
@@ -35,9 +35,12 @@ async def single(pool: PoolBackend, s: _Session, call_id: int, args: list[Any]) 
 
 
 async def single_call(pool: PoolBackend, call_id: int, args: list[Any], avoid: set[int],
-                      s: _Session | None = None, failures: int = 0) -> list[Any]:
+                      s: _Session | None = None, failures: int = 0,
+                      deadline_missed: bool = False) -> list[Any]:
     """One call on the best member, failing over; never on members in ``avoid``.
-    ``failures``: members it already failed on (the direct path's)."""
+    ``failures``: members it already failed on (the direct path's);
+    ``deadline_missed``: whether one of them was a missed deadline (a second is not
+    retried, see member.deadline_strike)."""
     pinned = pool._session_pin(s, call_id, args)
     # a session object is made on the member's control session (see session_objects)
     on_control = call_id in CREATE_TEMPLATES and not all(
@@ -62,6 +65,7 @@ async def single_call(pool: PoolBackend, call_id: int, args: list[Any], avoid: s
             reply = await after_call(pool, m, call_id, args, reply)
         except MemberDown as e:
             pool._failed_over(m, call_id, str(e))
+            deadline_missed = deadline_strike(e, deadline_missed)
             failures += 1
             if failures >= pool.cfg.max_attempts:
                 raise BackendUnavailable(
