@@ -15,7 +15,7 @@ from typing import Any, cast
 import pytest
 
 from p11gate.backends.pool.config import MemberConfig, PoolConfig
-from p11gate.backends.pool.member import BROKE_DOWN_ATTEMPTS, ID
+from p11gate.backends.pool.member_rules import BROKE_DOWN_ATTEMPTS, ID
 from p11gate.backends.pool.pool import PoolBackend
 from p11gate.codec import ckr
 from p11gate.codec import constants as ck

@@ -11,7 +11,8 @@ from ...codec import ckr
 from ...codec import constants as ck
 from ...errors import BackendUnavailable, Pkcs11Error
 from .identities import oid_for
-from .member import ID, Member, MemberDown, deadline_strike
+from .member import Member
+from .member_rules import ID, MemberDown, deadline_strike
 from .objects import Key
 
 if TYPE_CHECKING:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from ...codec import Null, ckr
 from ...codec import constants as ck
 from ...errors import BackendUnavailable, Pkcs11Error
-from .member import ID, Member, MemberDown, deadline_strike
+from .member import Member
+from .member_rules import ID, MemberDown, deadline_strike
 from .routes import ENDERS, MESSAGE_INITS, UPDATES
 from .session_rules import keeps_operation
 

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 from ...codec import ckr
 from ...codec.call_table import PLANS
 from ...errors import BackendUnavailable, Pkcs11Error
-from .member import BROKE_DOWN, BROKE_DOWN_ATTEMPTS, BROKE_DOWN_PAUSE, ID, Member, MemberDown
+from .member import Member
+from .member_rules import BROKE_DOWN, BROKE_DOWN_ATTEMPTS, BROKE_DOWN_PAUSE, ID, MemberDown
 
 if TYPE_CHECKING:
     from .pool import PoolBackend

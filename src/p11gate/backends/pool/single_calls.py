@@ -17,7 +17,8 @@ from ...codec import ckr
 from ...codec.call_table import PLANS
 from ...errors import BackendUnavailable, Pkcs11Error
 from .identities import after_call
-from .member import SESSION_GONE, Member, MemberDown, deadline_strike
+from .member import Member
+from .member_rules import SESSION_GONE, MemberDown, deadline_strike
 from .reconcile import CREATING
 from .replication import DETERMINISTIC, EVERYWHERE, GENERATED
 from .session_objects import call_on_control
