@@ -13,7 +13,7 @@ from . import logs, systemd
 from .audit import NotRegularFile
 from .config import Config, ConfigError, load_config, parse_config
 from .config_checks import check
-from .frontend.limits import limited_log
+from .frontend.limits import limited_log, refusal_log
 from .gateway import Gateway
 from .metrics_http import MetricsServer, tls_for
 from .processes import child_config, child_dir, child_index, handoff_from_supervisor, supervise
@@ -175,6 +175,7 @@ async def _serve(cfg: Config, config_path: str | None) -> int:
         await metrics.stop()
     await gw.stop()
     limited_log.flush_all()  # the counts of records held back for a summary are not lost
+    refusal_log.flush_all()
     return 0
 
 

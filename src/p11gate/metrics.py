@@ -175,8 +175,20 @@ class CallSeries:
         self.counts[_bisect(_BOUNDS, seconds)] += 1
         self.sum += seconds
         by_rv = self.by_rv
-        by_rv[rv] = by_rv.get(rv, 0) + 1
+        n = by_rv.get(rv)
+        if n is None and len(by_rv) >= MAX_RESULTS and rv not in ckr.NAMES:
+            # a module returning ever new codes must not grow this dict (the labels
+            # fold them anyway): counted under the name they are exported with
+            rv = _FOLDED_VENDOR if rv >= 0x80000000 else _FOLDED_UNKNOWN
+            n = by_rv.get(rv)
+        by_rv[rv] = (n or 0) + 1
 
+
+#: distinct CK_RVs kept per series before codes outside the table are folded in done()
+MAX_RESULTS = 64
+#: the codes folded values are counted under (result_label gives each its fixed name)
+_FOLDED_VENDOR = 0xFFFFFFFF
+_FOLDED_UNKNOWN = 0x7FFFFFFF
 
 #: the buckets' upper bounds, +Inf last: a value v falls into the first bound >= v
 _BOUNDS = (*DURATION_BUCKETS, float("inf"))

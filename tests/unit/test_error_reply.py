@@ -27,6 +27,7 @@ SIGN = CALLS_BY_NAME["C_Sign"]
 
 class _Conn:
     id = 7
+    peer = "uid:1000"
 
     def __init__(self) -> None:
         self.denied: list[Denied] = []

@@ -49,7 +49,7 @@ from .handles import (
     ObjectRef,
     Session,
 )
-from .limits import ConnectionFlow
+from .limits import ConnectionFlow, refusal_log
 from .operations import duplicate_type, unavailable_type
 from .replies import error_reply
 from .token import VirtualToken
@@ -173,7 +173,8 @@ class ClientConnection(asyncio.Protocol):
         self._abort("client certificate revoked by the CRL")
 
     def _abort(self, reason: str) -> None:
-        log.warning("closing client connection", extra={"conn": self.id, "reason": reason})
+        refusal_log.warning("closing client connection", who=self.peer, conn=self.id,
+                            peer=self.peer, reason=reason)
         if self.transport is not None:
             self.transport.abort()
 
@@ -223,15 +224,15 @@ class ClientConnection(asyncio.Protocol):
         for pos in positions:
             dup = duplicate_type(args[pos])
             if dup is not None:
-                log.warning("template names an attribute twice", extra={
-                    "conn": self.id, "peer": self.peer, "call": call.name,
-                    "attribute": f"{dup:#x}"})
+                refusal_log.warning("template names an attribute twice", who=self.peer,
+                                    conn=self.id, peer=self.peer, call=call.name,
+                                    attribute=f"{dup:#x}")
                 return ckr.TEMPLATE_INCONSISTENT
             missing = unavailable_type(args[pos])
             if missing is not None:
-                log.warning("template has an attribute without a value", extra={
-                    "conn": self.id, "peer": self.peer, "call": call.name,
-                    "attribute": f"{missing:#x}"})
+                refusal_log.warning("template has an attribute without a value",
+                                    who=self.peer, conn=self.id, peer=self.peer,
+                                    call=call.name, attribute=f"{missing:#x}")
                 return ckr.ATTRIBUTE_VALUE_INVALID
         return None
 
@@ -278,9 +279,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _denied(self, call: Call, e: Denied) -> None:
         self.gw.metrics.policy_denials.labels(e.token or "").inc()
-        log.warning("denied by policy", extra={
-            "conn": self.id, "peer": self.peer, "call": call.name, "token": e.token,
-            "what": e.what, "rule": e.rule, "rv": ckr.name(e.rv)})
+        refusal_log.warning("denied by policy", who=self.peer, conn=self.id, peer=self.peer,
+                            call=call.name, token=e.token, what=e.what, rule=e.rule,
+                            rv=ckr.name(e.rv))
         self.gw.audit.record_best_effort(call.name, e.rv, self.peer, e.token, denied=e.what,
                                         rule=e.rule)
 

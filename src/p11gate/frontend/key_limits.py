@@ -25,6 +25,7 @@ from ..codec.calls import CallId
 from ..config import Config
 from ..errors import Pkcs11Error
 from .fair_share import member_backends
+from .limits import refusal_log
 
 log = logging.getLogger("p11gate.limits")
 
@@ -85,8 +86,9 @@ def check_request(cfg: Config, served_name: str, call_id: int, args: list[Any],
     try:
         check(limits_for(cfg, served_name), call_id, args)
     except Pkcs11Error as e:
-        log.warning("key generation refused: beyond max_key_bits", extra={
-            "backend": served_name, "identity": who, "rv": ckr.name(e.rv), "reason": str(e)})
+        refusal_log.warning("key generation refused: beyond max_key_bits", who=who,
+                            logger=log, backend=served_name, identity=who, rv=ckr.name(e.rv),
+                            reason=str(e))
         raise
 
 

@@ -62,16 +62,21 @@ _TRANSPORT_HIGH = 64 * 1024
 
 
 class LogLimiter:
-    """At most ``burst`` records per ``period`` seconds for each message and limit; the
-    rest are counted and summarised in one record at the end of the window."""
+    """At most ``burst`` records per ``period`` seconds for each message and limit (and
+    identity, when one is given as ``who``); the rest are counted and summarised in one
+    record at the end of the window. Windows are kept for at most ``max_windows`` keys:
+    beyond it the ended ones are summarised and dropped, and while it is still full a
+    new identity shares one window per message with the other newcomers."""
 
-    def __init__(self, logger: logging.Logger, burst: int = 20, period: float = 1.0) -> None:
+    def __init__(self, logger: logging.Logger, burst: int = 20, period: float = 1.0,
+                 max_windows: int = 4096) -> None:
         self.logger = logger
         self.burst = burst
         self.period = period
-        #: (message, limit) -> [window start, records in window, suppressed in window,
-        #: level]
-        self._windows: dict[tuple[str, Any], list[float]] = {}
+        self.max_windows = max_windows
+        #: (message, limit, who) -> [window start, records in window, suppressed in
+        #: window, level]
+        self._windows: dict[tuple[str, Any, str | None], list[float]] = {}
 
     def warning(self, msg: str, **fields: Any) -> None:
         self.record(logging.WARNING, msg, **fields)
@@ -79,39 +84,66 @@ class LogLimiter:
     def info(self, msg: str, **fields: Any) -> None:
         self.record(logging.INFO, msg, **fields)
 
-    def record(self, level: int, msg: str, **fields: Any) -> None:
+    def record(self, level: int, msg: str, *, who: str | None = None,
+               exc_info: BaseException | None = None, logger: logging.Logger | None = None,
+               **fields: Any) -> None:
+        """``logger``: another logger than the limiter's for this message (its summary
+        goes to the limiter's)."""
         now = time.monotonic()
-        key = (msg, fields.get("limit"))
+        key = (msg, fields.get("limit"), who)
         w = self._windows.get(key)
+        if w is None and who is not None and len(self._windows) >= self.max_windows:
+            self._sweep(now)
+            if len(self._windows) >= self.max_windows:
+                key = (msg, fields.get("limit"), "(others)")
+                w = self._windows.get(key)
         if w is None or now - w[0] >= self.period:
             if w is not None:
                 self._flush(key, level)
             w = self._windows[key] = [now, 0, 0, level]
         w[1] += 1
         if w[1] <= self.burst:
-            self.logger.log(level, msg, extra=fields)
+            (logger or self.logger).log(level, msg, extra=fields, exc_info=exc_info)
             return
         w[2] += 1
         if w[2] == 1:
             with contextlib.suppress(RuntimeError):  # no loop: summarised at the next one
                 asyncio.get_running_loop().call_later(self.period, self._flush, key, level)
 
+    def _sweep(self, now: float) -> None:
+        """Summarise and drop the windows that have ended."""
+        for key, w in list(self._windows.items()):
+            if now - w[0] >= self.period:
+                self._flush(key, int(w[3]))
+                del self._windows[key]
+
     def flush_all(self) -> None:
         """Summarise now what every open window held back (at shutdown)."""
         for key, w in list(self._windows.items()):
             self._flush(key, int(w[3]))
 
-    def _flush(self, key: tuple[str, Any], level: int) -> None:
+    def _flush(self, key: tuple[str, Any, str | None], level: int) -> None:
         w = self._windows.get(key)
         if w is not None and w[2]:
-            msg, limit = key
-            self.logger.log(level, f"{msg} (more, not logged one by one)",
-                            extra={"count": int(w[2]), "seconds": self.period,
-                                   "limit": limit})
+            msg, limit, who = key
+            extra: dict[str, Any] = {"count": int(w[2]), "seconds": self.period}
+            if limit is not None or who is None:
+                extra["limit"] = limit
+            if who is not None:
+                extra["peer"] = who
+            self.logger.log(level, f"{msg} (more, not logged one by one)", extra=extra)
             w[2] = 0
 
 
 limited_log = LogLimiter(log)
+#: what a client's own requests make the gateway log (refused templates, policy
+#: denials, locked PINs, bad frames): per identity, so that one client's flood neither
+#: fills the disk nor hides another's records. The rate is REFUSAL_LOG_BURST records
+#: per REFUSAL_LOG_PERIOD seconds for each message, then one summary with a count
+REFUSAL_LOG_BURST = 50
+REFUSAL_LOG_PERIOD = 60.0
+refusal_log = LogLimiter(logging.getLogger("p11gate.conn"), burst=REFUSAL_LOG_BURST,
+                         period=REFUSAL_LOG_PERIOD)
 
 
 def reply_promise(call_id: int, args: list[Any], max_buffer: int) -> int:

@@ -20,6 +20,7 @@ from ..config import ConfigError
 from ..errors import BackendUnavailable, Pkcs11Error
 from ..policy import Denied
 from .common import ID
+from .limits import refusal_log
 from .operations import end_private_operations
 from .pins import hash_pin, verify_pin
 from .token import VirtualToken
@@ -161,9 +162,9 @@ _BACKEND = "\0backend:"
 
 def _refuse_locked(c: ClientConnection, call: Call, t: VirtualToken, user_type: int,
                    wait: float, backend: bool = False) -> None:
-    log.warning("login refused: too many wrong PINs", extra={
-        "conn": c.id, "peer": c.peer, "token": t.name, "retry_in_s": round(wait, 1),
-        "scope": "token (backend PIN attempts)" if backend else "identity"})
+    refusal_log.warning("login refused: too many wrong PINs", who=c.peer, conn=c.id,
+                        peer=c.peer, token=t.name, retry_in_s=round(wait, 1),
+                        scope="token (backend PIN attempts)" if backend else "identity")
     c.gw.audit.record_best_effort(call.name, ckr.PIN_LOCKED, c.peer, t.name,
                                   user_type=user_type, throttled=True)
     raise Pkcs11Error(ckr.PIN_LOCKED)

@@ -14,7 +14,11 @@ CK_INVALID_HANDLE (0) in place of every key argument not yet translated — a ha
 module can resolve — and an empty template. The client's own handle never reaches the
 module. The module's answer is what the client gets if it does not name the handle
 (CKR_KEY_HANDLE_INVALID and its kin give the gateway's code for the argument's role).
-Only codes that depend on nothing but (call, mechanism) are cached.
+Only codes that depend on nothing but (call, mechanism) are cached, at most
+``MAX_CACHED`` per backend: the mechanism type is the client's (any CK_ULONG), and a
+client cycling through vendor mechanism numbers with unknown handles grew the cache by
+some 140 bytes a call, for ever. Beyond the bound the oldest entry goes: a forgotten
+answer costs one more probe, never a wrong code.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ HANDLE_CODES = frozenset({
 })
 #: answers that depend only on (backend, call id, mechanism type): cached
 CACHED_CODES = frozenset({ckr.FUNCTION_NOT_SUPPORTED, ckr.MECHANISM_INVALID})
+#: cached answers per backend (a module lacks a few calls for a few dozen mechanisms)
+MAX_CACHED = 1024
 
 _Key = tuple[int, int]
 _cache: weakref.WeakKeyDictionary[Backend, dict[_Key, int]] = weakref.WeakKeyDictionary()
@@ -96,7 +102,10 @@ class Unresolved(Pkcs11Error):
                                "backend": backend.name})
         key = _key(self.call_id, probe)
         if rv in CACHED_CODES:
-            _cache.setdefault(backend, {})[key] = rv
+            per = _cache.setdefault(backend, {})
+            per[key] = rv
+            if len(per) > MAX_CACHED:
+                del per[next(iter(per))]  # the oldest: dicts keep insertion order
             return Pkcs11Error(rv, "module refuses the call whatever the handle")
         if rv in HANDLE_CODES:
             # not cached: whether the module looks at the handle before the session's

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from ..codec import ArgumentError, Call, CodecError, ckr, encode_error
 from ..errors import Pkcs11Error
 from ..policy import Denied
+from .limits import refusal_log
 
 if TYPE_CHECKING:
     from .connection import ClientConnection
@@ -43,8 +44,9 @@ def error_reply(c: ClientConnection, call: Call, exc: BaseException) -> bytes:
     if isinstance(exc, Denied):
         c._denied(call, exc)
     elif isinstance(exc, CodecError) and not isinstance(exc, ArgumentError):
-        log.error("cannot carry the reply", extra={"conn": c.id, "call": call.name,
-                                                   "error": str(exc)})
+        refusal_log.record(logging.ERROR, "cannot carry the reply", who=c.peer, conn=c.id,
+                           call=call.name, error=str(exc))
     elif not isinstance(exc, Pkcs11Error | ArgumentError | TimeoutError):
-        log.error("internal error", exc_info=exc, extra={"conn": c.id, "call": call.name})
+        refusal_log.record(logging.ERROR, "internal error", who=c.peer, exc_info=exc,
+                           conn=c.id, call=call.name)
     return encode_error(error_rv(exc))
