@@ -5,6 +5,7 @@ port costs the clients nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from typing import Any
 import psutil
 import pytest
 from tests import gateway_proc
+from tests.adversarial.fail_closed_env import fill, tmpfs
 from tests.gateway_proc import (
     CLIENT_MODULE,
     Gateway,
@@ -315,22 +317,31 @@ def test_metrics_port_in_use_refuses_the_start(token: dict[str, Any], tmp_path: 
 
 
 def test_audit_write_failures_counted(token: dict[str, Any], tmp_path: Path) -> None:
-    # /dev/full: every write fails with ENOSPC, so each audited call fails closed
-    gw, address = metrics_gateway(tmp_path, token, "127.0.0.1:0",
-                                  extra='[audit]\nfile = "/dev/full"\n')
-    try:
-        c = RawClient(gw.path)
-        c.initialize()
-        (slots,) = c.call(ID["C_GetSlotList"], [1, 8])
-        (sess,) = c.call(ID["C_OpenSession"], [slots[0], 6])
-        assert rv_of(c, ID["C_Login"], [sess, 1, PIN.encode()]) == ckr.DEVICE_MEMORY
-        assert rv_of(c, ID["C_Login"], [sess, 1, PIN.encode()]) == ckr.DEVICE_MEMORY
-        s, _ = scrape(address)
-        assert value(s, "p11gate_audit_write_failures_total") == 2
-        assert value(s, "p11gate_calls_total", token="signing", call="C_Login",
-                     result="CKR_DEVICE_MEMORY") == 2
-        c.close()
-    finally:
-        alive = gw.alive()
-        gw.stop()
+    # the audit file on a full tmpfs (and its own last page topped up): every write
+    # fails with ENOSPC, so each audited call fails closed. (Not /dev/full: the audit
+    # file must be a regular file, else the gateway refuses to start.)
+    with tmpfs(tmp_path / "auditfs", "256k") as afs:
+        audit = afs / "audit.jsonl"
+        gw, address = metrics_gateway(tmp_path, token, "127.0.0.1:0",
+                                      extra=f'[audit]\nfile = "{audit}"\n')
+        try:
+            fill(afs)
+            with audit.open("ab", buffering=0) as f:
+                with contextlib.suppress(OSError):
+                    for _ in range(1 << 16):
+                        f.write(b"\n")
+            c = RawClient(gw.path)
+            c.initialize()
+            (slots,) = c.call(ID["C_GetSlotList"], [1, 8])
+            (sess,) = c.call(ID["C_OpenSession"], [slots[0], 6])
+            assert rv_of(c, ID["C_Login"], [sess, 1, PIN.encode()]) == ckr.DEVICE_MEMORY
+            assert rv_of(c, ID["C_Login"], [sess, 1, PIN.encode()]) == ckr.DEVICE_MEMORY
+            s, _ = scrape(address)
+            assert value(s, "p11gate_audit_write_failures_total") == 2
+            assert value(s, "p11gate_calls_total", token="signing", call="C_Login",
+                         result="CKR_DEVICE_MEMORY") == 2
+            c.close()
+        finally:
+            alive = gw.alive()
+            gw.stop()
     assert alive, gw.log()[-3000:]
