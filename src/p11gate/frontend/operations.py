@@ -98,10 +98,19 @@ def check_fence(s: Session, call_id: int) -> None:
         raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED, "operation ended at logout")
 
 
+#: inits without a key that start an operation of a kind a key joins later: a digest
+#: is fenced for its C_DigestKey, and a new one starts with C_DigestInit
+_KEYLESS_INITS = {ID["C_DigestInit"]: "Digest"}
+
+
 def lift_fence(s: Session, call_id: int) -> None:
-    """A new operation of a fenced kind started successfully."""
-    if s.fenced and call_id in OPERATION_OF_INIT:
-        s.fenced.discard(OPERATION_OF_INIT[call_id])
+    """A new operation of a fenced kind started successfully (the module took its
+    init, so the one ended at logout is over)."""
+    if not s.fenced:
+        return
+    op = OPERATION_OF_INIT.get(call_id) or _KEYLESS_INITS.get(call_id)
+    if op is not None:
+        s.fenced.discard(op)
 
 
 async def end_private_operations(c: ClientConnection, t: VirtualToken) -> None:
