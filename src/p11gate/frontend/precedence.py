@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..backends.base import Backend
 from ..codec import Mechanism, ckr
-from ..codec.call_table import PLANS
 from ..errors import BackendUnavailable, Pkcs11Error
 from .tables import CAPACITY_ARGS, CREATE_TEMPLATES, MECHANISM_CALLS, OBJECT_ARGS
 
@@ -102,22 +101,10 @@ class Unresolved(Pkcs11Error):
         if rv in HANDLE_CODES:
             # not cached: whether the module looks at the handle before the session's
             # state (an active operation) can change from call to call
-            if rv != self.role_rv and rv in self._translated_roles():
-                # the code of a key argument the client's own handle translated (the
-                # wrapping key of C_WrapKey): the module's answer about that key
-                return Pkcs11Error(rv)
             return Pkcs11Error(self.role_rv)
         # session state (CKR_OPERATION_ACTIVE, CKR_OPERATION_NOT_INITIALIZED, …):
         # answered as the module gives it, not cached
         return Pkcs11Error(rv)
-
-    def _translated_roles(self) -> set[int]:
-        """The role codes of the key arguments before the unknown one (translated, so
-        passed to the module as the client's own keys)."""
-        plan = PLANS[self.call_id]
-        return {code for p, code in zip(plan.object_args, plan.unknown_handle_codes,
-                                        strict=True)
-                if p < self.pos and code is not None and code != ckr.KEY_HANDLE_INVALID}
 
     def _probe_args(self) -> list[Any] | Pkcs11Error:
         c, call_id = self.conn, self.call_id
