@@ -32,11 +32,19 @@ from typing import Any
 
 from tests.gateway_proc import RawClient
 
-from p11gate.codec import V026, ArgumentError, Attribute, AttrRequest, Mechanism, Null, ReplyError
-from p11gate.codec import ckr
+from p11gate.codec import (
+    V026,
+    ArgumentError,
+    Attribute,
+    AttrRequest,
+    Mechanism,
+    Null,
+    ReplyError,
+    ckr,
+    encode_request,
+)
 from p11gate.codec import constants as ck
 from p11gate.codec import values as v
-from p11gate.codec import encode_request
 from p11gate.codec.calls import CALLS, CALLS_BY_NAME
 
 PIN, SO_PIN = b"1234", b"5678"
@@ -339,6 +347,7 @@ class Differ:
         self.direct_dead: str | None = None
         self.label_n = 0
         self.unknown: list[int] = []  # objects found but not yet classified
+        self.keyed_digests: set[int] = set()  # sessions whose digest took a random key
         self.id_n = 0
         self.find_session: Ref | None = None
         self.batches: tuple[list[int], list[int]] = ([], [])
@@ -599,7 +608,7 @@ class Differ:
             df = [(self._fingerprint(self.direct, ds, d), d) for d in d_new]
             # a known handle on one side, new on the other: the other side's fingerprint
             # must name it
-            for f, g in sorted(gf):
+            for f, g in sorted(gf, key=repr):
                 match = [x for x in df if x[0] == f]
                 if not match:
                     g_ids.append(f"new{f}")
@@ -674,7 +683,8 @@ class Differ:
     def login(self) -> None:
         r = self.r
         user = r.choice([CKU_USER] * 6 + [CKU_SO, CKU_CONTEXT, 7])
-        pin = PIN if user != CKU_SO else SO_PIN
+        # a context login proves the login's own PIN
+        pin = SO_PIN if user == CKU_SO or (user == CKU_CONTEXT and self.logged == CKU_SO) else PIN
         if r.random() < 0.03:
             pin = b"0000"
         rv, _ = self.do("C_Login", [self.sess(), user, pin])
@@ -717,7 +727,8 @@ class Differ:
                                                                 r.choice([0, 3, 0x10, 0x1F])),
                    bo(ck.CKA_TOKEN, r.random() < 0.5), bo(ck.CKA_PRIVATE, r.random() < 0.5),
                    by(ck.CKA_LABEL, r.choice([b"k1", b"k2", b"data", b"nothing"])),
-                   by(ck.CKA_ID, b"\x10" + r.randrange(1, max(2, self.id_n + 1)).to_bytes(2, "big")),
+                   by(ck.CKA_ID, b"\x10" + r.randrange(1, max(2, self.id_n + 1))
+                      .to_bytes(2, "big")),
                    bo(ck.CKA_SIGN, True), bo(ck.CKA_ENCRYPT, True)]
         n = r.choice([0, 0, 1, 1, 1, 2, 3])
         picked = r.sample(range(len(choices)), n)
@@ -784,7 +795,7 @@ class Differ:
         elif 0.75 <= x < 0.9:
             self.asked = r.choice([0, 1, 16])
             self.do("C_FindObjects", [s, self.asked], on_ok=self._batch)
-        if x < 0.6 and r.random() < 0.9 or x >= 0.9:
+        if (x < 0.6 and r.random() < 0.9) or x >= 0.9:
             rv, _ = self.do("C_FindObjectsFinal", [s])
             if rv == 0 and tracked:
                 self.finds.discard(s.idx)
@@ -915,7 +926,8 @@ class Differ:
             kt, m, vl = r.choice([(ck.CKK_AES, ck.CKM_AES_KEY_GEN, r.choice([16, 32, 17])),
                                   (ck.CKK_GENERIC_SECRET, ck.CKM_GENERIC_SECRET_KEY_GEN, 32)])
             t = [ul(ck.CKA_CLASS, ck.CKO_SECRET_KEY), bo(ck.CKA_TOKEN, token),
-                 ul(ck.CKA_VALUE_LEN, vl), self.new_id(), bo(ck.CKA_ENCRYPT, True), bo(ck.CKA_DECRYPT, True),
+                 ul(ck.CKA_VALUE_LEN, vl), self.new_id(), bo(ck.CKA_ENCRYPT, True),
+                 bo(ck.CKA_DECRYPT, True),
                  bo(ck.CKA_SIGN, True), bo(ck.CKA_VERIFY, True), bo(ck.CKA_WRAP, True),
                  bo(ck.CKA_UNWRAP, True), bo(ck.CKA_EXTRACTABLE, r.random() < 0.5),
                  bo(ck.CKA_SENSITIVE, r.random() < 0.5)]
@@ -1013,8 +1025,8 @@ class Differ:
         # the operation goes on after an update, a size query or a too-small buffer;
         # after an error it may (SoftHSM's C_VerifyFinal of a single-part mechanism):
         # kept, for the logout drain to end
-        goes_on = (rv == ckr.BUFFER_TOO_SMALL or rv == 0 and (
-            is_update or bool(out) and isinstance(out[0], Null)))
+        goes_on = (rv == ckr.BUFFER_TOO_SMALL or (rv == 0 and (
+            is_update or (bool(out) and isinstance(out[0], Null)))))
         if tracked and not goes_on and rv == 0:
             self.ops.pop(s.idx, None)
 
@@ -1025,18 +1037,25 @@ class Differ:
         m = r.choice([Mechanism(ck.CKM_SHA256, None), Mechanism(ck.CKM_SHA_1, None),
                       Mechanism(ck.CKM_MD5, None), Mechanism(BOGUS_MECH, None)])
         tracked = s.kind == "s" and s.raw is None
+        # a digest that took a key generated on each token differs by nature
+        norm = self._out_norm(not (tracked and s.idx in self.keyed_digests))
         if x < 0.35:
             rv, _ = self.do("C_DigestInit", [s, m])
             if rv == 0 and tracked:
                 self.ops[s.idx] = ("digest", m.type, None)
+                self.keyed_digests.discard(s.idx)
         elif x < 0.6:
-            self.do("C_Digest", [s, self.data(), self.cap()])
+            self.do("C_Digest", [s, self.data(), self.cap()], norm=norm)
         elif x < 0.75:
             self.do("C_DigestUpdate", [s, self.data()])
         elif x < 0.85:
-            self.do("C_DigestKey", [s, self.obj("aes")])
+            k = self.obj("aes")
+            rv, _ = self.do("C_DigestKey", [s, k])
+            if rv == 0 and tracked and not (k.kind == "o" and k.raw is None
+                                            and self.objects[k.idx].det):
+                self.keyed_digests.add(s.idx)
         else:
-            self.do("C_DigestFinal", [s, self.cap()])
+            self.do("C_DigestFinal", [s, self.cap()], norm=norm)
 
     def random_(self) -> None:
         r = self.r

@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..codec import AttrRequest, ckr
-from ..codec.call_table import PLANS
 from ..codec import constants as ck
+from ..codec.call_table import PLANS
 from ..codec.mechanism_key_types import KEY_TYPES
 from ..errors import Pkcs11Error
 from . import precedence

@@ -100,7 +100,7 @@ def check_fence(s: Session, call_id: int) -> None:
 
 #: inits without a key that start an operation of a kind a key joins later: a digest
 #: is fenced for its C_DigestKey, and a new one starts with C_DigestInit
-_KEYLESS_INITS = {ID["C_DigestInit"]: "Digest"}
+_KEYLESS_INITS: dict[int, str] = {ID["C_DigestInit"]: "Digest"}
 
 
 def lift_fence(s: Session, call_id: int) -> None:
