@@ -50,7 +50,7 @@ from .handles import (
     Session,
 )
 from .limits import ConnectionFlow
-from .operations import duplicate_type, unavailable_type
+from .operations import duplicate_type, incomplete_key, unavailable_type
 from .replies import error_reply
 from .token import VirtualToken
 
@@ -219,7 +219,9 @@ class ClientConnection(asyncio.Protocol):
         type twice (the gateway would check one value and the module apply another:
         CKR_TEMPLATE_INCONSISTENT), and one with an attribute marked unavailable (a
         NULL value of length (CK_ULONG)-1, which SoftHSM reads as a real value and
-        crashes on in key generation: CKR_ATTRIBUTE_VALUE_INVALID)."""
+        crashes on in key generation: CKR_ATTRIBUTE_VALUE_INVALID); and a key for
+        C_CreateObject without an attribute it must have (CKR_TEMPLATE_INCOMPLETE, as
+        the module answers, but the module keeps half an object: operations.py)."""
         for pos in positions:
             dup = duplicate_type(args[pos])
             if dup is not None:
@@ -233,6 +235,13 @@ class ClientConnection(asyncio.Protocol):
                     "conn": self.id, "peer": self.peer, "call": call.name,
                     "attribute": f"{missing:#x}"})
                 return ckr.ATTRIBUTE_VALUE_INVALID
+        if call.id == ID["C_CreateObject"]:
+            lacking = incomplete_key(args[1])
+            if lacking is not None:
+                log.warning("key template without a required attribute", extra={
+                    "conn": self.id, "peer": self.peer, "call": call.name,
+                    "attribute": f"{lacking:#x}"})
+                return ckr.TEMPLATE_INCOMPLETE
         return None
 
     async def _run(

@@ -17,6 +17,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from ..codec import Attribute, ckr
+from ..codec import constants as ck
 from ..errors import Pkcs11Error
 from .common import ID
 from .handles import settle
@@ -75,6 +76,32 @@ def unavailable_type(template: list[Attribute], depth: int = 0) -> int | None:
             inner = unavailable_type(a.value, depth + 1)
             if inner is not None:
                 return inner
+    return None
+
+
+#: what C_CreateObject must be given for a key of each (class, type): the attributes
+#: PKCS#11 marks "must be specified when the object is created". SoftHSM answers a
+#: template without one CKR_TEMPLATE_INCOMPLETE but keeps the object it began, which
+#: C_FindObjects then lists; a verification with such an RSA public key (no
+#: CKA_PUBLIC_EXPONENT) crashes it.
+REQUIRED_FOR_CREATE: dict[tuple[int, int], tuple[int, ...]] = {
+    (ck.CKO_PUBLIC_KEY, ck.CKK_RSA): (ck.CKA_MODULUS, ck.CKA_PUBLIC_EXPONENT),
+    (ck.CKO_PRIVATE_KEY, ck.CKK_RSA): (ck.CKA_MODULUS, ck.CKA_PRIVATE_EXPONENT),
+    (ck.CKO_PUBLIC_KEY, ck.CKK_EC): (ck.CKA_EC_PARAMS, ck.CKA_EC_POINT),
+    (ck.CKO_PRIVATE_KEY, ck.CKK_EC): (ck.CKA_EC_PARAMS, ck.CKA_VALUE),
+    (ck.CKO_SECRET_KEY, ck.CKK_AES): (ck.CKA_VALUE,),
+    (ck.CKO_SECRET_KEY, ck.CKK_GENERIC_SECRET): (ck.CKA_VALUE,),
+}
+
+
+def incomplete_key(template: list[Attribute]) -> int | None:
+    """A C_CreateObject template of a key (class and type given) without an attribute
+    it must have (REQUIRED_FOR_CREATE): that attribute, else None."""
+    values = {a.type: a.value for a in template}
+    kind = (values.get(ck.CKA_CLASS), values.get(ck.CKA_KEY_TYPE))
+    for t in REQUIRED_FOR_CREATE.get(kind, ()):  # type: ignore[arg-type]
+        if t not in values:
+            return t
     return None
 
 
