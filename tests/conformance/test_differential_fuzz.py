@@ -10,15 +10,14 @@ failed before its fix: object handles kept past the last session; an SO login wi
 read-only session answered CKR_USER_ANOTHER_ALREADY_LOGGED_IN; key-family refusals that
 hid CKR_OPERATION_ACTIVE, said CKR_KEY_TYPE_INCONSISTENT for a key gone with its session
 or CKR_KEY_FUNCTION_NOT_PERMITTED where SoftHSM's C_WrapKey/C_UnwrapKey name the type;
-a session that could never digest again after a C_DigestKey and a logout.
+a session that could never digest again after a C_DigestKey and a logout; and a crash:
+SoftHSM keeps the object of a C_CreateObject it refused as CKR_TEMPLATE_INCOMPLETE, and
+an RSA public key without CKA_PUBLIC_EXPONENT kills the worker (in-process: the gateway)
+in C_Verify — such templates are now refused before the module
+(tests/adversarial/test_diff_dec08_incomplete_key_templates.py).
 
 Open (reproductions, raw frames through the gateway):
 
-* SoftHSM keeps an object it refused: C_CreateObject(RSA public key, CKA_MODULUS but no
-  CKA_PUBLIC_EXPONENT, session object, no login needed) answers CKR_TEMPLATE_INCOMPLETE,
-  yet C_FindObjects lists it; C_VerifyInit(CKM_RSA_PKCS) with it is CKR_OK and the next
-  C_Verify kills the worker (SIGSEGV: every session of the back end is lost) or, with
-  ``isolation = "none"``, the gateway. The fuzzer does not make such templates.
 * CKR_ARGUMENTS_BAD first: C_GenerateRandom(stale session, 0) and C_FindObjects(no
   search, 0) (a NULL output): SoftHSM checks the pointer before the session or search,
   the gateway answers CKR_SESSION_HANDLE_INVALID / CKR_OPERATION_NOT_INITIALIZED.
