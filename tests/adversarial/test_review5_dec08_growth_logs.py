@@ -111,7 +111,7 @@ def test_one_identity_does_not_use_up_another_s_records(
         asyncio.run(run())
     plain = [r for r in caplog.records if r.getMessage() == "denied by policy"]
     assert len(plain) <= 5 + 1 + 5 + 5 * 2
-    summary = {r.peer: r.count for r in caplog.records  # type: ignore[attr-defined]
+    summary = {r.identity: r.count for r in caplog.records  # type: ignore[attr-defined]
                if "not logged one by one" in r.getMessage()}
     assert summary["uid:666"] == 995
     assert sum(summary.values()) + len(plain) == 1000 + 1 + 100

@@ -53,6 +53,18 @@ def byts(t: int, v: bytes) -> Attribute:
 
 
 EC_PRIV = [ulong(CKA_CLASS, CKO_PRIVATE_KEY), byts(CKA_ID, b"\x01")]
+CKO_SECRET_KEY, CKK_AES, CKM_EC_KEY_PAIR_GEN = 4, 0x1F, 0x1040
+CKA_VERIFY, CKA_WRAP, CKA_UNWRAP, CKA_EC_PARAMS = 0x10A, 0x106, 0x107, 0x180
+#: an AES session key that may neither wrap nor unwrap
+AES_NO_WRAP = [ulong(CKA_CLASS, CKO_SECRET_KEY), ulong(CKA_KEY_TYPE, CKK_AES),
+               Attribute(CKA_TOKEN, 0, 1), byts(CKA_VALUE, bytes(16)),
+               Attribute(CKA_WRAP, 0, 1), Attribute(CKA_UNWRAP, 0, 1)]
+AES_TEMPLATE = [ulong(CKA_CLASS, CKO_SECRET_KEY), ulong(CKA_KEY_TYPE, CKK_AES),
+                Attribute(CKA_TOKEN, 0, 1)]
+EC_GEN = Mechanism(CKM_EC_KEY_PAIR_GEN, None)
+EC_GEN_PUB = [byts(CKA_EC_PARAMS, bytes.fromhex("06082a8648ce3d030107")),
+              Attribute(CKA_TOKEN, 0, 1), Attribute(CKA_VERIFY, 1, 1), byts(CKA_ID, b"\x99")]
+EC_GEN_PRIV = [Attribute(CKA_TOKEN, 0, 1), Attribute(CKA_SIGN, 1, 1), byts(CKA_ID, b"\x99")]
 RSA_PRIV = [ulong(CKA_CLASS, CKO_PRIVATE_KEY), byts(CKA_ID, b"\x02")]
 RSA_PUB = [ulong(CKA_CLASS, CKO_PUBLIC_KEY), byts(CKA_ID, b"\x02")]
 
@@ -237,6 +249,53 @@ SCENARIOS: list[Scenario] = [
         Step("C_GetTokenInfo", [SLOT], norm=lambda v: [v[4] & 0x40D]),  # flags subset
         Step("C_GetMechanismInfo", [SLOT, CKM_ECDSA]),
         Step("C_GetMechanismInfo", [SLOT, BOGUS_MECH])]),
+    # ---------------------------------------------------------------- differential fuzz
+    # (tests/conformance/test_differential_fuzz.py found each of these)
+    Scenario("object_handles_end_with_the_last_session", [
+        open_ro(), *key(RSA_PUB, "pub"), open_ro("s2"), Step("C_CloseSession", [Ref("s")]),
+        Step("C_GetAttributeValue", [Ref("s2"), Ref("pub", 0), [AttrRequest(CKA_LABEL, 0)]]),
+        Step("C_CloseSession", [Ref("s2")]), open_ro("s3"),
+        Step("C_GetAttributeValue", [Ref("s3"), Ref("pub", 0), [AttrRequest(CKA_LABEL, 0)]])]),
+    Scenario("so_login_read_only_session_first", [
+        open_ro("ro"), open_rw(), login(), login(CKU_SO, SO), info()]),
+    Scenario("wrong_family_key_with_an_operation_active", [
+        open_rw(), login(), *key(EC_PRIV, "ec"),
+        Step("C_SignInit", [Ref("s"), ECDSA, Ref("ec", 0)]),
+        Step("C_SignInit", [Ref("s"), RSA, Ref("ec", 0)]),
+        Step("C_DecryptInit", [Ref("s"), RSA, Ref("ec", 0)]),
+        Step("C_Sign", [Ref("s"), DATA32, 64], norm=length_of)]),
+    Scenario("wrap_key_type_before_usage", [
+        open_rw(), login(),
+        Step("C_CreateObject", [Ref("s"), AES_NO_WRAP], save="aes", norm=handle_out),
+        Step("C_WrapKey", [Ref("s"), RSA, Ref("aes"), Ref("aes"), 512], norm=length_of),
+        Step("C_UnwrapKey", [Ref("s"), RSA, Ref("aes"), b"\x01" * 128, AES_TEMPLATE],
+             norm=handle_out)]),
+    Scenario("key_gone_with_its_session", [
+        open_rw(), login(), open_rw("s2"),
+        Step("C_GenerateKeyPair", [Ref("s2"), EC_GEN, EC_GEN_PUB, EC_GEN_PRIV],
+             norm=handle_out),
+        *find([byts(CKA_ID, b"\x99"), ulong(CKA_CLASS, CKO_PRIVATE_KEY)], save="k"),
+        Step("C_SignInit", [Ref("s"), ECDSA, Ref("k", 0)]),  # the gateway learns its type
+        Step("C_Sign", [Ref("s"), DATA32, 64], norm=length_of),
+        Step("C_CloseSession", [Ref("s2")]),
+        Step("C_SignInit", [Ref("s"), RSA, Ref("k", 0)])]),
+    Scenario("unread_key_gone_with_an_operation_active", [
+        open_rw(), login(), *key(EC_PRIV, "ec"), open_rw("s2"),
+        Step("C_GenerateKeyPair", [Ref("s2"), EC_GEN, EC_GEN_PUB, EC_GEN_PRIV],
+             norm=handle_out),
+        *find([byts(CKA_ID, b"\x99"), ulong(CKA_CLASS, CKO_PRIVATE_KEY)], save="k"),
+        Step("C_CloseSession", [Ref("s2")]),
+        Step("C_SignInit", [Ref("s"), ECDSA, Ref("ec", 0)]),
+        Step("C_SignInit", [Ref("s"), ECDSA, Ref("k", 0)]),  # its type was never read
+        Step("C_Sign", [Ref("s"), DATA32, 64], norm=length_of)]),
+    Scenario("digest_after_a_key_digest_and_logout", [
+        open_rw(), login(), *key(EC_PRIV, "ec"),
+        Step("C_DigestKey", [Ref("s"), Ref("ec", 0)]),  # no digest: refused, yet noted
+        Step("C_Logout", [Ref("s")]),
+        Step("C_DigestInit", [Ref("s"), SHA256]),
+        Step("C_Digest", [Ref("s"), DATA32, 32]),
+        Step("C_DigestInit", [Ref("s"), SHA256]),
+        Step("C_Digest", [Ref("s"), DATA32, 32])]),
     # last: a pool that left a member session inside the digest (issue 15.9) would show
     # here as CKR_OPERATION_ACTIVE in later scenarios
     Scenario("digest_key_handles", [

@@ -52,6 +52,7 @@ KNOWN: dict[tuple[str, int, str], tuple[Outcome, str]] = {
     **_both("invalid_key_handles_for_wrap_unwrap_derive", 7, KEY_INVALID, _SPEC_KEY),
     **_both("mechanism_invalid_and_handle_invalid", 6, KEY_INVALID, _SPEC_KEY),
     **_both("mechanism_invalid_and_handle_invalid", 7, KEY_INVALID, _SPEC_KEY),
+    **_both("key_gone_with_its_session", 10, KEY_INVALID, _SPEC_KEY),
 }
 
 
@@ -127,6 +128,19 @@ NAMED: list[tuple[str, int, Outcome]] = [
     ("closing_the_last_session_logs_out", 4, (ckr.OK, [0, 4])),  # CKS_RO_PUBLIC_SESSION
     ("close_all_sessions_logs_out", 4, (ckr.SESSION_HANDLE_INVALID, None)),
     ("close_all_sessions_logs_out", 6, (ckr.OK, [2, 6])),  # CKS_RW_PUBLIC_SESSION
+    # found by the differential fuzzer (each failed before its fix)
+    ("object_handles_end_with_the_last_session", 6, (ckr.OK, [[Attribute(3, None, 4)], 0])),
+    ("object_handles_end_with_the_last_session", 9, (ckr.OBJECT_HANDLE_INVALID, None)),
+    ("so_login_read_only_session_first", 3, (ckr.SESSION_READ_ONLY_EXISTS, None)),
+    ("wrong_family_key_with_an_operation_active", 6, (ckr.OPERATION_ACTIVE, None)),
+    ("wrong_family_key_with_an_operation_active", 7, (ckr.OPERATION_ACTIVE, None)),
+    ("wrap_key_type_before_usage", 3, (ckr.WRAPPING_KEY_TYPE_INCONSISTENT, None)),
+    ("wrap_key_type_before_usage", 4, (ckr.UNWRAPPING_KEY_TYPE_INCONSISTENT, None)),
+    ("unread_key_gone_with_an_operation_active", 12, (ckr.OPERATION_ACTIVE, None)),
+    ("digest_after_a_key_digest_and_logout", 8, (ckr.OK, [bytes.fromhex(
+        "72cd6e8422c407fb6d098690f1130b7ded7ec2f7f5e1d30bd9d521f015363793")])),
+    ("digest_after_a_key_digest_and_logout", 10, (ckr.OK, [bytes.fromhex(
+        "72cd6e8422c407fb6d098690f1130b7ded7ec2f7f5e1d30bd9d521f015363793")])),
     ("wrong_pin_then_right_pin", 1, (ckr.PIN_INCORRECT, None)),
     ("bad_user_type", 1, (ckr.USER_TYPE_INVALID, None)),
     ("open_session_without_serial_flag", 0, (ckr.SESSION_PARALLEL_NOT_SUPPORTED, None)),

@@ -19,6 +19,7 @@ from p11gate.codec import ArgumentError, CodecError, ProtocolError, ckr, reply_r
 from p11gate.codec.calls import CALLS_BY_NAME
 from p11gate.errors import BackendUnavailable, Pkcs11Error
 from p11gate.frontend import replies
+from p11gate.identity import Identity
 from p11gate.policy import Denied
 
 FRONTEND = Path(replies.__file__).parent
@@ -27,7 +28,8 @@ SIGN = CALLS_BY_NAME["C_Sign"]
 
 class _Conn:
     id = 7
-    peer = "uid:1000"
+    peer = "uid=1000 gid=1000 pid=4242"
+    identity = Identity(kind="unix", uid=1000, gid=1000, pid=4242)
 
     def __init__(self) -> None:
         self.denied: list[Denied] = []

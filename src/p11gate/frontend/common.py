@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..codec import Attribute
 from ..codec import constants as ck
 from ..codec.calls import CallId
@@ -25,6 +27,8 @@ class KeyTypeUnknown(Exception):
     def __init__(self, ref: ObjectRef) -> None:
         super().__init__()
         self.ref = ref
+        #: as WrongKeyType.probe: for the module's own answer if the key is gone
+        self.probe: tuple[list[Any], int] | None = None
 
 
 class SlowPath(Exception):
@@ -38,6 +42,9 @@ class WrongKeyType(Exception):
     def __init__(self, ref: ObjectRef, rv: int, why: str) -> None:
         super().__init__(why)
         self.ref, self.rv, self.why = ref, rv, why
+        #: (backend arguments with the client's mechanism, the key's position): for
+        #: the probe of the module's own earlier refusal (key_types.refusal)
+        self.probe: tuple[list[Any], int] | None = None
 
 
 class EndsOperation(Exception):

@@ -50,7 +50,7 @@ from .handles import (
     Session,
 )
 from .limits import ConnectionFlow, refusal_log
-from .operations import duplicate_type, unavailable_type
+from .operations import duplicate_type, incomplete_key, unavailable_type
 from .replies import error_reply
 from .token import VirtualToken
 
@@ -173,7 +173,7 @@ class ClientConnection(asyncio.Protocol):
         self._abort("client certificate revoked by the CRL")
 
     def _abort(self, reason: str) -> None:
-        refusal_log.warning("closing client connection", who=self.peer, conn=self.id,
+        refusal_log.warning("closing client connection", who=self.identity.key, conn=self.id,
                             peer=self.peer, reason=reason)
         if self.transport is not None:
             self.transport.abort()
@@ -220,20 +220,29 @@ class ClientConnection(asyncio.Protocol):
         type twice (the gateway would check one value and the module apply another:
         CKR_TEMPLATE_INCONSISTENT), and one with an attribute marked unavailable (a
         NULL value of length (CK_ULONG)-1, which SoftHSM reads as a real value and
-        crashes on in key generation: CKR_ATTRIBUTE_VALUE_INVALID)."""
+        crashes on in key generation: CKR_ATTRIBUTE_VALUE_INVALID); and a key for
+        C_CreateObject without an attribute it must have (CKR_TEMPLATE_INCOMPLETE, as
+        the module answers, but the module keeps half an object: operations.py)."""
         for pos in positions:
             dup = duplicate_type(args[pos])
             if dup is not None:
-                refusal_log.warning("template names an attribute twice", who=self.peer,
+                refusal_log.warning("template names an attribute twice", who=self.identity.key,
                                     conn=self.id, peer=self.peer, call=call.name,
                                     attribute=f"{dup:#x}")
                 return ckr.TEMPLATE_INCONSISTENT
             missing = unavailable_type(args[pos])
             if missing is not None:
                 refusal_log.warning("template has an attribute without a value",
-                                    who=self.peer, conn=self.id, peer=self.peer,
+                                    who=self.identity.key, conn=self.id, peer=self.peer,
                                     call=call.name, attribute=f"{missing:#x}")
                 return ckr.ATTRIBUTE_VALUE_INVALID
+        if call.id == ID["C_CreateObject"]:
+            lacking = incomplete_key(args[1])
+            if lacking is not None:
+                refusal_log.warning("key template without a required attribute",
+                                    who=self.identity.key, conn=self.id, peer=self.peer,
+                                    call=call.name, attribute=f"{lacking:#x}")
+                return ckr.TEMPLATE_INCOMPLETE
         return None
 
     async def _run(
@@ -279,7 +288,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _denied(self, call: Call, e: Denied) -> None:
         self.gw.metrics.policy_denials.labels(e.token or "").inc()
-        refusal_log.warning("denied by policy", who=self.peer, conn=self.id, peer=self.peer,
+        refusal_log.warning("denied by policy", who=self.identity.key, conn=self.id, peer=self.peer,
                             call=call.name, token=e.token, what=e.what, rule=e.rule,
                             rv=ckr.name(e.rv))
         self.gw.audit.record_best_effort(call.name, e.rv, self.peer, e.token, denied=e.what,

@@ -78,9 +78,20 @@ async def forward(c: ClientConnection, call: Call, args: list[Any]) -> list[Any]
             await translation.revive(c, stale.ref)
         except KeyTypeUnknown as unknown:
             s = c.session_for(args[0])
-            await key_types.learn(s, unknown.ref)
+            try:
+                await key_types.learn(s, unknown.ref)
+            except Pkcs11Error as e:
+                if e.rv != ckr.KEY_HANDLE_INVALID or unknown.probe is None:
+                    raise
+                # the key is gone: the module's answer whatever the key comes first
+                # (an operation already active), as for any unknown handle
+                probe, pos = unknown.probe
+                role = PLANS[call.id].unknown_handle_codes[0] or ckr.KEY_HANDLE_INVALID
+                raise await precedence.Unresolved(c, s, call.id, probe, pos,
+                                                  role).resolve() from None
         except WrongKeyType as wrong:
-            raise await key_types.refusal(c.session_for(args[0]), call.id, wrong) from None
+            raise await key_types.refusal(c.session_for(args[0]), call.id, wrong,
+                                          c) from None
         except EndsOperation as ends:
             await end_operation(c.session_for(args[0]), ends.op)
             raise Pkcs11Error(ends.rv, ends.why) from None

@@ -19,12 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 from ..codec import AttrRequest, ckr
 from ..codec import constants as ck
+from ..codec.call_table import PLANS
 from ..codec.mechanism_key_types import KEY_TYPES
 from ..errors import Pkcs11Error
+from . import precedence
 from .common import ID, EndsOperation, KeyTypeUnknown, SlowPath, WrongKeyType
 from .tables import OPERATION_OF_INIT
 
 if TYPE_CHECKING:
+    from .connection import ClientConnection
     from .handles import ObjectRef, Session
 
 #: ObjectRef.key_type of an object without CKA_KEY_TYPE (not a key)
@@ -118,6 +121,12 @@ _USAGE_OF_CALL: dict[int, int] = {
 }
 
 
+#: calls whose wrong key type the module names before the key's usage attribute
+#: (SoftHSM's C_WrapKey / C_UnwrapKey answer CKR_(UN)WRAPPING_KEY_TYPE_INCONSISTENT for a
+#: key of another family whether or not it may wrap)
+_TYPE_FIRST = frozenset({ID["C_WrapKey"], ID["C_UnwrapKey"]})
+
+
 async def key_values(s: Session, backend_handle: int, reqs: list[AttrRequest]
                      ) -> dict[int, int] | None:
     """The CK_BBOOL/CK_ULONG attributes ``reqs`` of a key, read through the client's own
@@ -131,16 +140,37 @@ async def key_values(s: Session, backend_handle: int, reqs: list[AttrRequest]
             if a.length is not None and isinstance(a.value, int)}
 
 
-async def refusal(s: Session, call_id: int, wrong: WrongKeyType) -> Pkcs11Error:
+async def refusal(s: Session, call_id: int, wrong: WrongKeyType,
+                  conn: ClientConnection | None = None) -> Pkcs11Error:
     """The answer to a key of the wrong family. A key that may not be used for this
     at all gets CKR_KEY_FUNCTION_NOT_PERMITTED, as the module answers it before it
     looks at the key's type; else the wrong type's code. (Read only on this path: the
-    usage attributes may change, the type may not.)"""
-    usage = _USAGE_OF_CALL.get(call_id)
+    usage attributes may change, the type may not.) Before both, what the module
+    answers whatever the key (an operation already active on the session, a mechanism
+    it lacks): asked as for an unknown handle, with CK_INVALID_HANDLE in the key's
+    place (precedence.py), so the key never reaches it."""
+    if wrong.probe is not None and conn is not None:
+        bargs, pos = wrong.probe
+        first = await precedence.Unresolved(conn, s, call_id, bargs, pos, wrong.rv).resolve()
+        if first.rv != wrong.rv:
+            return first
+    usage = None if call_id in _TYPE_FIRST else _USAGE_OF_CALL.get(call_id)
     if usage is not None:
-        values = await key_values(s, wrong.ref.backend_handle, [AttrRequest(usage, 1)])
+        try:
+            attrs, _ = await s.token.backend.call(
+                ID["C_GetAttributeValue"],
+                [s.backend_handle, wrong.ref.backend_handle, [AttrRequest(usage, 1)]])
+        except Pkcs11Error as e:
+            if e.rv == ckr.OBJECT_HANDLE_INVALID:
+                # the key is gone (a session object of a closed session): the code for
+                # its role, as for any handle that names nothing
+                return Pkcs11Error(PLANS[call_id].unknown_handle_codes[0]
+                                   or ckr.KEY_HANDLE_INVALID, "the key is gone")
+            attrs = []
+        values = {a.type: a.value for a in attrs
+                  if a.length is not None and isinstance(a.value, int)}
         # an attribute the key lacks is false to the module (a public key's CKA_SIGN)
-        if values is not None and not values.get(usage):
+        if attrs and not values.get(usage):
             return Pkcs11Error(ckr.KEY_FUNCTION_NOT_PERMITTED, "the key may not do this")
     return Pkcs11Error(wrong.rv, wrong.why)
 

@@ -130,7 +130,7 @@ class LogLimiter:
             if limit is not None or who is None:
                 extra["limit"] = limit
             if who is not None:
-                extra["peer"] = who
+                extra["identity"] = who
             self.logger.log(level, f"{msg} (more, not logged one by one)", extra=extra)
             w[2] = 0
 

@@ -162,7 +162,7 @@ _BACKEND = "\0backend:"
 
 def _refuse_locked(c: ClientConnection, call: Call, t: VirtualToken, user_type: int,
                    wait: float, backend: bool = False) -> None:
-    refusal_log.warning("login refused: too many wrong PINs", who=c.peer, conn=c.id,
+    refusal_log.warning("login refused: too many wrong PINs", who=c.identity.key, conn=c.id,
                         peer=c.peer, token=t.name, retry_in_s=round(wait, 1),
                         scope="token (backend PIN attempts)" if backend else "identity")
     c.gw.audit.record_best_effort(call.name, ckr.PIN_LOCKED, c.peer, t.name,
@@ -193,6 +193,13 @@ async def login_passthrough(c: ClientConnection, call: Call, args: list[Any], t:
                              user_type: int, pin: bytes) -> None:
     async with t.login_lock:
         st = t.login
+        if user_type == ck.CKU_SO and any(
+            not x.flags & ck.CKF_RW_SESSION for x in c.handles.sessions.values()
+            if x.token is t
+        ):
+            # before the login state, as the module checks it (SoftHSM: a read-only
+            # session refuses an SO login whoever is logged in)
+            raise Pkcs11Error(ckr.SESSION_READ_ONLY_EXISTS)
         if t in c.logins:
             same = c.logins[t] == user_type
             raise Pkcs11Error(ckr.USER_ALREADY_LOGGED_IN if same
@@ -205,11 +212,6 @@ async def login_passthrough(c: ClientConnection, call: Call, args: list[Any], t:
                                                  "rv": "CKR_PIN_INCORRECT"})
                 raise Pkcs11Error(ckr.PIN_INCORRECT)
         else:
-            if user_type == ck.CKU_SO and any(
-                not x.flags & ck.CKF_RW_SESSION for x in c.handles.sessions.values()
-                if x.token is t
-            ):
-                raise Pkcs11Error(ckr.SESSION_READ_ONLY_EXISTS)
             await t.ensure()
             # The PIN goes to the device unverified: one at a time per token (the lock),
             # and no more wrong ones in a row, from all identities together, than the

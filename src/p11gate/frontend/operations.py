@@ -17,6 +17,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from ..codec import Attribute, ckr
+from ..codec import constants as ck
 from ..errors import Pkcs11Error
 from .common import ID
 from .handles import settle
@@ -78,6 +79,32 @@ def unavailable_type(template: list[Attribute], depth: int = 0) -> int | None:
     return None
 
 
+#: what C_CreateObject must be given for a key of each (class, type): the attributes
+#: PKCS#11 marks "must be specified when the object is created". SoftHSM answers a
+#: template without one CKR_TEMPLATE_INCOMPLETE but keeps the object it began, which
+#: C_FindObjects then lists; a verification with such an RSA public key (no
+#: CKA_PUBLIC_EXPONENT) crashes it.
+REQUIRED_FOR_CREATE: dict[tuple[int, int], tuple[int, ...]] = {
+    (ck.CKO_PUBLIC_KEY, ck.CKK_RSA): (ck.CKA_MODULUS, ck.CKA_PUBLIC_EXPONENT),
+    (ck.CKO_PRIVATE_KEY, ck.CKK_RSA): (ck.CKA_MODULUS, ck.CKA_PRIVATE_EXPONENT),
+    (ck.CKO_PUBLIC_KEY, ck.CKK_EC): (ck.CKA_EC_PARAMS, ck.CKA_EC_POINT),
+    (ck.CKO_PRIVATE_KEY, ck.CKK_EC): (ck.CKA_EC_PARAMS, ck.CKA_VALUE),
+    (ck.CKO_SECRET_KEY, ck.CKK_AES): (ck.CKA_VALUE,),
+    (ck.CKO_SECRET_KEY, ck.CKK_GENERIC_SECRET): (ck.CKA_VALUE,),
+}
+
+
+def incomplete_key(template: list[Attribute]) -> int | None:
+    """A C_CreateObject template of a key (class and type given) without an attribute
+    it must have (REQUIRED_FOR_CREATE): that attribute, else None."""
+    values = {a.type: a.value for a in template}
+    kind = (values.get(ck.CKA_CLASS), values.get(ck.CKA_KEY_TYPE))
+    for t in REQUIRED_FOR_CREATE.get(kind, ()):  # type: ignore[arg-type]
+        if t not in values:
+            return t
+    return None
+
+
 def note_key_init(s: Session, call_id: int, ref: ObjectRef, logged_in: bool) -> None:
     """Remember an operation started with a key that may be private while logged in."""
     op = OPERATION_OF_INIT[call_id]
@@ -98,10 +125,19 @@ def check_fence(s: Session, call_id: int) -> None:
         raise Pkcs11Error(ckr.OPERATION_NOT_INITIALIZED, "operation ended at logout")
 
 
+#: inits without a key that start an operation of a kind a key joins later: a digest
+#: is fenced for its C_DigestKey, and a new one starts with C_DigestInit
+_KEYLESS_INITS: dict[int, str] = {ID["C_DigestInit"]: "Digest"}
+
+
 def lift_fence(s: Session, call_id: int) -> None:
-    """A new operation of a fenced kind started successfully."""
-    if s.fenced and call_id in OPERATION_OF_INIT:
-        s.fenced.discard(OPERATION_OF_INIT[call_id])
+    """A new operation of a fenced kind started successfully (the module took its
+    init, so the one ended at logout is over)."""
+    if not s.fenced:
+        return
+    op = OPERATION_OF_INIT.get(call_id) or _KEYLESS_INITS.get(call_id)
+    if op is not None:
+        s.fenced.discard(op)
 
 
 async def end_private_operations(c: ClientConnection, t: VirtualToken) -> None:

@@ -44,9 +44,9 @@ def error_reply(c: ClientConnection, call: Call, exc: BaseException) -> bytes:
     if isinstance(exc, Denied):
         c._denied(call, exc)
     elif isinstance(exc, CodecError) and not isinstance(exc, ArgumentError):
-        refusal_log.record(logging.ERROR, "cannot carry the reply", who=c.peer, conn=c.id,
+        refusal_log.record(logging.ERROR, "cannot carry the reply", who=c.identity.key, conn=c.id,
                            call=call.name, error=str(exc))
     elif not isinstance(exc, Pkcs11Error | ArgumentError | TimeoutError):
-        refusal_log.record(logging.ERROR, "internal error", who=c.peer, exc_info=exc,
+        refusal_log.record(logging.ERROR, "internal error", who=c.identity.key, exc_info=exc,
                            conn=c.id, call=call.name)
     return encode_error(error_rv(exc))

@@ -163,9 +163,20 @@ async def slot_token(c: ClientConnection, slot_id: int) -> VirtualToken:
 
 
 async def logout_if_last(c: ClientConnection, t: VirtualToken) -> None:
-    """PKCS#11: closing an application's last session with a token logs it out."""
-    if t in c.logins and not any(x.token is t for x in c.handles.sessions.values()):
+    """PKCS#11: closing an application's last session with a token logs it out. Its
+    handles to the token's objects end there too, as the module's own do (SoftHSM drops
+    every object handle of a slot when its last session closes; PKCS#11 keeps a handle
+    valid only while a session that used it exists): a handle kept through the gateway
+    would answer where the module says CKR_OBJECT_HANDLE_INVALID."""
+    if any(x.token is t for x in c.handles.sessions.values()):
+        return
+    if t in c.logins:
         await login_calls.logout(c, t)
+    # checked again after the logout's awaits, and dropped without awaiting: no session
+    # exists, so no call of this connection can be using (or minting) one of them
+    if not any(x.token is t for x in c.handles.sessions.values()):
+        for ref in c.handles.objects_of(t):
+            c.handles.drop_object(ref.handle)
 
 
 async def close_sessions(c: ClientConnection, t: VirtualToken) -> None:

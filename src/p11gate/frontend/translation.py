@@ -30,7 +30,7 @@ from ..codec.param_kinds import (
 from ..codec.values import HandleParam, KyberParams
 from ..errors import Pkcs11Error
 from . import key_types, precedence
-from .common import ID, PRIVATE_FALSE, RESTART_WAIT, Stale
+from .common import ID, PRIVATE_FALSE, RESTART_WAIT, KeyTypeUnknown, Stale, WrongKeyType
 from .handles import (
     IDENTITY_KNOWN,
     IDENTITY_NONE,
@@ -209,7 +209,13 @@ def prepare(c: ClientConnection, call: Call, args: list[Any], hot: bool = False
         m = bargs[1]
         bargs[1] = mechanism(c, m, token)
         if key_ref is not None and isinstance(m, Mechanism):
-            key_types.check(s, call.id, m.type, key_ref, hot)  # before the module sees it
+            try:
+                key_types.check(s, call.id, m.type, key_ref, hot)  # before the module
+            except (WrongKeyType, KeyTypeUnknown) as e:
+                probe = list(bargs)
+                probe[1] = m
+                e.probe = (probe, plan.object_args[0])
+                raise
     elif call.id in MESSAGE_PARAMETER_CALLS and message_parameter_refusal(bargs[1]):
         raise Pkcs11Error(ckr.MECHANISM_PARAM_INVALID, "per-message parameter")
     if s.raw_rsa is not None:
