@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import select
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -147,10 +148,27 @@ class ClientConnection(asyncio.Protocol):
             log.info("client ended TLS (close_notify): calls under way are not answered",
                      extra={"conn": self.id, "in_flight": self.flow.in_flight})
             return None
+        if self._peer_closed():
+            return None  # a hang-up, not a half-close: nobody would read the replies
         log.info("client shut its side: answering the calls received, then closing",
                  extra={"conn": self.id, "in_flight": self.flow.in_flight})
         self.flow.end_of_input()
         return True
+
+    def _peer_closed(self) -> bool:
+        """End of input from a client that closed its socket, not one that only shut its
+        write side: the unix socket then reports POLLHUP (both directions shut). Its
+        calls still queued are dropped, never started (connection_lost), as before
+        half-close was honoured: minutes of key generation for a client gone."""
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is None:
+            return False
+        try:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLHUP)
+            return any(ev & select.POLLHUP for _, ev in poller.poll(0))
+        except (OSError, ValueError):
+            return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
